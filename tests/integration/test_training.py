@@ -1,0 +1,177 @@
+"""Fine-tuning end to end on a local Ray cluster with real DeepSpeed engines (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainers.config import validate_spec
+from trainers.driver import run_training
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow"),
+         ("black", "night"), ("yellow", "sun"), ("gray", "stone"), ("pink", "rose")]
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "colors.jsonl"
+    with open(path, "w") as handle:
+        for i in range(96):
+            color, thing = PAIRS[i % len(PAIRS)]
+            row = {"messages": [
+                {"role": "user", "content": f"name a {color} thing"},
+                {"role": "assistant", "content": f"the {thing} is {color}"},
+            ]}
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from cluster.connect import connect
+
+    connect(None)
+    yield
+    ray.shutdown()
+
+
+def make_spec(chat_file: Path, name: str, **sections) -> object:
+    data = {
+        "model": {"name": "tiny-llama"},
+        "data": {"train": str(chat_file), "format": "chat", "max_seq_len": 64,
+                 "eval_fraction": 0.15},
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "optim": {"lr": 3e-3, "max_steps": 12, "batch_size": 4, "warmup_ratio": 0.0,
+                  "scheduler": "constant"},
+        "scaling": {"num_workers": 2},
+        "eval": {"every_steps": 6},
+        "output": {"name": name},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return validate_spec(data)
+
+
+def train_losses(outcome) -> list[float]:
+    return [r["loss"] for r in outcome.history if r["kind"] == "train"]
+
+
+def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(ray_cluster, chat_file, tiny_model_dir):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    spec = make_spec(chat_file, "colors-lora", deepspeed={"zero_stage": 2})
+    outcome = run_training(spec, show_progress=False)
+
+    evals = outcome.evals()
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] * 0.8
+    losses = train_losses(outcome)
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+    adapter_dir = outcome.artifact
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+    manifest = json.loads((adapter_dir / "rayft.json").read_text())
+    assert manifest["base_model"] == "tiny-llama" and manifest["steps"] == 12
+    assert len(manifest["dataset_sha256"]) == 64
+    assert manifest["spec"]["lora"]["r"] == 8
+
+    inputs = torch.tensor([[5, 17, 42, 99, 120, 7, 3]])
+    published = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir
+    ).eval()
+    # The trained weights as DeepSpeed saved them in the run's last checkpoint.
+    states = torch.load(
+        Path(outcome.checkpoint_path) / "state" / "mp_rank_00_model_states.pt",
+        map_location="cpu", weights_only=False,
+    )["module"]
+    trained = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    ).eval()
+    missing = trained.load_state_dict(states, strict=False)
+    assert not [k for k in missing.missing_keys if "lora_" in k]
+    base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(inputs).logits
+    with torch.no_grad():
+        got, want = published(inputs).logits, trained(inputs).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter changed the model
+
+
+def test_full_zero3_two_workers_publishes_an_hf_model(ray_cluster, chat_file):
+    from transformers import AutoModelForCausalLM
+
+    spec = make_spec(chat_file, "colors-full", method="full", deepspeed={"zero_stage": 3},
+                     optim={"lr": 1e-3})
+    outcome = run_training(spec, show_progress=False)
+    evals = outcome.evals()
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    model = AutoModelForCausalLM.from_pretrained(outcome.artifact)
+    assert model.config.num_hidden_layers == 2
+    assert (outcome.artifact / "model.safetensors").is_file()
+    assert (outcome.artifact / "tokenizer_config.json").is_file()
+
+
+def test_freeze_keeps_early_layers_bit_identical(ray_cluster, chat_file, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    spec = make_spec(chat_file, "colors-freeze", method="freeze", freeze={"trainable_layers": 1},
+                     deepspeed={"zero_stage": 1}, optim={"lr": 1e-3})
+    outcome = run_training(spec, show_progress=False)
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(outcome.artifact / "model.safetensors")
+    assert before.keys() == after.keys()
+    trainable = ("model.layers.1.", "model.norm.", "lm_head.")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "the trainable layers did not change"
+    assert all(k.startswith(trainable) for k in changed), sorted(changed)
+    for key in before:
+        if not key.startswith(trainable):
+            assert torch.equal(before[key], after[key]), key
+
+
+def read_order(run_dir: Path) -> dict[str, list]:
+    logs = {}
+    for path in sorted((run_dir / "data_order").glob("rank*.jsonl")):
+        logs[path.name] = [json.loads(line) for line in path.read_text().splitlines()]
+    return logs
+
+
+def test_resume_continues_with_the_same_steps_and_data_order(ray_cluster, chat_file, monkeypatch, rayft_home):
+    import ray.train
+
+    common = {"optim": {"max_steps": 8}, "checkpoint": {"every_steps": 2, "keep": 3},
+              "eval": {"every_steps": 4}, "output": {"overwrite": True}}
+    straight = run_training(make_spec(chat_file, "resume-a", **common), show_progress=False)
+
+    spec = make_spec(chat_file, "resume-b", **common)
+    monkeypatch.setenv("RAYFT_STOP_AFTER_STEP", "4")
+    with pytest.raises((ray.train.TrainingFailedError, RuntimeError)):
+        run_training(spec, run_id="resume-b-run", show_progress=False)
+    monkeypatch.delenv("RAYFT_STOP_AFTER_STEP")
+    interrupted = read_order(rayft_home / "runs" / "resume-b-run")
+    assert max(e["step"] for e in interrupted["rank0.jsonl"]) == 4
+
+    resumed = run_training(spec, run_id="resume-b-run", resume=True, show_progress=False)
+    assert resumed.metrics["step"] == straight.metrics["step"] == 8
+    order_a = read_order(rayft_home / "runs" / straight.run_id)
+    order_b = read_order(rayft_home / "runs" / "resume-b-run")
+    assert set(order_a) == {"rank0.jsonl", "rank1.jsonl"}
+    for rank in order_a:
+        assert [e["samples"] for e in order_b[rank]] == [e["samples"] for e in order_a[rank]]
+        assert [e["step"] for e in order_b[rank]] == [e["step"] for e in order_a[rank]]
+    # Resuming restored the optimizer and schedule too: the final eval matches closely.
+    assert resumed.evals()[-1]["eval_loss"] == pytest.approx(
+        straight.evals()[-1]["eval_loss"], rel=1e-3
+    )

@@ -1,0 +1,131 @@
+"""The job spec: parsing, overrides, and errors that name the dotted key."""
+
+from pathlib import Path
+
+import pytest
+
+from trainers.config import (
+    ConfigError,
+    JobSpec,
+    apply_overrides,
+    has_key,
+    load_spec,
+    schema_keys,
+    validate_spec,
+)
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def base() -> dict:
+    return {"model": {"name": "tiny-llama"}, "data": {"train": "train.jsonl"}}
+
+
+def keys_of(err: ConfigError) -> list[str]:
+    return [key for key, _ in err.problems]
+
+
+def test_defaults_round_trip_through_a_plain_dict():
+    spec = validate_spec(base())
+    again = JobSpec.from_dict(spec.to_dict())
+    assert again == spec
+    assert spec.method == "lora" and spec.deepspeed.zero_stage == 2
+
+
+def test_unknown_key_is_named_with_its_dotted_path():
+    data = base()
+    data["optim"] = {"learning_rate": 1e-4}
+    with pytest.raises(ConfigError) as err:
+        validate_spec(data)
+    assert keys_of(err.value) == ["optim.learning_rate"]
+    assert "unknown key" in str(err.value)
+
+
+def test_wrong_type_is_named_with_its_dotted_path():
+    data = base()
+    data["lora"] = {"r": "sixteen"}
+    with pytest.raises(ConfigError) as err:
+        validate_spec(data)
+    assert keys_of(err.value) == ["lora.r"]
+    assert "sixteen" in str(err.value)
+
+
+def test_every_problem_is_reported_at_once():
+    data = base()
+    data["optim"] = {"lr": -1, "batch_size": 0}
+    data["bogus"] = 1
+    with pytest.raises(ConfigError) as err:
+        validate_spec(data)
+    assert sorted(keys_of(err.value)) == ["bogus", "optim.batch_size", "optim.lr"]
+
+
+def test_missing_required_section():
+    with pytest.raises(ConfigError) as err:
+        validate_spec({"model": {"name": "tiny-llama"}})
+    assert keys_of(err.value) == ["data"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["method=lora", "deepspeed.zero_stage=3", "deepspeed.offload_params=true"], "deepspeed.offload_params"),
+        (["deepspeed.zero_stage=2", "deepspeed.offload_params=true"], "deepspeed.offload_params"),
+        (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
+        (["eval.every_steps=5"], "eval.every_steps"),
+        (["data.eval=e.jsonl", "data.eval_fraction=0.1"], "data.eval_fraction"),
+        (["output.name=../escape"], "output.name"),
+    ],
+)
+def test_impossible_combinations_are_errors(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        validate_spec(apply_overrides(base(), overrides))
+    assert key in keys_of(err.value)
+
+
+def test_full_zero3_with_param_offload_is_allowed():
+    data = apply_overrides(
+        base(), ["method=full", "deepspeed.zero_stage=3", "deepspeed.offload_params=true"]
+    )
+    assert validate_spec(data).deepspeed.offload_params is True
+
+
+def test_overrides_are_typed_like_yaml():
+    data = apply_overrides(
+        base(),
+        ["optim.lr=3e-4", "lora.target_modules=[q_proj, v_proj]", "data.packing=true", "optim.max_steps=7"],
+    )
+    spec = validate_spec(data)
+    assert spec.optim.lr == pytest.approx(3e-4)
+    assert spec.lora.target_modules == ["q_proj", "v_proj"]
+    assert spec.data.packing is True and spec.optim.max_steps == 7
+
+
+def test_override_into_a_value_is_refused():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({**base(), "method": "lora"}, ["method.r=3"])
+    assert keys_of(err.value) == ["method"]
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_broken_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  name: tiny\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+"):
+        load_spec(path)
+
+
+def test_schema_lists_nested_keys():
+    keys = schema_keys()
+    assert {"optim.lr", "lora.target_modules", "deepspeed.zero_stage", "tune.scheduler.type"} <= set(keys)
+    assert has_key("lora.r") and not has_key("lora.rank")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_example_config_validates_and_names_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# rayft ") and path.name in first
+    load_spec(path)

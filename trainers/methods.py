@@ -1,0 +1,125 @@
+"""What trains: LoRA adapters (PEFT), the full model, or only the last layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainers.config import FreezeSpec, JobSpec, LoraSpec
+
+
+def apply_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
+    """Wrap ``model`` in a PEFT LoRA model; only the adapter weights require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks of a causal LM (``model.model.layers`` for Llama-likes)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(
+        f"cannot find the {n} decoder layers of {type(model).__name__}; method freeze supports "
+        "models whose blocks sit in one ModuleList (Llama, Mistral, Qwen, GPT-2, ...)"
+    )
+
+
+def apply_freeze(model: nn.Module, freeze: FreezeSpec) -> list[str]:
+    """Freeze everything but the last ``trainable_layers`` blocks, the final norm and the head.
+
+    With tied input/output embeddings the head is the embedding matrix, so it stays
+    frozen: training it would change the early layers this method promises to keep.
+
+    Returns:
+        Names of the parameters left trainable.
+    """
+    layers = decoder_layers(model)
+    if freeze.trainable_layers > len(layers):
+        raise ValueError(
+            f"freeze.trainable_layers={freeze.trainable_layers} but the model has only "
+            f"{len(layers)} layers"
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for block in list(layers)[-freeze.trainable_layers :]:
+        for param in block.parameters():
+            param.requires_grad_(True)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    if head is not None and not tied:
+        head.weight.requires_grad_(True)
+    base = getattr(model, model.base_model_prefix, None)
+    norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)
+    if isinstance(norm, nn.Module):
+        for param in norm.parameters():
+            param.requires_grad_(True)
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def prepare_model(model: nn.Module, spec: JobSpec) -> nn.Module:
+    """Apply ``spec.method`` (and gradient checkpointing) to a freshly loaded model."""
+    if spec.optim.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.method == "lora":
+        if spec.optim.gradient_checkpointing:
+            model.enable_input_require_grads()
+        return apply_lora(model, spec.lora)
+    if spec.method == "freeze":
+        apply_freeze(model, spec.freeze)
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split so biases and norms get no weight decay (as HF Trainer)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def resolve_dtype(requested: str, on_gpu: bool) -> str:
+    """Turn ``model.dtype`` into the dtype workers compute in.
+
+    ``auto`` picks bfloat16 where the hardware has it natively and float32 elsewhere:
+    on a CPU without AVX512-BF16/AMX, bf16 matmuls are ~100x slower than fp32.
+    """
+    if requested == "auto":
+        if on_gpu:
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    if requested == "float16" and not on_gpu:
+        raise ValueError("model.dtype=float16 needs a GPU; use float32 or auto on CPU")
+    return requested
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

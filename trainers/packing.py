@@ -1,0 +1,197 @@
+"""Sequence packing, the block-causal attention mask, and the training-batch collate.
+
+Packing puts several tokenized samples into one row of at most ``max_seq_len``
+tokens. Two things keep packed samples independent, and both are tested:
+
+* attention: a 4-D block-diagonal causal mask (``block_causal_mask``); resetting
+  ``position_ids`` alone does not isolate samples in transformers' sdpa/eager kernels;
+* loss: Hugging Face causal LMs shift labels inside the model (the logits at position
+  ``t - 1`` predict ``labels[t]``), so the first label of every sample is set to -100;
+  otherwise the last token of one sample would be trained to predict the first token
+  of the next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+def pack_examples(examples: list[dict[str, Any]], max_seq_len: int) -> list[dict[str, Any]]:
+    """Pack tokenized examples into rows of at most ``max_seq_len`` tokens.
+
+    First-fit-decreasing bin packing: examples are placed longest first (ties in input
+    order) into the first row with room. Rows come out ordered by the input position of
+    their earliest example, so a shuffled input stays shuffled; inside a row, examples
+    keep their input order. The result depends only on the input list.
+
+    Args:
+        examples: Dicts with ``input_ids`` and ``labels`` (equal-length int lists) and
+            ``sample_id`` (str); optional ``truncated`` (bool) and ``num_dropped`` (int).
+            Examples with no tokens only carry ``num_dropped`` and are not packed.
+        max_seq_len: Row capacity in tokens.
+
+    Returns:
+        Rows with ``input_ids``, ``labels`` (-100 at every sample's first position),
+        ``position_ids`` (restarting at 0 per sample), ``segment_ids`` (1, 2, ... per
+        sample), ``sample_ids`` (list[str]), ``num_truncated`` and ``num_dropped``
+        (ints; the dropped counts of all inputs are added to the first row). Rows are
+        not padded; ``collate`` pads them with segment 0. If every input is empty, one
+        empty row carries ``num_dropped``.
+
+    Raises:
+        ValueError: An example is longer than ``max_seq_len`` or its labels do not
+            match its ``input_ids``.
+    """
+    dropped = sum(int(e.get("num_dropped", 0)) for e in examples)
+    real = [(i, e) for i, e in enumerate(examples) if len(e["input_ids"]) > 0]
+    for _, e in real:
+        if len(e["input_ids"]) > max_seq_len:
+            raise ValueError(
+                f"example {e['sample_id']} has {len(e['input_ids'])} tokens, more than "
+                f"max_seq_len={max_seq_len}; truncate before packing"
+            )
+        if len(e["labels"]) != len(e["input_ids"]):
+            raise ValueError(f"example {e['sample_id']}: labels and input_ids differ in length")
+
+    order = sorted(real, key=lambda item: (-len(item[1]["input_ids"]), item[0]))
+    bins: list[list[int]] = []  # indices into ``real``' original positions
+    room: list[int] = []
+    for index, example in order:
+        size = len(example["input_ids"])
+        for b, free in enumerate(room):
+            if size <= free:
+                bins[b].append(index)
+                room[b] -= size
+                break
+        else:
+            bins.append([index])
+            room.append(max_seq_len - size)
+    for members in bins:
+        members.sort()
+    bins.sort(key=lambda members: members[0])
+
+    rows = [_join([examples[i] for i in members]) for members in bins]
+    if not rows:
+        rows = [_join([])]
+    rows[0]["num_dropped"] = dropped
+    return rows
+
+
+def _join(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    segment_ids: list[int] = []
+    for segment, sample in enumerate(samples, start=1):
+        n = len(sample["input_ids"])
+        input_ids += [int(t) for t in sample["input_ids"]]
+        sample_labels = [int(t) for t in sample["labels"]]
+        sample_labels[0] = IGNORE_INDEX  # no label may be predicted across a boundary
+        labels += sample_labels
+        position_ids += range(n)
+        segment_ids += [segment] * n
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "sample_ids": [str(s["sample_id"]) for s in samples],
+        "num_truncated": sum(bool(s.get("truncated", False)) for s in samples),
+        "num_dropped": 0,
+    }
+
+
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask that keeps packed samples from seeing each other.
+
+    Args:
+        segment_ids: ``[B, T]`` long tensor, 1, 2, ... per packed sample, 0 for padding.
+        dtype: The float dtype of the mask (use the model's compute dtype).
+
+    Returns:
+        ``[B, 1, T, T]`` tensor: 0 where query ``q`` may attend key ``k`` (same nonzero
+        segment and ``k <= q``), ``torch.finfo(dtype).min`` elsewhere. A padding
+        position attends only to itself, so no softmax row is fully masked (no NaN).
+    """
+    seg = segment_ids.long()
+    t = seg.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+    same = seg[:, :, None] == seg[:, None, :]
+    allowed = same & (seg[:, :, None] != 0) & causal
+    eye = torch.eye(t, dtype=torch.bool, device=seg.device)
+    allowed = allowed | ((seg == 0)[:, :, None] & eye)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None, :, :]
+
+
+def _rows(column: Any) -> list[np.ndarray]:
+    # Ray hands list columns over as an object array of arrays, or as a 2-D array when
+    # every row has the same length; iterating covers both.
+    return [np.asarray(row) for row in column]
+
+
+def _pad(rows: list[np.ndarray], width: int, value: int) -> torch.Tensor:
+    out = np.full((len(rows), width), value, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return torch.from_numpy(out)
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int, packed: bool) -> dict[str, Any]:
+    """Turn a Ray Data batch into model inputs; the ``collate_fn`` of ``iter_torch_batches``.
+
+    Rows are right-padded to the longest row in the batch. Rows with no tokens (they
+    only carry a ``num_dropped`` count, see ``trainers.data``) are left out.
+
+    Args:
+        batch: Columns as numpy arrays: ``input_ids``, ``labels``, ``sample_ids``,
+            ``num_truncated`` and, optionally, ``num_dropped``; ``position_ids`` and
+            ``segment_ids`` when packed.
+        pad_id: Token id written into padding.
+        packed: Whether rows are packed (``segment_ids`` present).
+
+    Returns:
+        ``input_ids`` and ``labels`` (``[B, T]`` long, labels -100 on padding),
+        ``position_ids`` (``[B, T]`` long), ``attention_mask`` (``[B, T]`` 0/1 long when
+        not packed, the ``[B, 1, T, T]`` float32 ``block_causal_mask`` when packed),
+        ``sample_ids`` (list of lists of str), and python ints ``num_tokens``
+        (non-padding tokens), ``num_label_tokens`` (tokens that contribute to the loss:
+        ``labels[:, 1:] != -100``), ``num_truncated`` and ``num_dropped``.
+    """
+    input_rows = _rows(batch["input_ids"])
+    keep = [i for i, row in enumerate(input_rows) if len(row) > 0]
+    input_rows = [input_rows[i] for i in keep]
+    label_rows = [_rows(batch["labels"])[i] for i in keep]
+    lengths = [len(row) for row in input_rows]
+    width = max(lengths, default=0)
+
+    input_ids = _pad(input_rows, width, pad_id)
+    labels = _pad(label_rows, width, IGNORE_INDEX)
+    if packed:
+        position_ids = _pad([_rows(batch["position_ids"])[i] for i in keep], width, 0)
+        segment_ids = _pad([_rows(batch["segment_ids"])[i] for i in keep], width, 0)
+        attention_mask = block_causal_mask(segment_ids, torch.float32)
+    else:
+        position_ids = torch.arange(width, dtype=torch.long).expand(len(keep), width).clone()
+        lengths_t = torch.tensor(lengths, dtype=torch.long).reshape(-1, 1)
+        attention_mask = (torch.arange(width)[None, :] < lengths_t).long()
+
+    sample_ids = [[str(s) for s in _rows(batch["sample_ids"])[i]] for i in keep]
+    dropped = batch.get("num_dropped")
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "sample_ids": sample_ids,
+        "num_tokens": int(sum(lengths)),
+        "num_label_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        "num_truncated": int(np.asarray(batch["num_truncated"]).sum()),
+        "num_dropped": int(np.asarray(dropped).sum()) if dropped is not None else 0,
+    }
