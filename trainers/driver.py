@@ -70,6 +70,18 @@ def plan_steps(spec: JobSpec, train_rows: int, world: int) -> int:
     return max(1, (spec.optim.epochs * micro_per_epoch) // spec.optim.grad_accum)
 
 
+def check_model_fits(spec: JobSpec, model_dir: Path) -> None:
+    """Checks that need the model's config, done on the driver before any worker starts."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    if spec.method == "freeze" and layers and spec.freeze.trainable_layers > layers:
+        raise ConfigError([(
+            "freeze.trainable_layers",
+            f"{spec.freeze.trainable_layers} trainable layers requested but "
+            f"{spec.model.name} has {layers}",
+        )])
+
+
 def run_training(
     spec: JobSpec,
     run_id: str | None = None,
@@ -105,10 +117,15 @@ def run_training(
         check_publishable(kind, name, spec.output.overwrite, storage)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = bool(cluster_gpus) if spec.scaling.use_gpu == "auto" else bool(spec.scaling.use_gpu)
-    dtype = resolve_dtype(spec.model.dtype, use_gpu)
+    try:
+        dtype = resolve_dtype(spec.model.dtype, use_gpu)
+    except ValueError as err:
+        raise ConfigError([("model.dtype", str(err))]) from None
     model_dir = resolve_model(spec.model.name)
+    check_model_fits(spec, model_dir)
 
     say = _printer(show_progress)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     say(f"[rayft] run {run_id}: {spec.method} fine-tune of {spec.model.name} "
         f"on {spec.scaling.num_workers} worker(s), ZeRO-{spec.deepspeed.zero_stage}, {dtype}")
     prepared = build_datasets(spec, str(model_dir))

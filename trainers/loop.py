@@ -73,6 +73,20 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.T
     return {k: batch[k].to(device) for k in keys if k in batch}
 
 
+def _nonempty(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
+    """A batch whose samples were all dropped becomes one unlabelled pad token.
+
+    Every worker must still run forward/backward/step in lockstep (ZeRO's collectives),
+    so the batch is replaced rather than skipped; with no labels its loss is zero.
+    """
+    if batch["input_ids"].numel() > 0:
+        return batch
+    one = torch.full((1, 1), pad_id, dtype=torch.long)
+    mask = torch.zeros((1, 1, 1, 1)) if batch["attention_mask"].dim() == 4 else torch.ones_like(one)
+    return {"input_ids": one, "labels": torch.full_like(one, -100), "attention_mask": mask,
+            "position_ids": torch.zeros_like(one)}
+
+
 def _forward(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     out = engine(
         input_ids=batch["input_ids"],
@@ -90,7 +104,9 @@ def _all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def evaluate(engine, eval_iterable, rank: int, world: int, device: torch.device) -> dict[str, float]:
+def evaluate(
+    engine, eval_iterable, rank: int, world: int, device: torch.device, pad_id: int
+) -> dict[str, float]:
     """Token-weighted eval loss and perplexity over the whole eval set, across all workers.
 
     Every worker sees the full eval set and takes every ``world``-th batch; workers
@@ -105,7 +121,7 @@ def evaluate(engine, eval_iterable, rank: int, world: int, device: torch.device)
         for r in range(rounds):
             index = r * world + rank
             real = index < len(batches)
-            batch = _to_device(batches[index if real else len(batches) - 1], device)
+            batch = _to_device(_nonempty(batches[index if real else -1], pad_id), device)
             total, n = token_loss_sums(_forward(engine, batch), batch["labels"])
             if real:
                 loss_sum += float(total)
@@ -122,9 +138,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trainers.data import collate_fn
     from trainers.deepspeed_config import zero_config
     from trainers.methods import param_groups, prepare_model
-    from trainers.packing import collate
 
     spec = JobSpec.from_dict(config["spec"])
     run = config["run"]
@@ -166,7 +182,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[rayft] resumed from step {state.step} (epoch {state.epoch})", flush=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    packed = spec.data.packing
+    collate = collate_fn(pad_id, spec.data.packing)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     sink = _progress_sink(run) if rank == 0 else None
     writer = _tensorboard(run) if rank == 0 else None
     order_log = _order_log(run, rank, state.step)
@@ -180,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       "local_shuffle_seed": spec.optim.seed + epoch}
         return shard.iter_torch_batches(
             batch_size=spec.optim.batch_size,
-            collate_fn=lambda b: collate(b, pad_id, packed),
+            collate_fn=collate,
             drop_last=False,
             **kwargs,
         )
@@ -188,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def run_eval() -> dict[str, float] | None:
         if not run["has_eval"]:
             return None
-        metrics = evaluate(engine, batches("eval", 0, False), rank, world, device)
+        metrics = evaluate(engine, batches("eval", 0, False), rank, world, device, pad_id)
         record = {"kind": "eval", "step": state.step, "total_steps": total_steps, **metrics}
         state.history.append(record)
         _emit(sink, writer, record)
@@ -223,7 +240,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for index, batch in enumerate(batches("train", state.epoch, spec.data.shuffle)):
             if index < skip:
                 continue
-            tensors = _to_device(batch, device)
+            tensors = _to_device(_nonempty(batch, pad_id), device)
             logits = _forward(engine, tensors)
             total, n = token_loss_sums(logits, tensors["labels"])
             loss = total / max(n, 1)
@@ -231,7 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             steps_before = engine.global_steps
             engine.step()
             state.batches_in_epoch = index + 1
-            window_loss += float(total)
+            window_loss += float(total.detach())
             window_count += n
             window_tokens += int(batch["num_tokens"])
             state.tokens_seen += int(batch["num_tokens"])
@@ -363,7 +380,8 @@ def _order_log(run: dict[str, Any], rank: int, resumed_step: int):
     kept = []
     if path.exists():
         kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
-    handle = open(path, "w")  # noqa: SIM115 - closed at the end of the loop
+    # Line-buffered: an interrupted run keeps every step it logged.
+    handle = open(path, "w", buffering=1)  # noqa: SIM115 - closed at the end of the loop
     handle.writelines(line + "\n" for line in kept)
     handle.flush()
     return handle

@@ -76,7 +76,7 @@ def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(ray_cluster, chat
 
     evals = outcome.evals()
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] * 0.8
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.25  # nats
     losses = train_losses(outcome)
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 

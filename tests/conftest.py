@@ -1,0 +1,32 @@
+"""Shared fixtures: an isolated RAYFT_HOME and the tiny test model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def rayft_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``$RAYFT_HOME`` for the test session: a temporary directory unless already set."""
+    preset = os.environ.get("RAYFT_HOME")
+    if preset:
+        yield Path(preset)
+        return
+    home = tmp_path_factory.mktemp("rayft_home")
+    os.environ["RAYFT_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        os.environ.pop("RAYFT_HOME", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(rayft_home: Path) -> Path:
+    """Directory of the builtin ``tiny-llama`` model and its ChatML tokenizer."""
+    from trainers.models import pull_builtin
+
+    return pull_builtin("tiny-llama")

@@ -1,0 +1,220 @@
+"""The Ray Data pipeline end to end on a local Ray: files -> build_datasets -> collate."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from trainers.config import validate_spec
+from trainers.data import PreparedData, build_datasets, collate_fn, read_rows
+from trainers.formats import tokenize_example
+
+pytestmark = pytest.mark.slow
+
+MAX_SEQ_LEN = 96
+N_ROWS = 40
+N_TOO_LONG = 3
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def chat_rows() -> list[dict[str, Any]]:
+    words = "one two three four five".split()
+    rows = []
+    for i in range(N_ROWS):
+        answer = " ".join(words[: 1 + i % 5]) + f" {i}"
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "you are helpful"},
+                    {"role": "user", "content": f"question {i} about paris"},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
+    # Prompts longer than max_seq_len: nothing is left to learn, so they are dropped.
+    for i in range(N_TOO_LONG):
+        long_prompt = "the quick brown fox jumps over a lazy dog " * 16 + str(i)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": long_prompt},
+                    {"role": "assistant", "content": "ok"},
+                ]
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows()))
+    return path
+
+
+def build(train_file: Path, model_dir: Path, **data: Any) -> PreparedData:
+    spec = validate_spec(
+        {
+            "data": {"train": str(train_file), "max_seq_len": MAX_SEQ_LEN, **data},
+            "optim": {"seed": 7},
+        }
+    )
+    return build_datasets(spec, str(model_dir))
+
+
+def batches(ds: Any, pad_id: int, packed: bool) -> list[dict[str, Any]]:
+    return list(ds.iter_torch_batches(batch_size=4, collate_fn=collate_fn(pad_id, packed)))
+
+
+def sample_ids(out: list[dict[str, Any]]) -> list[str]:
+    return [s for b in out for row in b["sample_ids"] for s in row]
+
+
+def test_unpacked_shuffled_with_eval_split(
+    ray_local: None, train_file: Path, tiny_model_dir: Path, tokenizer: Any
+) -> None:
+    prepared = build(train_file, tiny_model_dir, eval_fraction=0.25, shuffle=True)
+    assert prepared.format == "chat" and prepared.train_rows == N_ROWS + N_TOO_LONG
+    assert prepared.reports[0].rows == N_ROWS + N_TOO_LONG
+    assert len(prepared.fingerprint) == 64
+    assert prepared.summary == (
+        f"1 source(s), {N_ROWS + N_TOO_LONG} train rows, 0.25 of train held out for eval; "
+        f"dataset sha256 {prepared.fingerprint[:12]}"
+    )
+    train = batches(prepared.train, tokenizer.pad_token_id, packed=False)
+    evals = batches(prepared.eval, tokenizer.pad_token_id, packed=False)
+    train_ids, eval_ids = sample_ids(train), sample_ids(evals)
+    assert eval_ids and not set(train_ids) & set(eval_ids)
+    assert len(train_ids) + len(eval_ids) == N_ROWS
+    dropped = sum(b["num_dropped"] for b in train + evals)
+    assert dropped == N_TOO_LONG
+
+    # Every sequence's labelled tokens are its assistant answer plus <|im_end|>.
+    answers = {m["messages"][-1]["content"] for m in chat_rows()[:N_ROWS]}
+    for batch in train:
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        assert ids.dtype == labels.dtype == torch.long
+        assert mask.shape == ids.shape
+        assert batch["num_tokens"] == int(mask.sum())
+        assert batch["num_label_tokens"] == int((labels[:, 1:] != -100).sum())
+        for row in range(ids.shape[0]):
+            target = ids[row][labels[row] != -100].tolist()
+            text = tokenizer.decode(target)
+            assert text.endswith("<|im_end|>") and text[: -len("<|im_end|>")] in answers
+            assert (labels[row][mask[row] == 0] == -100).all()
+            assert (ids[row][mask[row] == 0] == tokenizer.pad_token_id).all()
+
+    # Deterministic run to run, and actually shuffled.
+    again = build(train_file, tiny_model_dir, eval_fraction=0.25, shuffle=True)
+    assert sample_ids(batches(again.train, tokenizer.pad_token_id, packed=False)) == train_ids
+    in_file_order = build(train_file, tiny_model_dir, eval_fraction=0.25, shuffle=False)
+    unshuffled = sample_ids(batches(in_file_order.train, tokenizer.pad_token_id, packed=False))
+    assert sorted(unshuffled) == sorted(train_ids) and unshuffled != train_ids
+
+
+def test_packed_rows_keep_samples_apart(
+    ray_local: None, train_file: Path, tiny_model_dir: Path, tokenizer: Any
+) -> None:
+    prepared = build(train_file, tiny_model_dir, packing=True, shuffle=True)
+    assert prepared.eval is None and prepared.packed
+    out = batches(prepared.train, tokenizer.pad_token_id, packed=True)
+    assert len(sample_ids(out)) == N_ROWS and len(set(sample_ids(out))) == N_ROWS
+    assert sum(b["num_dropped"] for b in out) == N_TOO_LONG
+    # Packing filled rows: fewer rows than samples, none longer than max_seq_len.
+    n_rows = sum(len(b["sample_ids"]) for b in out)
+    assert n_rows < N_ROWS / 2
+    # Each sample tokenized alone, by its id, to locate it inside the packed rows.
+    by_id = {
+        r["sample_id"]: json.loads(r["row"]) for r in read_rows(str(train_file), "chat").take_all()
+    }
+    alone = {s: tokenize_example(row, "chat", tokenizer, MAX_SEQ_LEN) for s, row in by_id.items()}
+
+    for batch in out:
+        ids, labels, mask, pos = (
+            batch["input_ids"],
+            batch["labels"],
+            batch["attention_mask"],
+            batch["position_ids"],
+        )
+        assert ids.shape[1] <= MAX_SEQ_LEN
+        assert mask.shape == (ids.shape[0], 1, ids.shape[1], ids.shape[1])
+        assert mask.dtype == torch.float32
+        for row, row_samples in enumerate(batch["sample_ids"]):
+            start = 0
+            for sample_id in row_samples:
+                example = alone[sample_id]
+                assert example is not None
+                end = start + len(example["input_ids"])
+                assert ids[row, start:end].tolist() == example["input_ids"]
+                assert pos[row, start:end].tolist() == list(range(end - start))
+                # No label crosses a boundary: the first label of every sample is -100,
+                # the rest are the sample's own labels.
+                assert labels[row, start] == -100
+                assert labels[row, start + 1 : end].tolist() == example["labels"][1:]
+                # Attention: each token of this sample sees exactly its own earlier tokens.
+                for q in range(start, end):
+                    visible = (mask[row, 0, q] == 0).nonzero().flatten().tolist()
+                    assert visible == list(range(start, q + 1))
+                start = end
+            # Padding attends to itself only and carries no labels.
+            for q in range(start, ids.shape[1]):
+                assert (mask[row, 0, q] == 0).nonzero().flatten().tolist() == [q]
+                assert labels[row, q] == -100 and ids[row, q] == tokenizer.pad_token_id
+
+    again = build(train_file, tiny_model_dir, packing=True, shuffle=True)
+    assert [b["sample_ids"] for b in batches(again.train, tokenizer.pad_token_id, True)] == [
+        b["sample_ids"] for b in out
+    ]
+
+
+def test_every_source_kind_reads_the_same_rows(ray_local: None, tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(12)]
+    sources = {
+        "train.jsonl": lambda p: p.write_text("".join(json.dumps(r) + "\n\n" for r in rows)),
+        "train.json": lambda p: p.write_text(json.dumps(rows, indent=2)),
+        "lines.json": lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)),
+        "train.parquet": lambda p: pq.write_table(pa.Table.from_pylist(rows), p),
+        "train.csv": lambda p: pacsv.write_csv(pa.Table.from_pylist(rows), p),
+        "hf_dir": lambda p: datasets.Dataset.from_list(rows).save_to_disk(str(p)),
+    }
+    seen = {}
+    for name, write in sources.items():
+        write(tmp_path / name)
+        got = read_rows(str(tmp_path / name), "prompt_completion").take_all()
+        seen[name] = [(r["sample_id"], json.loads(r["row"])) for r in got]
+    reference = seen["train.jsonl"]
+    assert [row for _, row in reference] == rows
+    for name, got in seen.items():
+        assert got == reference, name

@@ -1,0 +1,889 @@
+"""The data pipeline: check the source files, then read, split, tokenize, shuffle and
+pack them with Ray Data for the training loop.
+
+``build_datasets`` is the entry point. It scans every file on the driver first, so a
+bad line is reported as ``file:line`` before any Ray work starts, then builds lazy
+Ray Datasets whose rows are ready for ``trainers.packing.collate``.
+
+Output columns (one row per training sequence):
+
+* ``input_ids``, ``labels``: ``list<int32>``; labels are -100 where no loss is taken.
+* ``position_ids``, ``segment_ids``: ``list<int32>``, only when ``data.packing``.
+* ``sample_ids``: ``list<string>``, the samples in the row (one when not packed).
+* ``num_truncated``: samples in the row that were cut to ``data.max_seq_len``.
+* ``num_dropped``: samples dropped because no labelled token was left (see below).
+
+Dropped samples: tokenization drops a sample whose labels are all -100 (e.g. a prompt
+longer than ``max_seq_len``). Its count is added to ``num_dropped`` of another row
+from the same tokenization batch, so summing ``num_dropped`` over one pass of the data
+(as ``collate`` does per batch) gives the exact number dropped without a second pass.
+When every sample of a tokenization batch is dropped, one row with no tokens carries
+the count; ``collate`` counts it and leaves it out of the tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainers.formats import FORMATS, RowError, check_row, detect_format, tokenize_example
+from trainers.packing import collate, pack_examples
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+
+    from trainers.config import JobSpec
+
+# Fields each format reads; everything else in a row is ignored (and not hashed).
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "input", "output"),
+    "text": ("text",),
+}
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+SCAN_BATCH_ROWS = 1024
+TOKENIZE_BATCH_ROWS = 1024
+# Packing fills rows from this many samples at a time: large enough that first-fit-
+# decreasing leaves little padding, small enough for one task's memory.
+PACK_GROUP_ROWS = 512
+
+
+class DataError(Exception):
+    """A data source that cannot be used; the message names the file and line or row."""
+
+
+@dataclass(frozen=True)
+class SourceReport:
+    """What ``scan_source`` found in one file or dataset directory."""
+
+    path: str
+    format: str
+    rows: int
+    blank_lines: int
+    sha256: str
+
+
+@dataclass
+class PreparedData:
+    """The datasets a training run iterates, and what they were built from."""
+
+    train: ray.data.Dataset
+    eval: ray.data.Dataset | None
+    reports: list[SourceReport]
+    fingerprint: str
+    format: str
+    train_rows: int = 0
+    """Rows in the train files (before the eval split and before dropping)."""
+    eval_rows: int = 0
+    """Rows in the eval files (0 when eval is split off train)."""
+    packed: bool = False
+    columns: list[str] = field(default_factory=list)
+    eval_fraction: float = 0.0
+
+    @property
+    def summary(self) -> str:
+        """One line for logs: sources, rows, blank lines, eval split and fingerprint."""
+        blank = sum(r.blank_lines for r in self.reports)
+        text = (
+            f"{len(self.reports)} source(s), {self.train_rows} train rows"
+            + (f", {self.eval_rows} eval rows" if self.eval_rows else "")
+            + (f", {self.eval_fraction:g} of train held out for eval" if self.eval_fraction else "")
+            + (f", {blank} blank lines skipped" if blank else "")
+        )
+        return f"{text}; dataset sha256 {self.fingerprint[:12]}"
+
+
+# ---------------------------------------------------------------- source kinds
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    """A pyarrow filesystem and the path inside it, for local paths and URIs alike."""
+    import pyarrow.fs as pafs
+
+    if _is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(_local(path)).expanduser().absolute())
+
+
+def _source_kind(path: str) -> str:
+    """``jsonl``, ``json``, ``parquet``, ``csv`` or ``hf`` (a saved HF dataset dir)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = _filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{path}: file not found; check data.train / data.eval in the job spec")
+    if info.type == pafs.FileType.Directory:
+        names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(inner))}
+        if any(marker in names for marker in HF_DATASET_MARKERS):
+            return "hf"
+        raise DataError(
+            f"{path}: is a directory but not a saved Hugging Face dataset (no "
+            f"{' / '.join(HF_DATASET_MARKERS)}); give a .jsonl, .json, .parquet or .csv file "
+            "or a directory written by datasets.Dataset.save_to_disk"
+        )
+    suffix = inner.lower().rsplit(".", 1)[-1] if "." in inner else ""
+    kinds = {"jsonl": "jsonl", "ndjson": "jsonl", "json": "json", "parquet": "parquet"}
+    kinds["csv"] = "csv"
+    if suffix not in kinds:
+        raise DataError(
+            f"{path}: unsupported file type '.{suffix}'; use .jsonl, .json, .parquet, .csv "
+            "or a saved Hugging Face dataset directory"
+        )
+    return kinds[suffix]
+
+
+def _json_is_array(path: str) -> bool:
+    """Whether a .json file holds one JSON array (else it is JSON lines)."""
+    fs, inner = _filesystem(path)
+    with fs.open_input_stream(inner) as stream:
+        head = stream.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    return head.startswith("[")
+
+
+def _iter_lines(path: str, hasher: Any) -> Iterator[bytes]:
+    """Lines of a file, read in chunks (never the whole file), feeding ``hasher``."""
+    fs, inner = _filesystem(path)
+    with fs.open_input_stream(inner) as stream:
+        buffered = io.BufferedReader(_RawStream(stream), buffer_size=1 << 20)
+        for line in buffered:
+            hasher.update(line)
+            yield line
+
+
+class _RawStream(io.RawIOBase):
+    """Adapts a pyarrow input stream to ``io`` so ``BufferedReader`` can split lines."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _hash_files(path: str) -> str:
+    """sha256 of a file's bytes, or of every file under a directory (sorted by name)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = _filesystem(path)
+    hasher = hashlib.sha256()
+    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    else:
+        files = [inner]
+    for name in files:
+        if len(files) > 1 or name != inner:
+            hasher.update(os.path.relpath(name, inner).encode() + b"\0")
+        with fs.open_input_stream(name) as stream:
+            while chunk := stream.read(1 << 20):
+                hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+# ---------------------------------------------------------------- scanning
+
+
+class _FormatChecker:
+    """Detects the format on the first row (``auto``) and checks every row against it."""
+
+    def __init__(self, path: str, fmt: str) -> None:
+        if fmt != "auto" and fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}")
+        self.path = path
+        self.fmt = fmt
+        self.detected_at: str | None = None
+
+    def check(self, row: Any, where: str) -> None:
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{where}: a row must be a JSON object, got {type(row).__name__}; "
+                "write one object per line"
+            )
+        if self.fmt == "auto":
+            try:
+                self.fmt = detect_format(row)
+            except RowError as err:
+                raise DataError(f"{where}: {err}; or set data.format explicitly") from None
+            self.detected_at = where
+        try:
+            check_row(row, self.fmt)
+        except RowError as err:
+            how = (
+                f"format {self.fmt}, detected at {self.detected_at}"
+                if self.detected_at
+                else f"data.format={self.fmt}"
+            )
+            raise DataError(
+                f"{where}: {err} ({how}); fix the row, or set data.format if the format is wrong"
+            ) from None
+
+
+def scan_source(path: str, fmt: str = "auto") -> SourceReport:
+    """Check a data source on the driver, before any Ray work.
+
+    JSON lines are streamed line by line; parquet, csv and saved Hugging Face datasets
+    are read in record batches, so no source is loaded into memory whole (a ``.json``
+    array file is the exception: it is one JSON document).
+
+    Args:
+        path: A ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a directory written
+            by ``datasets.Dataset.save_to_disk`` (local path or pyarrow URI).
+        fmt: ``auto`` (detect on the first row, then require every row to fit) or one
+            of ``trainers.formats.FORMATS``.
+
+    Returns:
+        The source's format, row count, blank lines skipped and sha256 (of the file's
+        bytes, or of all files in a directory, sorted by name).
+
+    Raises:
+        DataError: Naming the file and line (JSON lines) or row index (other sources):
+            a missing file, a line that is not JSON, a row that fits no format or is
+            missing a field of the format.
+    """
+    kind = _source_kind(path)
+    checker = _FormatChecker(path, fmt)
+    if kind == "jsonl" or (kind == "json" and not _json_is_array(path)):
+        hasher = hashlib.sha256()
+        rows, blank = _scan_json_lines(path, checker, hasher)
+        digest = hasher.hexdigest()
+    else:
+        if kind == "json":
+            rows = _scan_json_array(path, checker)
+        elif kind == "parquet":
+            rows = _scan_batches(path, _parquet_batches(path, checker.fmt), checker)
+        elif kind == "csv":
+            rows = _scan_batches(path, _csv_batches(path, checker.fmt), checker)
+        else:
+            rows = _scan_batches(path, _hf_batches(path), checker)
+        blank, digest = 0, _hash_files(path)
+    if rows == 0:
+        raise DataError(f"{path}: has no rows; point data.train / data.eval at a file with data")
+    return SourceReport(path, checker.fmt, rows, blank, digest)
+
+
+def _scan_json_lines(path: str, checker: _FormatChecker, hasher: Any) -> tuple[int, int]:
+    rows = blank = 0
+    for lineno, raw in enumerate(_iter_lines(path, hasher), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{path}:{lineno}: not UTF-8 text ({err}); save the file as UTF-8"
+            ) from None
+        if lineno == 1:
+            line = line.lstrip("\ufeff")
+        if not line.strip():
+            blank += 1
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+                "each line must be one complete JSON object"
+            ) from None
+        checker.check(row, f"{path}:{lineno}")
+        rows += 1
+    return rows, blank
+
+
+def _scan_json_array(path: str, checker: _FormatChecker) -> int:
+    fs, inner = _filesystem(path)
+    with fs.open_input_stream(inner) as stream:
+        text = stream.read().decode("utf-8").lstrip("\ufeff")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})"
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json file must hold an array of rows or JSON lines")
+    for index, row in enumerate(data):
+        checker.check(row, f"{path}: row index {index}")
+    return len(data)
+
+
+def _scan_batches(path: str, batches: Iterator[pa.RecordBatch], checker: _FormatChecker) -> int:
+    rows = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            checker.check(row, f"{path}: row index {rows}")
+            rows += 1
+    return rows
+
+
+def _check_columns(path: str, names: list[str], fmt: str) -> None:
+    if fmt == "auto":
+        return
+    missing = [c for c in REQUIRED_FIELDS[fmt] if c not in names]
+    if missing:
+        raise DataError(
+            f"{path}: no column {missing[0]!r} for data.format={fmt} (columns: "
+            f"{', '.join(names)}); rename the column or set data.format"
+        )
+
+
+def _parquet_batches(path: str, fmt: str) -> Iterator[pa.RecordBatch]:
+    import pyarrow.parquet as pq
+
+    fs, inner = _filesystem(path)
+    try:
+        parquet = pq.ParquetFile(inner, filesystem=fs)
+    except Exception as err:  # noqa: BLE001 - any reader failure is a bad file
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    _check_columns(path, parquet.schema_arrow.names, fmt)
+    yield from parquet.iter_batches(batch_size=SCAN_BATCH_ROWS)
+
+
+def _csv_header(path: str) -> list[str]:
+    import csv
+
+    fs, inner = _filesystem(path)
+    with fs.open_input_stream(inner) as stream:
+        text = io.TextIOWrapper(io.BufferedReader(_RawStream(stream)), encoding="utf-8-sig")
+        return next(csv.reader(text), [])
+
+
+def _csv_options(path: str) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    # Every column is text: "42" in an output column is the string the model should emit.
+    columns = _csv_header(path)
+    convert = pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in columns}, strings_can_be_null=False
+    )
+    return {"convert_options": convert}
+
+
+def _csv_batches(path: str, fmt: str) -> Iterator[pa.RecordBatch]:
+    import pyarrow.csv as pacsv
+
+    fs, inner = _filesystem(path)
+    _check_columns(path, _csv_header(path), fmt)
+    with fs.open_input_stream(inner) as stream:
+        try:
+            reader = pacsv.open_csv(stream, **_csv_options(path))
+            yield from reader
+        except Exception as err:  # noqa: BLE001 - pyarrow names the offending row
+            raise DataError(f"{path}: not a readable CSV file ({err})") from None
+
+
+def _load_hf(path: str) -> Any:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(_local(path))
+    except Exception as err:  # noqa: BLE001 - any loader failure is a bad directory
+        raise DataError(f"{path}: not a readable saved Hugging Face dataset ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" in loaded:
+            return loaded["train"]
+        if len(loaded) == 1:
+            return next(iter(loaded.values()))
+        raise DataError(
+            f"{path}: holds splits {', '.join(loaded)} but no 'train'; give the split's "
+            f"directory, e.g. {path}/{next(iter(loaded))}"
+        )
+    return loaded
+
+
+def _hf_batches(path: str) -> Iterator[pa.RecordBatch]:
+    dataset = _load_hf(path).with_format("arrow")
+    for table in dataset.iter(batch_size=SCAN_BATCH_ROWS):
+        yield from table.to_batches()
+
+
+# ---------------------------------------------------------------- reading with Ray
+
+
+def _canonical(row: dict[str, Any], fmt: str) -> str:
+    """The row's format fields (nulls dropped) as compact JSON with sorted keys."""
+    fields = FORMAT_FIELDS.get(fmt)
+    kept = {k: v for k, v in row.items() if v is not None and (fields is None or k in fields)}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _sample_id(canonical: str) -> str:
+    # Content-only: duplicate rows share an id, so they land on the same side of the
+    # eval split and cannot leak from train into eval.
+    return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _rows_table(rows: list[dict[str, Any]], fmt: str) -> pa.Table:
+    import pyarrow as pa
+
+    canonical = [_canonical(r, fmt) for r in rows]
+    return pa.table(
+        {
+            "sample_id": pa.array([_sample_id(c) for c in canonical], pa.string()),
+            "row": pa.array(canonical, pa.string()),
+        }
+    )
+
+
+def _parse_lines(batch: pa.Table, fmt: str) -> pa.Table:
+    lines = batch.column("text").to_pylist()
+    rows = [json.loads(line.lstrip("\ufeff")) for line in lines if line.strip()]
+    return _rows_table(rows, fmt)
+
+
+def _parse_arrays(batch: pa.Table, fmt: str) -> pa.Table:
+    rows: list[dict[str, Any]] = []
+    for blob in batch.column("bytes").to_pylist():
+        rows += json.loads(blob.decode("utf-8").lstrip("\ufeff"))
+    return _rows_table(rows, fmt)
+
+
+def _from_records(batch: pa.Table, fmt: str) -> pa.Table:
+    return _rows_table(batch.to_pylist(), fmt)
+
+
+def read_rows(paths: str | list[str], fmt: str) -> ray.data.Dataset:
+    """Read data sources into a Ray Dataset of raw rows.
+
+    Args:
+        paths: Files or saved HF dataset directories (as accepted by ``scan_source``).
+        fmt: The rows' format; only its fields are kept. ``auto`` keeps every field.
+
+    Returns:
+        A lazy dataset with columns ``sample_id`` (16 hex chars of the sha1 of the
+        row's canonical JSON) and ``row`` (that JSON, a string, so rows with different
+        nested shapes do not need one Arrow schema). Row order follows the files.
+    """
+    import ray.data
+
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    parts: list[ray.data.Dataset] = []
+    for path in paths:
+        kind = _source_kind(path)
+        target = path if _is_uri(path) else str(Path(_local(path)).expanduser().absolute())
+        if kind == "jsonl" or (kind == "json" and not _json_is_array(path)):
+            raw = ray.data.read_text(target, drop_empty_lines=True, file_extensions=None)
+            parse = _parse_lines
+        elif kind == "json":
+            raw = ray.data.read_binary_files(target, file_extensions=None)
+            parse = _parse_arrays
+        elif kind == "parquet":
+            raw = ray.data.read_parquet(target, partitioning=None, file_extensions=None)
+            parse = _from_records
+        elif kind == "csv":
+            raw = ray.data.read_csv(
+                target, partitioning=None, file_extensions=None, **_csv_options(path)
+            )
+            parse = _from_records
+        else:
+            # A saved HF dataset is memory-mapped Arrow; from_arrow copies it into the
+            # object store (from_huggingface would first look the dataset up on the hub).
+            table = _load_hf(path).with_format("arrow")[:]
+            blocks = max(1, table.num_rows // 10_000)
+            raw = ray.data.from_arrow(table, override_num_blocks=blocks)
+            parse = _from_records
+        parts.append(raw.map_batches(parse, batch_format="pyarrow", fn_kwargs={"fmt": fmt}))
+    dataset = parts[0]
+    for part in parts[1:]:
+        dataset = dataset.union(part)
+    return dataset
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def load_tokenizer(tokenizer_dir: str) -> Any:
+    """The tokenizer in ``tokenizer_dir``, loaded once per process."""
+    if tokenizer_dir not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[tokenizer_dir] = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return _TOKENIZERS[tokenizer_dir]
+
+
+def _unit_hash(text: str) -> float:
+    """A uniform number in [0, 1) from a string, the same on every machine and run."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def in_eval_split(sample_id: str, fraction: float) -> bool:
+    """Whether a sample belongs to the eval split taken from train (``data.eval_fraction``)."""
+    return _unit_hash(f"eval:{sample_id}") < fraction
+
+
+def _split(batch: pa.Table, fraction: float, want_eval: bool) -> pa.Table:
+    import pyarrow as pa
+
+    ids = batch.column("sample_id").to_pylist()
+    keep = [in_eval_split(s, fraction) == want_eval for s in ids]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def _shuffle_key(seed: int, sample_id: str) -> str:
+    return hashlib.sha1(f"{seed}:{sample_id}".encode()).hexdigest()
+
+
+def _tokenize(
+    batch: pa.Table,
+    fmt: str,
+    tokenizer_dir: str,
+    max_seq_len: int,
+    train_on_prompt: bool,
+    seed: int | None,
+    pack_groups: int,
+) -> pa.Table:
+    import pyarrow as pa
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    kept: list[tuple[str, dict[str, Any]]] = []
+    dropped: list[str] = []
+    for sample_id, text in zip(
+        batch.column("sample_id").to_pylist(), batch.column("row").to_pylist(), strict=True
+    ):
+        example = tokenize_example(json.loads(text), fmt, tokenizer, max_seq_len, train_on_prompt)
+        if example is None:
+            dropped.append(sample_id)
+        else:
+            kept.append((sample_id, example))
+    counts = [0] * len(kept)
+    if dropped and kept:
+        counts[0] = len(dropped)
+    elif dropped:
+        # Every sample of this batch was dropped: one empty row carries the count.
+        carrier = {"input_ids": [], "labels": [], "truncated": False}
+        kept, counts = [("", carrier)], [len(dropped)]
+    ids = [s for s, _ in kept]
+    columns: dict[str, pa.Array] = {
+        "input_ids": pa.array([e["input_ids"] for _, e in kept], pa.list_(pa.int32())),
+        "labels": pa.array([e["labels"] for _, e in kept], pa.list_(pa.int32())),
+        "sample_id": pa.array(ids, pa.string()),
+        "truncated": pa.array([e["truncated"] for _, e in kept], pa.bool_()),
+        "num_dropped": pa.array(counts, pa.int64()),
+    }
+    if seed is not None:
+        # A carrier row takes its key from a dropped sample so it lands anywhere.
+        keys = [_shuffle_key(seed, s or f"dropped:{dropped[0]}") for s in ids]
+        columns["shuffle_key"] = pa.array(keys, pa.string())
+        if pack_groups:
+            groups = [int(_unit_hash(k) * pack_groups) for k in keys]
+            columns["pack_group"] = pa.array(groups, pa.int64())
+    return pa.table(columns)
+
+
+def _unpacked(batch: pa.Table) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = batch.column("sample_id").to_pylist()
+    return pa.table(
+        {
+            "input_ids": batch.column("input_ids"),
+            "labels": batch.column("labels"),
+            "sample_ids": pa.array([[s] if s else [] for s in ids], pa.list_(pa.string())),
+            "num_truncated": pc.cast(batch.column("truncated"), pa.int64()),
+            "num_dropped": batch.column("num_dropped"),
+        }
+    )
+
+
+PACKED_COLUMNS = (
+    "input_ids",
+    "labels",
+    "position_ids",
+    "segment_ids",
+    "sample_ids",
+    "num_truncated",
+    "num_dropped",
+)
+
+
+def _packed_table(rows: list[dict[str, Any]]) -> dict[str, pa.Array]:
+    import pyarrow as pa
+
+    ints = pa.list_(pa.int32())
+    types = {"input_ids": ints, "labels": ints, "position_ids": ints, "segment_ids": ints}
+    types |= {"sample_ids": pa.list_(pa.string()), "num_truncated": pa.int64()}
+    types["num_dropped"] = pa.int64()
+    return {name: pa.array([r[name] for r in rows], types[name]) for name in PACKED_COLUMNS}
+
+
+def _examples(batch: pa.Table) -> list[dict[str, Any]]:
+    return [
+        {
+            "input_ids": r["input_ids"],
+            "labels": r["labels"],
+            "sample_id": r["sample_id"],
+            "truncated": r["truncated"],
+            "num_dropped": r["num_dropped"],
+        }
+        for r in batch.select(
+            ["input_ids", "labels", "sample_id", "truncated", "num_dropped"]
+        ).to_pylist()
+    ]
+
+
+def _pack_in_order(batch: pa.Table, max_seq_len: int) -> pa.Table:
+    import pyarrow as pa
+
+    return pa.table(_packed_table(pack_examples(_examples(batch), max_seq_len)))
+
+
+def _pack_group(group: pa.Table, max_seq_len: int) -> pa.Table:
+    import pyarrow as pa
+
+    # Rows of a group arrive in no particular order: order them by their shuffle key
+    # so the packed rows depend only on the data and the seed.
+    group = group.sort_by([("shuffle_key", "ascending"), ("sample_id", "ascending")])
+    rows = pack_examples(_examples(group), max_seq_len)
+    columns = _packed_table(rows)
+    group_id = group.column("pack_group")[0].as_py()
+    columns["pack_group"] = pa.array([group_id] * len(rows), pa.int64())
+    columns["pack_index"] = pa.array(range(len(rows)), pa.int64())
+    return pa.table(columns)
+
+
+def _tokenized(
+    rows: ray.data.Dataset,
+    spec: JobSpec,
+    fmt: str,
+    tokenizer_dir: str,
+    seed: int | None,
+    pack_groups: int,
+) -> ray.data.Dataset:
+    kwargs = {
+        "fmt": fmt,
+        "tokenizer_dir": tokenizer_dir,
+        "max_seq_len": spec.data.max_seq_len,
+        "train_on_prompt": spec.data.train_on_prompt,
+        "seed": seed,
+        "pack_groups": pack_groups,
+    }
+    return rows.map_batches(
+        _tokenize, batch_size=TOKENIZE_BATCH_ROWS, batch_format="pyarrow", fn_kwargs=kwargs
+    )
+
+
+def _prepare(
+    rows: ray.data.Dataset,
+    spec: JobSpec,
+    fmt: str,
+    tokenizer_dir: str,
+    shuffle: bool,
+    expected_rows: int,
+) -> ray.data.Dataset:
+    """Tokenize, then shuffle and/or pack, deterministically for a given seed.
+
+    Shuffling is a sort on ``sha1(seed:sample_id)``: unlike ``random_shuffle``, whose
+    output depends on how rows fall into blocks, a sort on a content key gives the same
+    order on every run and cluster size. It is an all-to-all exchange (like any global
+    shuffle), which Ray spills to disk for data larger than the object store.
+
+    Packing after a shuffle groups samples by a hash of that key into groups of about
+    ``PACK_GROUP_ROWS`` (a ``groupby``, so a group's members do not depend on block
+    boundaries), packs each group, and sorts the packed rows by (group, index).
+    Packing without a shuffle packs consecutive batches of ``PACK_GROUP_ROWS`` samples
+    in file order; batch boundaries follow Ray's blocks, which are the same run to run
+    for the same files and cluster.
+    """
+    max_seq_len = spec.data.max_seq_len
+    packing = spec.data.packing
+    seed = spec.optim.seed if shuffle else None
+    groups = max(1, round(expected_rows / PACK_GROUP_ROWS)) if shuffle and packing else 0
+    tokens = _tokenized(rows, spec, fmt, tokenizer_dir, seed, groups)
+    if not packing:
+        if shuffle:
+            tokens = tokens.sort(["shuffle_key", "sample_id"])
+        return tokens.map_batches(_unpacked, batch_format="pyarrow")
+    if not shuffle:
+        return tokens.map_batches(
+            _pack_in_order,
+            batch_size=PACK_GROUP_ROWS,
+            batch_format="pyarrow",
+            fn_kwargs={"max_seq_len": max_seq_len},
+        )
+    # One hash partition per pack group at most: Ray's default (200) is far too many
+    # for small fine-tuning sets and costs a task per partition.
+    partitions = min(groups, 200)
+    packed = (
+        tokens.groupby("pack_group", num_partitions=partitions)
+        .map_groups(_pack_group, batch_format="pyarrow", fn_kwargs={"max_seq_len": max_seq_len})
+        .sort(["pack_group", "pack_index"])
+    )
+    return packed.select_columns(list(PACKED_COLUMNS))
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _first_row(path: str) -> dict[str, Any]:
+    kind = _source_kind(path)
+    if kind == "jsonl" or (kind == "json" and not _json_is_array(path)):
+        for raw in _iter_lines(path, hashlib.sha256()):
+            if raw.strip():
+                return json.loads(raw.decode("utf-8").lstrip("\ufeff"))
+    if kind == "json":
+        fs, inner = _filesystem(path)
+        with fs.open_input_stream(inner) as stream:
+            return json.loads(stream.read().decode("utf-8").lstrip("\ufeff"))[0]
+    batches = {"parquet": _parquet_batches, "csv": _csv_batches}
+    source = batches[kind](path, "auto") if kind in batches else _hf_batches(path)
+    return next(iter(source)).slice(0, 1).to_pylist()[0]
+
+
+def _check_tokenizer(path: str, fmt: str, tokenizer_dir: str, max_seq_len: int) -> None:
+    """Tokenize the first row on the driver, so a tokenizer or chat-template problem is
+    reported here rather than from inside a Ray task."""
+    from trainers.formats import ChatTemplateError
+
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except Exception as err:  # noqa: BLE001 - any loader failure means the same thing
+        raise DataError(f"cannot load a tokenizer from {tokenizer_dir} ({err})") from None
+    try:
+        tokenize_example(_first_row(path), fmt, tokenizer, max_seq_len)
+    except ChatTemplateError as err:
+        raise DataError(f"{path}: cannot tokenize {fmt} rows with {tokenizer_dir}: {err}") from None
+
+
+def dataset_fingerprint(train: list[SourceReport], eval_: list[SourceReport]) -> str:
+    """sha256 over the train and eval sources' hashes, in the order given."""
+    hasher = hashlib.sha256()
+    for role, reports in (("train", train), ("eval", eval_)):
+        for report in reports:
+            hasher.update(f"{role}:{report.sha256}\n".encode())
+    return hasher.hexdigest()
+
+
+def build_datasets(spec: JobSpec, tokenizer_dir: str) -> PreparedData:
+    """Check every source, then build the lazy train (and eval) Ray Datasets.
+
+    Args:
+        spec: The job spec; ``spec.data`` says what to read and how, ``spec.optim.seed``
+            seeds the shuffle.
+        tokenizer_dir: A local directory ``AutoTokenizer.from_pretrained`` can load
+            on every node.
+
+    Returns:
+        ``PreparedData`` whose datasets have the columns listed in this module's
+        docstring. The eval split (``data.eval_fraction``) holds the samples with
+        ``sha1("eval:" + sample_id)`` below the fraction, so it is the same on every
+        run; eval data is never shuffled.
+
+    Raises:
+        DataError: A source is missing or malformed (raised before any Ray work), or
+            the sources are in different formats.
+    """
+    data = spec.data
+    train_paths, eval_paths = _as_list(data.train), _as_list(data.eval)
+    if not train_paths:
+        raise DataError("data.train lists no files; give at least one")
+    train_reports = [scan_source(p, data.format) for p in train_paths]
+    eval_reports = [scan_source(p, data.format) for p in eval_paths]
+    reports = train_reports + eval_reports
+    formats = {r.format for r in reports}
+    if len(formats) > 1:
+        listing = ", ".join(f"{r.path} ({r.format})" for r in reports)
+        raise DataError(
+            f"data sources are in different formats: {listing}; convert them to one format"
+        )
+    fmt = formats.pop()
+    train_rows = sum(r.rows for r in train_reports)
+    _check_tokenizer(train_paths[0], fmt, tokenizer_dir, data.max_seq_len)
+
+    rows = read_rows(train_paths, fmt)
+    eval_ds = None
+    fraction = data.eval_fraction
+    if eval_paths:
+        eval_ds = _prepare(
+            read_rows(eval_paths, fmt),
+            spec,
+            fmt,
+            tokenizer_dir,
+            False,
+            sum(r.rows for r in eval_reports),
+        )
+    elif fraction > 0:
+        eval_rows = rows.map_batches(
+            _split, batch_format="pyarrow", fn_kwargs={"fraction": fraction, "want_eval": True}
+        )
+        rows = rows.map_batches(
+            _split, batch_format="pyarrow", fn_kwargs={"fraction": fraction, "want_eval": False}
+        )
+        eval_ds = _prepare(eval_rows, spec, fmt, tokenizer_dir, False, int(train_rows * fraction))
+    expected = int(train_rows * (1 - fraction))
+    train_ds = _prepare(rows, spec, fmt, tokenizer_dir, data.shuffle, expected)
+    columns = (
+        list(PACKED_COLUMNS)
+        if data.packing
+        else [c for c in PACKED_COLUMNS if c not in ("position_ids", "segment_ids")]
+    )
+    return PreparedData(
+        train=train_ds,
+        eval=eval_ds,
+        reports=reports,
+        fingerprint=dataset_fingerprint(train_reports, eval_reports),
+        format=fmt,
+        train_rows=train_rows,
+        eval_rows=sum(r.rows for r in eval_reports),
+        packed=data.packing,
+        columns=columns,
+        eval_fraction=fraction if not eval_paths else 0.0,
+    )
+
+
+def collate_fn(pad_id: int, packed: bool) -> Any:
+    """The ``collate_fn`` for ``Dataset.iter_torch_batches`` over ``PreparedData`` rows.
+
+    Ray 2.60 deprecates plain functions as ``collate_fn``; this wraps
+    ``trainers.packing.collate`` in a ``NumpyBatchCollateFn``.
+
+    Args:
+        pad_id: The tokenizer's pad token id (its EOS id when it has no pad token).
+        packed: ``PreparedData.packed``.
+
+    Returns:
+        A callable turning a batch of numpy columns into the dict ``collate`` returns.
+    """
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class PackingCollateFn(NumpyBatchCollateFn):
+        def __init__(self) -> None:
+            self.pad_id = pad_id
+            self.packed = packed
+
+        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+            return collate(batch, self.pad_id, self.packed)
+
+    return PackingCollateFn()
