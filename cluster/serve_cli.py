@@ -1,0 +1,182 @@
+"""``rayft serve`` and ``rayft eval``: the serving application and evaluation from the shell.
+
+    rayft serve [--config SERVE.yaml] [key=value ...] [--address ADDR] [--host H] [--port P]
+    rayft eval --model NAME --data FILE [--metrics loss bleu ...] [--url URL | --in-process]
+
+``SERVE.yaml`` is either a mapping of ``serving.app.ServeArgs`` fields or a Ray Serve
+config file (``applications: [{import_path: serving.app:build_app, args: {...}}]``);
+``key=value`` arguments override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+IMPORT_PATH = "serving.app:build_app"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` and ``eval`` sub-commands to the ``rayft`` parser."""
+    p = subparsers.add_parser("serve", help="serve the base model and its adapters over HTTP")
+    p.add_argument("--config", default=None, help="serve arguments or a Serve config YAML")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. model=tiny-llama")
+    p.add_argument("--address", default=None, help="Ray address (default: embedded local cluster)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: loopback)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.set_defaults(func=cmd_serve)
+
+    e = subparsers.add_parser("eval", help="loss, perplexity and generation metrics of a model")
+    e.add_argument("--model", required=True, help="base model or published adapter name")
+    e.add_argument("--data", required=True, help=".jsonl or .json file of rows")
+    e.add_argument(
+        "--metrics",
+        nargs="+",
+        default=["loss", "perplexity"],
+        help="loss perplexity exact_match token_f1 rouge_l bleu",
+    )
+    e.add_argument("--format", default="auto", help="row format (default: detect per row)")
+    e.add_argument("--max-tokens", type=int, default=128, help="generation budget per row")
+    where = e.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help="a running rayft endpoint")
+    where.add_argument(
+        "--in-process", action="store_true", help="load the model here (the default without --url)"
+    )
+    e.add_argument("--storage", default=None, help="rayft root (default $RAYFT_HOME)")
+    e.add_argument("--dtype", default="auto", help="model dtype for --in-process")
+    e.set_defaults(func=cmd_eval)
+
+
+def serve_args_from(config: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The ``ServeArgs`` dict from an optional YAML file and ``key=value`` overrides."""
+    from trainers.config import ConfigError, apply_overrides, read_yaml
+
+    data: dict[str, Any] = read_yaml(config) if config else {}
+    if "applications" in data:
+        apps = data["applications"] or []
+        ours = [a for a in apps if isinstance(a, dict) and a.get("import_path") == IMPORT_PATH]
+        if not ours:
+            raise ConfigError([("applications", f"no application with import_path {IMPORT_PATH}")])
+        data = dict(ours[0].get("args") or {})
+    return apply_overrides(data, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.connect import connect
+    from serving.app import parse_args
+
+    cfg = parse_args(serve_args_from(args.config, args.overrides))
+    import ray
+    from ray import serve
+
+    from serving.client import run_app
+
+    kind = connect(args.address)
+    try:
+        print(
+            f"[rayft] starting {cfg.model} on {kind} Ray cluster ...", file=sys.stderr, flush=True
+        )
+        url = run_app(cfg.model_dump(mode="json"), host=args.host, port=args.port)
+        print(url, flush=True)
+        print(
+            f"[rayft] OpenAI-compatible API at {url}/v1 (models: {url}/v1/models); Ctrl-C stops it",
+            file=sys.stderr,
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        if kind == "embedded":
+            ray.shutdown()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cluster.cli import UserError
+    from serving.errors import ServingError
+    from serving.evaluation import check_metrics, read_rows
+
+    path = Path(args.data)
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such file")
+    try:
+        check_metrics(args.metrics)
+        rows = read_rows(path)
+        if args.url:
+            result = _eval_remote(args, rows)
+        else:
+            result = _eval_in_process(args, rows)
+    except ServingError as err:
+        raise UserError(err.message) from None
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _eval_remote(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
+    import httpx
+
+    from cluster.cli import UserError
+
+    key = os.environ.get("RAYFT_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {
+        "model": args.model,
+        "rows": rows,
+        "metrics": args.metrics,
+        "format": args.format,
+        "max_tokens": args.max_tokens,
+    }
+    try:
+        response = httpx.post(
+            f"{args.url.rstrip('/')}/v1/evaluations", json=body, headers=headers, timeout=3600
+        )
+    except httpx.HTTPError as err:
+        raise UserError(f"cannot reach {args.url}: {err}") from None
+    if response.status_code >= 500:
+        raise RuntimeError(f"{args.url} failed: HTTP {response.status_code}: {response.text}")
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        raise UserError(
+            f"{args.url} refused the evaluation (HTTP {response.status_code}): {message}"
+        )
+    return response.json()
+
+
+def _eval_in_process(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
+    import asyncio
+
+    from serving.engine import ModelEngine
+    from serving.service import ModelService
+    from trainers.registry import RegistryError, adapter_path, read_manifest
+
+    base = args.model
+    try:
+        manifest_dir = adapter_path(args.model, args.storage)
+    except RegistryError:  # not an adapter name (a hub id or a path): the model is the base
+        manifest_dir = None
+    if manifest_dir is not None and (manifest_dir / "adapter_config.json").is_file():
+        base = read_manifest(manifest_dir).get("base_model") or base
+    engine = ModelEngine(base, storage=args.storage, max_loaded_adapters=1, dtype=args.dtype)
+    service = ModelService(engine)
+
+    async def run() -> dict[str, Any]:
+        try:
+            return await service.evaluate(
+                args.model,
+                rows=rows,
+                metrics=args.metrics,
+                fmt=args.format,
+                max_tokens=args.max_tokens,
+            )
+        finally:
+            service.close()
+
+    return asyncio.run(run())

@@ -1,0 +1,144 @@
+"""Starting the serving application from Python and asking it questions over HTTP.
+
+``run_app`` puts the application on the connected Ray cluster with Serve's HTTP proxy
+on a chosen host and port; ``serve_and_ask`` is the end of the quick-start job: serve
+a freshly trained adapter, ask the base model and the adapter the same question, and
+take the application down again.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+APP_NAME = "rayft"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def run_app(
+    args: dict[str, Any],
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    name: str = APP_NAME,
+) -> str:
+    """Deploy the rayft application on the connected Ray cluster and wait until it is ready.
+
+    Args:
+        args: ``ServeArgs`` fields.
+        host: Interface for Serve's HTTP proxy (loopback unless the caller widens it).
+        port: Proxy port; a free one when ``None``. Ignored when Serve already runs,
+            in which case its proxy's address is used.
+        name: Serve application name.
+
+    Returns:
+        The base URL, e.g. ``http://127.0.0.1:8000``.
+    """
+    from ray import serve
+
+    from serving.app import build_app
+
+    app = build_app(args)
+    port = port or free_port(host)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+    url = proxy_url(default=f"http://{host}:{port}")
+    wait_healthy(url)
+    return url
+
+
+def proxy_url(default: str) -> str:
+    """The URL of the running Serve HTTP proxy, or ``default`` if it cannot be read."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        options = _get_global_client().http_config
+        host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+        return f"http://{host}:{options.port}"
+    except Exception:  # noqa: BLE001 - private API: fall back to what was asked for
+        return default
+
+
+def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
+    """Block until ``GET {url}/health`` answers 200 (model loaded on a replica)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/health", timeout=5.0)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as err:
+            last = type(err).__name__
+        time.sleep(0.5)
+    raise TimeoutError(f"the rayft application at {url} did not become healthy ({last})")
+
+
+def ask(
+    url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int = 64,
+    api_key: str | None = None,
+) -> str:
+    """One greedy chat answer from ``model`` at ``url``."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+        headers=headers,
+        timeout=600.0,
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"{model}: HTTP {response.status_code}: {response.text}")
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def serve_and_ask(
+    adapter: str,
+    prompt: str,
+    max_tokens: int = 64,
+    storage: str | None = None,
+    dtype: str = "auto",
+) -> tuple[str, str]:
+    """Serve ``adapter`` and its base model, ask both ``prompt``, then shut the app down.
+
+    Ray must already be initialised (``cluster.connect.connect``). The base model is
+    read from the adapter's ``rayft.json``.
+
+    Returns:
+        ``(base_answer, adapter_answer)``, both greedy.
+    """
+    import os
+
+    from ray import serve
+
+    from trainers.registry import read_manifest, resolve_adapter
+
+    manifest = read_manifest(resolve_adapter(adapter, storage))
+    base = manifest.get("base_model")
+    if not base:
+        raise ValueError(f"adapter {adapter!r} has no base_model in its rayft.json")
+    url = run_app({"model": base, "storage": storage, "max_loaded_adapters": 1, "dtype": dtype})
+    try:
+        key = os.environ.get("RAYFT_API_KEY")
+        return ask(url, base, prompt, max_tokens, key), ask(url, adapter, prompt, max_tokens, key)
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()

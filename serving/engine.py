@@ -1,0 +1,718 @@
+"""The model server core: one base model, many LoRA adapters, one batched decode loop.
+
+A replica loads the base model once. Adapters are loaded by name from the registry on
+first use into ONE ``peft.PeftModel`` and kept in a least-recently-used set of at most
+``max_loaded_adapters``; the least recently used adapter that no running row needs is
+removed with ``delete_adapter`` to make room. This is the equivalent of Ray Serve's
+``@serve.multiplexed`` that the design allows: ``multiplexed`` would hold a separate
+model object per adapter id, so requests for different adapters could never share a
+forward pass, whereas adapters inside one ``PeftModel`` can be mixed in a single batch
+with ``adapter_names=[...]`` (one name per row, ``"__base__"`` for the bare base model).
+
+Decoding is continuous batching at token granularity. ``ModelEngine.step`` runs one
+forward pass for every running row (each with its own adapter, sampling settings and
+``torch.Generator``), prefills rows that arrived since the last step in a second pass,
+and merges them into the running batch by left-padding the KV cache. It returns, per
+row, the new text and whether the row finished; streaming and non-streaming responses
+are both built from these step outputs. Nothing here knows about Ray or HTTP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.errors import BadRequest, Conflict, NotFound, ServingError, Unavailable
+
+BASE_ADAPTER = "__base__"
+SAFE_WEIGHTS = "adapter_model.safetensors"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row is decoded.
+
+    Attributes:
+        max_tokens: Most tokens to generate.
+        temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+        top_p: Nucleus sampling: sample from the smallest set of tokens whose
+            probability mass reaches ``top_p``.
+        seed: Seeds the row's own ``torch.Generator``; ``None`` draws a fresh seed.
+        stop: Strings that end the completion; the stop string is not returned.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One row to decode: prompt token ids, the adapter to run it through, sampling."""
+
+    prompt_ids: tuple[int, ...]
+    adapter: str = BASE_ADAPTER
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one row.
+
+    Attributes:
+        request_id: The id ``submit`` returned.
+        text: New text since the previous output of this row (may be empty while
+            text that could start a stop string is held back).
+        finished: The row is done; no further outputs follow.
+        finish_reason: ``"stop"`` (end of turn or stop string), ``"length"``
+            (``max_tokens`` or the context window) or ``"error"``.
+        prompt_tokens: Prompt length in tokens.
+        completion_tokens: Tokens generated so far.
+        error: A ``ServingError`` when the row failed.
+        token: The token id sampled in this step.
+    """
+
+    request_id: int
+    text: str
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: ServingError | None = None
+    token: int | None = None
+
+
+@dataclass
+class Completion:
+    """A finished row, as ``ModelEngine.generate`` returns it."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+
+
+@dataclass
+class _Row:
+    request_id: int
+    request: GenerationRequest
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of text already handed out
+    text: str = ""
+
+
+def pick_dtype(requested: str) -> torch.dtype:
+    """The torch dtype for ``dtype`` in ServeArgs; ``auto`` is bfloat16 only where it is native."""
+    from trainers.methods import resolve_dtype
+
+    on_gpu = torch.cuda.is_available()
+    return getattr(torch, resolve_dtype(requested, on_gpu))
+
+
+class ModelEngine:
+    """A base model with on-demand LoRA adapters and a continuous-batching decode loop.
+
+    Thread safety: ``submit`` and ``cancel`` may be called from any thread; ``step``,
+    ``score`` and ``generate`` must be called from one thread at a time (the serving
+    layer runs them on a single worker thread).
+
+    Args:
+        model: Model name as rayft knows it (builtin, published, local dir or hub id).
+        storage: rayft root holding the adapter registry; ``None`` means ``$RAYFT_HOME``.
+        max_loaded_adapters: Most adapters held at once (LRU bound).
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        max_batch_size: Most rows decoded together.
+        device: Torch device; defaults to CUDA when available.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        storage: str | None = None,
+        max_loaded_adapters: int = 8,
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+        device: str | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from trainers.models import resolve_model
+        from trainers.storage import models_dir
+
+        if max_loaded_adapters < 1:
+            raise ValueError("max_loaded_adapters must be at least 1")
+        self.model_name = model
+        self.storage = storage
+        self.model_dir = Path(resolve_model(model, models_dir(storage)))
+        self.max_loaded_adapters = max_loaded_adapters
+        self.max_batch_size = max_batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = pick_dtype(dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
+        base.to(self.device).eval()
+        self.base = base
+        self.model: Any = base  # becomes a PeftModel when the first adapter loads
+        self.context_window = int(getattr(base.config, "max_position_embeddings", 2048) or 2048)
+        self.pad_id = self._pad_token_id()
+        self.stop_ids = self._stop_token_ids()
+
+        # Adapter name -> weights file mtime when loaded, oldest use first.
+        self._loaded: OrderedDict[str, float] = OrderedDict()
+        self.peak_loaded = 0
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._pending: deque[_Row] = deque()
+        self._cancelled: set[int] = set()
+        self._running: list[_Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [rows, cached positions], 1 = real token
+
+    # ----------------------------------------------------------------- setup
+
+    def _pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def _stop_token_ids(self) -> set[int]:
+        from trainers.formats import end_of_turn_ids
+
+        ids = set(end_of_turn_ids(self.tokenizer))
+        eos = self.base.generation_config.eos_token_id
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(int(e) for e in eos)
+        return ids
+
+    # -------------------------------------------------------------- adapters
+
+    def check_adapter(self, name: str) -> Path:
+        """Resolve an adapter name in the registry and check it fits this base model.
+
+        Returns:
+            The adapter's directory.
+
+        Raises:
+            BadRequest: The name is not one safe path component, or the adapter has
+                no safetensors weights (nothing else is ever loaded).
+            NotFound: No adapter of that name is published.
+            Conflict: The adapter was trained for another base model.
+        """
+        from trainers.registry import RegistryError, adapter_path, read_manifest
+
+        try:
+            path = adapter_path(name, self.storage)
+        except RegistryError as err:
+            raise BadRequest(str(err), code="invalid_model", param="model") from None
+        if not (path / "adapter_config.json").is_file():
+            raise NotFound(
+                f"the model {name!r} does not exist: it is neither the base model "
+                f"{self.model_name!r} nor a published adapter (GET /v1/models lists them)",
+                code="model_not_found",
+                param="model",
+            )
+        if not (path / SAFE_WEIGHTS).is_file():
+            raise BadRequest(
+                f"adapter {name!r} has no {SAFE_WEIGHTS}; only safetensors weights are served",
+                code="invalid_adapter",
+                param="model",
+            )
+        trained_on = read_manifest(path).get("base_model")
+        if trained_on is not None and not self._is_this_base(str(trained_on)):
+            raise Conflict(
+                f"adapter {name!r} was trained on base model {trained_on!r}, but this server "
+                f"holds {self.model_name!r}; serve it from a deployment of {trained_on!r}",
+                code="base_model_mismatch",
+                param="model",
+            )
+        return path
+
+    def _is_this_base(self, name: str) -> bool:
+        if name == self.model_name:
+            return True
+        candidate = Path(name).expanduser()
+        return candidate.is_dir() and candidate.resolve() == self.model_dir.resolve()
+
+    def loaded_adapters(self) -> list[str]:
+        """Adapters currently held, least recently used first."""
+        return list(self._loaded)
+
+    def _ensure_adapter(self, name: str, pinned: set[str]) -> bool:
+        """Make ``name`` loaded; False when it must wait for a slot that running rows hold."""
+        if name == BASE_ADAPTER:
+            return True
+        path = self.check_adapter(name)
+        mtime = (path / SAFE_WEIGHTS).stat().st_mtime
+        if name in self._loaded:
+            # A republished adapter (new weights under the same name) is reloaded once no
+            # running row uses the old weights.
+            if self._loaded[name] != mtime and name not in pinned:
+                self._replace(name, name, path, mtime)
+            self._loaded.move_to_end(name)
+            return True
+        if len(self._loaded) >= self.max_loaded_adapters:
+            victim = next((n for n in self._loaded if n not in pinned), None)
+            if victim is None:
+                return False
+            self._replace(victim, name, path, mtime)
+            return True
+        self._load(name, path, mtime)
+        return True
+
+    def _replace(self, old: str, new: str, path: Path, mtime: float) -> None:
+        if len(self._loaded) > 1:
+            self._unload(old)
+            self._load(new, path, mtime)
+            return
+        # PEFT cannot run a PeftModel with zero adapters, so the newcomer loads before the
+        # last one goes (the bound is exceeded only inside this call, and only when it is 1).
+        staging = new if new != old else f"{new}.reloading"
+        self._load(staging, path, mtime)
+        self._unload(old)
+        if staging != new:
+            self._load(new, path, mtime)
+            self._unload(staging)
+
+    def _load(self, name: str, path: Path, mtime: float) -> None:
+        from peft import PeftModel
+
+        try:
+            if self.model is self.base:
+                self.model = PeftModel.from_pretrained(self.base, str(path), adapter_name=name)
+            else:
+                self.model.load_adapter(str(path), adapter_name=name)
+        except Exception as err:  # noqa: BLE001 - a broken adapter must not take the server down
+            raise Conflict(
+                f"adapter {name!r} cannot be loaded onto {self.model_name!r}: "
+                f"{type(err).__name__}: {err}",
+                code="invalid_adapter",
+                param="model",
+            ) from None
+        # load_adapter leaves new modules in train mode; PEFT refuses adapter_names then.
+        self.model.eval()
+        self._loaded[name] = mtime
+        self.peak_loaded = max(self.peak_loaded, len(self._loaded))
+        log.info("loaded adapter %s (%d held)", name, len(self._loaded))
+
+    def _unload(self, name: str) -> None:
+        self.model.delete_adapter(name)
+        del self._loaded[name]
+        log.info("evicted adapter %s", name)
+
+    # ------------------------------------------------------------- requests
+
+    def submit(self, request: GenerationRequest) -> int:
+        """Queue a row for decoding; returns its request id. Thread-safe."""
+        generator = None
+        if request.params.temperature > 0:
+            generator = torch.Generator(device="cpu")
+            seed = request.params.seed
+            generator.manual_seed(
+                seed if seed is not None else int.from_bytes(_random_bytes(), "little")
+            )
+        with self._lock:
+            rid = next(self._ids)
+            self._pending.append(_Row(rid, request, generator))
+        return rid
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a row (e.g. its client went away); it produces no further output."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        """True while any row is queued or running."""
+        with self._lock:
+            return bool(self._pending or self._running)
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> list[Completion]:
+        """Decode rows to completion, batched together; results in request order.
+
+        Raises:
+            ServingError: The first row that failed (e.g. an unknown adapter).
+        """
+        ids = [self.submit(r) for r in requests]
+        texts: dict[int, list[str]] = {i: [] for i in ids}
+        done: dict[int, StepOutput] = {}
+        tokens: dict[int, list[int]] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.request_id not in texts:
+                    continue
+                texts[out.request_id].append(out.text)
+                if out.token is not None:
+                    tokens.setdefault(out.request_id, []).append(out.token)
+                if out.finished:
+                    done[out.request_id] = out
+        for rid in ids:
+            if done[rid].error is not None:
+                raise done[rid].error
+        return [
+            Completion(
+                text="".join(texts[rid]),
+                finish_reason=done[rid].finish_reason or "stop",
+                prompt_tokens=done[rid].prompt_tokens,
+                completion_tokens=done[rid].completion_tokens,
+                token_ids=tokens.get(rid, []),
+            )
+            for rid in ids
+        ]
+
+    # ---------------------------------------------------------------- decode
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Advance every running row by one token and admit queued rows.
+
+        Returns:
+            One output per row that produced text or finished in this step.
+        """
+        outputs: list[StepOutput] = []
+        self._drop_cancelled()
+        if self._running:
+            decoded = self._sample_and_advance(self._running, self._decode_running())
+            outputs += decoded
+            self._retire_finished(decoded)
+        admitted, failed = self._admit()
+        outputs += failed
+        if admitted:
+            logits, cache, mask = self._prefill(admitted)
+            prefilled = self._sample_and_advance(admitted, logits)
+            outputs += prefilled
+            self._merge(admitted, cache, mask)
+            self._retire_finished(prefilled)
+        return outputs
+
+    def abort_all(self, err: ServingError) -> list[StepOutput]:
+        """Fail every queued and running row (after a forward pass raised) and reset the batch."""
+        with self._lock:
+            rows = self._running + list(self._pending)
+            self._pending.clear()
+        self._running, self._cache, self._mask = [], None, None
+        return [self._failure(r, err) for r in rows]
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if not cancelled:
+                return
+            self._pending = deque(r for r in self._pending if r.request_id not in cancelled)
+        keep = [i for i, r in enumerate(self._running) if r.request_id not in cancelled]
+        if len(keep) != len(self._running):
+            self._select(keep)
+
+    def _admit(self) -> tuple[list[_Row], list[StepOutput]]:
+        """Take queued rows while there is room, loading their adapters; rows whose adapter
+        cannot be loaded fail, rows whose adapter must wait for a free slot stay queued."""
+        admitted: list[_Row] = []
+        failed: list[StepOutput] = []
+        waiting: list[_Row] = []
+        pinned = {r.request.adapter for r in self._running}
+        while len(self._running) + len(admitted) < self.max_batch_size:
+            with self._lock:
+                if not self._pending:
+                    break
+                row = self._pending.popleft()
+            try:
+                ready = self._ensure_adapter(row.request.adapter, pinned)
+            except ServingError as err:
+                failed.append(self._failure(row, err))
+                continue
+            if not ready:
+                waiting.append(row)
+                continue
+            pinned.add(row.request.adapter)
+            admitted.append(row)
+        if waiting:
+            with self._lock:
+                self._pending.extendleft(reversed(waiting))
+        return admitted, failed
+
+    def _failure(self, row: _Row, err: ServingError) -> StepOutput:
+        return StepOutput(row.request_id, "", True, "error", len(row.request.prompt_ids), 0, err)
+
+    def _forward(self, rows: list[_Row], **inputs: Any) -> Any:
+        if self.model is not self.base:
+            inputs["adapter_names"] = [r.request.adapter for r in rows]
+        return self.model(**inputs, use_cache=True)
+
+    def _prefill(self, rows: list[_Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        from transformers import DynamicCache
+
+        width = max(len(r.request.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            prompt = row.request.prompt_ids
+            # Left padding keeps every row's next token in the last column.
+            ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.base.config)
+        out = self._forward(
+            rows, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+        )
+        return out.logits[:, -1, :], out.past_key_values, mask
+
+    def _decode_running(self) -> torch.Tensor:
+        rows = self._running
+        last = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long, device=self.device)
+        positions = self._mask.sum(-1, keepdim=True)
+        mask = torch.cat([self._mask, torch.ones_like(last)], dim=-1)
+        out = self._forward(
+            rows,
+            input_ids=last,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+        )
+        self._cache, self._mask = out.past_key_values, mask
+        return out.logits[:, -1, :]
+
+    def _merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> None:
+        """Append prefilled rows to the running batch, left-padding the shorter KV cache."""
+        if not self._running:
+            self._running, self._cache, self._mask = list(rows), cache, mask
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            old_layer.keys = torch.cat(
+                [_left_pad(old_layer.keys, width), _left_pad(new_layer.keys, width)], dim=0
+            )
+            old_layer.values = torch.cat(
+                [_left_pad(old_layer.values, width), _left_pad(new_layer.values, width)], dim=0
+            )
+        self._mask = torch.cat(
+            [_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0
+        )
+        self._running = self._running + list(rows)
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only the running rows at ``keep`` and trim columns no row needs any more."""
+        if not keep:
+            self._running, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._running = [self._running[i] for i in keep]
+        mask = self._mask.index_select(0, index)
+        # Leading columns that are padding for every remaining row are dead weight.
+        first = int((mask.sum(0) > 0).nonzero()[0]) if mask.any() else 0
+        self._mask = mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[..., first:, :]
+            layer.values = layer.values.index_select(0, index)[..., first:, :]
+
+    def _retire_finished(self, outputs: list[StepOutput]) -> None:
+        finished = {o.request_id for o in outputs if o.finished}
+        if not finished or not self._running:
+            return
+        keep = [i for i, r in enumerate(self._running) if r.request_id not in finished]
+        if len(keep) != len(self._running):
+            self._select(keep)
+
+    # -------------------------------------------------------------- sampling
+
+    def _sample_and_advance(self, rows: list[_Row], logits: torch.Tensor) -> list[StepOutput]:
+        tokens = sample_tokens(
+            logits, [r.request.params for r in rows], [r.generator for r in rows]
+        )
+        outputs = []
+        for row, token in zip(rows, tokens, strict=True):
+            row.generated.append(token)
+            outputs.append(self._advance_text(row, token))
+        return outputs
+
+    def _advance_text(self, row: _Row, token: int) -> StepOutput:
+        params = row.request.params
+        prompt_len = len(row.request.prompt_ids)
+        reason: str | None = None
+        body = row.generated
+        if token in self.stop_ids:
+            reason, body = "stop", row.generated[:-1]
+        elif len(row.generated) >= params.max_tokens:
+            reason = "length"
+        elif prompt_len + len(row.generated) >= self.context_window:
+            reason = "length"
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        cut = _find_stop(text, params.stop, row.emitted)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        if reason is None:
+            end = len(text) - _held_back(text, params.stop)
+        else:
+            end = len(text)
+        delta = text[row.emitted : end] if end > row.emitted else ""
+        row.emitted = max(row.emitted, end)
+        row.text = text
+        return StepOutput(
+            row.request_id,
+            delta,
+            reason is not None,
+            reason,
+            prompt_len,
+            len(row.generated),
+            token=token,
+        )
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.inference_mode()
+    def score(
+        self,
+        examples: list[tuple[list[int], list[int]]],
+        adapter: str = BASE_ADAPTER,
+        batch_size: int = 8,
+    ) -> tuple[float, int]:
+        """Teacher-forced next-token loss of token sequences under one adapter.
+
+        Args:
+            examples: ``(input_ids, labels)`` pairs; ``labels`` holds ``-100`` where no
+                loss is taken (prompt tokens).
+            adapter: Adapter name or ``"__base__"``.
+            batch_size: Rows per forward pass (right-padded, masked).
+
+        Returns:
+            The summed cross-entropy in nats over labelled positions, and their count.
+        """
+        if adapter != BASE_ADAPTER and not self._ensure_adapter(
+            adapter, {r.request.adapter for r in self._running}
+        ):
+            raise Unavailable(
+                "every adapter slot is in use by running requests; retry shortly", code="busy"
+            )
+        total, count = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, (row_ids, row_labels) in enumerate(chunk):
+                ids[i, : len(row_ids)] = torch.tensor(row_ids)
+                labels[i, : len(row_labels)] = torch.tensor(row_labels)
+                mask[i, : len(row_ids)] = 1
+            inputs: dict[str, Any] = {
+                "input_ids": ids.to(self.device),
+                "attention_mask": mask.to(self.device),
+                "use_cache": False,
+            }
+            if self.model is not self.base:
+                inputs["adapter_names"] = [adapter] * len(chunk)
+            logits = self.model(**inputs).logits.float()
+            shift_logits = logits[:, :-1, :]
+            shift_labels = labels[:, 1:].to(self.device)
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += float(loss)
+            count += int((shift_labels != -100).sum())
+        if adapter != BASE_ADAPTER and adapter in self._loaded:
+            self._loaded.move_to_end(adapter)
+        return total, count
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """Pick the next token of each row: argmax at temperature 0, else seeded nucleus sampling.
+
+    Each row draws from its own generator, so a row's tokens do not depend on which
+    other rows share its batch.
+    """
+    logits = logits.float().cpu()
+    chosen: list[int] = []
+    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if p.temperature <= 0 or gen is None:
+            chosen.append(int(torch.argmax(logits[row])))
+            continue
+        probs = torch.softmax(logits[row] / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+            sorted_probs[before >= p.top_p] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        chosen.append(int(torch.multinomial(probs, 1, generator=gen)))
+    return chosen
+
+
+def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
+    """Index where the earliest stop string starts, searching only text not yet returned."""
+    best: int | None = None
+    for stop in stops:
+        # A stop string may begin in held-back text but never inside text already sent.
+        idx = text.find(stop, max(0, emitted - len(stop) + 1))
+        while idx != -1 and idx < emitted:
+            idx = text.find(stop, idx + 1)
+        if idx != -1 and (best is None or idx < best):
+            best = idx
+    return best
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of ``text`` that must not be sent yet.
+
+    A trailing U+FFFD is an incomplete multi-byte character that the next token may
+    complete; a suffix that is a prefix of a stop string may still become that stop.
+    """
+    hold = 0
+    if text.endswith("\ufffd"):
+        hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - t.shape[-2]
+    if missing <= 0:
+        return t
+    pad = t.new_zeros((*t.shape[:-2], missing, t.shape[-1]))
+    return torch.cat([pad, t], dim=-2)
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    if missing <= 0:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
+
+
+def _random_bytes() -> bytes:
+    import os
+
+    return os.urandom(7)
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped so a diverged model reports a large finite number."""
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,82 @@
+"""Errors the serving layer reports to clients, each with its HTTP status and OpenAI error type.
+
+Every failure a client can cause is one of these, so the HTTP layer can answer in
+OpenAI's shape ``{"error": {"message", "type", "code"}}`` and never with a 500.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """A request the server refuses; ``status`` is the HTTP status it is answered with."""
+
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict:
+        """The OpenAI-shaped error body."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequest(ServingError):
+    """Malformed or out-of-range input (400)."""
+
+
+class InvalidParameters(ServingError):
+    """A body that parses as JSON but does not fit the request schema (422)."""
+
+    status = 422
+
+
+class Unauthorized(ServingError):
+    """Missing or wrong API key (401)."""
+
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(ServingError):
+    """An unknown model, adapter, dataset or route (404)."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class Conflict(ServingError):
+    """An adapter trained for a different base model than the one this server holds (409)."""
+
+    status = 409
+    type = "invalid_request_error"
+
+
+class TooLarge(ServingError):
+    """A request body or evaluation set beyond the configured limits (413)."""
+
+    status = 413
+
+
+class Overloaded(ServingError):
+    """The request queue is full; retry later (429)."""
+
+    status = 429
+    type = "rate_limit_error"
+
+
+class Unavailable(ServingError):
+    """The server cannot take requests right now (503)."""
+
+    status = 503
+    type = "server_error"

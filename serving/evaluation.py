@@ -1,0 +1,218 @@
+"""Evaluating a served model on rows: teacher-forced loss and perplexity, generation metrics.
+
+Loss is computed exactly as training computes it: each row is tokenized by
+``trainers.formats.tokenize_example`` (assistant/completion tokens labelled, prompt
+tokens masked with -100), and the summed next-token cross-entropy over labelled
+positions is divided by their count across all rows (token-weighted, like the
+training loop's eval loss). Generation metrics greedily generate an answer to each
+row's prompt (the conversation up to its last assistant turn) and compare it with
+that turn's text using ``trainers.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.errors import BadRequest, NotFound, TooLarge
+from trainers.metrics import GENERATION_METRICS
+
+LOSS_METRICS = ("loss", "perplexity")
+ALL_METRICS = LOSS_METRICS + GENERATION_METRICS
+DATASET_SUFFIXES = ("", ".jsonl", ".json")
+
+
+@dataclass
+class PreparedRows:
+    """Rows turned into what the model needs.
+
+    Attributes:
+        scored: ``(input_ids, labels)`` for the teacher-forced loss.
+        prompts: Prompt token ids for generation, one per row that has a reference.
+        references: The reference answer of each prompt.
+        dropped: Rows with no labelled token left (e.g. cut away by ``max_seq_len``).
+    """
+
+    scored: list[tuple[list[int], list[int]]]
+    prompts: list[list[int]]
+    references: list[str]
+    dropped: int
+
+
+def check_metrics(names: list[str]) -> list[str]:
+    """Validate requested metric names; raise ``BadRequest`` naming the unknown ones."""
+    unknown = [n for n in names if n not in ALL_METRICS]
+    if unknown:
+        raise BadRequest(
+            f"unknown metric(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_METRICS)}",
+            code="invalid_metric",
+            param="metrics",
+        )
+    if not names:
+        raise BadRequest("metrics is empty; ask for at least one", param="metrics")
+    return list(dict.fromkeys(names))
+
+
+def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read rows from a ``.jsonl`` (one JSON object per line) or ``.json`` (a list) file.
+
+    Raises:
+        BadRequest: A line is not JSON, or the file is not a list of objects.
+        TooLarge: More than ``limit`` rows.
+    """
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BadRequest(f"{path.name}: not valid JSON ({err})") from None
+        if not isinstance(rows, list):
+            raise BadRequest(f"{path.name}: a .json dataset is a list of row objects")
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise BadRequest(f"{path.name}:{number}: not valid JSON ({err})") from None
+    if limit is not None and len(rows) > limit:
+        raise TooLarge(f"{path.name} has {len(rows)} rows; this server evaluates at most {limit}")
+    return rows
+
+
+def dataset_path(name: str, storage: str | None = None) -> Path:
+    """The file of a dataset stored in the registry at ``<root>/datasets/<name>[.jsonl|.json]``.
+
+    Raises:
+        BadRequest: ``name`` is not one safe path component.
+        NotFound: No such dataset.
+    """
+    from trainers.registry import RegistryError, checked_name
+    from trainers.storage import local_home
+
+    try:
+        checked_name(name)
+    except RegistryError as err:
+        raise BadRequest(str(err), param="dataset") from None
+    root = (local_home(storage) / "datasets").resolve()
+    for suffix in DATASET_SUFFIXES:
+        candidate = (root / f"{name}{suffix}").resolve()
+        if (
+            candidate.parent == root
+            and candidate.is_file()
+            and candidate.suffix in (".jsonl", ".json")
+        ):
+            return candidate
+    raise NotFound(
+        f"no dataset {name!r} in {root} (expected {name}.jsonl or {name}.json)",
+        code="dataset_not_found",
+        param="dataset",
+    )
+
+
+def prepare_rows(
+    rows: list[Any],
+    tokenizer: Any,
+    fmt: str = "auto",
+    max_seq_len: int = 2048,
+    want_loss: bool = True,
+    want_generation: bool = False,
+) -> PreparedRows:
+    """Tokenize rows for the loss and split them into prompt and reference for generation.
+
+    Raises:
+        BadRequest: A row that fits no format, naming its index and the problem.
+    """
+    from trainers.formats import (
+        ChatTemplateError,
+        RowError,
+        check_row,
+        detect_format,
+        tokenize_example,
+    )
+
+    scored: list[tuple[list[int], list[int]]] = []
+    prompts: list[list[int]] = []
+    references: list[str] = []
+    dropped = 0
+    for index, row in enumerate(rows):
+        try:
+            row_fmt = detect_format(row) if fmt == "auto" else fmt
+            check_row(row, row_fmt)
+            if want_loss:
+                example = tokenize_example(row, row_fmt, tokenizer, max_seq_len, False)
+                if example is None:
+                    dropped += 1
+                else:
+                    scored.append((example["input_ids"], example["labels"]))
+            if want_generation:
+                split = prompt_and_reference(row, row_fmt, tokenizer)
+                if split is not None:
+                    prompts.append(split[0][-max_seq_len:])
+                    references.append(split[1])
+        except (RowError, ChatTemplateError, ValueError) as err:
+            raise BadRequest(f"rows[{index}]: {err}", code="invalid_row", param="rows") from None
+    return PreparedRows(scored, prompts, references, dropped)
+
+
+def prompt_and_reference(
+    row: dict[str, Any], fmt: str, tokenizer: Any
+) -> tuple[list[int], str] | None:
+    """Prompt token ids (everything before the last assistant turn) and that turn's text.
+
+    Chat templates render the prompt with the generation prompt, as a client of
+    ``/v1/chat/completions`` would send it. ``None`` for text rows, which have no answer.
+    """
+    from trainers.formats import ALPACA_PROMPT, to_messages
+
+    messages = to_messages(row, fmt)
+    if messages is None:
+        return None
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    reference = messages[last].get("content") or ""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            messages[:last], tokenize=True, add_generation_prompt=True, return_dict=False
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids), reference
+    if fmt == "prompt_completion":
+        prompt = row["prompt"]
+    elif fmt == "alpaca":
+        has_input = bool(row.get("input"))
+        prompt = ALPACA_PROMPT.format(
+            extra=", paired with an input that provides further context" if has_input else "",
+            instruction=row["instruction"],
+            input_block=f"### Input:\n{row['input']}\n\n" if has_input else "",
+        )
+    else:
+        return None
+    return list(tokenizer(prompt)["input_ids"]), reference
+
+
+def summarize(
+    metrics: list[str],
+    loss_sum: float,
+    loss_tokens: int,
+    predictions: list[str],
+    references: list[str],
+) -> dict[str, float]:
+    """The requested metrics from the loss sums and the generated answers."""
+    from serving.engine import perplexity
+    from trainers.metrics import generation_metrics
+
+    out: dict[str, float] = {}
+    loss = loss_sum / loss_tokens if loss_tokens else float("nan")
+    if "loss" in metrics:
+        out["loss"] = loss
+    if "perplexity" in metrics:
+        out["perplexity"] = perplexity(loss) if loss_tokens else float("nan")
+    wanted = [m for m in metrics if m in GENERATION_METRICS]
+    if wanted:
+        out.update(generation_metrics(predictions, references, wanted))
+    return out

@@ -1,0 +1,324 @@
+"""What one replica does, independent of Ray: model names, limits, generation and evaluation.
+
+``ModelService`` joins the engine, the decode loop and the request limits. The HTTP
+layer (``serving.openai_api``) turns requests into calls on it, and the Ray Serve
+deployment (``serving.app``) builds one per replica, so the same object is also usable
+in-process (``rayft eval --in-process``) and in tests without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from serving.batching import DecodeLoop
+from serving.engine import BASE_ADAPTER, GenerationRequest, ModelEngine, SamplingParams, StepOutput
+from serving.errors import BadRequest, TooLarge
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; anything beyond them is refused with a 400/413, never run.
+
+    Attributes:
+        max_tokens_limit: Largest ``max_tokens`` a request may ask for.
+        max_prompt_tokens: Longest prompt, in tokens.
+        max_eval_rows: Most rows one evaluation may hold.
+        max_request_bytes: Largest request body.
+        max_n: Largest ``n`` (choices per prompt).
+    """
+
+    max_tokens_limit: int = 1024
+    max_prompt_tokens: int = 4096
+    max_eval_rows: int = 2000
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_n: int = 16
+
+
+class ModelService:
+    """A base model and its adapters behind OpenAI-style operations.
+
+    Args:
+        engine: The model engine (base model + adapter LRU).
+        limits: Request limits.
+        batch_wait_timeout_s: See ``DecodeLoop``.
+        api_key: When set, every route but ``/health`` needs ``Authorization: Bearer``;
+            defaults to ``$RAYFT_API_KEY``.
+    """
+
+    def __init__(
+        self,
+        engine: ModelEngine,
+        limits: Limits | None = None,
+        batch_wait_timeout_s: float = 0.005,
+        api_key: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.limits = limits or Limits()
+        self.loop = DecodeLoop(engine, batch_wait_timeout_s)
+        self.api_key = api_key if api_key is not None else (os.environ.get("RAYFT_API_KEY") or None)
+        self.created = int(time.time())
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    # --------------------------------------------------------------- models
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """The base model, then every published adapter trained on it (OpenAI model objects)."""
+        from trainers.registry import list_adapters
+
+        out = [_model_object(self.model_name, self.created, root=self.model_name)]
+        for adapter in list_adapters(self.engine.storage):
+            base = adapter.get("base_model")
+            if base is not None and not self.engine._is_this_base(str(base)):
+                continue
+            created = int(adapter.get("published_at") or self.created)
+            out.append(
+                _model_object(
+                    adapter["name"], created, root=self.model_name, parent=self.model_name
+                )
+            )
+        return out
+
+    def adapter_for(self, model: str) -> str:
+        """The engine adapter name for an OpenAI ``model`` field (400/404/409 when unusable)."""
+        if not isinstance(model, str) or not model:
+            raise BadRequest("model must be a non-empty string", param="model")
+        if model == self.model_name:
+            return BASE_ADAPTER
+        self.engine.check_adapter(model)
+        return model
+
+    def health(self) -> dict[str, Any]:
+        """Liveness plus what this replica holds, for operators and tests."""
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "loaded_adapters": self.engine.loaded_adapters(),
+            "max_loaded_adapters": self.engine.max_loaded_adapters,
+            "peak_loaded_adapters": self.engine.peak_loaded,
+            **self.loop.stats(),
+        }
+
+    # ------------------------------------------------------------- prompts
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a completion prompt (text or ids), checked against the limits."""
+        if isinstance(prompt, str):
+            ids = list(self.engine.tokenizer(prompt)["input_ids"])
+        else:
+            vocab = len(self.engine.tokenizer)
+            if any(not 0 <= t < vocab for t in prompt):
+                raise BadRequest(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+            ids = list(prompt)
+        return self._checked_prompt(ids)
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation rendered by the base model's chat template."""
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadRequest(
+                f"{self.model_name!r} has no chat template; use /v1/completions",
+                code="no_chat_template",
+            )
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as err:  # noqa: BLE001 - templates raise anything on odd input
+            raise BadRequest(
+                f"the chat template rejected these messages: {err}", param="messages"
+            ) from None
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._checked_prompt(ids)
+
+    def _checked_prompt(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise BadRequest("the prompt is empty", code="empty_prompt", param="prompt")
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise BadRequest(
+                f"the prompt is {len(ids)} tokens; this server accepts at most "
+                f"{self.limits.max_prompt_tokens}",
+                code="context_length_exceeded",
+                param="prompt",
+            )
+        return ids
+
+    def sampling(
+        self,
+        prompt_len: int,
+        max_tokens: int | None,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: str | list[str] | None,
+    ) -> SamplingParams:
+        """Sampling settings for one row, with ``max_tokens`` checked against the limits.
+
+        Without ``max_tokens`` a row may use the rest of the context window, capped at
+        the server's ``max_tokens_limit``.
+        """
+        room = self.engine.context_window - prompt_len
+        if max_tokens is None:
+            max_tokens = min(self.limits.max_tokens_limit, room)
+        if max_tokens > self.limits.max_tokens_limit:
+            raise BadRequest(
+                f"max_tokens is {max_tokens}; this server allows at most "
+                f"{self.limits.max_tokens_limit}",
+                code="max_tokens_exceeded",
+                param="max_tokens",
+            )
+        if max_tokens > room:
+            raise BadRequest(
+                f"this model's context window is {self.engine.context_window} tokens; the "
+                f"prompt has {prompt_len} and max_tokens asks for {max_tokens} more",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
+        if max_tokens < 1:
+            raise BadRequest("max_tokens must be at least 1", param="max_tokens")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=tuple(s for s in stops if s),
+        )
+
+    def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, StepOutput]]:
+        """Decode rows in the shared batch; see ``DecodeLoop.stream``."""
+        return self.loop.stream(requests)
+
+    async def complete(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
+        """Decode rows to the end; per row ``{"text", "finish_reason", "prompt_tokens",
+        "completion_tokens"}`` in request order.
+
+        Raises:
+            ServingError: A row failed.
+        """
+        texts = [[] for _ in requests]
+        final: dict[int, StepOutput] = {}
+        async for index, out in self.loop.stream(requests):
+            texts[index].append(out.text)
+            if out.finished:
+                if out.error is not None:
+                    raise out.error
+                final[index] = out
+        return [
+            {
+                "text": "".join(texts[i]),
+                "finish_reason": final[i].finish_reason,
+                "prompt_tokens": final[i].prompt_tokens,
+                "completion_tokens": final[i].completion_tokens,
+            }
+            for i in range(len(requests))
+        ]
+
+    # ----------------------------------------------------------- evaluation
+
+    async def evaluate(
+        self,
+        model: str,
+        rows: list[Any] | None = None,
+        dataset: str | None = None,
+        metrics: list[str] | None = None,
+        fmt: str = "auto",
+        max_tokens: int = 128,
+        max_seq_len: int = 2048,
+    ) -> dict[str, Any]:
+        """Run rows through ``model`` and compute the requested metrics.
+
+        Args:
+            model: Base model name or adapter name.
+            rows: Inline rows (chat, prompt_completion, alpaca or text).
+            dataset: A dataset name in the registry instead of ``rows``.
+            metrics: Any of ``serving.evaluation.ALL_METRICS``; default loss and perplexity.
+            fmt: Row format, or ``auto`` to detect it per row.
+            max_tokens: Generation budget per row for the generation metrics.
+            max_seq_len: Rows are cut to this many tokens for the loss.
+
+        Returns:
+            ``{"object": "evaluation", "model", "rows", "tokens", "dropped_rows",
+            "generated_tokens", "metrics": {...}}``.
+        """
+        from serving.evaluation import (
+            GENERATION_METRICS,
+            check_metrics,
+            dataset_path,
+            prepare_rows,
+            read_rows,
+            summarize,
+        )
+
+        metrics = check_metrics(metrics or ["loss", "perplexity"])
+        adapter = self.adapter_for(model)
+        if (rows is None) == (dataset is None):
+            raise BadRequest(
+                "give exactly one of rows (inline) or dataset (a registry name)", param="rows"
+            )
+        if dataset is not None:
+            rows = read_rows(dataset_path(dataset, self.engine.storage), self.limits.max_eval_rows)
+        assert rows is not None
+        if not rows:
+            raise BadRequest("rows is empty", param="rows")
+        if len(rows) > self.limits.max_eval_rows:
+            raise TooLarge(
+                f"{len(rows)} rows; this server evaluates at most {self.limits.max_eval_rows} per request",
+                param="rows",
+            )
+        want_loss = any(m in ("loss", "perplexity") for m in metrics)
+        want_gen = any(m in GENERATION_METRICS for m in metrics)
+        prepared = prepare_rows(rows, self.engine.tokenizer, fmt, max_seq_len, want_loss, want_gen)
+        loss_sum, loss_tokens = 0.0, 0
+        if want_loss:
+            if not prepared.scored:
+                raise BadRequest("no row has a labelled token to score (all were cut or empty)")
+            loss_sum, loss_tokens = await self.loop.run_exclusive(
+                self.engine.score, prepared.scored, adapter
+            )
+        predictions: list[str] = []
+        generated = 0
+        if want_gen:
+            if not prepared.prompts:
+                raise BadRequest(
+                    "generation metrics need rows with an answer (chat, prompt_completion or alpaca)"
+                )
+            requests = []
+            for prompt in prepared.prompts:
+                budget = min(max_tokens, self.engine.context_window - len(prompt))
+                if budget < 1:
+                    raise BadRequest("a row's prompt fills the whole context window", param="rows")
+                params = SamplingParams(max_tokens=budget, temperature=0.0)
+                requests.append(GenerationRequest(tuple(prompt), adapter, params))
+            results = await self.complete(requests)
+            predictions = [r["text"] for r in results]
+            generated = sum(r["completion_tokens"] for r in results)
+        return {
+            "object": "evaluation",
+            "model": model,
+            "rows": len(rows),
+            "tokens": loss_tokens,
+            "dropped_rows": prepared.dropped,
+            "generated_tokens": generated,
+            "metrics": summarize(metrics, loss_sum, loss_tokens, predictions, prepared.references),
+        }
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+def _model_object(name: str, created: int, root: str, parent: str | None = None) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "rayft",
+        "root": root,
+        "parent": parent,
+    }

@@ -1,0 +1,122 @@
+"""Fixtures for the serving tests: adapters (trained and PEFT-made) and a running Serve app.
+
+Imported by ``test_serving.py`` (``from conftest_serving import *``-style) rather than
+living in ``tests/conftest.py``, so other modules do not pay for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+COLORS = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow")]
+
+
+def make_peft_adapter(home: Path, name: str, seed: int, base: str = "tiny-llama") -> Path:
+    """Publish a LoRA adapter for tiny-llama with random B matrices (fixed seed), so it
+    surely changes the model's greedy output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainers.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    generator = torch.Generator().manual_seed(seed)
+    for param_name, param in peft_model.named_parameters():
+        if "lora_B" in param_name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.5
+    out = home / "adapters" / name
+    peft_model.save_pretrained(out)
+    (out / "rayft.json").write_text(json.dumps({"kind": "adapter", "base_model": base}))
+    return out
+
+
+def train_adapter(data: Path, name: str, seed: int) -> Path:
+    """Fine-tune tiny-llama with the real driver (1 worker, a few steps) and publish it."""
+    from trainers.config import validate_spec
+    from trainers.driver import run_training
+
+    spec = validate_spec(
+        {
+            "model": {"name": "tiny-llama", "dtype": "float32"},
+            "data": {"train": str(data), "format": "chat", "max_seq_len": 64},
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "optim": {
+                "lr": 3e-2,
+                "max_steps": 4,
+                "batch_size": 4,
+                "warmup_ratio": 0.0,
+                "scheduler": "constant",
+                "seed": seed,
+            },
+            "scaling": {"num_workers": 1},
+            "eval": {"at_start": False},
+            "output": {"name": name},
+        }
+    )
+    outcome = run_training(spec, show_progress=False)
+    return Path(outcome.artifact)
+
+
+@pytest.fixture(scope="module")
+def serving_home(rayft_home: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """RAYFT_HOME holding two trained adapters (t1, t2) and PEFT-made ones for
+    properties a short training run cannot guarantee."""
+    data = tmp_path_factory.mktemp("serving-data") / "colors.jsonl"
+    with open(data, "w") as handle:
+        for i in range(32):
+            color, thing = COLORS[i % len(COLORS)]
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"name a {color} thing"},
+                    {"role": "assistant", "content": f"the {thing} is {color}"},
+                ]
+            }
+            handle.write(json.dumps(row) + "\n")
+    import ray
+
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"RAYFT_HOME": str(rayft_home)}},
+    )
+    for name, seed in (("t1", 1), ("t2", 2)):
+        if not (rayft_home / "adapters" / name).is_dir():
+            train_adapter(data, name, seed)
+    for name, seed in (("p1", 11), ("p2", 12)):
+        make_peft_adapter(rayft_home, name, seed)
+    make_peft_adapter(rayft_home, "for-smollm", 13, base="smollm2-135m-instruct")
+    return rayft_home
+
+
+@pytest.fixture(scope="module")
+def serve_url(serving_home: Path):
+    """One rayft Serve application for the module, HTTP on 127.0.0.1 and a free port."""
+    import ray
+    from ray import serve
+
+    from serving.client import run_app
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    args = {
+        "model": "tiny-llama",
+        "storage": str(serving_home),
+        "max_loaded_adapters": 2,
+        "dtype": "float32",
+        "max_tokens_limit": 64,
+        "max_prompt_tokens": 48,
+        "num_cpus": 1,
+    }
+    try:
+        yield run_app(args)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
