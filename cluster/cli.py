@@ -74,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.config:
             raise UserError("rayft train needs CONFIG (a YAML job spec) or --resume RUN_ID")
         spec = load_spec(args.config, args.overrides)
+    check_data(spec)
     with connected(args.address):
         try:
             outcome = run_training(spec, run_id=args.resume, resume=bool(args.resume))
@@ -89,6 +90,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({"run_id": outcome.run_id, "artifact": str(outcome.artifact),
                       "metrics": outcome.metrics}, default=str))
     return 0
+
+
+def check_data(spec) -> None:
+    """Scan every data file before any cluster work, so bad rows fail in seconds."""
+    from trainers.data import scan_source
+
+    for key in ("train", "eval"):
+        paths = getattr(spec.data, key)
+        for path in [paths] if isinstance(paths, str) else paths or []:
+            scan_source(path, spec.data.format)
 
 
 def _root_cause(err: BaseException) -> str:
