@@ -125,7 +125,9 @@ def run_training(
     check_model_fits(spec, model_dir)
 
     say = _printer(show_progress)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = False
+    data_ctx.print_on_execution_start = False  # rayft prints its own one-line data summary
     say(f"[rayft] run {run_id}: {spec.method} fine-tune of {spec.model.name} "
         f"on {spec.scaling.num_workers} worker(s), ZeRO-{spec.deepspeed.zero_stage}, {dtype}")
     prepared = build_datasets(spec, str(model_dir))

@@ -1,0 +1,52 @@
+"""The training and serving paths on CUDA; skipped on machines without a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from cluster.connect import connect
+
+    connect(None)
+    yield
+    ray.shutdown()
+
+
+def test_lora_zero2_on_gpu_uses_bf16_and_publishes(ray_cluster, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainers.config import validate_spec
+    from trainers.driver import run_training
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(
+        json.dumps({"prompt": f"say {i}", "completion": f"number {i}"}) + "\n" for i in range(64)
+    ))
+    spec = validate_spec({
+        "model": {"name": "tiny-llama"},
+        "data": {"train": str(data), "eval_fraction": 0.2, "max_seq_len": 64},
+        "optim": {"max_steps": 6, "batch_size": 4, "lr": 3e-3},
+        "scaling": {"num_workers": 1, "use_gpu": True},
+        "output": {"name": "gpu-lora"},
+    })
+    outcome = run_training(spec, show_progress=False)
+    evals = outcome.evals()
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    config = json.loads((outcome.artifact / "rayft.json").read_text())
+    assert config["spec"]["scaling"]["use_gpu"] is True
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), outcome.artifact)
+    assert model.peft_config["default"].r == 16
