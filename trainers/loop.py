@@ -188,6 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     writer = _tensorboard(run) if rank == 0 else None
     order_log = _order_log(run, rank, state.step)
     stop_after = run.get("stop_after_step")
+    report_every_eval = bool(run.get("report_every_eval"))
 
     def batches(name: str, epoch: int, shuffle: bool):
         shard = ray.train.get_dataset_shard(name)
@@ -227,6 +228,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     latest_eval: dict[str, float] = {}
     if state.step == 0 and spec.eval.at_start:
         latest_eval = run_eval() or {}
+        # The untrained model is the first reference for early stopping.
+        _update_early_stopping(state, latest_eval, spec)
 
     engine.train()
     window_loss, window_count, window_tokens = 0.0, 0.0, 0.0
@@ -276,6 +279,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if eval_every and state.step % eval_every == 0 and state.step < total_steps:
                 latest_eval = run_eval() or latest_eval
                 stop_early = _update_early_stopping(state, latest_eval, spec)
+                at_checkpoint = bool(ckpt_every) and state.step % ckpt_every == 0
+                if report_every_eval and latest_eval and not at_checkpoint and not stop_early:
+                    # Sweeps: a Tune scheduler decides at every evaluation, not only at
+                    # checkpoints (whose own report already carries this evaluation).
+                    ray.train.report({**latest_eval, "step": state.step, "epoch": state.epoch,
+                                      "tokens_seen": state.tokens_seen, "final": False})
             done = state.step >= total_steps or stop_early
             if done:
                 state.stopped_early = stop_early

@@ -67,7 +67,9 @@ def train_losses(outcome) -> list[float]:
     return [r["loss"] for r in outcome.history if r["kind"] == "train"]
 
 
-def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(ray_cluster, chat_file, tiny_model_dir):
+def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(
+    ray_cluster, chat_file, tiny_model_dir, rayft_home, tmp_path
+):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -108,12 +110,29 @@ def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(ray_cluster, chat
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter changed the model
 
+    # TensorBoard event files sit in the run's directory.
+    events = list((rayft_home / "runs" / outcome.run_id / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
 
-def test_full_zero3_two_workers_publishes_an_hf_model(ray_cluster, chat_file):
+    # `rayft models export NAME --merge OUT` writes a plain HF model with the same logits.
+    from cluster.cli import main as rayft_main
+
+    out = tmp_path / "merged"
+    assert rayft_main(["models", "export", "colors-lora", "--merge", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(inputs).logits, got, rtol=0, atol=1e-4)
+    assert rayft_main(["models", "export", "colors-lora", "--merge", str(out)]) == 2  # not empty
+
+
+def test_full_zero3_offload_two_workers_publishes_an_hf_model(ray_cluster, chat_file):
     from transformers import AutoModelForCausalLM
 
-    spec = make_spec(chat_file, "colors-full", method="full", deepspeed={"zero_stage": 3},
-                     optim={"lr": 1e-3})
+    spec = make_spec(
+        chat_file, "colors-full", method="full",
+        deepspeed={"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
+        optim={"lr": 1e-3, "gradient_checkpointing": True},
+    )
     outcome = run_training(spec, show_progress=False)
     evals = outcome.evals()
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
@@ -175,3 +194,14 @@ def test_resume_continues_with_the_same_steps_and_data_order(ray_cluster, chat_f
     assert resumed.evals()[-1]["eval_loss"] == pytest.approx(
         straight.evals()[-1]["eval_loss"], rel=1e-3
     )
+
+
+def test_early_stopping_ends_a_diverging_run(ray_cluster, chat_file):
+    spec = make_spec(chat_file, "colors-diverge", optim={"lr": 5.0, "max_steps": 12},
+                     eval={"every_steps": 2, "early_stopping_patience": 2})
+    outcome = run_training(spec, show_progress=False)
+    manifest = json.loads((outcome.artifact / "rayft.json").read_text())
+    assert manifest["stopped_early"] is True
+    assert outcome.metrics["step"] == manifest["steps"] == 4  # evals at 0, 2, 4: two without gain
+    losses = [e["eval_loss"] for e in outcome.evals()]
+    assert not any(loss < losses[0] for loss in losses[1:])  # NaN counts as no gain
