@@ -15,6 +15,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 GENERATION_METRICS = ["loss", "perplexity", "exact_match", "token_f1"]
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_training(spec)
         adapter = outcome.artifact.name
         eval_path = spec.data.eval if isinstance(spec.data.eval, str) else spec.data.eval[0]
-        rows = read_rows(eval_path)
+        rows = read_rows(Path(eval_path))
         print(f"[rayft] generating answers for {len(rows)} eval rows, base and adapter ...",
               file=sys.stderr, flush=True)
         results = evaluate_models([spec.model.name, adapter], spec.model.name, rows, args.max_tokens)

@@ -451,9 +451,26 @@ class ModelEngine:
         return StepOutput(row.request_id, "", True, "error", len(row.request.prompt_ids), 0, err)
 
     def _forward(self, rows: list[_Row], **inputs: Any) -> Any:
-        if self.model is not self.base:
-            inputs["adapter_names"] = [r.request.adapter for r in rows]
-        return self.model(**inputs, use_cache=True)
+        return self._run_model([r.request.adapter for r in rows], use_cache=True, **inputs)
+
+    def _run_model(self, adapters: list[str], **inputs: Any) -> Any:
+        """One forward pass where row ``i`` uses adapter ``adapters[i]``.
+
+        PEFT's mixed-adapter path splits every LoRA layer's input by adapter in Python;
+        when the whole batch uses one adapter (or only the base), the plain path with
+        that adapter active computes the same thing without the per-layer bookkeeping.
+        """
+        if self.model is self.base:
+            return self.model(**inputs)
+        names = set(adapters)
+        if len(names) > 1:
+            return self.model(**inputs, adapter_names=adapters)
+        (name,) = names
+        if name == BASE_ADAPTER:
+            with self.model.disable_adapter():
+                return self.model(**inputs)
+        self.model.base_model.set_adapter(name)
+        return self.model(**inputs)
 
     def _prefill(self, rows: list[_Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
         from transformers import DynamicCache
@@ -612,14 +629,12 @@ class ModelEngine:
                 ids[i, : len(row_ids)] = torch.tensor(row_ids)
                 labels[i, : len(row_labels)] = torch.tensor(row_labels)
                 mask[i, : len(row_ids)] = 1
-            inputs: dict[str, Any] = {
-                "input_ids": ids.to(self.device),
-                "attention_mask": mask.to(self.device),
-                "use_cache": False,
-            }
-            if self.model is not self.base:
-                inputs["adapter_names"] = [adapter] * len(chunk)
-            logits = self.model(**inputs).logits.float()
+            logits = self._run_model(
+                [adapter] * len(chunk),
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                use_cache=False,
+            ).logits.float()
             shift_logits = logits[:, :-1, :]
             shift_labels = labels[:, 1:].to(self.device)
             loss = torch.nn.functional.cross_entropy(
