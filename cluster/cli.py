@@ -77,7 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_data(spec)
     with connected(args.address):
         try:
-            outcome = run_training(spec, run_id=args.resume, resume=bool(args.resume))
+            run_id = args.resume or args.run_id
+            outcome = run_training(spec, run_id=run_id, resume=bool(args.resume))
         except Exception as err:
             if isinstance(err, _bad_input_types()):
                 raise
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a run from its newest checkpoint")
     p.add_argument("--storage", default=None, help="artifact root of the run to resume")
+    # `rayft submit` names the run before it starts, so `rayft jobs` can find it in storage.
+    p.add_argument("--run-id", default=None, help="name for a new run (default: generated)")
     _add_address(p)
     p.set_defaults(func=cmd_train)
 

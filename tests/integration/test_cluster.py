@@ -1,0 +1,329 @@
+"""rayft on a real multi-node Ray cluster: a head and two worker nodes on this machine.
+
+The cluster runs with token authentication, its dashboard/Jobs API on 127.0.0.1, and
+one ``rayft_slot`` resource on each worker node (none on the head), so the two training
+workers of a run must land on different nodes. Jobs go through ``rayft submit`` and are
+inspected, stopped and resumed with ``rayft jobs``; runs and adapters live in one shared
+directory, as they would on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import main
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [
+    ("red", "apple"),
+    ("blue", "sky"),
+    ("green", "grass"),
+    ("white", "snow"),
+    ("black", "night"),
+    ("yellow", "sun"),
+    ("gray", "stone"),
+    ("pink", "rose"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared storage every node sees (one machine here, a shared filesystem on a cluster)."""
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="module")
+def cluster(shared: Path):
+    """Head (no rayft_slot) + two worker nodes (one rayft_slot each), token auth, loopback only."""
+    from ray.cluster_utils import Cluster
+    from ray.dashboard.modules.job.sdk import JobSubmissionClient
+
+    token = secrets.token_hex(32)
+    saved = dict(os.environ)
+    os.environ.update(
+        {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            "RAYFT_HOME": str(shared),
+            # Jobs run `python -m cluster.cli`: the cluster's `python` must be this venv's.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+    )
+    _reload_ray_config()
+    port = _free_port()
+    ray_cluster = Cluster(initialize_head=False)
+    node_dirs: list[str] = []
+    try:
+        # Free ports for the dashboard and its agent: Ray's defaults (8265, 52365) may be
+        # held by another Ray instance on this machine.
+        ray_cluster.add_node(
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_port=port,
+            dashboard_host="127.0.0.1",
+            dashboard_agent_listen_port=_free_port(),
+        )
+        # Each worker node gets its own temp dir and log monitor, as a separate machine
+        # would: nodes sharing one would share (and garbage-collect) one copy of the job's
+        # working dir, and worker output would not reach the job's log.
+        workers = [
+            ray_cluster.add_node(
+                num_cpus=1,
+                resources={"rayft_slot": 1},
+                temp_dir=tempfile.mkdtemp(prefix="rft-node-"),
+                include_log_monitor=True,
+            )
+            for _ in range(2)
+        ]
+        node_dirs += [w.get_temp_dir_path() for w in workers]
+        ray_cluster.wait_for_nodes()
+        url = f"http://127.0.0.1:{port}"
+        headers = {"Authorization": f"Bearer {token}"}
+        deadline = time.time() + 90
+        while True:  # the Jobs API starts a little after the nodes
+            try:
+                JobSubmissionClient(url, headers=headers).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield {
+            "url": url,
+            "token": token,
+            "headers": headers,
+            "head_id": ray_cluster.head_node.node_id,
+            "worker_ids": {w.node_id for w in workers},
+        }
+    finally:
+        ray_cluster.shutdown()
+        for path in node_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved)
+        _reload_ray_config()
+
+
+def _reload_ray_config() -> None:
+    # Ray reads RAY_AUTH_MODE once per process; the nodes this test starts inherit the
+    # environment, but this process must re-read it to join them (and again to leave).
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("laptop") / "colors.jsonl"
+    with open(path, "w") as handle:
+        for i in range(64):
+            color, thing = PAIRS[i % len(PAIRS)]
+            handle.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"name a {color} thing"},
+                            {"role": "assistant", "content": f"the {thing} is {color}"},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def write_config(tmp: Path, data_file: Path | str, shared: Path, name: str, **extra) -> Path:
+    spec = {
+        "model": {"name": "tiny-llama"},
+        "data": {"train": str(data_file), "format": "chat", "max_seq_len": 48},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "optim": {
+            "lr": 3e-3,
+            "max_steps": 4,
+            "batch_size": 4,
+            "warmup_ratio": 0.0,
+            "scheduler": "constant",
+        },
+        "scaling": {
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+            "resources_per_worker": {"rayft_slot": 1},
+        },
+        "eval": {"at_start": False},
+        "output": {"name": name},
+        "storage": str(shared),
+    }
+    for section, values in extra.items():
+        spec.setdefault(section, {}).update(values)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def rayft(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns exit code, stdout and stderr."""
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_lora_run_spreads_over_two_nodes_and_publishes_to_shared_storage(
+    cluster, shared, data_file, tmp_path, capsys
+):
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    config = write_config(tmp_path, data_file, shared, "colors-cluster")
+    code, out, err = rayft(capsys, "submit", str(config), "--address", cluster["url"], "--follow")
+    assert code == 0, (out + err)[-4000:]
+    job_id = out.splitlines()[0].strip()
+    assert "[rayft] resumed" not in out
+
+    # Both training workers ran, each on its own worker node (never on the head).
+    client = StateApiClient(address=cluster["url"], headers=cluster["headers"])
+    from ray.dashboard.modules.job.sdk import JobSubmissionClient
+
+    ray_job = JobSubmissionClient(cluster["url"], headers=cluster["headers"]).get_job_info(job_id)
+    actors = client.list(
+        StateResource.ACTORS,
+        options=ListApiOptions(
+            filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job.job_id)],
+            detail=True,
+        ),
+        raise_on_missing_output=False,
+    )
+    nodes = {actor.node_id for actor in actors}
+    assert len(actors) == 2 and len(nodes) == 2, actors
+    assert nodes == cluster["worker_ids"]
+
+    # The adapter is in the shared storage, loadable from there.
+    adapter = shared / "adapters" / "colors-cluster"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    run_id = json.loads((adapter / "rayft.json").read_text())["run_id"]
+    assert job_id == run_id  # the submission is named after the run it starts
+    record = json.loads((shared / "runs" / run_id / "rayft_run.json").read_text())
+    assert record["state"] == "finished"
+
+    # `jobs status` shows rayft's view: state, step and the published artifact.
+    code, out, _ = rayft(capsys, "jobs", "status", job_id, "--address", cluster["url"])
+    assert code == 0
+    assert "state     finished" in out and "step      4/4" in out, out
+    assert f"artifact  {adapter}" in out
+    code, out, _ = rayft(capsys, "jobs", "status", job_id, "--json", "--address", cluster["url"])
+    view = json.loads(out)
+    assert view["step"] == 4 and view["artifact"] == str(adapter) and "loss" in view["metrics"]
+
+    code, out, _ = rayft(capsys, "jobs", "logs", job_id, "--address", cluster["url"])
+    assert code == 0 and f"[rayft] run {run_id}" in out and "train step 4/4" in out
+
+    code, out, _ = rayft(capsys, "jobs", "list", "--address", cluster["url"])
+    assert code == 0 and job_id in out and "SUCCEEDED" in out
+
+    code, out, _ = rayft(capsys, "cluster", "status", "--address", cluster["url"])
+    assert code == 0
+    assert "3 alive" in out and "rayft_slot=1" in out, out
+
+
+def test_stopped_job_keeps_its_checkpoint_and_resumes(cluster, shared, data_file, tmp_path, capsys):
+    steps = 16
+    config = write_config(
+        tmp_path,
+        data_file,
+        shared,
+        "colors-resume",
+        optim={"max_steps": steps},
+        checkpoint={"every_steps": 2},
+    )
+    code, out, err = rayft(capsys, "submit", str(config), "--address", cluster["url"])
+    assert code == 0, err
+    job_id = out.strip()
+    run_dir = shared / "runs" / job_id
+
+    # Stop once a checkpoint is complete, i.e. registered in Ray Train's snapshot.
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 240
+    while not (snapshot.is_file() and '"checkpoint_dir_name"' in snapshot.read_text()):
+        assert time.time() < deadline, "no complete checkpoint appeared"
+        time.sleep(0.5)
+    code, out, _ = rayft(capsys, "jobs", "stop", job_id, "--address", cluster["url"])
+    assert code == 0 and "stopped" in out and f"--resume {job_id}" in out
+
+    code, out, _ = rayft(capsys, "jobs", "status", job_id, "--json", "--address", cluster["url"])
+    view = json.loads(out)
+    assert view["state"] == "stopped" and view["artifact"] is None
+    stopped_at = view["checkpoint_step"]
+    assert 0 < stopped_at < steps and view["checkpoint"].startswith(str(run_dir))
+    assert not (shared / "adapters" / "colors-resume").exists()
+
+    code, out, err = rayft(
+        capsys, "submit", str(config), "--resume", job_id, "--address", cluster["url"], "--follow"
+    )
+    assert code == 0, (out + err)[-4000:]
+    resumed_job = out.splitlines()[0].strip()
+    resumed_from = int(out.split("[rayft] resumed from step ")[1].split()[0])
+    assert resumed_from == stopped_at  # the newest complete checkpoint, nothing lost
+    assert "train step 1/" not in out and f"train step {resumed_from + 1}/{steps}" in out
+    record = json.loads((run_dir / "rayft_run.json").read_text())
+    assert record["state"] == "finished" and record["metrics"]["step"] == steps
+    assert (shared / "adapters" / "colors-resume" / "adapter_model.safetensors").is_file()
+
+    code, out, _ = rayft(
+        capsys, "jobs", "status", resumed_job, "--json", "--address", cluster["url"]
+    )
+    view = json.loads(out)
+    assert view["run_id"] == job_id and view["resumed_from"] == resumed_from
+    assert view["step"] == steps and view["state"] == "finished"
+
+
+def test_bad_token_is_refused_with_exit_2(
+    cluster, shared, data_file, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    config = write_config(tmp_path, data_file, shared, "colors-denied")
+    code, _, err = rayft(capsys, "submit", str(config), "--address", cluster["url"])
+    assert code == 2 and "rejected the token" in err and "RAY_AUTH_TOKEN" in err
+    code, _, err = rayft(capsys, "jobs", "list", "--address", cluster["url"])
+    assert code == 2 and "rejected the token" in err
+
+
+def test_unknown_job_is_exit_2(cluster, capsys):
+    code, _, err = rayft(capsys, "jobs", "status", "no-such-job", "--address", cluster["url"])
+    assert code == 2 and "no-such-job" in err
+
+
+def test_unreachable_address_is_exit_2(data_file, shared, tmp_path, capsys):
+    url = f"http://127.0.0.1:{_free_port()}"
+    config = write_config(tmp_path, data_file, shared, "colors-nowhere")
+    code, _, err = rayft(capsys, "submit", str(config), "--address", url)
+    assert code == 2 and f"cannot reach the Ray Jobs API at {url}" in err
+    code, _, err = rayft(capsys, "jobs", "list", "--address", url)
+    assert code == 2 and "cannot reach" in err
+
+
+def test_missing_data_file_is_exit_2_before_contacting_the_cluster(shared, tmp_path, capsys):
+    config = write_config(tmp_path, tmp_path / "nope.jsonl", shared, "colors-missing")
+    code, _, err = rayft(capsys, "submit", str(config), "--address", "http://127.0.0.1:9")
+    assert code == 2
+    assert "data.train" in err and "nope.jsonl" in err and "file not found" in err
