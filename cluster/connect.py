@@ -36,6 +36,8 @@ def connect(address: str | None = None, quiet: bool = True) -> str:
                  logging_level="ERROR" if quiet else "INFO")
         return address
     ray.init(
+        # "local" always starts a new cluster, never attaching to one `ray start` left running.
+        address="local",
         num_cpus=embedded_cpus(),
         include_dashboard=False,
         log_to_driver=True,

@@ -17,15 +17,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", nargs="?", help="job spec with a tune: section")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    p.add_argument("--resume", metavar="SWEEP_ID",
-                   help="continue an interrupted sweep (finished trials are kept)")
-    p.add_argument("--id", dest="sweep_id", metavar="SWEEP_ID",
-                   help="name of a new sweep under sweeps/ (default: generated)")
+    p.add_argument(
+        "--resume",
+        metavar="SWEEP_ID",
+        help="continue an interrupted sweep (finished trials are kept)",
+    )
+    p.add_argument(
+        "--id",
+        dest="sweep_id",
+        metavar="SWEEP_ID",
+        help="name of a new sweep under sweeps/ (default: generated)",
+    )
     p.add_argument("--storage", default=None, help="artifact root of the sweep to resume")
     p.add_argument("--quiet", action="store_true", help="no live trial table")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local "
-                   "cluster)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)",
+    )
     p.set_defaults(func=cmd_tune)
 
 
@@ -48,15 +57,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         sweep_id = args.resume
     else:
         if not args.config:
-            raise UserError("rayft tune needs CONFIG (a job spec with a tune: section) or "
-                            "--resume SWEEP_ID")
+            raise UserError(
+                "rayft tune needs CONFIG (a job spec with a tune: section) or --resume SWEEP_ID"
+            )
         spec = load_spec(args.config, args.overrides)
         sweep_id = args.sweep_id
     validate_sweep(spec)
     with connected(args.address):
         try:
-            outcome = run_sweep(spec, sweep_id=sweep_id, resume=bool(args.resume),
-                                show_progress=not args.quiet)
+            outcome = run_sweep(
+                spec, sweep_id=sweep_id, resume=bool(args.resume), show_progress=not args.quiet
+            )
         except SweepInterrupted as err:
             print(f"rayft: {err}", file=sys.stderr)
             return 130
@@ -67,8 +78,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "artifact": str(outcome.artifact) if outcome.artifact else None,
         "table": str(outcome.table_csv),
         "plot": str(outcome.plot),
-        "trials": {state: len(outcome.by_state(state))
-                   for state in ("finished", "early_stopped", "error")},
+        "trials": {
+            state: len(outcome.by_state(state)) for state in ("finished", "early_stopped", "error")
+        },
     }
     print(json.dumps(summary, default=str))
     return 0 if outcome.artifact is not None else 1

@@ -88,6 +88,7 @@ def run_training(
     resume: bool = False,
     show_progress: bool = True,
     extra_run: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> TrainOutcome:
     """Fine-tune according to ``spec`` on the connected Ray cluster and publish the result.
 
@@ -97,6 +98,8 @@ def run_training(
         resume: Continue ``run_id`` from its newest complete checkpoint.
         show_progress: Print a progress bar and a line per logging step.
         extra_run: Additional per-run settings for the workers (used by sweeps).
+        callbacks: Ray Train ``UserCallback``s for the run's ``RunConfig`` (sweeps pass
+            Tune's ``TuneReportCallback`` so worker reports reach the Tune trial).
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -175,6 +178,7 @@ def run_training(
             storage_path=runs_dir(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             failure_config=FailureConfig(max_failures=0),
+            callbacks=list(callbacks or []),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], enable_shard_locality=False),

@@ -1,0 +1,510 @@
+"""Training throughput: rayft LoRA fine-tuning against TRL and a plain HF Trainer.
+
+    RAYFT_HOME=/tmp/rfhome .venv/bin/python bench/train_throughput.py [--tokens 24000]
+        [--max-seq-len 512] [--batch-size 4] [--workers 1] [--skip-peers] [--json OUT]
+
+Fine-tunes ``smollm2-135m-instruct`` on the same rows of ``bench/data/chat_varlen.jsonl``
+(variable-length chats, 38-381 tokens) three ways, one after another on this machine:
+
+  (a) rayft: ``run_training`` on the embedded local Ray cluster, LoRA, DeepSpeed ZeRO-2,
+      packing on (block-diagonal attention per packed row);
+  (b) TRL ``SFTTrainer`` with packing (its default best-fit-decreasing, padding-free
+      packing), given its best settings for a CPU: ``bf16=False``,
+      ``gradient_checkpointing=False``, torch threads = cores;
+  (c) Hugging Face ``Trainer`` + PEFT with per-batch padding (``DataCollatorForSeq2Seq``),
+      the common default, with the same threads and precision as (b).
+
+All three use the same tokenized rows (rayft's chat tokenization, assistant-only labels),
+LoRA r=16, alpha=32, all linear layers, dropout 0, AdamW at lr 2e-4 with a constant
+schedule, gradient clipping 1.0, float32, one epoch, micro-batch ``--batch-size`` rows
+of at most ``--max-seq-len`` tokens and no gradient accumulation. Rows are taken from the
+start of the file until ``--tokens`` real tokens are reached.
+
+What is timed, the same way for all three: real (non-padding) tokens per second of wall
+time over optimizer steps 2..N, i.e. from the end of step 1 to the end of the last step.
+Model loading, data preparation, Ray start-up, step 1 (warm-up) and the final save are
+not timed; fetching and collating batches during training is. rayft's figure comes from
+the tokens/s its training loop reports for every step (real tokens of all workers over
+the step's wall time), averaged over steps 2..N weighted by tokens.
+
+rayft's model-FLOPs utilisation counts 4*N FLOPs per token (forward 2N, backward through
+the frozen base 2N; the LoRA weight gradients and attention are ignored), N the base
+model's parameter count, against this machine's fp32 matmul peak (best of several
+2048^3 products, all threads). Targets: a/b >= 1.0 and a/c >= 1.3. The last line is
+``speedup_vs_trl=<a/b>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL = "smollm2-135m-instruct"
+DATA = Path(__file__).resolve().parent / "data" / "chat_varlen.jsonl"
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+LR = 2e-4
+SEED = 42
+# 1 worker x all cores as torch threads. 2 workers x 1 CPU measured faster on a busy
+# 2-core machine (56.6 against 36.7 tokens/s), but under contention two processes also
+# win a larger share of the CPU from other users, and at batch 4 x 512 each worker holds
+# ~7.7 GB, so two of them ran the shared 24 GB machine out of memory. --workers 2 runs
+# the other layout.
+DEFAULT_WORKERS = 1
+
+
+@dataclass
+class PathResult:
+    """Throughput of one training path."""
+
+    name: str
+    setup: str
+    steps: int
+    tokens: int
+    """Real tokens trained on, all steps."""
+    timed_tokens: int
+    """Real tokens of steps 2..N."""
+    timed_s: float
+    """Wall time of steps 2..N."""
+    step_tokens: list[int] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timed_tokens / self.timed_s if self.timed_s > 0 else float("nan")
+
+
+def steady_state(name: str, setup: str, step_tokens: list[int], step_s: list[float]) -> PathResult:
+    """Real tokens per second over steps 2..N (step 1 is warm-up)."""
+    if len(step_tokens) < 2:
+        raise SystemExit(
+            f"{name}: only {len(step_tokens)} optimizer step(s); raise --tokens or lower "
+            "--batch-size so every path takes at least 2 steps"
+        )
+    return PathResult(
+        name=name,
+        setup=setup,
+        steps=len(step_tokens),
+        tokens=sum(step_tokens),
+        timed_tokens=sum(step_tokens[1:]),
+        timed_s=sum(step_s[1:]),
+        step_tokens=list(step_tokens),
+        step_s=[round(s, 4) for s in step_s],
+    )
+
+
+# ---------------------------------------------------------------- machine and data
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of a ``size``^3 matmul with all torch threads."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def select_rows(model_dir: Path, budget: int, max_seq_len: int) -> tuple[list[str], list[dict]]:
+    """Rows from the start of the data file until ``budget`` real tokens, and their tokens.
+
+    Tokenization is rayft's own (chat template, assistant-only labels), so every path
+    trains on identical token sequences.
+    """
+    from trainers.data import load_tokenizer
+    from trainers.formats import tokenize_example
+
+    tokenizer = load_tokenizer(str(model_dir))
+    lines, examples, total = [], [], 0
+    for line in DATA.read_text(encoding="utf-8").splitlines():
+        if total >= budget:
+            break
+        example = tokenize_example(json.loads(line), "chat", tokenizer, max_seq_len)
+        if example is None:
+            continue
+        lines.append(line)
+        examples.append(example)
+        total += len(example["input_ids"])
+    if total < budget:
+        raise SystemExit(
+            f"{DATA} holds only {total} tokens at --max-seq-len {max_seq_len}; lower --tokens "
+            f"or regenerate it with more rows (bench/data/make_chat_varlen.py --rows N)"
+        )
+    return lines, examples
+
+
+# ---------------------------------------------------------------- (a) rayft
+
+
+def run_rayft(
+    rows: list[str], model_dir: Path, workers: int, batch_size: int, max_seq_len: int, work: Path
+) -> PathResult:
+    """Train with ``run_training`` on the embedded local Ray cluster."""
+    import ray
+
+    from cluster.connect import connect
+    from trainers.config import validate_spec
+    from trainers.driver import run_training
+
+    cores = os.cpu_count() or 1
+    cpus = max(1, cores // workers)
+    train_file = work / "train.jsonl"
+    train_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    spec = validate_spec(
+        {
+            "model": {"name": str(model_dir), "dtype": "float32"},
+            "data": {
+                "train": str(train_file),
+                "format": "chat",
+                "max_seq_len": max_seq_len,
+                "packing": True,
+            },
+            "method": "lora",
+            "lora": LORA,
+            "deepspeed": {"zero_stage": 2},
+            "optim": {
+                "lr": LR,
+                "epochs": 1,
+                "batch_size": batch_size,
+                "grad_accum": 1,
+                "scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+                "seed": SEED,
+            },
+            "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": False},
+            "logging": {"every_steps": 1},
+            "output": {"name": "bench-train-throughput", "overwrite": True},
+            "storage": str(work / "rayft"),
+        }
+    )
+    # Always a fresh embedded cluster: with no address ray.init would join another Ray
+    # instance already running on this machine (its /tmp/ray/ray_current_cluster).
+    os.environ["RAY_ADDRESS"] = "local"
+    connect(None)
+    try:
+        outcome = run_training(spec, show_progress=False)
+    finally:
+        ray.shutdown()
+    records = [r for r in outcome.history if r.get("kind") == "train"]
+    # tokens_seen is rank 0's count times the world size: exact for one worker; with more,
+    # packed rows are near-equal so the per-step estimate only weights the average.
+    seen = [0] + [int(r["tokens_seen"]) for r in records]
+    step_tokens = [seen[i + 1] - seen[i] for i in range(len(records))]
+    step_s = [t / r["tokens_per_s"] for t, r in zip(step_tokens, records, strict=True)]
+    setup = f"{workers} worker(s) x {cpus} CPU (torch threads {cpus}), ZeRO-2, packed, embedded Ray"
+    return steady_state("rayft", setup, step_tokens, step_s)
+
+
+# ---------------------------------------------------------------- (b), (c) single-process peers
+
+
+def _timed_trainer(base: type) -> type:
+    """``base`` (a Trainer class) recording each optimizer step's real tokens and end time."""
+
+    class Timed(base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.step_tokens: list[int] = []
+            self.step_ends: list[float] = []
+            self.train_start = 0.0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")
+            # Padding-free batches (TRL packing) carry no mask and no padding.
+            real = (
+                int(mask.sum())
+                if mask is not None and mask.dim() == 2
+                else inputs["input_ids"].numel()
+            )
+            self.step_tokens.append(real)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return Timed
+
+
+def _clock():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.start = 0.0
+            self.ends: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=LORA["target_modules"],
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+
+
+def _common_args(batch_size: int, out: Path) -> dict[str, Any]:
+    return {
+        "output_dir": str(out),
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": 1,
+        "num_train_epochs": 1,
+        "learning_rate": LR,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": SEED,
+        "use_cpu": True,
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
+        "logging_strategy": "no",
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+    }
+
+
+def _load_model(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+
+
+def _result_from(trainer, clock, name: str, setup: str) -> PathResult:
+    ends = [clock.start] + clock.ends
+    step_s = [ends[i + 1] - ends[i] for i in range(len(clock.ends))]
+    return steady_state(name, setup, trainer.step_tokens, step_s)
+
+
+def run_trl(
+    examples: list[dict], model_dir: Path, batch_size: int, max_seq_len: int, work: Path
+) -> PathResult:
+    """TRL ``SFTTrainer`` with packing, on pre-tokenized rows (same ids and labels)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    dataset = Dataset.from_list(
+        [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    )
+    args = SFTConfig(**_common_args(batch_size, work / "trl"), packing=True, max_length=max_seq_len)
+    trainer = _timed_trainer(SFTTrainer)(
+        model=_load_model(model_dir),
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        peft_config=_lora_config(),
+    )
+    clock = _clock()
+    trainer.add_callback(clock)
+    trainer.train()
+    setup = (
+        f"SFTTrainer packing={args.packing_strategy} (padding-free={trainer.padding_free}), "
+        f"bf16=False, gradient_checkpointing=False, torch threads {torch.get_num_threads()}"
+    )
+    return _result_from(trainer, clock, "trl", setup)
+
+
+def run_hf(examples: list[dict], model_dir: Path, batch_size: int, work: Path) -> PathResult:
+    """HF ``Trainer`` + PEFT, batches padded to their longest row."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = Dataset.from_list(
+        [
+            {
+                "input_ids": e["input_ids"],
+                "attention_mask": [1] * len(e["input_ids"]),
+                "labels": e["labels"],
+            }
+            for e in examples
+        ]
+    )
+    model = get_peft_model(_load_model(model_dir), _lora_config())
+    trainer = _timed_trainer(Trainer)(
+        model=model,
+        args=TrainingArguments(**_common_args(batch_size, work / "hf")),
+        train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    )
+    clock = _clock()
+    trainer.add_callback(clock)
+    trainer.train()
+    setup = (
+        f"Trainer + PEFT, per-batch padding (DataCollatorForSeq2Seq), bf16=False, "
+        f"gradient_checkpointing=False, torch threads {torch.get_num_threads()}"
+    )
+    return _result_from(trainer, clock, "hf", setup)
+
+
+# ---------------------------------------------------------------- report
+
+
+def base_parameters(model_dir: Path) -> int:
+    """Parameter count of the base model (tied embeddings counted once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=24000,
+        help="real tokens each path trains on (rows from the file start)",
+    )
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4, help="micro-batch rows, all paths")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="rayft workers; each gets cores/workers CPUs and as many torch threads",
+    )
+    parser.add_argument("--skip-peers", action="store_true", help="only run rayft (quick check)")
+    parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    args = parser.parse_args()
+
+    from trainers.models import resolve_model
+
+    cores = os.cpu_count() or 1
+    model_dir = resolve_model(MODEL)
+    peak = matmul_peak()
+    n_params = base_parameters(model_dir)
+    rows, examples = select_rows(model_dir, args.tokens, args.max_seq_len)
+    lengths = [len(e["input_ids"]) for e in examples]
+    print(
+        f"machine: {cores} cores, fp32 matmul peak {peak:.1f} GFLOP/s (best 2048^3 product, "
+        f"{cores} threads)"
+    )
+    print(
+        f"data: {len(rows)} rows of {DATA.name}, {sum(lengths)} real tokens "
+        f"({min(lengths)}-{max(lengths)} per row), max_seq_len {args.max_seq_len}, "
+        f"micro-batch {args.batch_size}"
+    )
+    print(
+        f"model: {MODEL} ({n_params / 1e6:.1f}M parameters), LoRA r={LORA['r']} "
+        f"alpha={LORA['alpha']} {LORA['target_modules']} dropout {LORA['dropout']}, "
+        f"lr {LR} constant, float32, 1 epoch"
+    )
+    print(
+        "timed: real (non-padding) tokens / wall time of optimizer steps 2..N; model load, "
+        "data prep, start-up, step 1 and the final save excluded",
+        flush=True,
+    )
+
+    work = Path(tempfile.mkdtemp(prefix="rayft-bench-train-"))
+    results: dict[str, PathResult] = {}
+    try:
+        print(f"\n[a] rayft ({args.workers} worker(s)) ...", flush=True)
+        results["rayft"] = run_rayft(
+            rows, model_dir, args.workers, args.batch_size, args.max_seq_len, work
+        )
+        if not args.skip_peers:
+            print("\n[b] TRL SFTTrainer ...", flush=True)
+            results["trl"] = run_trl(examples, model_dir, args.batch_size, args.max_seq_len, work)
+            print("\n[c] HF Trainer + PEFT ...", flush=True)
+            results["hf"] = run_hf(examples, model_dir, args.batch_size, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    labels = {"rayft": "(a) rayft", "trl": "(b) TRL SFTTrainer", "hf": "(c) HF Trainer+PEFT"}
+    for key, res in results.items():
+        mfu = res.tokens_per_s * 4 * n_params / (peak * 1e9)
+        print(
+            f"{labels[key]:<22} {res.tokens_per_s:8.1f} tokens/s  ({res.timed_tokens} tokens "
+            f"in {res.timed_s:.1f} s over steps 2..{res.steps}; {res.tokens} tokens in "
+            f"{res.steps} steps)  MFU {100 * mfu:.1f}%"
+        )
+        print(f"{'':<22} {res.setup}")
+    a = results["rayft"].tokens_per_s
+    mfu = a * 4 * n_params / (peak * 1e9)
+    figures: dict[str, Any] = {
+        "cores": cores,
+        "matmul_peak_gflops": peak,
+        "base_params": n_params,
+        "rows": len(rows),
+        "real_tokens": sum(lengths),
+        "max_seq_len": args.max_seq_len,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "default_workers": DEFAULT_WORKERS,
+        "results": {k: {**asdict(r), "tokens_per_s": r.tokens_per_s} for k, r in results.items()},
+        "rayft_mfu": mfu,
+    }
+    print(
+        f"rayft MFU: {100 * mfu:.2f}% (4 x {n_params / 1e6:.1f}M FLOPs/token x {a:.1f} tokens/s "
+        f"/ {peak:.1f} GFLOP/s)"
+    )
+    if args.workers == DEFAULT_WORKERS:
+        print(
+            f"rayft workers: {args.workers} x {max(1, cores // args.workers)} threads (the "
+            f"default; --workers {2 if args.workers == 1 else 1} runs the other layout)"
+        )
+    speedup = None
+    if "trl" in results:
+        speedup = a / results["trl"].tokens_per_s
+        vs_hf = a / results["hf"].tokens_per_s
+        figures.update(speedup_vs_trl=speedup, speedup_vs_hf=vs_hf)
+        print(
+            f"a/b (rayft / TRL packing)    = {speedup:.3f}  (target >= 1.0: "
+            f"{'met' if speedup >= 1.0 else 'NOT met'})"
+        )
+        print(
+            f"a/c (rayft / HF padding)     = {vs_hf:.3f}  (target >= 1.3: "
+            f"{'met' if vs_hf >= 1.3 else 'NOT met'})"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+        print(f"figures written to {args.json}")
+    sys.stdout.flush()
+    print(f"speedup_vs_trl={speedup:.3f}" if speedup is not None else "speedup_vs_trl=n/a")
+
+
+if __name__ == "__main__":
+    main()

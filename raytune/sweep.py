@@ -1,0 +1,700 @@
+"""The sweep driver: a Ray Tune experiment whose trials are real rayft training runs.
+
+Each trial is a Tune function trainable that calls ``trainers.driver.run_training``
+(a ``TorchTrainer`` with DeepSpeed, exactly as ``rayft train`` runs it) with the
+trial's spec and a run id derived from the trial. Train V2 workers report through
+Ray Train; ``TuneReportCallback`` on the run forwards each report to the trial, so
+the scheduler (ASHA by default) sees the metric at every evaluation and stops
+unpromising trials. At the end the driver writes the results table and plot under
+``sweeps/<id>/`` and publishes the best trial's artifact under ``output.name``.
+
+Expects Ray to be initialised by the caller (``cluster.connect``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raytune import results as res
+from raytune.schedulers import (
+    REPORTED_METRICS,
+    TRIAL_DRIVER_CPUS,
+    build_scheduler,
+    build_search,
+    check_search,
+    expected_trials,
+    max_concurrent,
+    scheduler_budget,
+    scheduler_report,
+)
+from raytune.search_space import (
+    apply_values,
+    flatten_space,
+    to_tune,
+    trial_values,
+    validate_search_space,
+)
+from trainers.config import ConfigError, JobSpec, valid_name, validate_spec
+from trainers.storage import local_home, sweeps_dir
+
+SWEEP_SPEC = "sweep.yaml"
+TRIALS_DIR = "trials"
+GROUPS_SUFFIX = ".placement_groups"
+
+
+class SweepInterrupted(RuntimeError):
+    """The experiment stopped with trials unfinished; ``rayft tune --resume`` continues it."""
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished sweep produced."""
+
+    sweep_id: str
+    path: Path
+    rows: list[dict[str, Any]]
+    """One row per trial, best first (see ``raytune.results.table_columns``)."""
+    columns: list[str]
+    best: dict[str, Any] | None
+    artifact: Path | None
+    """The best trial's artifact, published under ``output.name``."""
+    table_csv: Path
+    table_json: Path
+    plot: Path
+    trial_artifacts: list[Path] = field(default_factory=list)
+
+    def by_state(self, state: str) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["state"] == state]
+
+
+def new_sweep_id(spec: JobSpec) -> str:
+    stem = spec.output.name or "sweep"
+    return f"{stem}-sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+
+
+def sweep_path(sweep_id: str, storage: str | None = None) -> Path:
+    return sweeps_dir(storage) / sweep_id
+
+
+def artifact_kind(spec: JobSpec) -> str:
+    return "adapter" if spec.method == "lora" else "model"
+
+
+def trial_index(trial_id: str) -> int:
+    """The trial's number in its sweep (Tune ids end in ``_<index>``, e.g. ``a1b2c_00003``)."""
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else abs(hash(trial_id)) % 100000
+
+
+def trial_run_id(sweep_id: str, index: int) -> str:
+    return f"{sweep_id}-trial-{index}"
+
+
+def trial_artifact_name(name: str, index: int) -> str:
+    return f"{name}-trial-{index}"
+
+
+def validate_sweep(spec: JobSpec) -> None:
+    """Every check a sweep needs before Ray starts any trial.
+
+    Raises:
+        ConfigError: Naming the key to change (``tune.search_space.<key>`` for the space).
+    """
+    if spec.tune is None:
+        raise ConfigError(
+            [
+                (
+                    "tune",
+                    "a sweep is a job spec with a tune: section "
+                    "(search_space, scheduler, ...); use rayft train otherwise",
+                )
+            ]
+        )
+    problems: list[tuple[str, str]] = []
+    try:
+        validate_search_space(spec.to_dict(), flatten_space(spec.tune.search_space))
+    except ConfigError as err:
+        problems += err.problems
+    if spec.tune.metric not in REPORTED_METRICS:
+        problems.append(
+            (
+                "tune.metric",
+                f"{spec.tune.metric!r} is not reported by a trial; use "
+                f"one of {', '.join(REPORTED_METRICS)}",
+            )
+        )
+    if not spec.has_eval():
+        problems.append(
+            (
+                "data.eval",
+                "a sweep ranks trials by their evaluation: set data.eval or data.eval_fraction",
+            )
+        )
+    name = spec.output.name
+    if name is not None and not valid_name(f"{name}-trial-99999"):
+        problems.append(
+            ("output.name", "too long to name the sweep's trials (<name>-trial-<k>): shorten it")
+        )
+    for check in (check_search, _check_scheduler):
+        try:
+            check(spec)
+        except ConfigError as err:
+            problems += err.problems
+    if not problems:
+        try:
+            to_tune(flatten_space(spec.tune.search_space), spec.tune.search)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_scheduler(spec: JobSpec) -> None:
+    if spec.tune.scheduler.type != "none":
+        scheduler_budget(spec)
+
+
+def load_sweep_spec(sweep_id: str, storage: str | None = None) -> JobSpec:
+    """The spec a sweep was started with, for ``rayft tune --resume SWEEP_ID``."""
+    path = sweep_path(sweep_id, storage) / SWEEP_SPEC
+    if not path.is_file():
+        raise ConfigError(
+            [("", f"no sweep {sweep_id!r} under {path.parent.parent} (missing {SWEEP_SPEC})")]
+        )
+    return validate_spec(yaml.safe_load(path.read_text()), source=str(path))
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def _sweep_info(spec: JobSpec, sweep_id: str) -> dict[str, Any]:
+    base = spec.to_dict()
+    base["tune"] = None
+    return {
+        "id": sweep_id,
+        "base": base,
+        "space": list(flatten_space(spec.tune.search_space)),
+        "name": spec.output.name or sweep_id,
+        "metric": spec.tune.metric,
+        "mode": spec.tune.mode,
+        "eval_every": spec.eval.every_steps,
+        "storage": spec.storage,
+    }
+
+
+def trial_spec(sweep: dict[str, Any], values: dict[str, Any], index: int) -> JobSpec:
+    """The job spec of trial ``index``: the sweep's base spec with the trial's values set.
+
+    Each trial publishes under ``<output.name>-trial-<index>`` (replacing its own earlier
+    attempt on resume); the sweep later publishes the best one under ``output.name``.
+    """
+    data = apply_values(sweep["base"], values)
+    data["output"] = {
+        **data.get("output", {}),
+        "name": trial_artifact_name(sweep["name"], index),
+        "overwrite": True,
+    }
+    return validate_spec(data)
+
+
+def _train_report_callback(metric: str, mode: str, eval_every: int | None):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class SweepReportCallback(TuneReportCallback):
+        """Forwards Train reports to the Tune trial, shaped by ``scheduler_report``."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            shaped = scheduler_report(metrics[0], metric, mode, eval_every)
+            if shaped is not None:
+                super().after_report(run_context, [shaped, *metrics[1:]], checkpoint)
+
+    return SweepReportCallback()
+
+
+def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
+    """Tune function trainable: one trial is one rayft training run.
+
+    The run id is derived from the trial, so a trial restarted by ``Tuner.restore``
+    resumes its own Train run from its newest checkpoint (Train V2 resumes a run
+    name that already has checkpoints in storage).
+    """
+    import ray
+    from ray import tune
+
+    from trainers.driver import SPEC_FILE
+
+    trial_id = tune.get_context().get_trial_id()
+    index = trial_index(trial_id)
+    values = trial_values({k: None for k in sweep["space"]}, config)
+    spec = trial_spec(sweep, values, index)
+    run_id = trial_run_id(sweep["id"], index)
+    resume = (local_home(sweep["storage"]) / "runs" / run_id / SPEC_FILE).is_file()
+    record_dir = sweep_path(sweep["id"], sweep["storage"]) / TRIALS_DIR
+    record_dir.mkdir(parents=True, exist_ok=True)
+    # One line per start: a finished trial that was never rerun has exactly one.
+    with open(record_dir / f"{index}.starts.jsonl", "a") as handle:
+        handle.write(
+            json.dumps(
+                {"trial_id": trial_id, "run_id": run_id, "resume": resume, "time": time.time()}
+            )
+            + "\n"
+        )
+    callbacks = [
+        _train_report_callback(sweep["metric"], sweep["mode"], sweep["eval_every"]),
+        _worker_group_recorder(record_dir / f"{index}{GROUPS_SUFFIX}"),
+    ]
+    # Tune places a trial's child tasks inside the trial's placement group, where Ray
+    # Data's tokenise/shuffle tasks (CPU and memory) cannot fit. The run's driver runs
+    # in an actor that leaves the group, so the run places its tasks as under `rayft
+    # train`. The actor is owned by this trial: when the scheduler stops the trial,
+    # Ray kills the actor and with it the Train controller and its workers; the
+    # sweep driver then frees their placement group (``TrialTeardown``).
+    runner = (
+        ray.remote(num_cpus=0, max_restarts=0)(TrialRun)
+        .options(scheduling_strategy="DEFAULT")
+        .remote()
+    )
+    outcome = ray.get(runner.run.remote(spec, run_id, resume, callbacks))
+    record = {
+        "trial_id": trial_id,
+        "index": index,
+        "run_id": run_id,
+        "params": values,
+        "artifact": str(outcome.artifact),
+        "metrics": outcome.metrics,
+        "finished_at": time.time(),
+    }
+    (record_dir / f"{index}.json").write_text(json.dumps(record, indent=2, default=str))
+    return {}
+
+
+def _worker_group_recorder(path: Path):
+    """A Train callback that records the placement group of every worker group it starts.
+
+    When a scheduler stops a trial, Ray kills the trial's actors but the worker group's
+    placement group outlives its (killed) controller unless Train's cleaner can reach
+    the dashboard's state API, which an embedded cluster does not run. The sweep
+    driver removes the recorded groups of every stopped trial (``TrialTeardown``).
+    Train V2 keeps non-``UserCallback`` callbacks of ``RunConfig`` for such uses.
+    """
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class WorkerGroupRecorder(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group) -> None:
+            handle = worker_group.get_worker_group_state().placement_group_handle
+            group = getattr(handle, "placement_group", None)
+            if group is not None:
+                with open(path, "a") as out:
+                    out.write(group.id.hex() + "\n")
+
+    return WorkerGroupRecorder()
+
+
+def remove_trial_groups(path: Path) -> int:
+    """Remove the recorded placement groups of a stopped trial that are still held.
+
+    Returns:
+        How many groups were removed.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    if not path.is_file():
+        return 0
+    table = ray.util.placement_group_table()
+    removed = 0
+    for group_id in {line.strip() for line in path.read_text().splitlines() if line.strip()}:
+        if table.get(group_id, {}).get("state") in (None, "REMOVED"):
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+        removed += 1
+    return removed
+
+
+def _teardown_callback(sweep_id: str, storage: str | None):
+    from ray.tune import Callback
+
+    class TrialTeardown(Callback):
+        """Frees what a stopped or failed trial's Train run still holds."""
+
+        def _free(self, trial) -> None:
+            path = (
+                sweep_path(sweep_id, storage)
+                / TRIALS_DIR
+                / f"{trial_index(trial.trial_id)}{GROUPS_SUFFIX}"
+            )
+            remove_trial_groups(path)
+
+        def on_trial_complete(self, iteration: int, trials, trial, **info) -> None:
+            self._free(trial)
+
+        def on_trial_error(self, iteration: int, trials, trial, **info) -> None:
+            self._free(trial)
+
+    return TrialTeardown()
+
+
+class TrialRun:
+    """Drives one trial's training run (a Ray actor outside the trial's placement group)."""
+
+    def run(self, spec: JobSpec, run_id: str, resume: bool, callbacks: list[Any]) -> Any:
+        from trainers.driver import run_training
+
+        return run_training(
+            spec,
+            run_id=run_id,
+            resume=resume,
+            show_progress=False,
+            extra_run={"report_every_eval": True},
+            callbacks=callbacks,
+        )
+
+
+# --------------------------------------------------------------------------- live table
+
+
+def _live_table_callback(params: list[str], metric: str, every_s: float):
+    from ray.tune import Callback
+
+    class LiveTable(Callback):
+        """Prints the trial table (trial, params, step, metric, state) while the sweep runs."""
+
+        def __init__(self) -> None:
+            self._last_print = 0.0
+            self._printed_states: dict[str, str] = {}
+
+        def _rows(self, trials) -> list[dict[str, Any]]:
+            rows = []
+            for t in trials:
+                last = t.last_result or {}
+                rows.append(
+                    {
+                        "trial": trial_index(t.trial_id),
+                        **{p: t.config.get(p) for p in params},
+                        "step": last.get("step"),
+                        metric: last.get(metric),
+                        "state": _live_state(t),
+                    }
+                )
+            return sorted(rows, key=lambda r: r["trial"])
+
+        def on_step_end(self, iteration: int, trials, **info) -> None:
+            states = {t.trial_id: _live_state(t) for t in trials}
+            changed = states != self._printed_states
+            if time.time() - self._last_print < every_s and not (changed and states):
+                return
+            if not changed and time.time() - self._last_print < 4 * every_s:
+                return
+            self._last_print = time.time()
+            self._printed_states = states
+            columns = ["trial", *params, "step", metric, "state"]
+            print(
+                f"\n[rayft] sweep trials ({time.strftime('%H:%M:%S')})\n"
+                + res.format_table(self._rows(trials), columns),
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return LiveTable()
+
+
+def _live_state(trial) -> str:
+    if trial.status in ("TERMINATED", "ERROR"):
+        return res.trial_state(trial.status, trial.last_result)
+    return trial.status.lower()
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(
+    spec: JobSpec, sweep_id: str | None = None, resume: bool = False, show_progress: bool = True
+) -> SweepOutcome:
+    """Run (or resume) a hyperparameter sweep over ``spec.tune.search_space``.
+
+    Args:
+        spec: Validated job spec with a ``tune`` section.
+        sweep_id: Name of the sweep under ``sweeps/``; a new one is made when omitted.
+        resume: Continue ``sweep_id``: finished trials are kept, unfinished ones continue
+            from their last checkpoint, errored ones are retried.
+        show_progress: Print the live trial table.
+
+    Returns:
+        The results table, the plot and the best trial's published artifact.
+
+    Raises:
+        ConfigError: The sweep is invalid (before any trial starts).
+        SweepInterrupted: The experiment stopped with unfinished trials.
+    """
+    import ray
+    from ray import tune
+
+    from trainers.registry import check_publishable
+
+    validate_sweep(spec)
+    sweep_id = sweep_id or new_sweep_id(spec)
+    if not valid_name(sweep_id):
+        raise ConfigError(
+            [("", f"invalid sweep id {sweep_id!r}: use letters, digits, '.', '_' and '-'")]
+        )
+    path = sweep_path(sweep_id, spec.storage)
+    kind = artifact_kind(spec)
+    name = spec.output.name or sweep_id
+    space = flatten_space(spec.tune.search_space)
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise ConfigError(
+                [("", f"sweep {sweep_id!r} has no saved Tune state in {path}; nothing to resume")]
+            )
+    else:
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(
+                [
+                    (
+                        "",
+                        f"sweep {sweep_id!r} already exists at {path}; resume it "
+                        "with rayft tune --resume or choose another id",
+                    )
+                ]
+            )
+        check_publishable(kind, name, spec.output.overwrite, spec.storage)
+        if spec.tune.publish_all:
+            count = expected_trials(space, spec.tune.num_samples, spec.tune.search)
+            for k in range(count):
+                check_publishable(
+                    kind, trial_artifact_name(name, k), spec.output.overwrite, spec.storage
+                )
+        path.mkdir(parents=True, exist_ok=True)
+        (path / SWEEP_SPEC).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+
+    cluster = ray.cluster_resources()
+    concurrent = max_concurrent(spec, cluster)
+    sweep = _sweep_info(spec, sweep_id)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, sweep=sweep), {"CPU": TRIAL_DRIVER_CPUS}
+    )
+    callbacks = [_teardown_callback(sweep_id, spec.storage)]
+    if show_progress:
+        callbacks.append(_live_table_callback(list(space), spec.tune.metric, 10.0))
+    say = _printer(show_progress)
+    run_config = tune.RunConfig(
+        name=sweep_id,
+        storage_path=str(sweeps_dir(spec.storage)),
+        callbacks=callbacks,
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=0),
+    )
+    if resume:
+        say(f"[rayft] resuming sweep {sweep_id} from {path}")
+        tuner = tune.Tuner.restore(
+            str(path), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        say(
+            f"[rayft] sweep {sweep_id}: {spec.tune.num_samples} sample(s) over "
+            f"{', '.join(space)}; scheduler {spec.tune.scheduler.type}, search "
+            f"{spec.tune.search}, {concurrent} trial(s) at a time, "
+            f"{spec.scaling.num_workers} worker(s) each"
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune(space, spec.tune.search),
+            tune_config=tune.TuneConfig(
+                metric=spec.tune.metric,
+                mode=spec.tune.mode,
+                num_samples=spec.tune.num_samples,
+                scheduler=build_scheduler(spec),
+                search_alg=build_search(spec, concurrent),
+            ),
+            run_config=run_config,
+        )
+    tuner.fit()
+    return _finish(spec, sweep_id, path, kind, name, say)
+
+
+def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say) -> SweepOutcome:
+    from ray.tune import ExperimentAnalysis
+
+    tune_spec = spec.tune
+    metric, mode = tune_spec.metric, tune_spec.mode
+    params = list(flatten_space(tune_spec.search_space))
+    analysis = ExperimentAnalysis(str(path))
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, list[tuple[int, float]]] = {}
+    states: dict[str, str] = {}
+    for trial in analysis.trials:
+        index = trial_index(trial.trial_id)
+        last = trial.last_result or {}
+        state = res.trial_state(trial.status, last)
+        frame = analysis.trial_dataframes.get(trial.trial_id)
+        points = _curve(frame, metric)
+        finite = [v for _, v in points if math.isfinite(v)]
+        best = (min(finite) if mode == "min" else max(finite)) if finite else None
+        row = {
+            "trial": index,
+            **{p: trial.config.get(p) for p in params},
+            "step": last.get("step"),
+            metric: _number(last.get(metric)),
+            "state": state,
+            f"best_{metric}": best,
+            "run_id": trial_run_id(sweep_id, index),
+            "trial_id": trial.trial_id,
+        }
+        if state == res.FINISHED:
+            row["adapter"] = trial_artifact_name(name, index)
+        rows.append(row)
+        label = f"trial {index}: " + ", ".join(f"{p}={_short(trial.config.get(p))}" for p in params)
+        curves[label], states[label] = points, state
+    rows = res.sort_rows(rows, metric, mode)
+    unfinished = [r for r in rows if r["state"] == res.UNFINISHED]
+    # An interrupted sweep may not have created all its trials yet.
+    not_started = max(
+        0,
+        expected_trials(tune_spec.search_space, tune_spec.num_samples, tune_spec.search)
+        - len(rows),
+    )
+    columns = res.table_columns(rows, params, metric)
+    about = {
+        "sweep_id": sweep_id,
+        "metric": metric,
+        "mode": mode,
+        "scheduler": tune_spec.scheduler.type,
+        "search": tune_spec.search,
+        "search_space": flatten_space(tune_spec.search_space),
+        "complete": not unfinished and not not_started,
+    }
+    finished = [r for r in rows if r["state"] == res.FINISHED and _is_finite(r.get(metric))]
+    best = finished[0] if finished and not unfinished and not not_started else None
+    artifact = None
+    trial_artifacts: list[Path] = []
+    if best is not None:
+        about["best"] = {k: best.get(k) for k in ("trial", "trial_id", "run_id", metric, *params)}
+        artifact, trial_artifacts = _publish(spec, sweep_id, kind, name, best, finished, metric)
+        about["artifact"] = str(artifact)
+        for row in rows:
+            if row["state"] == res.FINISHED and not tune_spec.publish_all:
+                row.pop("adapter", None)
+        about["best"]["adapter"] = name
+    csv_path, json_path = res.write_tables(path, rows, columns, about)
+    plot = res.plot_curves(
+        path / res.PLOT_FILE,
+        curves,
+        states,
+        metric,
+        f"sweep {sweep_id}: {metric} by step ({tune_spec.scheduler.type})",
+    )
+    say("\n[rayft] sweep results (best first)\n" + res.format_table(rows, columns))
+    say(f"[rayft] table: {csv_path}  plot: {plot}")
+    if unfinished or not_started:
+        raise SweepInterrupted(
+            f"sweep {sweep_id} stopped with {len(unfinished) + not_started} unfinished "
+            f"trial(s); continue it with: rayft tune --resume {sweep_id}"
+        )
+    if artifact is not None:
+        say(
+            f"[rayft] best trial {best['trial']} ({metric} {best[metric]:.4f}) published as "
+            f"{kind} {name!r}: {artifact}"
+        )
+    return SweepOutcome(
+        sweep_id, path, rows, columns, best, artifact, csv_path, json_path, plot, trial_artifacts
+    )
+
+
+def _publish(
+    spec: JobSpec,
+    sweep_id: str,
+    kind: str,
+    name: str,
+    best: dict[str, Any],
+    finished: list[dict[str, Any]],
+    metric: str,
+) -> tuple[Path, list[Path]]:
+    """Publish the best trial under ``name``; keep or retire the per-trial artifacts."""
+    from trainers.registry import adapter_path, model_path, publish_dir, read_manifest
+
+    locate = adapter_path if kind == "adapter" else model_path
+    params = list(flatten_space(spec.tune.search_space))
+
+    def sweep_note(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": sweep_id,
+            "trial": row["trial"],
+            "trial_id": row["trial_id"],
+            "run_id": row["run_id"],
+            "params": {p: row.get(p) for p in params},
+            "metric": metric,
+            "mode": spec.tune.mode,
+            "value": row.get(metric),
+            "best_trial": best["trial"],
+        }
+
+    source = locate(trial_artifact_name(name, best["trial"]), spec.storage)
+    staging = Path(tempfile.mkdtemp(prefix="rayft-sweep-publish-"))
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        manifest = read_manifest(staging)
+        (staging / "rayft.json").unlink(missing_ok=True)
+        for key in ("kind", "name", "published_at"):
+            manifest.pop(key, None)
+        manifest["sweep"] = sweep_note(best)
+        # Overwriting was checked before the first trial started.
+        artifact = publish_dir(staging, kind, name, manifest, True, spec.storage)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    kept: list[Path] = []
+    for row in finished:
+        trial_dir = locate(trial_artifact_name(name, row["trial"]), spec.storage)
+        if not trial_dir.is_dir():
+            continue
+        if spec.tune.publish_all:
+            manifest = read_manifest(trial_dir)
+            manifest["sweep"] = sweep_note(row)
+            tmp = trial_dir / "rayft.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=2, default=str))
+            tmp.replace(trial_dir / "rayft.json")
+            kept.append(trial_dir)
+        else:
+            # Trials publish as they finish; without tune.publish_all only the best stays.
+            shutil.rmtree(trial_dir, ignore_errors=True)
+    return artifact, kept
+
+
+def _curve(frame, metric: str) -> list[tuple[int, float]]:
+    if frame is None or frame.empty or metric not in frame or "step" not in frame:
+        return []
+    points: dict[int, float] = {}
+    for step, value in zip(frame["step"], frame[metric], strict=True):
+        if _is_finite(step) and isinstance(value, (int, float)) and not math.isnan(value):
+            points[int(step)] = float(value)
+    return sorted(points.items())
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _printer(enabled: bool):
+    def say(text: str) -> None:
+        if enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    return say

@@ -1,0 +1,283 @@
+"""Sweeps end to end: Ray Tune trials that are real rayft training runs (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raytune.sweep import TRIALS_DIR, run_sweep, sweep_path
+from trainers.config import validate_spec
+from trainers.registry import adapter_path, read_manifest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+PAIRS = [
+    ("red", "apple"),
+    ("blue", "sky"),
+    ("green", "grass"),
+    ("white", "snow"),
+    ("black", "night"),
+    ("yellow", "sun"),
+    ("gray", "stone"),
+    ("pink", "rose"),
+]
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sweep-data") / "colors.jsonl"
+    with open(path, "w") as handle:
+        for i in range(48):
+            color, thing = PAIRS[i % len(PAIRS)]
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"name a {color} thing"},
+                    {"role": "assistant", "content": f"the {thing} is {color}"},
+                ]
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for this module's Ray clusters: loopback, and a private temp dir so
+    that ``ray.init`` starts its own cluster even when another one runs on the machine."""
+    tmp = Path(f"/tmp/rft-sw-{os.getpid()}")
+    tmp.mkdir(exist_ok=True)
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(tmp)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_env, rayft_home, tiny_model_dir):
+    import ray
+
+    from cluster.connect import connect
+
+    connect(None)
+    yield
+    ray.shutdown()
+
+
+def sweep_data(chat_file: Path, name: str, space: dict, **tune) -> dict:
+    return {
+        "model": {"name": "tiny-llama"},
+        "data": {
+            "train": str(chat_file),
+            "format": "chat",
+            "max_seq_len": 64,
+            "eval_fraction": 0.2,
+        },
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "optim": {
+            "lr": 3e-3,
+            "max_steps": 6,
+            "batch_size": 4,
+            "warmup_ratio": 0.0,
+            "scheduler": "constant",
+        },
+        "scaling": {"num_workers": 1},
+        "eval": {"every_steps": 2, "at_start": False},
+        "checkpoint": {"every_steps": 2, "keep": 1},
+        "output": {"name": name},
+        "tune": {"search_space": space, "max_concurrent_trials": 2, **tune},
+    }
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_bad_search_space_fails_before_any_trial_naming_the_key(chat_file, tmp_path, ray_env):
+    for space, key, says in [
+        (
+            {"optim.learning_rate": {"loguniform": [1e-4, 1e-2]}},
+            "optim.learning_rate",
+            "not a job-spec key",
+        ),
+        ({"optim.lr": {"loguniform": [0.0, 1e-2]}}, "optim.lr", "0 < lo"),
+        ({"lora.r": {"uniform": [4, 16]}}, "lora.r", "rejected"),
+    ]:
+        config = tmp_path / "bad.yaml"
+        config.write_text(yaml.safe_dump(sweep_data(chat_file, "bad", space)))
+        proc = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "tune", str(config), "--id", "bad-sweep"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAYFT_HOME": str(tmp_path / "home")},
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert f"tune.search_space.{key}" in proc.stderr and says in proc.stderr
+        # Nothing started: no sweep directory, no run.
+        assert not (tmp_path / "home" / "sweeps").exists()
+        assert not (tmp_path / "home" / "runs").exists()
+
+
+def test_asha_sweep_over_lr_stops_a_trial_early_and_publishes_the_best(
+    ray_cluster, chat_file, rayft_home
+):
+    import ray
+
+    # The absurd rate runs after two sane ones have reached the first rung, so ASHA
+    # has results to compare it with.
+    lrs = [1e-2, 3e-3, 50.0, 1e-4]
+    spec = validate_spec(
+        sweep_data(
+            chat_file,
+            "sweep-asha",
+            {"optim.lr": {"grid": lrs}},
+            scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        )
+    )
+    outcome = run_sweep(spec, sweep_id="asha-lr", show_progress=False)
+
+    assert len(outcome.rows) == 4
+    assert sorted(r["optim.lr"] for r in outcome.rows) == sorted(lrs)
+    stopped = outcome.by_state("early_stopped")
+    assert stopped, [(r["optim.lr"], r["state"], r["step"]) for r in outcome.rows]
+    assert all(r["step"] < 6 for r in stopped)
+    absurd = next(r for r in outcome.rows if r["optim.lr"] == 50.0)
+    assert absurd["state"] == "early_stopped" and absurd["rank"] > 1
+    finished = outcome.by_state("finished")
+    assert finished and all(r["step"] == 6 for r in finished)
+
+    # The table: sorted by the metric, saved as CSV and JSON; and the plot.
+    table = read_csv(outcome.table_csv)
+    assert [int(r["trial"]) for r in table] == [r["trial"] for r in outcome.rows]
+    losses = [float(r["eval_loss"]) for r in table if r["eval_loss"] not in ("", "inf")]
+    assert losses == sorted(losses)
+    assert {r["state"] for r in table} >= {"finished", "early_stopped"}
+    data = json.loads(outcome.table_json.read_text())
+    assert data["best"]["trial"] == outcome.best["trial"] and data["complete"]
+    assert outcome.plot.read_bytes()[:4] == b"\x89PNG"
+    assert outcome.path == sweep_path("asha-lr")
+
+    # The best trial's adapter under output.name, naming the sweep and the trial.
+    best = outcome.best
+    assert best["state"] == "finished" and best["rank"] == 1
+    assert outcome.artifact == adapter_path("sweep-asha")
+    manifest = read_manifest(outcome.artifact)
+    assert manifest["sweep"]["id"] == "asha-lr" and manifest["sweep"]["trial"] == best["trial"]
+    assert manifest["sweep"]["params"] == {"optim.lr": best["optim.lr"]}
+    assert manifest["spec"]["optim"]["lr"] == best["optim.lr"]
+    assert (outcome.artifact / "adapter_model.safetensors").is_file()
+    # Without tune.publish_all the per-trial adapters are retired.
+    assert not any(adapter_path(f"sweep-asha-trial-{k}").exists() for k in range(4))
+
+    # Stopped trials gave back their workers' resources.
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            break
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_grid_over_lora_rank_runs_exactly_the_grid(ray_cluster, chat_file, rayft_home):
+    spec = validate_spec(
+        sweep_data(
+            chat_file,
+            "sweep-rank",
+            {"lora.r": {"grid": [2, 4]}},
+            scheduler={"type": "none"},
+            search="grid",
+            publish_all=True,
+        )
+    )
+    outcome = run_sweep(spec, sweep_id="grid-rank", show_progress=False)
+    assert sorted(r["lora.r"] for r in outcome.rows) == [2, 4]
+    assert [r["state"] for r in outcome.rows] == ["finished", "finished"]
+    for row in outcome.rows:
+        path = adapter_path(f"sweep-rank-trial-{row['trial']}")
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config["r"] == row["lora.r"]
+        assert read_manifest(path)["sweep"]["params"] == {"lora.r": row["lora.r"]}
+    best = json.loads((outcome.artifact / "adapter_config.json").read_text())
+    assert best["r"] == outcome.best["lora.r"]
+    assert len(outcome.trial_artifacts) == 2
+
+
+def test_resume_after_interrupt_reruns_no_finished_trial(chat_file, tmp_path, ray_env):
+    home = tmp_path / "home"
+    config = tmp_path / "sweep.yaml"
+    data = sweep_data(
+        chat_file, "sweep-resume", {"optim.lr": {"grid": [1e-2, 3e-3]}}, scheduler={"type": "none"}
+    )
+    data["tune"]["max_concurrent_trials"] = 1
+    config.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "RAYFT_HOME": str(home)}
+    trials = home / "sweeps" / "resume-me" / TRIALS_DIR
+    cmd = [sys.executable, "-m", "cluster.cli", "tune"]
+
+    first = subprocess.Popen(
+        [*cmd, str(config), "--id", "resume-me", "--quiet"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # Interrupt once trial 0 has finished and trial 1 has checkpointed mid-way.
+        run1 = home / "runs" / "resume-me-trial-1"
+        deadline = time.time() + 400
+        while time.time() < deadline and not (
+            (trials / "0.json").exists() and any(run1.glob("checkpoint_*"))
+        ):
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            time.sleep(0.5)
+        assert (trials / "0.json").exists(), "the first trial did not finish in time"
+        first.send_signal(signal.SIGINT)  # as Ctrl-C: Tune saves the experiment and stops
+        out, _ = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, out[-3000:]
+    assert "rayft tune --resume resume-me" in out
+    assert not (trials / "1.json").exists()
+
+    second = subprocess.run(
+        [*cmd, "--resume", "resume-me", "--quiet"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert second.returncode == 0, second.stderr[-4000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["trials"]["finished"] == 2
+
+    # Trial 0 finished before the interrupt and was not started again.
+    starts0 = (trials / "0.starts.jsonl").read_text().splitlines()
+    assert len(starts0) == 1
+    assert (trials / "1.json").exists()
+    # Trial 1 was started again and continued its own run, which had a checkpoint.
+    starts1 = [json.loads(line) for line in (trials / "1.starts.jsonl").read_text().splitlines()]
+    assert len(starts1) == 2 and starts1[-1]["resume"] is True
+    assert starts1[-1]["run_id"] == "resume-me-trial-1"
+    table = read_csv(home / "sweeps" / "resume-me" / "results.csv")
+    assert sorted(r["state"] for r in table) == ["finished", "finished"]
+    assert (home / "adapters" / "sweep-resume" / "adapter_model.safetensors").is_file()
