@@ -46,16 +46,17 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     """Summed next-token cross-entropy over labelled positions, and their count.
 
     Position t predicts ``labels[t + 1]``, as in Hugging Face causal LMs; ``-100`` is ignored.
+    The labels are shifted rather than the logits, which avoids copying a
+    ``[batch, seq, vocab]`` tensor on every step.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     total = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
+        logits.reshape(-1, logits.size(-1)).float(),
+        targets.reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )
-    return total, int((shift_labels != -100).sum())
+    return total, int((targets != -100).sum())
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, spec: JobSpec, total_steps: int):
