@@ -208,6 +208,7 @@ def main() -> None:
     from serving.client import run_app
 
     ray.init(
+        address="local",
         num_cpus=max(4, args.replica_cpus + 1),
         include_dashboard=False,
         logging_level="ERROR",

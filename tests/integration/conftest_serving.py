@@ -84,6 +84,7 @@ def serving_home(rayft_home: Path, tiny_model_dir: Path, tmp_path_factory) -> Pa
     import ray
 
     ray.init(
+        address="local",
         num_cpus=4,
         include_dashboard=False,
         runtime_env={"env_vars": {"RAYFT_HOME": str(rayft_home)}},
