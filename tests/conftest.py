@@ -30,3 +30,13 @@ def tiny_model_dir(rayft_home: Path) -> Path:
     from trainers.models import pull_builtin
 
     return pull_builtin("tiny-llama")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the multi-node cluster tests last.
+
+    They switch this process to Ray token authentication with a token of their own,
+    which Ray caches per process; a local cluster started afterwards in the same
+    process would be refused. Sorting is stable, so every other order is kept.
+    """
+    items.sort(key=lambda item: "integration/test_cluster.py" in item.nodeid)
