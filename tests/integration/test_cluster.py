@@ -56,7 +56,7 @@ def cluster(shared: Path):
     from ray.cluster_utils import Cluster
     from ray.dashboard.modules.job.sdk import JobSubmissionClient
 
-    token = secrets.token_hex(32)
+    token = _process_token()
     saved = dict(os.environ)
     os.environ.update(
         {
@@ -121,6 +121,22 @@ def cluster(shared: Path):
         os.environ.clear()
         os.environ.update(saved)
         _reload_ray_config()
+
+
+def _process_token() -> str:
+    """The token of the local clusters this process starts (Ray keeps it in ~/.ray/auth_token).
+
+    Ray caches the token once per process, so the multi-node cluster must use the same
+    one as every embedded cluster the other tests start, in whatever order they run.
+    """
+    path = Path.home() / ".ray" / "auth_token"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    token = secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token)
+    path.chmod(0o600)
+    return token
 
 
 def _reload_ray_config() -> None:
