@@ -356,13 +356,32 @@ def _rows(
 
 
 def _usage(encoded: list[list[int]], results: list[dict[str, Any]]) -> dict[str, int]:
+    return _usage_counts(encoded, sum(r["completion_tokens"] for r in results))
+
+
+def _usage_counts(encoded: list[list[int]], completion_tokens: int) -> dict[str, int]:
     prompt = sum(len(ids) for ids in encoded)
-    completion = sum(r["completion_tokens"] for r in results)
     return {
         "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
     }
+
+
+def _usage_chunk(
+    rid: str, kind: str, created: int, model: str, encoded: list[list[int]], completion_tokens: int
+) -> str:
+    """The last SSE chunk when ``stream_options.include_usage`` is set: no choices, only usage."""
+    return _sse(
+        {
+            "id": rid,
+            "object": kind,
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": _usage_counts(encoded, completion_tokens),
+        }
+    )
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -404,21 +423,7 @@ async def _completion_chunks(
         if out.finished:
             completion_tokens += out.completion_tokens
     if include_usage:
-        prompt = sum(len(ids) for ids in encoded)
-        yield _sse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt + completion_tokens,
-                },
-            }
-        )
+        yield _usage_chunk(rid, "text_completion", created, body.model, encoded, completion_tokens)
     yield "data: [DONE]\n\n"
 
 
@@ -460,19 +465,7 @@ async def _chat_chunks(
             completion_tokens += out.completion_tokens
             yield chunk(index, {}, out.finish_reason)
     if include_usage:
-        prompt = sum(len(ids) for ids in encoded)
-        yield _sse(
-            {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "choices": [],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt + completion_tokens,
-                },
-            }
+        yield _usage_chunk(
+            rid, "chat.completion.chunk", created, body.model, encoded, completion_tokens
         )
     yield "data: [DONE]\n\n"
