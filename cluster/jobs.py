@@ -23,6 +23,7 @@ from cluster.submit import META_KIND, META_RUN_ID, META_STORAGE, SubmitError
 RUN_FILE = "rayft_run.json"
 TRAINER_STATE = "trainer_state.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+RESULTS_JSON = "results.json"  # a sweep's table (raytune.results)
 
 _TRAIN_LINE = re.compile(r"train step (\d+)/(\d+)\s+loss ([-\d.eE+naninf]+)")
 _EVAL_LINE = re.compile(r"eval\s+step (\d+)/(\d+)\s+eval_loss ([-\d.eE+naninf]+)")
@@ -47,6 +48,8 @@ class JobView:
     artifact: str | None = None
     checkpoint: str | None = None
     checkpoint_step: int | None = None
+    trials: dict[str, int] | None = None
+    best: dict[str, Any] | None = None
     message: str | None = None
     entrypoint: str | None = None
     start_time: float | None = None
@@ -77,6 +80,13 @@ def parse_log(text: str) -> dict[str, Any]:
             out["resumed_from"] = int(match[1])
         elif match := _PUBLISHED_LINE.search(line):
             out["artifact"] = match[1]
+        elif line.startswith("{") and '"sweep_id"' in line:
+            try:
+                final = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out["run_id"] = final.get("sweep_id")
+            out["artifact"] = final.get("artifact") or out.get("artifact")
         elif line.startswith("{") and '"run_id"' in line:
             try:
                 final = json.loads(line)
@@ -132,6 +142,20 @@ def read_run(storage: str, run_id: str) -> dict[str, Any]:
         return {}
 
 
+def read_sweep(storage: str, sweep_id: str) -> dict[str, Any]:
+    """A finished sweep's ``results.json`` from its storage; empty when not (yet) readable."""
+    import pyarrow.fs as pafs
+
+    try:
+        if "://" in storage and not storage.startswith("file://"):
+            fs, root = pafs.FileSystem.from_uri(storage)
+        else:
+            fs, root = pafs.LocalFileSystem(), storage.removeprefix("file://")
+        return _read_json(fs, f"{root.rstrip('/')}/sweeps/{sweep_id}/{RESULTS_JSON}") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
     try:
         with fs.open_input_stream(path) as handle:
@@ -160,8 +184,13 @@ def rayft_state(ray_status: str, record_state: str | None) -> str:
     return ray_status.lower()
 
 
-def build_view(info: Any, log_text: str, run: dict[str, Any]) -> JobView:
-    """Combine Ray's ``JobDetails``, the job's log and the run's storage into a :class:`JobView`."""
+def build_view(
+    info: Any, log_text: str, run: dict[str, Any], sweep: dict[str, Any] | None = None
+) -> JobView:
+    """Combine Ray's ``JobDetails``, the job's log and the run's storage into a :class:`JobView`.
+
+    For a sweep, ``sweep`` is its ``results.json`` (trial states, best trial, artifact).
+    """
     metadata = dict(getattr(info, "metadata", None) or {})
     status = getattr(info.status, "value", str(info.status))
     logged = parse_log(log_text)
@@ -197,6 +226,16 @@ def build_view(info: Any, log_text: str, run: dict[str, Any]) -> JobView:
         view.step = int(final["step"])
     view.metrics.pop("total_steps", None)
     view.artifact = record.get("artifact") or logged.get("artifact")
+    if sweep:
+        trials = sweep.get("trials") or []
+        view.trials = {}
+        for row in trials:
+            view.trials[row.get("state", "?")] = view.trials.get(row.get("state", "?"), 0) + 1
+        view.best = sweep.get("best")
+        metric = sweep.get("metric")
+        if view.best and metric and _is_number(view.best.get(metric)):
+            view.metrics[f"best_{metric}"] = view.best[metric]
+        view.artifact = sweep.get("artifact") or view.artifact
     return view
 
 
@@ -216,10 +255,19 @@ def format_view(view: JobView) -> str:
         lines.append(f"metrics   {shown}")
     if view.checkpoint:
         lines.append(f"checkpoint step {view.checkpoint_step}: {view.checkpoint}")
+    if view.trials:
+        lines.append("trials    " + ", ".join(f"{n} {s}" for s, n in sorted(view.trials.items())))
+    if view.best:
+        lines.append(f"best      trial {view.best.get('trial')} (run {view.best.get('run_id')})")
     lines.append(f"artifact  {view.artifact or '-'}")
     if view.storage:
         lines.append(f"storage   {view.storage}")
-    if view.state == "stopped" and view.run_id:
+    if view.state == "stopped" and view.run_id and view.kind == "tune":
+        lines.append(
+            f"resume    rayft tune --resume {view.run_id} --storage {view.storage} --address ... "
+            "(finished trials are kept)"
+        )
+    elif view.state == "stopped" and view.run_id:
         lines.append(
             f"resume    rayft submit CONFIG --resume {view.run_id} --address ... "
             "(continues from the newest checkpoint)"
@@ -247,9 +295,13 @@ def job_status(client: Any, job_id: str) -> JobView:
         log_text = ""  # no log yet (a pending job)
     metadata = dict(info.metadata or {})
     run: dict[str, Any] = {}
+    sweep: dict[str, Any] = {}
     if metadata.get(META_RUN_ID) and metadata.get(META_STORAGE):
-        run = read_run(metadata[META_STORAGE], metadata[META_RUN_ID])
-    return build_view(info, log_text, run)
+        if metadata.get(META_KIND) == "tune":
+            sweep = read_sweep(metadata[META_STORAGE], metadata[META_RUN_ID])
+        else:
+            run = read_run(metadata[META_STORAGE], metadata[META_RUN_ID])
+    return build_view(info, log_text, run, sweep)
 
 
 def list_rayft_jobs(client: Any, everything: bool = False) -> list[Any]:

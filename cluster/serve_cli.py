@@ -155,11 +155,11 @@ def _eval_in_process(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any
 
     from serving.engine import ModelEngine
     from serving.service import ModelService
-    from trainers.registry import RegistryError, adapter_path, read_manifest
+    from trainers.registry import RegistryError, read_manifest, sync_adapter
 
     base = args.model
     try:
-        manifest_dir = adapter_path(args.model, args.storage)
+        manifest_dir = sync_adapter(args.model, args.storage)
     except RegistryError:  # not an adapter name (a hub id or a path): the model is the base
         manifest_dir = None
     if manifest_dir is not None and (manifest_dir / "adapter_config.json").is_file():

@@ -324,7 +324,8 @@ def build_entrypoint(
     elif kind == "train":
         args = [SPEC_NAME, "--run-id", run_id]
     else:
-        args = [SPEC_NAME]
+        # The sweep id is the run id chosen here, so `rayft jobs status` finds its results.
+        args = [SPEC_NAME, "--id", run_id]
     # No --address: Ray's job supervisor sets RAY_ADDRESS for the entrypoint, and
     # ``connect`` uses it, so the job joins the cluster it was submitted to.
     return shlex.join([*base, *args])

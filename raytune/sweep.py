@@ -46,7 +46,8 @@ from raytune.search_space import (
     validate_search_space,
 )
 from trainers.config import ConfigError, JobSpec, valid_name, validate_spec
-from trainers.storage import local_home, sweeps_dir
+from trainers.driver import artifact_location
+from trainers.storage import sweeps_dir
 
 SWEEP_SPEC = "sweep.yaml"
 TRIALS_DIR = "trials"
@@ -232,14 +233,14 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     import ray
     from ray import tune
 
-    from trainers.driver import SPEC_FILE
+    from trainers.driver import run_recorded
 
     trial_id = tune.get_context().get_trial_id()
     index = trial_index(trial_id)
     values = trial_values({k: None for k in sweep["space"]}, config)
     spec = trial_spec(sweep, values, index)
     run_id = trial_run_id(sweep["id"], index)
-    resume = (local_home(sweep["storage"]) / "runs" / run_id / SPEC_FILE).is_file()
+    resume = run_recorded(run_id, sweep["storage"])
     record_dir = sweep_path(sweep["id"], sweep["storage"]) / TRIALS_DIR
     record_dir.mkdir(parents=True, exist_ok=True)
     # One line per start: a finished trial that was never rerun has exactly one.
@@ -581,7 +582,7 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
     if best is not None:
         about["best"] = {k: best.get(k) for k in ("trial", "trial_id", "run_id", metric, *params)}
         artifact, trial_artifacts = _publish(spec, sweep_id, kind, name, best, finished, metric)
-        about["artifact"] = str(artifact)
+        about["artifact"] = artifact_location(kind, name, spec.storage, artifact)
         for row in rows:
             if row["state"] == res.FINISHED and not tune_spec.publish_all:
                 row.pop("adapter", None)
@@ -594,6 +595,7 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
         metric,
         f"sweep {sweep_id}: {metric} by step ({tune_spec.scheduler.type})",
     )
+    _mirror_results(spec.storage, sweep_id, path)
     say("\n[rayft] sweep results (best first)\n" + res.format_table(rows, columns))
     say(f"[rayft] table: {csv_path}  plot: {plot}")
     if unfinished or not_started:
@@ -611,6 +613,17 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
     )
 
 
+def _mirror_results(storage: str | None, sweep_id: str, path: Path) -> None:
+    """With a URI root, upload the sweep's spec, tables and plot to ``sweeps/<id>/`` there."""
+    from trainers.storage import remote_root, write_remote
+
+    if remote_root(storage) is None:
+        return
+    for name in (SWEEP_SPEC, res.RESULTS_CSV, res.RESULTS_JSON, res.PLOT_FILE):
+        if (path / name).is_file():
+            write_remote(storage, f"sweeps/{sweep_id}/{name}", (path / name).read_bytes())
+
+
 def _publish(
     spec: JobSpec,
     sweep_id: str,
@@ -621,9 +634,14 @@ def _publish(
     metric: str,
 ) -> tuple[Path, list[Path]]:
     """Publish the best trial under ``name``; keep or retire the per-trial artifacts."""
-    from trainers.registry import adapter_path, model_path, publish_dir, read_manifest
+    from trainers.registry import (
+        publish_dir,
+        read_manifest,
+        remove_artifact,
+        sync_artifact,
+        write_manifest,
+    )
 
-    locate = adapter_path if kind == "adapter" else model_path
     params = list(flatten_space(spec.tune.search_space))
 
     def sweep_note(row: dict[str, Any]) -> dict[str, Any]:
@@ -639,7 +657,7 @@ def _publish(
             "best_trial": best["trial"],
         }
 
-    source = locate(trial_artifact_name(name, best["trial"]), spec.storage)
+    source = sync_artifact(kind, trial_artifact_name(name, best["trial"]), spec.storage)
     staging = Path(tempfile.mkdtemp(prefix="rayft-sweep-publish-"))
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
@@ -654,19 +672,18 @@ def _publish(
         shutil.rmtree(staging, ignore_errors=True)
     kept: list[Path] = []
     for row in finished:
-        trial_dir = locate(trial_artifact_name(name, row["trial"]), spec.storage)
+        trial_name = trial_artifact_name(name, row["trial"])
+        if not spec.tune.publish_all:
+            # Trials publish as they finish; without tune.publish_all only the best stays.
+            remove_artifact(kind, trial_name, spec.storage)
+            continue
+        trial_dir = sync_artifact(kind, trial_name, spec.storage)
         if not trial_dir.is_dir():
             continue
-        if spec.tune.publish_all:
-            manifest = read_manifest(trial_dir)
-            manifest["sweep"] = sweep_note(row)
-            tmp = trial_dir / "rayft.json.tmp"
-            tmp.write_text(json.dumps(manifest, indent=2, default=str))
-            tmp.replace(trial_dir / "rayft.json")
-            kept.append(trial_dir)
-        else:
-            # Trials publish as they finish; without tune.publish_all only the best stays.
-            shutil.rmtree(trial_dir, ignore_errors=True)
+        manifest = read_manifest(trial_dir)
+        manifest["sweep"] = sweep_note(row)
+        write_manifest(trial_dir, manifest, spec.storage)
+        kept.append(trial_dir)
     return artifact, kept
 
 

@@ -158,7 +158,7 @@ class ModelEngine:
             raise ValueError("max_loaded_adapters must be at least 1")
         self.model_name = model
         self.storage = storage
-        self.model_dir = Path(resolve_model(model, models_dir(storage)))
+        self.model_dir = Path(resolve_model(model, models_dir(storage), storage))
         self.max_loaded_adapters = max_loaded_adapters
         self.max_batch_size = max_batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -217,12 +217,15 @@ class ModelEngine:
             NotFound: No adapter of that name is published.
             Conflict: The adapter was trained for another base model.
         """
-        from trainers.registry import RegistryError, adapter_path, read_manifest
+        from trainers.registry import RegistryError, read_manifest, sync_adapter
+        from trainers.storage import StorageError
 
         try:
-            path = adapter_path(name, self.storage)
+            path = sync_adapter(name, self.storage)
         except RegistryError as err:
             raise BadRequest(str(err), code="invalid_model", param="model") from None
+        except StorageError as err:
+            raise Unavailable(str(err), code="storage_unavailable") from None
         if not (path / "adapter_config.json").is_file():
             raise NotFound(
                 f"the model {name!r} does not exist: it is neither the base model "

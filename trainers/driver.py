@@ -20,7 +20,15 @@ from typing import Any
 import yaml
 
 from trainers.config import ConfigError, JobSpec, validate_spec
-from trainers.storage import home, is_uri, local_home, runs_dir
+from trainers.storage import (
+    home,
+    is_uri,
+    local_home,
+    mirror_file,
+    models_dir,
+    read_remote,
+    runs_dir,
+)
 
 SPEC_FILE = "spec.yaml"
 RUN_FILE = "rayft_run.json"
@@ -50,11 +58,26 @@ def run_dir(run_id: str, storage: str | None) -> str:
 
 
 def load_run_spec(run_id: str, storage: str | None = None) -> JobSpec:
-    """The spec a run was started with, for ``rayft train --resume RUN_ID``."""
+    """The spec a run was started with, for ``rayft train --resume RUN_ID``.
+
+    With a URI root the spec is read from the URI (the run may have started elsewhere).
+    """
     path = local_home(storage) / "runs" / run_id / SPEC_FILE
+    remote = read_remote(storage, f"runs/{run_id}/{SPEC_FILE}")
+    if remote is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(remote)
     if not path.is_file():
-        raise ConfigError([("", f"no run {run_id!r} under {path.parent.parent} (missing {SPEC_FILE})")])
+        where = f"{runs_dir(storage)}/{run_id}" if is_uri(home(storage)) else path.parent
+        raise ConfigError([("", f"no run {run_id!r}: {where} has no {SPEC_FILE}")])
     return validate_spec(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def run_recorded(run_id: str, storage: str | None = None) -> bool:
+    """True when a run of that id was started before (its spec is in storage)."""
+    if (local_home(storage) / "runs" / run_id / SPEC_FILE).is_file():
+        return True
+    return read_remote(storage, f"runs/{run_id}/{SPEC_FILE}") is not None
 
 
 def plan_steps(spec: JobSpec, train_rows: int, world: int) -> int:
@@ -124,7 +147,7 @@ def run_training(
         dtype = resolve_dtype(spec.model.dtype, use_gpu)
     except ValueError as err:
         raise ConfigError([("model.dtype", str(err))]) from None
-    model_dir = resolve_model(spec.model.name)
+    model_dir = resolve_model(spec.model.name, models_dir(), spec.storage)
     check_model_fits(spec, model_dir)
 
     say = _printer(show_progress)
@@ -146,9 +169,10 @@ def run_training(
     local_run.mkdir(parents=True, exist_ok=True)
     if not resume:
         (local_run / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        mirror_file(storage, f"runs/{run_id}/{SPEC_FILE}")
     run_info = {"run_id": run_id, "started_at": time.time(), "model_dir": str(model_dir),
                 "dataset_sha256": prepared.fingerprint, "state": "running"}
-    _write_json(local_run / RUN_FILE, run_info)
+    _save_record(storage, run_id, run_info)
 
     sink = ProgressSink.options(name=sink_name(run_id), get_if_exists=True).remote()
     run = {
@@ -204,14 +228,14 @@ def run_training(
         ray.kill(sink)
     if "error" in result_box:
         run_info["state"] = "failed"
-        _write_json(local_run / RUN_FILE, run_info)
+        _save_record(storage, run_id, run_info)
         raise result_box["error"]
     result = result_box["result"]
     artifact = _publish(spec, run_id, name, kind, result, prepared, model_dir)
     metrics = dict(result.metrics or {})
     run_info.update(state="finished", finished_at=time.time(), metrics=metrics,
-                    artifact=str(artifact) if artifact else None)
-    _write_json(local_run / RUN_FILE, run_info)
+                    artifact=artifact_location(kind, name, storage, artifact))
+    _save_record(storage, run_id, run_info)
     history = _history_from(result)
     say(f"[rayft] {kind} published: {artifact}  (checkpoints: {result.checkpoint.path})")
     return TrainOutcome(run_id, metrics, artifact, result.checkpoint.path, history)
@@ -254,6 +278,21 @@ def _history_from(result) -> list[dict[str, Any]]:
 
     with result.checkpoint.as_directory() as ckpt:
         return json.loads((Path(ckpt) / TRAINER_STATE).read_text())["history"]
+
+
+def _save_record(storage: str | None, run_id: str, run_info: dict[str, Any]) -> None:
+    """Write the run's record locally and, for a URI root, to the URI."""
+    _write_json(local_home(storage) / "runs" / run_id / RUN_FILE, run_info)
+    mirror_file(storage, f"runs/{run_id}/{RUN_FILE}")
+
+
+def artifact_location(kind: str, name: str, storage: str | None, local: Path | None) -> str | None:
+    """Where a published artifact lives for every machine: under the URI for a URI root."""
+    if local is None:
+        return None
+    if is_uri(home(storage)):
+        return f"{home(storage)}/{'adapters' if kind == 'adapter' else 'models'}/{name}"
+    return str(local)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

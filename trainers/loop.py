@@ -25,6 +25,8 @@ from trainers.config import JobSpec
 TRAINER_STATE = "trainer_state.json"
 DS_TAG = "state"
 EXPORT_DIR = "export"
+# Eval sets up to this size (collated tensors, per worker) are kept in memory after the first pass.
+EVAL_CACHE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -103,6 +105,10 @@ def _all_sum(values: list[float]) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def _nbytes(batch: dict[str, Any]) -> int:
+    return sum(t.nbytes for t in batch.values() if isinstance(t, torch.Tensor))
 
 
 def evaluate(
@@ -204,10 +210,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             **kwargs,
         )
 
+    eval_cache: list[dict[str, Any]] = []
+
+    def eval_batches() -> list[dict[str, Any]]:
+        # A small eval set is read from Ray Data once and kept: every later evaluation
+        # then skips the streaming executor's start-up (seconds per evaluation on CPU).
+        if eval_cache:
+            return eval_cache
+        read = list(batches("eval", 0, False))
+        if sum(_nbytes(b) for b in read) <= EVAL_CACHE_BYTES:
+            eval_cache.extend(read)
+        return read
+
     def run_eval() -> dict[str, float] | None:
         if not run["has_eval"]:
             return None
-        metrics = evaluate(engine, batches("eval", 0, False), rank, world, device, pad_id)
+        metrics = evaluate(engine, eval_batches(), rank, world, device, pad_id)
         record = {"kind": "eval", "step": state.step, "total_steps": total_steps, **metrics}
         state.history.append(record)
         _emit(sink, writer, record)

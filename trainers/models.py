@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainers.config import valid_name
 from trainers.storage import models_dir
 
 CHATML_TEMPLATE = (
@@ -208,13 +209,18 @@ def pull_builtin(name: str, cache: Path | None = None) -> Path:
     return target
 
 
-def resolve_model(name: str, cache: Path | None = None) -> Path:
+def resolve_model(name: str, cache: Path | None = None, storage: str | None = None) -> Path:
     """Turn a model name from a job spec into a local HF directory.
 
-    Order: a published/cached model under the cache, a builtin, a local directory,
-    then a hub id (network needed).
+    Order: a published/cached model under the cache (a model published to a URI
+    ``storage`` root is fetched from there first), a builtin, a local directory, then a
+    hub id (network needed).
     """
-    cache = cache or models_dir()
+    cache = cache or models_dir(storage)
+    if storage is not None and "/" not in name and name not in BUILTINS and valid_name(name):
+        from trainers.registry import sync_artifact
+
+        sync_artifact("model", name, storage)
     cached = cache / name
     if "/" not in name and (cached / "config.json").is_file():
         return cached

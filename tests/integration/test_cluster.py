@@ -262,6 +262,46 @@ def test_lora_run_spreads_over_two_nodes_and_publishes_to_shared_storage(
     assert "3 alive" in out and "rayft_slot=1" in out, out
 
 
+def test_sweep_submitted_as_a_tune_job_reports_its_trials_and_best(
+    cluster, shared, data_file, tmp_path, capsys
+):
+    config = write_config(
+        tmp_path,
+        data_file,
+        shared,
+        "colors-sweep",
+        data={"eval_fraction": 0.2},
+        optim={"max_steps": 2},
+        scaling={"num_workers": 1},
+        eval={"every_steps": 2},
+        tune={
+            "search_space": {"optim.lr": {"grid": [3e-3, 1e-2]}},
+            "scheduler": {"type": "none"},
+            "search": "grid",
+        },
+    )
+    code, out, err = rayft(capsys, "submit", str(config), "--address", cluster["url"], "--follow")
+    assert code == 0, (out + err)[-4000:]
+    job_id = out.splitlines()[0].strip()
+    assert job_id.startswith("sweep-")
+    sweep_id = job_id.removeprefix("sweep-")
+
+    # The sweep's table and the best trial's adapter are in the shared storage.
+    results = json.loads((shared / "sweeps" / sweep_id / "results.json").read_text())
+    assert sorted(r["optim.lr"] for r in results["trials"]) == [3e-3, 1e-2]
+    assert {r["state"] for r in results["trials"]} == {"finished"}
+    adapter = shared / "adapters" / "colors-sweep"
+    manifest = json.loads((adapter / "rayft.json").read_text())
+    assert manifest["sweep"]["id"] == sweep_id
+
+    code, out, _ = rayft(capsys, "jobs", "status", job_id, "--json", "--address", cluster["url"])
+    view = json.loads(out)
+    assert code == 0 and view["kind"] == "tune" and view["state"] == "finished"
+    assert view["trials"] == {"finished": 2} and view["artifact"] == str(adapter)
+    assert view["best"]["trial"] == manifest["sweep"]["trial"]
+    assert view["metrics"]["best_eval_loss"] == results["best"]["eval_loss"]
+
+
 def test_stopped_job_keeps_its_checkpoint_and_resumes(cluster, shared, data_file, tmp_path, capsys):
     steps = 16
     config = write_config(

@@ -114,8 +114,11 @@ def test_tune_specs_submit_as_sweeps(files: Path, tmp_path: Path) -> None:
         {"data": {"train": "train.jsonl"}, "storage": "/s", "tune": {"num_samples": 2}}
     )
     pkg = build_package(spec, cwd=files, staging_parent=tmp_path)
-    assert pkg.kind == "tune" and shlex.split(pkg.entrypoint)[3:5] == ["tune", "spec.yaml"]
-    assert build_entrypoint("tune", "x", "/s").endswith("tune spec.yaml")
+    argv = shlex.split(pkg.entrypoint)
+    assert pkg.kind == "tune" and argv[3:5] == ["tune", "spec.yaml"]
+    # The sweep is named after the run id chosen at submit time, which `jobs status` reads.
+    assert argv[5:] == ["--id", pkg.run_id] and pkg.submission_id == f"sweep-{pkg.run_id}"
+    assert build_entrypoint("tune", "x", "/s").endswith("tune spec.yaml --id x")
 
 
 def test_uris_and_paths_on_shared_storage_pass_through(tmp_path: Path) -> None:
@@ -364,3 +367,24 @@ def test_rayjob_manifest_runs_rayft_on_its_own_cluster() -> None:
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     spec = validate_spec(yaml.safe_load(config_map["data"]["job.yaml"]))
     assert spec.storage == "/mnt/rayft"
+
+
+def test_sweep_job_view_shows_trials_best_and_artifact() -> None:
+    info = _info("SUCCEEDED")
+    info.metadata = {META_KIND: "tune", META_RUN_ID: "sw-1", META_STORAGE: "/s"}
+    sweep = {
+        "sweep_id": "sw-1",
+        "metric": "eval_loss",
+        "artifact": "/s/adapters/best",
+        "best": {"trial": 1, "run_id": "sw-1-trial-1", "eval_loss": 0.5},
+        "trials": [{"state": "finished"}, {"state": "finished"}, {"state": "early_stopped"}],
+    }
+    log = '{"sweep_id": "sw-1", "artifact": "/s/adapters/best", "best": {}}\n'
+    view = build_view(info, log, {}, sweep)
+    assert view.state == "finished" and view.kind == "tune" and view.run_id == "sw-1"
+    assert view.trials == {"finished": 2, "early_stopped": 1}
+    assert view.metrics["best_eval_loss"] == 0.5 and view.artifact == "/s/adapters/best"
+    text = format_view(view)
+    assert "trials    1 early_stopped, 2 finished" in text and "best      trial 1" in text
+    info.status = SimpleNamespace(value="STOPPED")
+    assert "rayft tune --resume sw-1 --storage /s" in format_view(build_view(info, "", {}, {}))

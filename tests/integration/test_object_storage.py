@@ -1,0 +1,153 @@
+"""``storage: s3://...``: runs, checkpoints and published adapters live in object storage.
+
+A real S3 API server (moto's standalone server) listens on 127.0.0.1; pyarrow, Ray
+Train and rayft reach it through ``AWS_ENDPOINT_URL`` exactly as they would reach S3.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainers.config import validate_spec
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "rayft-test"
+ROOT = f"s3://{BUCKET}/team"
+
+
+@pytest.fixture(scope="module")
+def s3_root(rayft_home: Path) -> Iterator[str]:
+    """An S3 endpoint on loopback with an empty bucket, and a Ray cluster that can reach it."""
+    import logging
+
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from cluster.connect import connect
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+        connect(None)  # Ray's processes inherit the endpoint and credentials
+        try:
+            yield ROOT
+        finally:
+            ray.shutdown()
+            server.stop()
+
+
+def remote_files(prefix: str) -> dict[str, bytes]:
+    """Every object under ``s3://BUCKET/<prefix>``, keyed by the path below the prefix."""
+    from trainers.storage import download_dir
+
+    local = Path(f"/tmp/rayft-s3-listing-{abs(hash(prefix))}")
+    shutil.rmtree(local, ignore_errors=True)
+    download_dir(ROOT, prefix, local)
+    out = {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    shutil.rmtree(local, ignore_errors=True)
+    return out
+
+
+def test_run_checkpoints_and_adapter_live_in_object_storage(
+    s3_root, rayft_home, tiny_model_dir, tmp_path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cluster.jobs import read_run
+    from trainers.driver import load_run_spec, run_training
+    from trainers.registry import RegistryError, check_publishable, list_adapters
+    from trainers.storage import local_home
+
+    data = tmp_path / "colors.jsonl"
+    with open(data, "w") as handle:
+        for i in range(40):
+            color, thing = [("red", "apple"), ("blue", "sky"), ("green", "grass")][i % 3]
+            handle.write(json.dumps({"messages": [
+                {"role": "user", "content": f"name a {color} thing"},
+                {"role": "assistant", "content": f"the {thing} is {color}"},
+            ]}) + "\n")
+    spec = validate_spec({
+        "model": {"name": "tiny-llama"},
+        "data": {"train": str(data), "format": "chat", "max_seq_len": 64},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "optim": {"lr": 3e-3, "max_steps": 4, "batch_size": 4, "scheduler": "constant",
+                  "warmup_ratio": 0.0},
+        "scaling": {"num_workers": 1},
+        "checkpoint": {"every_steps": 2, "keep": 2},
+        "output": {"name": "colors-s3"},
+        "storage": s3_root,
+    })
+    outcome = run_training(spec, show_progress=False)
+
+    # The run's record, spec and checkpoints are in the bucket, not under RAYFT_HOME.
+    run_files = remote_files(f"runs/{outcome.run_id}")
+    record = json.loads(run_files["rayft_run.json"])
+    assert record["state"] == "finished"
+    assert record["artifact"] == f"{s3_root}/adapters/colors-s3"
+    assert "spec.yaml" in run_files
+    assert any(name.startswith("checkpoint_") and name.endswith("trainer_state.json")
+               for name in run_files)
+    assert not (rayft_home / "runs" / outcome.run_id).exists()
+    assert str(outcome.checkpoint_path).startswith(f"{BUCKET}/team/runs/{outcome.run_id}/")
+
+    # The published adapter is in the bucket, manifest included.
+    adapter_files = remote_files("adapters/colors-s3")
+    assert {"adapter_model.safetensors", "adapter_config.json", "rayft.json"} <= set(adapter_files)
+    assert json.loads(adapter_files["rayft.json"])["run_id"] == outcome.run_id
+
+    # A machine that has never seen the run finds everything through the URI.
+    shutil.rmtree(local_home(s3_root))
+    assert [a["name"] for a in list_adapters(s3_root)] == ["colors-s3"]
+    assert load_run_spec(outcome.run_id, s3_root).optim.max_steps == 4
+    status = read_run(s3_root, outcome.run_id)
+    assert status["record"]["state"] == "finished" and status["checkpoint_step"] == 4
+    with pytest.raises(RegistryError, match=f"{s3_root}/adapters/colors-s3"):
+        check_publishable("adapter", "colors-s3", overwrite=False, storage=s3_root)
+
+    # The serving engine loads the adapter from the bucket and matches plain PEFT.
+    from serving.engine import GenerationRequest, ModelEngine, SamplingParams
+    from serving.errors import NotFound
+
+    engine = ModelEngine("tiny-llama", storage=s3_root, max_loaded_adapters=2, dtype="float32")
+    prompt = tuple(engine.tokenizer("name a red thing")["input_ids"])
+    [served] = engine.generate(
+        [GenerationRequest(prompt, "colors-s3", SamplingParams(max_tokens=6, temperature=0))]
+    )
+    mirror = local_home(s3_root) / "adapters" / "colors-s3"
+    assert (mirror / "adapter_model.safetensors").is_file()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), mirror)
+    with torch.inference_mode():
+        want = peft.eval().generate(
+            torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt):].tolist()
+    assert served.token_ids == want[: len(served.token_ids)] and served.token_ids
+
+    # Unpublished at the URI: the mirror's copy is not served any more.
+    from trainers.registry import remove_artifact
+
+    remove_artifact("adapter", "colors-s3", s3_root)
+    assert list_adapters(s3_root) == []
+    with pytest.raises(NotFound):
+        engine.check_adapter("colors-s3")
