@@ -170,7 +170,24 @@ def build_scheduler(spec: JobSpec):
         time_attr=SCHEDULER_CLOCK,
         perturbation_interval=sched.perturbation_interval * spec.eval.every_steps,
         hyperparam_mutations=pbt_mutations(sched.mutations, spec),
+        # The final report carries no clock (``scheduler_report``): nothing to perturb then.
+        require_attrs=False,
     )
+
+
+# Keys population-based training may change between a checkpoint and the run that
+# continues it (the model's shapes, the data order and the sharding stay the same).
+PBT_MUTABLE = frozenset(
+    {
+        "optim.lr",
+        "optim.weight_decay",
+        "optim.max_grad_norm",
+        "optim.warmup_ratio",
+        "optim.scheduler",
+        "lora.dropout",
+        "lora.alpha",
+    }
+)
 
 
 def pbt_mutations(mutations: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
@@ -178,6 +195,19 @@ def pbt_mutations(mutations: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
     from raytune.search_space import flatten_space, to_tune, validate_search_space
 
     mutations = flatten_space(mutations)
+    refused = [k for k in mutations if k not in PBT_MUTABLE]
+    if refused:
+        raise ConfigError(
+            [
+                (
+                    f"tune.scheduler.mutations.{key}",
+                    "an exploited trial continues another trial's checkpoint, so only "
+                    "settings that keep its weights and data position valid can mutate: "
+                    + ", ".join(sorted(PBT_MUTABLE)),
+                )
+                for key in refused
+            ]
+        )
     if not mutations:
         raise ConfigError(
             [

@@ -182,10 +182,17 @@ def load_sweep_spec(sweep_id: str, storage: str | None = None) -> JobSpec:
 def _sweep_info(spec: JobSpec, sweep_id: str) -> dict[str, Any]:
     base = spec.to_dict()
     base["tune"] = None
+    sched = spec.tune.scheduler
+    space = list(flatten_space(spec.tune.search_space))
+    pbt_every = None
+    if sched.type == "pbt":
+        space += [k for k in flatten_space(sched.mutations) if k not in space]
+        pbt_every = sched.perturbation_interval * (spec.eval.every_steps or 1)
     return {
         "id": sweep_id,
         "base": base,
-        "space": list(flatten_space(spec.tune.search_space)),
+        "space": space,
+        "pbt_every_steps": pbt_every,
         "name": spec.output.name or sweep_id,
         "metric": spec.tune.metric,
         "mode": spec.tune.mode,
@@ -206,21 +213,91 @@ def trial_spec(sweep: dict[str, Any], values: dict[str, Any], index: int) -> Job
         "name": trial_artifact_name(sweep["name"], index),
         "overwrite": True,
     }
+    if sweep.get("pbt_every_steps"):
+        # Population-based training clones the newest checkpoint a trial has reported:
+        # one per perturbation interval keeps what an exploit copies current.
+        data["checkpoint"] = {**data.get("checkpoint", {}), "every_steps": sweep["pbt_every_steps"]}
     return validate_spec(data)
 
 
-def _train_report_callback(metric: str, mode: str, eval_every: int | None):
+def _train_report_callback(metric: str, mode: str, eval_every: int | None, bridge: Any = None):
+    """The Train callback that feeds a run's reports to its Tune trial.
+
+    Without ``bridge`` it is Tune's ``TuneReportCallback`` (metrics only; the checkpoint
+    path rides along as a metric). Population-based training needs Tune to hold real
+    checkpoints, so with ``bridge`` (a ``ray.util.queue.Queue``) every report goes there
+    with its checkpoint, and the trial function reports both to Tune (``_relay_reports``).
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class SweepReportCallback(TuneReportCallback):
         """Forwards Train reports to the Tune trial, shaped by ``scheduler_report``."""
 
+        def __init__(self) -> None:
+            super().__init__()
+            self._bridge = bridge
+
         def after_report(self, run_context, metrics, checkpoint):
             shaped = scheduler_report(metrics[0], metric, mode, eval_every)
-            if shaped is not None:
+            if shaped is None:
+                return
+            if self._bridge is not None:
+                self._bridge.put({"metrics": shaped, "checkpoint": checkpoint})
+            else:
                 super().after_report(run_context, [shaped, *metrics[1:]], checkpoint)
 
     return SweepReportCallback()
+
+
+def _keep_copy(checkpoint: Any, sweep: dict[str, Any], run_id: str) -> Any:
+    """Copy the checkpoint an exploited trial starts from into its own run directory.
+
+    Tune keeps only a few checkpoints per trial and the donor trial keeps reporting,
+    so the one PBT chose may be deleted before the new run's workers load it. When it
+    is already gone, the donor trial's newest checkpoint is taken instead.
+    """
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from trainers.storage import local_home, remote_path, upload_dir
+
+    relpath = f"runs/{run_id}/start_from"
+    target = local_home(sweep["storage"]) / relpath
+    try:
+        checkpoint.to_directory(str(target))
+    except (FileNotFoundError, OSError):
+        fs, parent = checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+        found = fs.get_file_info(pafs.FileSelector(parent))
+        newest = sorted(i.path for i in found if i.base_name.startswith("checkpoint_"))
+        if not newest:
+            raise
+        tune.Checkpoint(path=newest[-1], filesystem=fs).to_directory(str(target))
+    remote = remote_path(sweep["storage"], relpath)
+    if remote is None:
+        return tune.Checkpoint.from_directory(str(target))
+    # An object-storage root: the run's workers may be on other machines.
+    upload_dir(target, sweep["storage"], relpath)
+    return tune.Checkpoint(path=remote[1], filesystem=remote[0])
+
+
+def _relay_reports(future: Any, bridge: Any) -> Any:
+    """Report what the run's callback queued to Tune, checkpoints included, until it ends."""
+    import ray
+    from ray import tune
+
+    while True:
+        done, _ = ray.wait([future], timeout=0.5)
+        while not bridge.empty():
+            item = bridge.get()
+            train_checkpoint = item["checkpoint"]
+            checkpoint = None
+            if train_checkpoint is not None:
+                checkpoint = tune.Checkpoint(
+                    path=train_checkpoint.path, filesystem=train_checkpoint.filesystem
+                )
+            tune.report(item["metrics"], checkpoint=checkpoint)
+        if done:
+            return ray.get(future)
 
 
 def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
@@ -240,19 +317,48 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     values = trial_values({k: None for k in sweep["space"]}, config)
     spec = trial_spec(sweep, values, index)
     run_id = trial_run_id(sweep["id"], index)
-    resume = run_recorded(run_id, sweep["storage"])
     record_dir = sweep_path(sweep["id"], sweep["storage"]) / TRIALS_DIR
     record_dir.mkdir(parents=True, exist_ok=True)
+    starts = record_dir / f"{index}.starts.jsonl"
+    # A trial that starts again (PBT exploit or pause, Tuner.restore) had its previous
+    # actors killed; the placement group of that start's Train workers may still hold
+    # its CPUs, which the new run needs.
+    remove_trial_groups(record_dir / f"{index}{GROUPS_SUFFIX}")
+    pbt = bool(sweep.get("pbt_every_steps"))
+    start_from = tune.get_checkpoint() if pbt else None
+    donor = None
+    bridge = None
+    if start_from is not None:
+        # Population-based training restarted this trial from the newest checkpoint of
+        # a better trial (or, after an interruption, its own): a new Train run continues
+        # those weights with this trial's current values.
+        generation = len(starts.read_text().splitlines()) if starts.is_file() else 0
+        run_id = f"{run_id}-g{generation}"
+        donor = start_from.path
+        start_from = _keep_copy(start_from, sweep, run_id)
+    resume = start_from is None and run_recorded(run_id, sweep["storage"])
     # One line per start: a finished trial that was never rerun has exactly one.
-    with open(record_dir / f"{index}.starts.jsonl", "a") as handle:
+    with open(starts, "a") as handle:
         handle.write(
             json.dumps(
-                {"trial_id": trial_id, "run_id": run_id, "resume": resume, "time": time.time()}
+                {
+                    "trial_id": trial_id,
+                    "run_id": run_id,
+                    "resume": resume,
+                    "started_from": donor,
+                    "values": values,
+                    "time": time.time(),
+                },
+                default=str,
             )
             + "\n"
         )
+    if pbt:
+        from ray.util.queue import Queue
+
+        bridge = Queue(actor_options={"num_cpus": 0})
     callbacks = [
-        _train_report_callback(sweep["metric"], sweep["mode"], sweep["eval_every"]),
+        _train_report_callback(sweep["metric"], sweep["mode"], sweep["eval_every"], bridge),
         _worker_group_recorder(record_dir / f"{index}{GROUPS_SUFFIX}"),
     ]
     # Tune places a trial's child tasks inside the trial's placement group, where Ray
@@ -266,7 +372,8 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         .options(scheduling_strategy="DEFAULT")
         .remote()
     )
-    outcome = ray.get(runner.run.remote(spec, run_id, resume, callbacks))
+    future = runner.run.remote(spec, run_id, resume, callbacks, start_from)
+    outcome = ray.get(future) if bridge is None else _relay_reports(future, bridge)
     record = {
         "trial_id": trial_id,
         "index": index,
@@ -349,7 +456,9 @@ def _teardown_callback(sweep_id: str, storage: str | None):
 class TrialRun:
     """Drives one trial's training run (a Ray actor outside the trial's placement group)."""
 
-    def run(self, spec: JobSpec, run_id: str, resume: bool, callbacks: list[Any]) -> Any:
+    def run(
+        self, spec: JobSpec, run_id: str, resume: bool, callbacks: list[Any], start_from: Any
+    ) -> Any:
         from trainers.driver import run_training
 
         return run_training(
@@ -359,6 +468,7 @@ class TrialRun:
             show_progress=False,
             extra_run={"report_every_eval": True},
             callbacks=callbacks,
+            start_from=start_from,
         )
 
 
@@ -495,6 +605,9 @@ def run_sweep(
         callbacks=callbacks,
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),
+        # PBT copies each reported checkpoint into the trial's directory; a few suffice
+        # (an exploit clones the newest, and PBT warns below three).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=4) if sweep["pbt_every_steps"] else None,
     )
     if resume:
         say(f"[rayft] resuming sweep {sweep_id} from {path}")
@@ -549,7 +662,7 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
             metric: _number(last.get(metric)),
             "state": state,
             f"best_{metric}": best,
-            "run_id": trial_run_id(sweep_id, index),
+            "run_id": _last_run_id(path, sweep_id, index),
             "trial_id": trial.trial_id,
         }
         if state == res.FINISHED:
@@ -685,6 +798,16 @@ def _publish(
         write_manifest(trial_dir, manifest, spec.storage)
         kept.append(trial_dir)
     return artifact, kept
+
+
+def _last_run_id(path: Path, sweep_id: str, index: int) -> str:
+    """The Train run a trial last started (PBT starts a new one at every exploit)."""
+    starts = path / TRIALS_DIR / f"{index}.starts.jsonl"
+    if starts.is_file():
+        lines = [line for line in starts.read_text().splitlines() if line]
+        if lines:
+            return json.loads(lines[-1])["run_id"]
+    return trial_run_id(sweep_id, index)
 
 
 def _curve(frame, metric: str) -> list[tuple[int, float]]:

@@ -112,6 +112,7 @@ def run_training(
     show_progress: bool = True,
     extra_run: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
+    start_from: Any = None,
 ) -> TrainOutcome:
     """Fine-tune according to ``spec`` on the connected Ray cluster and publish the result.
 
@@ -123,6 +124,9 @@ def run_training(
         extra_run: Additional per-run settings for the workers (used by sweeps).
         callbacks: Ray Train ``UserCallback``s for the run's ``RunConfig`` (sweeps pass
             Tune's ``TuneReportCallback`` so worker reports reach the Tune trial).
+        start_from: A ``ray.train.Checkpoint`` of another run to start this new run from
+            (weights, optimizer state and position; the spec's optimizer settings apply).
+            Population-based training passes the checkpoint of the trial it exploits.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -181,6 +185,9 @@ def run_training(
         "progress_actor": sink_name(run_id),
         "local_run_dir": None if is_uri(home(storage)) else str(local_run),
         "stop_after_step": _env_int("RAYFT_STOP_AFTER_STEP"),
+        # Train V2 drops ``resume_from_checkpoint``: the loop loads this one itself when
+        # the run has no checkpoint of its own yet.
+        "start_from": start_from,
         **(extra_run or {}),
     }
     resources = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}

@@ -71,6 +71,26 @@ def lr_schedule(optimizer: torch.optim.Optimizer, spec: JobSpec, total_steps: in
     )
 
 
+def apply_optim_settings(optimizer: Any, scheduler: Any, spec: JobSpec) -> None:
+    """Put the spec's learning rate and weight decay on optimizer state loaded from a checkpoint.
+
+    A checkpoint brings back the hyperparameters it was saved with. Resuming the same run
+    changes nothing here; a population-based-training exploit continues another trial's
+    weights and optimizer moments under this trial's (mutated) settings, at the same
+    point of the schedule.
+    """
+    groups = optimizer.param_groups
+    for index, group in enumerate(groups):
+        group["initial_lr"] = spec.optim.lr
+        if index == 0:  # the decay group (trainers.methods.param_groups)
+            group["weight_decay"] = spec.optim.weight_decay
+    if scheduler is not None and hasattr(scheduler, "lr_lambdas"):
+        scheduler.base_lrs = [spec.optim.lr] * len(groups)
+        for group, fn in zip(groups, scheduler.lr_lambdas, strict=True):
+            group["lr"] = spec.optim.lr * fn(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     keys = ("input_ids", "attention_mask", "position_ids", "labels")
     return {k: batch[k].to(device) for k in keys if k in batch}
@@ -178,13 +198,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     state = TrainerState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or run.get("start_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             engine.load_checkpoint(
                 ckpt_dir, tag=DS_TAG, load_module_strict=spec.method == "full"
             )
             state = TrainerState(**json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text()))
+        apply_optim_settings(optimizer, scheduler, spec)
         if rank == 0:
             print(f"[rayft] resumed from step {state.step} (epoch {state.epoch})", flush=True)
 

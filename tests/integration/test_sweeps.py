@@ -219,6 +219,66 @@ def test_grid_over_lora_rank_runs_exactly_the_grid(ray_cluster, chat_file, rayft
     assert len(outcome.trial_artifacts) == 2
 
 
+def test_pbt_exploit_continues_the_better_trial_with_a_mutated_lr(
+    ray_cluster, chat_file, rayft_home
+):
+    # Two trials, one with an absurd learning rate, running side by side. At a
+    # perturbation (every 2 evals = 4 steps, with a checkpoint each time) where both
+    # have scores, PBT restarts the worse trial from the better one's newest checkpoint
+    # with a mutated learning rate. Every restart is a new Train run (a few seconds to a
+    # minute each on CPU), so the trials are short.
+    data = sweep_data(
+        chat_file,
+        "sweep-pbt",
+        {"optim.lr": {"grid": [3e-3, 50.0]}},
+        scheduler={
+            "type": "pbt",
+            "perturbation_interval": 2,
+            "mutations": {"optim.lr": {"choice": [2e-3, 4e-3]}},
+        },
+        search="grid",
+        publish_all=True,
+    )
+    data["optim"].update(max_steps=16, batch_size=8)
+    spec = validate_spec(data)
+    outcome = run_sweep(spec, sweep_id="pbt-lr", show_progress=False)
+    assert [r["state"] for r in outcome.rows] == ["finished", "finished"]
+
+    starts = {
+        row["trial"]: [
+            json.loads(line)
+            for line in (outcome.path / "trials" / f"{row['trial']}.starts.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        for row in outcome.rows
+    }
+    absurd = next(r for r in outcome.rows if starts[r["trial"]][0]["values"]["optim.lr"] == 50.0)
+    good = next(r for r in outcome.rows if r is not absurd)
+    # A restart from a trial's own checkpoint is PBT pausing it; from the other's, an exploit.
+    exploits = [
+        s for s in starts[absurd["trial"]][1:] if good["trial_id"] in (s["started_from"] or "")
+    ]
+    assert exploits, starts
+    first = exploits[0]
+    # PBT resamples from the mutations or scales the donor's value by 0.8 or 1.2.
+    mutated = first["values"]["optim.lr"]
+    assert first["run_id"].startswith(f"{absurd['run_id'].rsplit('-g', 1)[0]}-g")
+    assert 1.6e-3 <= mutated <= 4.8e-3
+    # The new run continued the donor's weights from its checkpoint step, not from step 0.
+    order = rayft_home / "runs" / first["run_id"] / "data_order" / "rank0.jsonl"
+    steps = [json.loads(line)["step"] for line in order.read_text().splitlines()]
+    assert min(steps) > 1
+
+    # The absurd trial ended as a copy of a good one: its last run trained at a mutated
+    # lr after the exploit and finished with a sane loss.
+    manifest = read_manifest(adapter_path(f"sweep-pbt-trial-{absurd['trial']}"))
+    assert manifest["run_id"] == absurd["run_id"] == starts[absurd["trial"]][-1]["run_id"]
+    lrs = [r["lr"] for r in manifest["history"] if r["kind"] == "train"]
+    assert lrs[-1] == pytest.approx(starts[absurd["trial"]][-1]["values"]["optim.lr"])
+    assert absurd["eval_loss"] < 2 * min(r["eval_loss"] for r in outcome.rows)
+
+
 def test_resume_after_interrupt_reruns_no_finished_trial(chat_file, tmp_path, ray_env):
     home = tmp_path / "home"
     config = tmp_path / "sweep.yaml"

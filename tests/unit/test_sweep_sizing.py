@@ -123,6 +123,11 @@ def test_schedulers_and_search_are_built_from_the_spec():
     with pytest.raises(ConfigError) as err:
         build_scheduler(spec(type="pbt", mutations={"optim.nope": {"choice": [1]}}))
     assert err.value.problems[0][0] == "tune.scheduler.mutations.optim.nope"
+    # Shapes and data position must survive an exploit: lora.r cannot mutate.
+    with pytest.raises(ConfigError) as err:
+        build_scheduler(spec(type="pbt", mutations={"lora.r": {"choice": [4, 8]}}))
+    assert err.value.problems[0][0] == "tune.scheduler.mutations.lora.r"
+    assert "optim.lr" in err.value.problems[0][1]
     search = build_search(spec(), 2)
     assert isinstance(search, BasicVariantGenerator) and search.max_concurrent == 2
 
