@@ -33,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import GenerationRequest
-from serving.errors import BadRequest, ServingError, TooLarge, Unauthorized
+from serving.errors import BadRequest, ServingError, TooLarge, Unauthorized, Unavailable
 from serving.service import ModelService
+from trainers.storage import StorageError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -156,6 +157,11 @@ def create_api(service: ModelService) -> FastAPI:
         kind.status = err.status_code
         kind.type = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return error_response(kind)
+
+    @app.exception_handler(StorageError)
+    async def storage_error(_: Request, err: StorageError) -> JSONResponse:
+        # The registry's object-storage root is unreachable: the client may retry.
+        return error_response(Unavailable(str(err), code="storage_unavailable"))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, err: Exception) -> JSONResponse:
