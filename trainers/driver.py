@@ -244,7 +244,7 @@ def run_training(
                     artifact=artifact_location(kind, name, storage, artifact))
     _save_record(storage, run_id, run_info)
     history = _history_from(result)
-    say(f"[rayft] {kind} published: {artifact}  (checkpoints: {result.checkpoint.path})")
+    say(f"[rayft] {kind} published: {run_info['artifact']}  (checkpoints: {result.checkpoint.path})")
     return TrainOutcome(run_id, metrics, artifact, result.checkpoint.path, history)
 
 
