@@ -172,6 +172,7 @@ def build_scheduler(spec: JobSpec):
         hyperparam_mutations=pbt_mutations(sched.mutations, spec),
         # The final report carries no clock (``scheduler_report``): nothing to perturb then.
         require_attrs=False,
+        synch=sched.synch,
     )
 
 

@@ -132,6 +132,8 @@ class TuneSchedulerSpec(_Section):
     max_steps: int | None = Field(None, ge=1)
     perturbation_interval: int = Field(2, ge=1)
     mutations: dict[str, Any] = Field(default_factory=dict)
+    synch: bool = False
+    """PBT only: every trial waits at each perturbation until all have reached it."""
 
 
 class TuneSpec(_Section):

@@ -222,11 +222,10 @@ def test_grid_over_lora_rank_runs_exactly_the_grid(ray_cluster, chat_file, rayft
 def test_pbt_exploit_continues_the_better_trial_with_a_mutated_lr(
     ray_cluster, chat_file, rayft_home
 ):
-    # Two trials, one with an absurd learning rate, running side by side. At a
-    # perturbation (every 2 evals = 4 steps, with a checkpoint each time) where both
-    # have scores, PBT restarts the worse trial from the better one's newest checkpoint
-    # with a mutated learning rate. Every restart is a new Train run (a few seconds to a
-    # minute each on CPU), so the trials are short.
+    # Two trials, one with an absurd learning rate. Synchronous PBT makes the first to
+    # reach the perturbation at step 4 (2 evals, a checkpoint) wait for the other, however
+    # far apart their runs started; then the worse trial restarts from the better one's
+    # checkpoint with a mutated learning rate. Every restart is a new Train run.
     data = sweep_data(
         chat_file,
         "sweep-pbt",
@@ -235,11 +234,12 @@ def test_pbt_exploit_continues_the_better_trial_with_a_mutated_lr(
             "type": "pbt",
             "perturbation_interval": 2,
             "mutations": {"optim.lr": {"choice": [2e-3, 4e-3]}},
+            "synch": True,
         },
         search="grid",
         publish_all=True,
     )
-    data["optim"].update(max_steps=16, batch_size=8)
+    data["optim"].update(max_steps=8, batch_size=8)
     spec = validate_spec(data)
     outcome = run_sweep(spec, sweep_id="pbt-lr", show_progress=False)
     assert [r["state"] for r in outcome.rows] == ["finished", "finished"]
