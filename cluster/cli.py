@@ -83,13 +83,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             if isinstance(err, _bad_input_types()):
                 raise
             run_hint = args.resume or "<run id printed above>"
-            print(f"rayft: training failed: {_root_cause(err)}\n"
-                  f"resume from the last checkpoint with: rayft train --resume {run_hint}",
-                  file=sys.stderr)
+            print(
+                f"rayft: training failed: {_root_cause(err)}\n"
+                f"resume from the last checkpoint with: rayft train --resume {run_hint}",
+                file=sys.stderr,
+            )
             return 1
     _print_eval_summary(outcome.evals())
-    print(json.dumps({"run_id": outcome.run_id, "artifact": str(outcome.artifact),
-                      "metrics": outcome.metrics}, default=str))
+    print(
+        json.dumps(
+            {
+                "run_id": outcome.run_id,
+                "artifact": str(outcome.artifact),
+                "metrics": outcome.metrics,
+            },
+            default=str,
+        )
+    )
     return 0
 
 
@@ -116,8 +126,10 @@ def _print_eval_summary(evals: list[dict]) -> None:
     print("eval            before      after", file=sys.stderr)
     for key in ("eval_loss", "eval_perplexity"):
         if key in first and key in last:
-            print(f"{key:<14}{first[key]:>8.4f} {last[key]:>10.4f}   (steps {first['step']} -> {last['step']})",
-                  file=sys.stderr)
+            print(
+                f"{key:<14}{first[key]:>8.4f} {last[key]:>10.4f}   (steps {first['step']} -> {last['step']})",
+                file=sys.stderr,
+            )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -193,9 +205,21 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; ``key=value`` overrides may also follow the options."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        takes_overrides = isinstance(getattr(args, "overrides", None), list)
+        stray = [t for t in extra if not takes_overrides or t.startswith("-") or "=" not in t]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -17,6 +17,9 @@ from trainers.config import ConfigError, JobSpec, ScalingSpec
 SCHEDULER_CLOCK = "eval_step"
 """The result key schedulers count time in (optimizer steps at periodic evaluations)."""
 
+EVAL_ROUND = "eval_round"
+"""Periodic evaluations so far: HyperBand's clock, whose bracket sizes follow its units."""
+
 REPORTED_METRICS = ("eval_loss", "eval_perplexity")
 """Metrics a trial reports at every evaluation; ``tune.metric`` must be one of them."""
 
@@ -25,6 +28,9 @@ TRIAL_DRIVER_CPUS = 0.01
 
 DATA_HEADROOM_CPUS = 1.0
 """CPUs kept free of training workers for the Ray Data tasks that tokenise and feed trials."""
+
+TRIAL_NUMBER = "trial"
+"""Config key with a trial's number when a model-based searcher (optuna, hyperopt) proposes it."""
 
 SEARCH_PACKAGES = {"optuna": "optuna", "hyperopt": "hyperopt"}
 
@@ -163,8 +169,12 @@ def build_scheduler(spec: JobSpec):
             reduction_factor=sched.reduction_factor,
         )
     if sched.type == "hyperband":
-        return HyperBandScheduler(
-            time_attr=SCHEDULER_CLOCK, max_t=budget, reduction_factor=sched.reduction_factor
+        # HyperBand sizes its brackets from max_t in clock units (the first holds about
+        # max_t trials), so its clock is evaluations, the smallest step it can act on.
+        return _evaluations_only(HyperBandScheduler)(
+            time_attr=EVAL_ROUND,
+            max_t=max(1, budget // spec.eval.every_steps),
+            reduction_factor=sched.reduction_factor,
         )
     return PopulationBasedTraining(
         time_attr=SCHEDULER_CLOCK,
@@ -174,6 +184,25 @@ def build_scheduler(spec: JobSpec):
         require_attrs=False,
         synch=sched.synch,
     )
+
+
+def _evaluations_only(scheduler_class):
+    """``scheduler_class`` acting only on results that carry the scheduler clock.
+
+    ASHA and PBT already let a result without their time attribute pass; synchronous
+    HyperBand asserts on it. Checkpoint reports between evaluations and a run's final
+    report carry no clock (``scheduler_report``), so they continue the trial here too.
+    """
+    from ray.tune.schedulers import TrialScheduler
+
+    class EvaluationsOnly(scheduler_class):
+        def on_trial_result(self, tune_controller, trial, result):
+            if self._time_attr not in result:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    EvaluationsOnly.__name__ = scheduler_class.__name__
+    return EvaluationsOnly
 
 
 # Keys population-based training may change between a checkpoint and the run that
@@ -254,7 +283,27 @@ def build_search(spec: JobSpec, max_concurrent: int):
         from ray.tune.search.hyperopt import HyperOptSearch
 
         searcher = HyperOptSearch(random_state_seed=seed)
-    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+
+    class NumberedTrials(ConcurrencyLimiter):
+        """Numbers the trials the searcher proposes 0, 1, 2, ... in their configs.
+
+        Tune names a variant generator's trials ``<id>_<index>``, but a searcher's only by
+        a random id; the number in ``TRIAL_NUMBER`` names the trial's run and artifacts.
+        The counter is part of the searcher state a resumed sweep restores.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.numbered = 0
+
+        def suggest(self, trial_id: str):
+            config = super().suggest(trial_id)
+            if isinstance(config, dict):
+                config = {**config, TRIAL_NUMBER: self.numbered}
+                self.numbered += 1
+            return config
+
+    return NumberedTrials(searcher, max_concurrent=max_concurrent)
 
 
 def max_concurrent(spec: JobSpec, cluster: dict[str, float]) -> int:
@@ -284,8 +333,9 @@ def scheduler_report(
     """Shape one Train report for Tune, or ``None`` to leave it out.
 
     * A periodic evaluation (a non-final report at a multiple of ``eval.every_steps``)
-      gets the scheduler clock ``eval_step``; checkpoint reports between evaluations
-      and the final report do not, so schedulers act on fresh evaluations only.
+      gets the scheduler clock ``eval_step`` (and ``eval_round``, its count);
+      checkpoint reports between evaluations and the final report do not, so
+      schedulers act on fresh evaluations only.
     * A non-final report without the metric (a checkpoint before any evaluation) is
       left out: Tune requires the metric in every result.
     * A diverged metric (NaN) becomes the worst value, so schedulers stop that trial
@@ -301,4 +351,5 @@ def scheduler_report(
     step = out.get("step")
     if not final and eval_every and isinstance(step, int) and step > 0 and step % eval_every == 0:
         out[SCHEDULER_CLOCK] = step
+        out[EVAL_ROUND] = step // eval_every
     return out

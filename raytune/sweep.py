@@ -30,6 +30,7 @@ from raytune import results as res
 from raytune.schedulers import (
     REPORTED_METRICS,
     TRIAL_DRIVER_CPUS,
+    TRIAL_NUMBER,
     build_scheduler,
     build_search,
     check_search,
@@ -92,10 +93,20 @@ def artifact_kind(spec: JobSpec) -> str:
     return "adapter" if spec.method == "lora" else "model"
 
 
-def trial_index(trial_id: str) -> int:
-    """The trial's number in its sweep (Tune ids end in ``_<index>``, e.g. ``a1b2c_00003``)."""
+def trial_index(trial_id: str, config: dict[str, Any]) -> int:
+    """The trial's number in its sweep.
+
+    Tune's variant generator (random and grid search) ends trial ids in ``_<index>``,
+    e.g. ``a1b2c_00003``; a model-based searcher's trials carry it in their config.
+    """
+    if TRIAL_NUMBER in config:
+        return int(config[TRIAL_NUMBER])
     tail = trial_id.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else abs(hash(trial_id)) % 100000
+    if not tail.isdigit():
+        raise ValueError(
+            f"trial {trial_id} has no number: neither an _<index> id nor {TRIAL_NUMBER!r}"
+        )
+    return int(tail)
 
 
 def trial_run_id(sweep_id: str, index: int) -> str:
@@ -313,7 +324,7 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     from trainers.driver import run_recorded
 
     trial_id = tune.get_context().get_trial_id()
-    index = trial_index(trial_id)
+    index = trial_index(trial_id, config)
     values = trial_values({k: None for k in sweep["space"]}, config)
     spec = trial_spec(sweep, values, index)
     run_id = trial_run_id(sweep["id"], index)
@@ -440,7 +451,7 @@ def _teardown_callback(sweep_id: str, storage: str | None):
             path = (
                 sweep_path(sweep_id, storage)
                 / TRIALS_DIR
-                / f"{trial_index(trial.trial_id)}{GROUPS_SUFFIX}"
+                / f"{trial_index(trial.trial_id, trial.config)}{GROUPS_SUFFIX}"
             )
             remove_trial_groups(path)
 
@@ -491,7 +502,7 @@ def _live_table_callback(params: list[str], metric: str, every_s: float):
                 last = t.last_result or {}
                 rows.append(
                     {
-                        "trial": trial_index(t.trial_id),
+                        "trial": trial_index(t.trial_id, t.config),
                         **{p: t.config.get(p) for p in params},
                         "step": last.get("step"),
                         metric: last.get(metric),
@@ -607,7 +618,9 @@ def run_sweep(
         failure_config=tune.FailureConfig(max_failures=0),
         # PBT copies each reported checkpoint into the trial's directory; a few suffice
         # (an exploit clones the newest, and PBT warns below three).
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=4) if sweep["pbt_every_steps"] else None,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=4)
+        if sweep["pbt_every_steps"]
+        else None,
     )
     if resume:
         say(f"[rayft] resuming sweep {sweep_id} from {path}")
@@ -648,7 +661,7 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
     curves: dict[str, list[tuple[int, float]]] = {}
     states: dict[str, str] = {}
     for trial in analysis.trials:
-        index = trial_index(trial.trial_id)
+        index = trial_index(trial.trial_id, trial.config)
         last = trial.last_result or {}
         state = res.trial_state(trial.status, last)
         frame = analysis.trial_dataframes.get(trial.trial_id)

@@ -219,6 +219,44 @@ def test_grid_over_lora_rank_runs_exactly_the_grid(ray_cluster, chat_file, rayft
     assert len(outcome.trial_artifacts) == 2
 
 
+@pytest.mark.parametrize(("search", "scheduler"), [("optuna", "hyperband"), ("hyperopt", "asha")])
+def test_model_based_search_samples_the_space_and_publishes_the_best(
+    ray_cluster, chat_file, rayft_home, search, scheduler
+):
+    pytest.importorskip(search)
+    name = f"sweep-{search}"
+    spec = validate_spec(
+        sweep_data(
+            chat_file,
+            name,
+            {
+                "optim.lr": {"loguniform": [1e-4, 3e-2]},
+                "lora.r": {"choice": [2, 4, 8]},
+            },
+            scheduler={"type": scheduler, "reduction_factor": 2},
+            search=search,
+            num_samples=3,
+        )
+    )
+    outcome = run_sweep(spec, sweep_id=f"{search}-{scheduler}", show_progress=False)
+
+    assert len(outcome.rows) == 3
+    assert {r["state"] for r in outcome.rows} <= {"finished", "early_stopped"}
+    assert outcome.by_state("finished")
+    for row in outcome.rows:
+        assert 1e-4 <= row["optim.lr"] <= 3e-2 and row["lora.r"] in (2, 4, 8)
+    # The searcher proposed three different points, each trained as such.
+    assert len({r["optim.lr"] for r in outcome.rows}) == 3
+    best = outcome.best
+    manifest = read_manifest(outcome.artifact)
+    assert manifest["sweep"]["params"] == {"optim.lr": best["optim.lr"], "lora.r": best["lora.r"]}
+    assert manifest["spec"]["optim"]["lr"] == best["optim.lr"]
+    config = json.loads((outcome.artifact / "adapter_config.json").read_text())
+    assert config["r"] == best["lora.r"]
+    data = json.loads(outcome.table_json.read_text())
+    assert data["complete"] and data["best"]["trial"] == best["trial"]
+
+
 def test_pbt_exploit_continues_the_better_trial_with_a_mutated_lr(
     ray_cluster, chat_file, rayft_home
 ):

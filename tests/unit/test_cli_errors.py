@@ -21,7 +21,11 @@ def rayft(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAYFT_HOME": str(home)}
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -33,8 +37,14 @@ def write_spec(tmp_path: Path, train: Path, **extra) -> Path:
 
 
 def chat(i: int) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                    {"role": "assistant", "content": f"a{i}"}]})
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+    )
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
@@ -48,10 +58,15 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
 
 def test_row_missing_its_fields_names_line_and_field(tmp_path):
     data = tmp_path / "train.jsonl"
-    data.write_text("\n".join([
-        json.dumps({"prompt": "p1", "completion": "c1"}),
-        json.dumps({"prompt": "p2"}),
-    ]) + "\n")
+    data.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "p1", "completion": "c1"}),
+                json.dumps({"prompt": "p2"}),
+            ]
+        )
+        + "\n"
+    )
     done = rayft("train", str(write_spec(tmp_path, data)), home=tmp_path)
     assert done.returncode == 2
     assert f"{data}:2" in done.stderr and "completion" in done.stderr
@@ -89,7 +104,9 @@ def test_missing_config_file(tmp_path):
 @pytest.mark.parametrize("command", [["validate"], ["train"]])
 def test_validate_reports_every_problem(tmp_path, command):
     spec = tmp_path / "bad.yaml"
-    spec.write_text("model: {name: tiny-llama}\ndata: {train: x.jsonl}\noptim: {lr: -1}\nbogus: 1\n")
+    spec.write_text(
+        "model: {name: tiny-llama}\ndata: {train: x.jsonl}\noptim: {lr: -1}\nbogus: 1\n"
+    )
     done = rayft(*command, str(spec), home=tmp_path)
     assert done.returncode == 2
     assert "optim.lr" in done.stderr and "bogus" in done.stderr
@@ -105,3 +122,21 @@ def test_models_list_shows_builtins(tmp_path):
     done = rayft("models", "list", home=tmp_path)
     assert done.returncode == 0
     assert "smollm2-135m-instruct" in done.stdout and "tiny-llama" in done.stdout
+
+
+def test_overrides_may_follow_the_options():
+    from cluster.cli import parse_args
+
+    args = parse_args(["tune", "sweep.yaml", "--id", "s1", "optim.lr=1e-3", "lora.r=8"])
+    assert (args.config, args.sweep_id, args.overrides) == (
+        "sweep.yaml",
+        "s1",
+        ["optim.lr=1e-3", "lora.r=8"],
+    )
+    args = parse_args(["train", "job.yaml", "a.b=1", "--run-id", "r1", "c.d=2"])
+    assert args.overrides == ["a.b=1", "c.d=2"] and args.run_id == "r1"
+    # Anything else after the options is still an error, exit status 2.
+    for argv in (["tune", "sweep.yaml", "--id", "s1", "stray"], ["train", "job.yaml", "--bogus=1"]):
+        with pytest.raises(SystemExit) as err:
+            parse_args(argv)
+        assert err.value.code == 2

@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from raytune.schedulers import SCHEDULER_CLOCK, scheduler_budget, scheduler_report
+from raytune.schedulers import (
+    EVAL_ROUND,
+    SCHEDULER_CLOCK,
+    TRIAL_NUMBER,
+    scheduler_budget,
+    scheduler_report,
+)
 from raytune.search_space import (
     apply_values,
     parse_entry,
@@ -150,9 +156,13 @@ def test_trial_spec_sets_values_and_names_the_trial_artifact():
     assert apply_values({"a": {"b": 1}}, {"a.b": 2, "c.d": 3}) == {"a": {"b": 2}, "c": {"d": 3}}
 
 
-def test_trial_index_comes_from_the_tune_trial_id():
-    assert trial_index("a1b2c_00003") == 3
-    assert trial_index("a1b2c_00012") == 12
+def test_trial_index_comes_from_the_tune_trial_id_or_the_searchers_number():
+    assert trial_index("a1b2c_00003", {"optim.lr": 1e-3}) == 3
+    assert trial_index("a1b2c_00012", {}) == 12
+    # A model-based searcher's trials have random ids and their number in the config.
+    assert trial_index("3f9a61c2", {"optim.lr": 1e-3, TRIAL_NUMBER: 4}) == 4
+    with pytest.raises(ValueError, match="3f9a61c2"):
+        trial_index("3f9a61c2", {"optim.lr": 1e-3})
 
 
 def test_validate_sweep_reports_every_problem_with_its_key():
@@ -206,10 +216,10 @@ def test_scheduler_budget_counts_grace_in_evaluations():
 
 def test_scheduler_report_clocks_evaluations_only_and_worsens_nan():
     report = scheduler_report({"eval_loss": 2.0, "step": 6, "final": False}, "eval_loss", "min", 3)
-    assert report[SCHEDULER_CLOCK] == 6
+    assert report[SCHEDULER_CLOCK] == 6 and report[EVAL_ROUND] == 2
     # A checkpoint between evaluations carries an older evaluation: no clock tick.
     report = scheduler_report({"eval_loss": 2.0, "step": 4, "final": False}, "eval_loss", "min", 3)
-    assert SCHEDULER_CLOCK not in report
+    assert SCHEDULER_CLOCK not in report and EVAL_ROUND not in report
     # The final report must never let a scheduler stop a trial that is publishing.
     report = scheduler_report({"eval_loss": 1.0, "step": 12, "final": True}, "eval_loss", "min", 3)
     assert SCHEDULER_CLOCK not in report and report["eval_loss"] == 1.0
