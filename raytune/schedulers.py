@@ -17,9 +17,6 @@ from trainers.config import ConfigError, JobSpec, ScalingSpec
 SCHEDULER_CLOCK = "eval_step"
 """The result key schedulers count time in (optimizer steps at periodic evaluations)."""
 
-EVAL_ROUND = "eval_round"
-"""Periodic evaluations so far: HyperBand's clock, whose bracket sizes follow its units."""
-
 REPORTED_METRICS = ("eval_loss", "eval_perplexity")
 """Metrics a trial reports at every evaluation; ``tune.metric`` must be one of them."""
 
@@ -153,7 +150,6 @@ def build_scheduler(spec: JobSpec):
     from ray.tune.schedulers import (
         ASHAScheduler,
         FIFOScheduler,
-        HyperBandScheduler,
         PopulationBasedTraining,
     )
 
@@ -169,12 +165,17 @@ def build_scheduler(spec: JobSpec):
             reduction_factor=sched.reduction_factor,
         )
     if sched.type == "hyperband":
-        # HyperBand sizes its brackets from max_t in clock units (the first holds about
-        # max_t trials), so its clock is evaluations, the smallest step it can act on.
-        return _evaluations_only(HyperBandScheduler)(
-            time_attr=EVAL_ROUND,
-            max_t=max(1, budget // spec.eval.every_steps),
+        # Asynchronous HyperBand: ASHA over HyperBand's brackets, each starting successive
+        # halving one rung later, down to one that runs every trial to the budget. Ray's
+        # synchronous HyperBandScheduler pauses trials until a bracket is full and, with
+        # trials created as concurrency allows, only ever fills its first bracket, which
+        # stops nothing (ray-project/ray#37605).
+        return ASHAScheduler(
+            time_attr=SCHEDULER_CLOCK,
+            grace_period=grace,
+            max_t=budget,
             reduction_factor=sched.reduction_factor,
+            brackets=hyperband_brackets(grace, budget, sched.reduction_factor),
         )
     return PopulationBasedTraining(
         time_attr=SCHEDULER_CLOCK,
@@ -186,23 +187,9 @@ def build_scheduler(spec: JobSpec):
     )
 
 
-def _evaluations_only(scheduler_class):
-    """``scheduler_class`` acting only on results that carry the scheduler clock.
-
-    ASHA and PBT already let a result without their time attribute pass; synchronous
-    HyperBand asserts on it. Checkpoint reports between evaluations and a run's final
-    report carry no clock (``scheduler_report``), so they continue the trial here too.
-    """
-    from ray.tune.schedulers import TrialScheduler
-
-    class EvaluationsOnly(scheduler_class):
-        def on_trial_result(self, tune_controller, trial, result):
-            if self._time_attr not in result:
-                return TrialScheduler.CONTINUE
-            return super().on_trial_result(tune_controller, trial, result)
-
-    EvaluationsOnly.__name__ = scheduler_class.__name__
-    return EvaluationsOnly
+def hyperband_brackets(grace: int, budget: int, reduction_factor: float) -> int:
+    """HyperBand's bracket count: one per rung from ``grace`` up to ``budget``."""
+    return int(math.log(budget / grace) / math.log(reduction_factor) + 1e-9) + 1
 
 
 # Keys population-based training may change between a checkpoint and the run that
@@ -333,9 +320,8 @@ def scheduler_report(
     """Shape one Train report for Tune, or ``None`` to leave it out.
 
     * A periodic evaluation (a non-final report at a multiple of ``eval.every_steps``)
-      gets the scheduler clock ``eval_step`` (and ``eval_round``, its count);
-      checkpoint reports between evaluations and the final report do not, so
-      schedulers act on fresh evaluations only.
+      gets the scheduler clock ``eval_step``; checkpoint reports between evaluations
+      and the final report do not, so schedulers act on fresh evaluations only.
     * A non-final report without the metric (a checkpoint before any evaluation) is
       left out: Tune requires the metric in every result.
     * A diverged metric (NaN) becomes the worst value, so schedulers stop that trial
@@ -351,5 +337,4 @@ def scheduler_report(
     step = out.get("step")
     if not final and eval_every and isinstance(step, int) and step > 0 and step % eval_every == 0:
         out[SCHEDULER_CLOCK] = step
-        out[EVAL_ROUND] = step // eval_every
     return out

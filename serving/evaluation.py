@@ -87,12 +87,15 @@ def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 def dataset_path(name: str, storage: str | None = None) -> Path:
     """The file of a dataset stored in the registry at ``<root>/datasets/<name>[.jsonl|.json]``.
 
+    Under an object-storage root the file is read from there into the local mirror.
+
     Raises:
         BadRequest: ``name`` is not one safe path component.
         NotFound: No such dataset.
+        StorageError: The object-storage root cannot be read.
     """
     from trainers.registry import RegistryError, checked_name
-    from trainers.storage import local_home
+    from trainers.storage import local_home, sync_file
 
     try:
         checked_name(name)
@@ -100,6 +103,7 @@ def dataset_path(name: str, storage: str | None = None) -> Path:
         raise BadRequest(str(err), param="dataset") from None
     root = (local_home(storage) / "datasets").resolve()
     for suffix in DATASET_SUFFIXES:
+        sync_file(storage, f"datasets/{name}{suffix}")
         candidate = (root / f"{name}{suffix}").resolve()
         if (
             candidate.parent == root

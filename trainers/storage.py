@@ -206,6 +206,45 @@ def download_dir(storage: str | None, relpath: str, local: Path) -> None:
         raise StorageError(f"cannot download {home(storage)}/{relpath}: {err}") from None
 
 
+def sync_file(storage: str | None, relpath: str) -> Path:
+    """The local path of file ``relpath``, refreshed from a URI root when that copy changed.
+
+    For a local root this is just the path. Under a URI root a file that is missing
+    there is removed from the mirror; one whose size or modification time differs from
+    the mirror's copy is downloaded to a temporary sibling and renamed into place.
+
+    Raises:
+        StorageError: The URI root cannot be read.
+    """
+    import pyarrow.fs as pafs
+
+    local = local_home(storage) / relpath
+    target = remote_path(storage, relpath)
+    if target is None:
+        return local
+    fs, path = target
+    try:
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            if local.is_file():
+                local.unlink()
+            return local
+        stamp = info.mtime.timestamp() if info.mtime is not None else None
+        if local.is_file() and local.stat().st_size == info.size and stamp is not None:
+            if abs(local.stat().st_mtime - stamp) < 1e-3:
+                return local
+        local.parent.mkdir(parents=True, exist_ok=True)
+        staging = local.with_name(f".{local.name}.{os.getpid()}.sync")
+        with fs.open_input_stream(path) as handle:
+            staging.write_bytes(handle.read())
+        if stamp is not None:
+            os.utime(staging, (stamp, stamp))
+        staging.replace(local)
+    except OSError as err:
+        raise StorageError(f"cannot read {home(storage)}/{relpath}: {err}") from None
+    return local
+
+
 def delete_remote_dir(storage: str | None, relpath: str) -> None:
     """Remove ``relpath`` and everything under it from a URI root (no-op when absent)."""
     import pyarrow.fs as pafs

@@ -151,3 +151,26 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     assert list_adapters(s3_root) == []
     with pytest.raises(NotFound):
         engine.check_adapter("colors-s3")
+
+
+def test_evaluation_datasets_are_read_from_object_storage(s3_root):
+    from serving.errors import NotFound
+    from serving.evaluation import dataset_path, read_rows
+    from trainers.storage import delete_remote_dir, local_home, write_remote
+
+    rows = [{"prompt": "name a red thing", "completion": "the apple is red"}]
+    write_remote(s3_root, "datasets/colors-eval.jsonl", json.dumps(rows[0]).encode() + b"\n")
+    path = dataset_path("colors-eval", s3_root)
+    assert path == (local_home(s3_root) / "datasets" / "colors-eval.jsonl").resolve()
+    assert read_rows(path) == rows
+
+    # A changed dataset is read again; one removed from the bucket is gone.
+    rows.append({"prompt": "name a blue thing", "completion": "the sky is blue"})
+    write_remote(
+        s3_root, "datasets/colors-eval.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    )
+    assert read_rows(dataset_path("colors-eval", s3_root)) == rows
+    delete_remote_dir(s3_root, "datasets")
+    with pytest.raises(NotFound, match="colors-eval"):
+        dataset_path("colors-eval", s3_root)
+    assert not path.exists()

@@ -7,7 +7,6 @@ import math
 import pytest
 
 from raytune.schedulers import (
-    EVAL_ROUND,
     SCHEDULER_CLOCK,
     TRIAL_NUMBER,
     scheduler_budget,
@@ -216,10 +215,10 @@ def test_scheduler_budget_counts_grace_in_evaluations():
 
 def test_scheduler_report_clocks_evaluations_only_and_worsens_nan():
     report = scheduler_report({"eval_loss": 2.0, "step": 6, "final": False}, "eval_loss", "min", 3)
-    assert report[SCHEDULER_CLOCK] == 6 and report[EVAL_ROUND] == 2
+    assert report[SCHEDULER_CLOCK] == 6
     # A checkpoint between evaluations carries an older evaluation: no clock tick.
     report = scheduler_report({"eval_loss": 2.0, "step": 4, "final": False}, "eval_loss", "min", 3)
-    assert SCHEDULER_CLOCK not in report and EVAL_ROUND not in report
+    assert SCHEDULER_CLOCK not in report
     # The final report must never let a scheduler stop a trial that is publishing.
     report = scheduler_report({"eval_loss": 1.0, "step": 12, "final": True}, "eval_loss", "min", 3)
     assert SCHEDULER_CLOCK not in report and report["eval_loss"] == 1.0
