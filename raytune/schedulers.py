@@ -170,7 +170,8 @@ def build_scheduler(spec: JobSpec):
         # synchronous HyperBandScheduler pauses trials until a bracket is full and, with
         # trials created as concurrency allows, only ever fills its first bracket, which
         # stops nothing (ray-project/ray#37605).
-        return ASHAScheduler(
+        return _seeded_brackets(ASHAScheduler)(
+            seed=spec.optim.seed,
             time_attr=SCHEDULER_CLOCK,
             grace_period=grace,
             max_t=budget,
@@ -185,6 +186,30 @@ def build_scheduler(spec: JobSpec):
         require_attrs=False,
         synch=sched.synch,
     )
+
+
+def _seeded_brackets(scheduler_class):
+    """``scheduler_class`` (Ray's ASHA) drawing each new trial's bracket from ``seed``.
+
+    Ray draws the bracket from numpy's global random state; here the draws follow the
+    sweep's ``optim.seed``, so a rerun puts the same trials in the same brackets.
+    """
+    import numpy as np
+
+    class SeededBrackets(scheduler_class):
+        def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._bracket_draws = np.random.default_rng(seed)
+
+        def on_trial_add(self, tune_controller, trial) -> None:
+            saved = np.random.get_state()
+            np.random.seed(int(self._bracket_draws.integers(2**32)))
+            try:
+                super().on_trial_add(tune_controller, trial)
+            finally:
+                np.random.set_state(saved)
+
+    return SeededBrackets
 
 
 def hyperband_brackets(grace: int, budget: int, reduction_factor: float) -> int:

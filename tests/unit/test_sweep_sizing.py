@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -115,6 +116,20 @@ def test_schedulers_and_search_are_built_from_the_spec():
     hyperband = build_scheduler(spec(type="hyperband"))
     assert isinstance(hyperband, AsyncHyperBandScheduler)
     assert [b._rungs[-1][0] for b in hyperband._brackets] == [5, 10, 20, 40]
+
+    # Each trial's bracket follows optim.seed, not numpy's global state.
+    def brackets(seed: int) -> list[int]:
+        data = spec(type="hyperband").to_dict()
+        data["optim"]["seed"] = seed
+        scheduler = build_scheduler(validate_spec(data))
+        scheduler.set_search_properties("eval_loss", "min")
+        trials = [SimpleNamespace(trial_id=f"t{k}") for k in range(16)]
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+        return [scheduler._brackets.index(scheduler._trial_info[t.trial_id]) for t in trials]
+
+    assert brackets(7) == brackets(7) != brackets(8)
+    assert len(set(brackets(7))) > 1
     assert isinstance(build_scheduler(spec(type="none")), FIFOScheduler)
     pbt = build_scheduler(
         spec(
