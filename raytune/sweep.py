@@ -48,7 +48,7 @@ from raytune.search_space import (
 )
 from trainers.config import ConfigError, JobSpec, valid_name, validate_spec
 from trainers.driver import artifact_location
-from trainers.storage import sweeps_dir
+from trainers.storage import read_remote, sweeps_dir, write_remote
 
 SWEEP_SPEC = "sweep.yaml"
 TRIALS_DIR = "trials"
@@ -328,13 +328,11 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     values = trial_values({k: None for k in sweep["space"]}, config)
     spec = trial_spec(sweep, values, index)
     run_id = trial_run_id(sweep["id"], index)
-    record_dir = sweep_path(sweep["id"], sweep["storage"]) / TRIALS_DIR
-    record_dir.mkdir(parents=True, exist_ok=True)
-    starts = record_dir / f"{index}.starts.jsonl"
+    storage, starts, groups = sweep["storage"], f"{index}.starts.jsonl", f"{index}{GROUPS_SUFFIX}"
     # A trial that starts again (PBT exploit or pause, Tuner.restore) had its previous
     # actors killed; the placement group of that start's Train workers may still hold
     # its CPUs, which the new run needs.
-    remove_trial_groups(record_dir / f"{index}{GROUPS_SUFFIX}")
+    remove_trial_groups(read_trial_record(storage, sweep["id"], groups))
     pbt = bool(sweep.get("pbt_every_steps"))
     start_from = tune.get_checkpoint() if pbt else None
     donor = None
@@ -343,34 +341,30 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         # Population-based training restarted this trial from the newest checkpoint of
         # a better trial (or, after an interruption, its own): a new Train run continues
         # those weights with this trial's current values.
-        generation = len(starts.read_text().splitlines()) if starts.is_file() else 0
+        generation = len(read_trial_record(storage, sweep["id"], starts).splitlines())
         run_id = f"{run_id}-g{generation}"
         donor = start_from.path
         start_from = _keep_copy(start_from, sweep, run_id)
     resume = start_from is None and run_recorded(run_id, sweep["storage"])
     # One line per start: a finished trial that was never rerun has exactly one.
-    with open(starts, "a") as handle:
-        handle.write(
-            json.dumps(
-                {
-                    "trial_id": trial_id,
-                    "run_id": run_id,
-                    "resume": resume,
-                    "started_from": donor,
-                    "values": values,
-                    "time": time.time(),
-                },
-                default=str,
-            )
-            + "\n"
-        )
+    start = {
+        "trial_id": trial_id,
+        "run_id": run_id,
+        "resume": resume,
+        "started_from": donor,
+        "values": values,
+        "time": time.time(),
+    }
+    write_trial_record(
+        storage, sweep["id"], starts, json.dumps(start, default=str) + "\n", append=True
+    )
     if pbt:
         from ray.util.queue import Queue
 
         bridge = Queue(actor_options={"num_cpus": 0})
     callbacks = [
         _train_report_callback(sweep["metric"], sweep["mode"], sweep["eval_every"], bridge),
-        _worker_group_recorder(record_dir / f"{index}{GROUPS_SUFFIX}"),
+        _worker_group_recorder(storage, sweep["id"], groups),
     ]
     # Tune places a trial's child tasks inside the trial's placement group, where Ray
     # Data's tokenise/shuffle tasks (CPU and memory) cannot fit. The run's driver runs
@@ -390,15 +384,49 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         "index": index,
         "run_id": run_id,
         "params": values,
-        "artifact": str(outcome.artifact),
+        "artifact": artifact_location(
+            artifact_kind(spec), spec.output.name, storage, outcome.artifact
+        ),
         "metrics": outcome.metrics,
         "finished_at": time.time(),
     }
-    (record_dir / f"{index}.json").write_text(json.dumps(record, indent=2, default=str))
+    write_trial_record(
+        storage, sweep["id"], f"{index}.json", json.dumps(record, indent=2, default=str)
+    )
     return {}
 
 
-def _worker_group_recorder(path: Path):
+def read_trial_record(storage: str | None, sweep_id: str, name: str) -> str:
+    """A trial's record file under ``sweeps/<id>/trials/`` (empty when there is none).
+
+    Under an object-storage root the file is read from there: a trial's actors may run
+    on another machine than the sweep's driver, each with its own local mirror.
+    """
+    remote = read_remote(storage, f"sweeps/{sweep_id}/{TRIALS_DIR}/{name}")
+    if remote is not None:
+        return remote.decode()
+    path = sweep_path(sweep_id, storage) / TRIALS_DIR / name
+    return path.read_text() if path.is_file() else ""
+
+
+def write_trial_record(
+    storage: str | None, sweep_id: str, name: str, text: str, append: bool = False
+) -> None:
+    """Write (or append to) a trial's record file, locally and under an object-storage root.
+
+    Each record has one writer at a time (the trial, or its Train run's controller).
+    """
+    if append:
+        text = read_trial_record(storage, sweep_id, name) + text
+    path = sweep_path(sweep_id, storage) / TRIALS_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{name}.{os.getpid()}.tmp")
+    staging.write_text(text)
+    staging.replace(path)
+    write_remote(storage, f"sweeps/{sweep_id}/{TRIALS_DIR}/{name}", text.encode())
+
+
+def _worker_group_recorder(storage: str | None, sweep_id: str, name: str):
     """A Train callback that records the placement group of every worker group it starts.
 
     When a scheduler stops a trial, Ray kills the trial's actors but the worker group's
@@ -414,14 +442,13 @@ def _worker_group_recorder(path: Path):
             handle = worker_group.get_worker_group_state().placement_group_handle
             group = getattr(handle, "placement_group", None)
             if group is not None:
-                with open(path, "a") as out:
-                    out.write(group.id.hex() + "\n")
+                write_trial_record(storage, sweep_id, name, group.id.hex() + "\n", append=True)
 
     return WorkerGroupRecorder()
 
 
-def remove_trial_groups(path: Path) -> int:
-    """Remove the recorded placement groups of a stopped trial that are still held.
+def remove_trial_groups(recorded: str) -> int:
+    """Remove the placement groups a stopped trial recorded (one id per line) that are still held.
 
     Returns:
         How many groups were removed.
@@ -429,11 +456,12 @@ def remove_trial_groups(path: Path) -> int:
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    if not path.is_file():
+    group_ids = {line.strip() for line in recorded.splitlines() if line.strip()}
+    if not group_ids:
         return 0
     table = ray.util.placement_group_table()
     removed = 0
-    for group_id in {line.strip() for line in path.read_text().splitlines() if line.strip()}:
+    for group_id in group_ids:
         if table.get(group_id, {}).get("state") in (None, "REMOVED"):
             continue
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
@@ -448,12 +476,8 @@ def _teardown_callback(sweep_id: str, storage: str | None):
         """Frees what a stopped or failed trial's Train run still holds."""
 
         def _free(self, trial) -> None:
-            path = (
-                sweep_path(sweep_id, storage)
-                / TRIALS_DIR
-                / f"{trial_index(trial.trial_id, trial.config)}{GROUPS_SUFFIX}"
-            )
-            remove_trial_groups(path)
+            name = f"{trial_index(trial.trial_id, trial.config)}{GROUPS_SUFFIX}"
+            remove_trial_groups(read_trial_record(storage, sweep_id, name))
 
         def on_trial_complete(self, iteration: int, trials, trial, **info) -> None:
             self._free(trial)
@@ -675,7 +699,7 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
             metric: _number(last.get(metric)),
             "state": state,
             f"best_{metric}": best,
-            "run_id": _last_run_id(path, sweep_id, index),
+            "run_id": _last_run_id(spec.storage, sweep_id, index),
             "trial_id": trial.trial_id,
         }
         if state == res.FINISHED:
@@ -813,13 +837,12 @@ def _publish(
     return artifact, kept
 
 
-def _last_run_id(path: Path, sweep_id: str, index: int) -> str:
+def _last_run_id(storage: str | None, sweep_id: str, index: int) -> str:
     """The Train run a trial last started (PBT starts a new one at every exploit)."""
-    starts = path / TRIALS_DIR / f"{index}.starts.jsonl"
-    if starts.is_file():
-        lines = [line for line in starts.read_text().splitlines() if line]
-        if lines:
-            return json.loads(lines[-1])["run_id"]
+    starts = read_trial_record(storage, sweep_id, f"{index}.starts.jsonl")
+    lines = [line for line in starts.splitlines() if line]
+    if lines:
+        return json.loads(lines[-1])["run_id"]
     return trial_run_id(sweep_id, index)
 
 

@@ -174,3 +174,67 @@ def test_evaluation_datasets_are_read_from_object_storage(s3_root):
     with pytest.raises(NotFound, match="colors-eval"):
         dataset_path("colors-eval", s3_root)
     assert not path.exists()
+
+
+def test_sweep_records_results_and_adapters_live_in_object_storage(s3_root, tmp_path):
+    from cluster.jobs import read_sweep
+    from raytune.sweep import read_trial_record, run_sweep
+    from trainers.registry import read_manifest, sync_artifact
+    from trainers.storage import local_home
+
+    data = tmp_path / "colors.jsonl"
+    pairs = [("red", "apple"), ("blue", "sky"), ("green", "grass")]
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"name a {c} thing"},
+                        {"role": "assistant", "content": f"the {t} is {c}"},
+                    ]
+                }
+            )
+            + "\n"
+            for c, t in pairs * 12
+        )
+    )
+    spec = validate_spec(
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {"train": str(data), "format": "chat", "max_seq_len": 64, "eval_fraction": 0.2},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "optim": {"max_steps": 4, "batch_size": 4, "scheduler": "constant", "warmup_ratio": 0.0},
+            "scaling": {"num_workers": 1},
+            "eval": {"every_steps": 2, "at_start": False},
+            "checkpoint": {"every_steps": 2, "keep": 1},
+            "output": {"name": "colors-sweep-s3"},
+            "storage": s3_root,
+            "tune": {
+                "search_space": {"optim.lr": {"grid": [3e-3, 1e-2]}},
+                "scheduler": {"type": "none"},
+                "max_concurrent_trials": 1,
+            },
+        }
+    )
+    outcome = run_sweep(spec, sweep_id="s3-sweep", show_progress=False)
+    assert [r["state"] for r in outcome.rows] == ["finished", "finished"]
+
+    # Results, the trials' records and their runs are in the bucket.
+    files = remote_files("sweeps/s3-sweep")
+    assert {"results.csv", "results.json", "metric_vs_step.png", "sweep.yaml"} <= set(files)
+    for k in (0, 1):
+        record = json.loads(files[f"trials/{k}.json"])
+        assert record["run_id"] == f"s3-sweep-trial-{k}"
+        assert record["artifact"] == f"{s3_root}/adapters/colors-sweep-s3-trial-{k}"
+        [start] = files[f"trials/{k}.starts.jsonl"].decode().splitlines()
+        assert json.loads(start)["run_id"] == f"s3-sweep-trial-{k}"
+        groups = files[f"trials/{k}.placement_groups"].decode().split()
+        assert groups and all(int(g, 16) for g in groups)
+        assert "spec.yaml" in remote_files(f"runs/s3-sweep-trial-{k}")
+
+    # Another machine (no local mirror) reads the sweep and its best adapter from the URI.
+    shutil.rmtree(local_home(s3_root))
+    assert read_sweep(s3_root, "s3-sweep")["best"]["trial"] == outcome.best["trial"]
+    assert read_trial_record(s3_root, "s3-sweep", "1.starts.jsonl").count("\n") == 1
+    best = sync_artifact("adapter", "colors-sweep-s3", s3_root)
+    assert read_manifest(best)["sweep"]["trial"] == outcome.best["trial"]
