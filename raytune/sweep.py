@@ -48,7 +48,7 @@ from raytune.search_space import (
 )
 from trainers.config import ConfigError, JobSpec, valid_name, validate_spec
 from trainers.driver import artifact_location
-from trainers.storage import read_remote, sweeps_dir, write_remote
+from trainers.storage import local_home, mirror_file, read_remote, sweeps_dir
 
 SWEEP_SPEC = "sweep.yaml"
 TRIALS_DIR = "trials"
@@ -270,7 +270,7 @@ def _keep_copy(checkpoint: Any, sweep: dict[str, Any], run_id: str) -> Any:
     import pyarrow.fs as pafs
     from ray import tune
 
-    from trainers.storage import local_home, remote_path, upload_dir
+    from trainers.storage import remote_path, upload_dir
 
     relpath = f"runs/{run_id}/start_from"
     target = local_home(sweep["storage"]) / relpath
@@ -402,10 +402,11 @@ def read_trial_record(storage: str | None, sweep_id: str, name: str) -> str:
     Under an object-storage root the file is read from there: a trial's actors may run
     on another machine than the sweep's driver, each with its own local mirror.
     """
-    remote = read_remote(storage, f"sweeps/{sweep_id}/{TRIALS_DIR}/{name}")
+    relpath = _record_relpath(sweep_id, name)
+    remote = read_remote(storage, relpath)
     if remote is not None:
         return remote.decode()
-    path = sweep_path(sweep_id, storage) / TRIALS_DIR / name
+    path = local_home(storage) / relpath
     return path.read_text() if path.is_file() else ""
 
 
@@ -418,12 +419,17 @@ def write_trial_record(
     """
     if append:
         text = read_trial_record(storage, sweep_id, name) + text
-    path = sweep_path(sweep_id, storage) / TRIALS_DIR / name
+    relpath = _record_relpath(sweep_id, name)
+    path = local_home(storage) / relpath
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{name}.{os.getpid()}.tmp")
     staging.write_text(text)
     staging.replace(path)
-    write_remote(storage, f"sweeps/{sweep_id}/{TRIALS_DIR}/{name}", text.encode())
+    mirror_file(storage, relpath)
+
+
+def _record_relpath(sweep_id: str, name: str) -> str:
+    return f"sweeps/{sweep_id}/{TRIALS_DIR}/{name}"
 
 
 def _worker_group_recorder(storage: str | None, sweep_id: str, name: str):
@@ -765,13 +771,9 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
 
 def _mirror_results(storage: str | None, sweep_id: str, path: Path) -> None:
     """With a URI root, upload the sweep's spec, tables and plot to ``sweeps/<id>/`` there."""
-    from trainers.storage import remote_root, write_remote
-
-    if remote_root(storage) is None:
-        return
     for name in (SWEEP_SPEC, res.RESULTS_CSV, res.RESULTS_JSON, res.PLOT_FILE):
         if (path / name).is_file():
-            write_remote(storage, f"sweeps/{sweep_id}/{name}", (path / name).read_bytes())
+            mirror_file(storage, f"sweeps/{sweep_id}/{name}")
 
 
 def _publish(
