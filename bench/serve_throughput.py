@@ -46,8 +46,8 @@ def make_adapters(model: str, home: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainers.models import resolve_model
-    from trainers.storage import models_dir
+    from rayft.trainers.models import resolve_model
+    from rayft.trainers.storage import models_dir
 
     model_dir = resolve_model(model, models_dir(str(home)))
     for index, name in enumerate(ADAPTERS):
@@ -138,8 +138,8 @@ def drive_serial(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.models import resolve_model
-    from trainers.storage import models_dir
+    from rayft.trainers.models import resolve_model
+    from rayft.trainers.storage import models_dir
 
     torch.set_num_threads(threads)
     model_dir = resolve_model(model, models_dir(str(home)))
@@ -205,7 +205,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from serving.client import run_app
+    from rayft.serving.client import run_app
 
     ray.init(
         address="local",

@@ -125,8 +125,8 @@ def select_rows(model_dir: Path, budget: int, max_seq_len: int) -> tuple[list[st
     Tokenization is rayft's own (chat template, assistant-only labels), so every path
     trains on identical token sequences.
     """
-    from trainers.data import load_tokenizer
-    from trainers.formats import tokenize_example
+    from rayft.trainers.data import load_tokenizer
+    from rayft.trainers.formats import tokenize_example
 
     tokenizer = load_tokenizer(str(model_dir))
     lines, examples, total = [], [], 0
@@ -156,9 +156,9 @@ def run_rayft(
     """Train with ``run_training`` on the embedded local Ray cluster."""
     import ray
 
-    from cluster.connect import connect
-    from trainers.config import validate_spec
-    from trainers.driver import run_training
+    from rayft.cluster.connect import connect
+    from rayft.trainers.config import validate_spec
+    from rayft.trainers.driver import run_training
 
     cores = os.cpu_count() or 1
     cpus = max(1, cores // workers)
@@ -409,7 +409,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     args = parser.parse_args()
 
-    from trainers.models import resolve_model
+    from rayft.trainers.models import resolve_model
 
     cores = os.cpu_count() or 1
     model_dir = resolve_model(MODEL)

@@ -94,8 +94,8 @@ def steps_trained(home: Path, run_id: str, fallback: int | None) -> int:
 
 
 def run(args: argparse.Namespace, label: str, scheduler: dict, home: Path) -> dict:
-    from raytune.sweep import run_sweep
-    from trainers.config import validate_spec
+    from rayft.raytune.sweep import run_sweep
+    from rayft.trainers.config import validate_spec
 
     spec = validate_spec(sweep_spec(args, f"bench-{label}", scheduler))
     start = time.time()
@@ -123,7 +123,7 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from cluster.connect import connect
+    from rayft.cluster.connect import connect
 
     connect(None)
     try:

@@ -19,17 +19,17 @@ class UserError(Exception):
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
-    from trainers.config import ConfigError
+    from rayft.trainers.config import ConfigError
 
     types: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError]
     try:
-        from trainers.data import DataError
+        from rayft.trainers.data import DataError
 
         types.append(DataError)
     except ImportError:  # pragma: no cover - data module always ships
         pass
-    from trainers.models import ModelError
-    from trainers.registry import RegistryError
+    from rayft.trainers.models import ModelError
+    from rayft.trainers.registry import RegistryError
 
     types += [ModelError, RegistryError]
     return tuple(types)
@@ -44,7 +44,7 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from trainers.config import dump_yaml, load_spec, schema_keys
+    from rayft.trainers.config import dump_yaml, load_spec, schema_keys
 
     if args.schema:
         print("\n".join(schema_keys()))
@@ -60,9 +60,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.connect import connected
-    from trainers.config import apply_overrides, load_spec, validate_spec
-    from trainers.driver import load_run_spec, run_training
+    from rayft.cluster.connect import connected
+    from rayft.trainers.config import apply_overrides, load_spec, validate_spec
+    from rayft.trainers.driver import load_run_spec, run_training
 
     if args.resume:
         if args.config and "=" not in args.config:
@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def check_data(spec) -> None:
     """Scan every data file before any cluster work, so bad rows fail in seconds."""
-    from trainers.data import scan_source
+    from rayft.trainers.data import scan_source
 
     for key in ("train", "eval"):
         paths = getattr(spec.data, key)
@@ -133,7 +133,7 @@ def _print_eval_summary(evals: list[dict]) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from trainers.models import list_models, pull_builtin
+    from rayft.trainers.models import list_models, pull_builtin
 
     if args.models_cmd == "list":
         rows = list_models()
@@ -145,7 +145,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(pull_builtin(args.name))
         return 0
     if args.models_cmd == "export":
-        from trainers.export import export_merged
+        from rayft.trainers.export import export_merged
 
         out = export_merged(args.name, args.merge)
         print(f"merged model written to {out}")
@@ -197,7 +197,7 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
     import importlib
     import importlib.util
 
-    names = ("cluster.serve_cli", "cluster.tune_cli", "cluster.jobs_cli")
+    names = ("rayft.cluster.serve_cli", "rayft.cluster.tune_cli", "rayft.cluster.jobs_cli")
     return [
         importlib.import_module(name).register
         for name in names

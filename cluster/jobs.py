@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cluster.submit import META_KIND, META_RUN_ID, META_STORAGE, SubmitError
+from rayft.cluster.submit import META_KIND, META_RUN_ID, META_STORAGE, SubmitError
 
 RUN_FILE = "rayft_run.json"
 TRAINER_STATE = "trainer_state.json"

@@ -7,7 +7,7 @@ import json
 import shutil
 import sys
 
-from cluster.submit import DEFAULT_MAX_UPLOAD_MB
+from rayft.cluster.submit import DEFAULT_MAX_UPLOAD_MB
 
 
 def _add_connection(parser: argparse.ArgumentParser, jobs_api: bool = True) -> None:
@@ -27,8 +27,8 @@ def _add_connection(parser: argparse.ArgumentParser, jobs_api: bool = True) -> N
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cluster.jobs import exit_code_for, follow_logs
-    from cluster.submit import (
+    from rayft.cluster.jobs import exit_code_for, follow_logs
+    from rayft.cluster.submit import (
         build_package,
         jobs_address,
         jobs_client,
@@ -73,7 +73,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from cluster.jobs import (
+    from rayft.cluster.jobs import (
         exit_code_for,
         follow_logs,
         format_job_rows,
@@ -82,7 +82,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         list_rayft_jobs,
         stop_job,
     )
-    from cluster.submit import jobs_client
+    from rayft.cluster.submit import jobs_client
 
     with jobs_client(args.address, args.token_file) as client:
         if args.jobs_cmd == "list":
@@ -111,7 +111,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from cluster.status import cluster_status
+    from rayft.cluster.status import cluster_status
 
     print(cluster_status(args.address, args.token_file))
     return 0

@@ -1,6 +1,6 @@
 """The quick-start job: train, evaluate before/after, serve, ask.
 
-    python -m cluster.quickstart configs/extract-lora.yaml [key=value ...]
+    python -m rayft.cluster.quickstart configs/extract-lora.yaml [key=value ...]
 
 On one Ray cluster (embedded unless ``--address``/``RAY_ADDRESS``), it fine-tunes the
 spec's model, compares the base model and the new adapter on the eval set (teacher-forced
@@ -23,8 +23,8 @@ GENERATION_METRICS = ["loss", "perplexity", "exact_match", "token_f1"]
 
 def evaluate_models(names: list[str], base: str, rows: list[dict], max_tokens: int) -> dict[str, dict]:
     """Evaluate each of ``names`` (the base and/or adapters of ``base``) in this process."""
-    from serving.engine import ModelEngine
-    from serving.service import ModelService
+    from rayft.serving.engine import ModelEngine
+    from rayft.serving.service import ModelService
 
     engine = ModelEngine(base, max_loaded_adapters=len(names), dtype="auto")
     service = ModelService(engine)
@@ -44,7 +44,7 @@ def evaluate_models(names: list[str], base: str, rows: list[dict], max_tokens: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.quickstart", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rayft.cluster.quickstart", description=__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--address", default=None)
@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from cluster.connect import connected
-    from serving.client import serve_and_ask
-    from serving.evaluation import read_rows
-    from trainers.config import load_spec
-    from trainers.driver import run_training
+    from rayft.cluster.connect import connected
+    from rayft.serving.client import serve_and_ask
+    from rayft.serving.evaluation import read_rows
+    from rayft.trainers.config import load_spec
+    from rayft.trainers.driver import run_training
 
     spec = load_spec(args.config, args.overrides)
     if spec.data.eval is None:

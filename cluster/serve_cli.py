@@ -4,7 +4,7 @@
     rayft eval --model NAME --data FILE [--metrics loss bleu ...] [--url URL | --in-process]
 
 ``SERVE.yaml`` is either a mapping of ``serving.app.ServeArgs`` fields or a Ray Serve
-config file (``applications: [{import_path: serving.app:build_app, args: {...}}]``);
+config file (``applications: [{import_path: rayft.serving.app:build_app, args: {...}}]``);
 ``key=value`` arguments override it.
 """
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-IMPORT_PATH = "serving.app:build_app"
+IMPORT_PATH = "rayft.serving.app:build_app"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def serve_args_from(config: str | None, overrides: list[str]) -> dict[str, Any]:
     """The ``ServeArgs`` dict from an optional YAML file and ``key=value`` overrides."""
-    from trainers.config import ConfigError, apply_overrides, read_yaml
+    from rayft.trainers.config import ConfigError, apply_overrides, read_yaml
 
     data: dict[str, Any] = read_yaml(config) if config else {}
     if "applications" in data:
@@ -67,14 +67,14 @@ def serve_args_from(config: str | None, overrides: list[str]) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.connect import connect
-    from serving.app import parse_args
+    from rayft.cluster.connect import connect
+    from rayft.serving.app import parse_args
 
     cfg = parse_args(serve_args_from(args.config, args.overrides))
     import ray
     from ray import serve
 
-    from serving.client import run_app
+    from rayft.serving.client import run_app
 
     kind = connect(args.address)
     try:
@@ -97,9 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cluster.cli import UserError
-    from serving.errors import ServingError
-    from serving.evaluation import check_metrics, read_rows
+    from rayft.cluster.cli import UserError
+    from rayft.serving.errors import ServingError
+    from rayft.serving.evaluation import check_metrics, read_rows
 
     path = Path(args.data)
     if not path.is_file():
@@ -120,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_remote(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
     import httpx
 
-    from cluster.cli import UserError
+    from rayft.cluster.cli import UserError
 
     key = os.environ.get("RAYFT_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -153,9 +153,9 @@ def _eval_remote(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
 def _eval_in_process(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
     import asyncio
 
-    from serving.engine import ModelEngine
-    from serving.service import ModelService
-    from trainers.registry import RegistryError, read_manifest, sync_adapter
+    from rayft.serving.engine import ModelEngine
+    from rayft.serving.service import ModelService
+    from rayft.trainers.registry import RegistryError, read_manifest, sync_adapter
 
     base = args.model
     try:

@@ -138,8 +138,8 @@ def cluster_status(address: str | None, token_file: str | None = None) -> str:
     """Collect and format the status of the cluster at ``address`` (or an embedded one)."""
     import os
 
-    from cluster.jobs import list_rayft_jobs
-    from cluster.submit import auth_headers, jobs_client, resolve_token
+    from rayft.cluster.jobs import list_rayft_jobs
+    from rayft.cluster.submit import auth_headers, jobs_client, resolve_token
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
@@ -150,7 +150,7 @@ def cluster_status(address: str | None, token_file: str | None = None) -> str:
 
     import ray
 
-    from cluster.connect import connected
+    from rayft.cluster.connect import connected
 
     with connected(address) as kind:
         nodes = nodes_from_ray(ray.nodes())

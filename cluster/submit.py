@@ -1,6 +1,6 @@
 """Submitting rayft jobs to a Ray cluster through the Ray Jobs API.
 
-A submitted job is an ordinary Ray job: its entrypoint runs ``python -m cluster.cli
+A submitted job is an ordinary Ray job: its entrypoint runs ``python -m rayft.cluster.cli
 train|tune spec.yaml`` on the head node (Ray sets ``RAY_ADDRESS`` for it), inside a runtime environment
 whose ``working_dir`` carries
 
@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from cluster.cli import UserError
-from trainers.config import JobSpec, validate_spec
-from trainers.storage import is_uri
+from rayft.cluster.cli import UserError
+from rayft.trainers.config import JobSpec, validate_spec
+from rayft.trainers.storage import is_uri
 
 DEFAULT_MAX_UPLOAD_MB = 100.0
 """Data shipped with a job travels through the head node's object store; Ray itself
@@ -292,8 +292,12 @@ def plan_data(
 
 
 def _copy_code(dest: Path) -> list[str]:
+    # Shipped as a regular ``rayft`` package: on the job's path it takes precedence over
+    # whatever rayft the cluster's image has installed.
     root = source_root()
-    copied = []
+    (dest / "rayft").mkdir(parents=True, exist_ok=True)
+    (dest / "rayft" / "__init__.py").write_text("")
+    copied = ["rayft/__init__.py"]
     for package in CODE_PACKAGES:
         src = root / package
         if not src.is_dir():
@@ -303,7 +307,7 @@ def _copy_code(dest: Path) -> list[str]:
                 continue
             if path.suffix not in CODE_SUFFIXES:
                 continue
-            rel = path.relative_to(root)
+            rel = Path("rayft") / path.relative_to(root)
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest / rel)
             copied.append(str(rel))
@@ -315,10 +319,10 @@ def build_entrypoint(
 ) -> str:
     """The shell command the job runs on the head node.
 
-    ``python -m cluster.cli`` rather than the ``rayft`` script, so that it works both from
+    ``python -m rayft.cluster.cli`` rather than the ``rayft`` script, so that it works both from
     shipped code (the working dir is the current directory) and from an installed rayft.
     """
-    base = [python, "-m", "cluster.cli", kind]
+    base = [python, "-m", "rayft.cluster.cli", kind]
     if kind == "train" and resume:
         args = ["--resume", run_id, "--storage", storage]
     elif kind == "train":
@@ -471,6 +475,6 @@ def submit_package(client: Any, package: JobPackage, wait_for_agent_s: float = 6
 
 def load_submit_spec(config: str, overrides: list[str]) -> JobSpec:
     """Read and validate the job spec to submit (``CONFIG`` plus ``key=value`` overrides)."""
-    from trainers.config import load_spec
+    from rayft.trainers.config import load_spec
 
     return load_spec(config, overrides)

@@ -40,10 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Validate the sweep before connecting to Ray, then run or resume it."""
-    from cluster.cli import UserError
-    from cluster.connect import connected
-    from raytune.sweep import SweepInterrupted, load_sweep_spec, run_sweep, validate_sweep
-    from trainers.config import apply_overrides, load_spec, validate_spec
+    from rayft.cluster.cli import UserError
+    from rayft.cluster.connect import connected
+    from rayft.raytune.sweep import SweepInterrupted, load_sweep_spec, run_sweep, validate_sweep
+    from rayft.trainers.config import apply_overrides, load_spec, validate_spec
 
     if args.resume:
         if args.sweep_id:

@@ -12,7 +12,7 @@ import importlib.util
 import math
 from typing import Any
 
-from trainers.config import ConfigError, JobSpec, ScalingSpec
+from rayft.trainers.config import ConfigError, JobSpec, ScalingSpec
 
 SCHEDULER_CLOCK = "eval_step"
 """The result key schedulers count time in (optimizer steps at periodic evaluations)."""
@@ -234,7 +234,7 @@ PBT_MUTABLE = frozenset(
 
 def pbt_mutations(mutations: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
     """``tune.scheduler.mutations`` (same distribution syntax as the search space) for PBT."""
-    from raytune.search_space import flatten_space, to_tune, validate_search_space
+    from rayft.raytune.search_space import flatten_space, to_tune, validate_search_space
 
     mutations = flatten_space(mutations)
     refused = [k for k in mutations if k not in PBT_MUTABLE]
@@ -329,7 +329,7 @@ def expected_trials(space: dict[str, Any], num_samples: int, search: str) -> int
     """Trials a sweep runs: ``num_samples`` × the size of the grid entries (if any)."""
     if search not in ("random", "grid"):
         return num_samples
-    from raytune.search_space import flatten_space, parse_entry
+    from rayft.raytune.search_space import flatten_space, parse_entry
 
     size = 1
     for key, entry in flatten_space(space).items():

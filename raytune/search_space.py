@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from trainers.config import ConfigError, has_key, set_dotted, validate_spec
+from rayft.trainers.config import ConfigError, has_key, set_dotted, validate_spec
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 """Every distribution a search-space entry may name."""

@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from raytune import results as res
-from raytune.schedulers import (
+from rayft.raytune import results as res
+from rayft.raytune.schedulers import (
     REPORTED_METRICS,
     TRIAL_DRIVER_CPUS,
     TRIAL_NUMBER,
@@ -39,16 +39,16 @@ from raytune.schedulers import (
     scheduler_budget,
     scheduler_report,
 )
-from raytune.search_space import (
+from rayft.raytune.search_space import (
     apply_values,
     flatten_space,
     to_tune,
     trial_values,
     validate_search_space,
 )
-from trainers.config import ConfigError, JobSpec, valid_name, validate_spec
-from trainers.driver import artifact_location
-from trainers.storage import local_home, mirror_file, read_remote, sweeps_dir
+from rayft.trainers.config import ConfigError, JobSpec, valid_name, validate_spec
+from rayft.trainers.driver import artifact_location
+from rayft.trainers.storage import local_home, mirror_file, read_remote, sweeps_dir
 
 SWEEP_SPEC = "sweep.yaml"
 TRIALS_DIR = "trials"
@@ -270,7 +270,7 @@ def _keep_copy(checkpoint: Any, sweep: dict[str, Any], run_id: str) -> Any:
     import pyarrow.fs as pafs
     from ray import tune
 
-    from trainers.storage import remote_path, upload_dir
+    from rayft.trainers.storage import remote_path, upload_dir
 
     relpath = f"runs/{run_id}/start_from"
     target = local_home(sweep["storage"]) / relpath
@@ -321,7 +321,7 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     import ray
     from ray import tune
 
-    from trainers.driver import run_recorded
+    from rayft.trainers.driver import run_recorded
 
     trial_id = tune.get_context().get_trial_id()
     index = trial_index(trial_id, config)
@@ -500,7 +500,7 @@ class TrialRun:
     def run(
         self, spec: JobSpec, run_id: str, resume: bool, callbacks: list[Any], start_from: Any
     ) -> Any:
-        from trainers.driver import run_training
+        from rayft.trainers.driver import run_training
 
         return run_training(
             spec,
@@ -592,7 +592,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from trainers.registry import check_publishable
+    from rayft.trainers.registry import check_publishable
 
     validate_sweep(spec)
     sweep_id = sweep_id or new_sweep_id(spec)
@@ -786,7 +786,7 @@ def _publish(
     metric: str,
 ) -> tuple[Path, list[Path]]:
     """Publish the best trial under ``name``; keep or retire the per-trial artifacts."""
-    from trainers.registry import (
+    from rayft.trainers.registry import (
         publish_dir,
         read_manifest,
         remove_artifact,

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 TOKENIZERS_PARALLELISM=false
 .venv/bin/rayft models pull smollm2-135m-instruct
-exec .venv/bin/python -m cluster.quickstart configs/extract-lora.yaml "$@"
+exec .venv/bin/python -m rayft.cluster.quickstart configs/extract-lora.yaml "$@"

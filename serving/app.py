@@ -2,9 +2,9 @@
 
 Use it through Serve's own tooling::
 
-    serve run serving.app:build_app model=tiny-llama max_loaded_adapters=4
+    serve run rayft.serving.app:build_app model=tiny-llama max_loaded_adapters=4
 
-or a Serve config file whose application has ``import_path: serving.app:build_app`` and
+or a Serve config file whose application has ``import_path: rayft.serving.app:build_app`` and
 ``args:`` matching ``ServeArgs``; or ``rayft serve`` which builds the same application.
 
 Each replica loads the base model once and keeps up to ``max_loaded_adapters`` LoRA
@@ -64,7 +64,7 @@ def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
     try:
         return ServeArgs.model_validate(dict(args or {}))
     except ValidationError as err:
-        from trainers.config import ConfigError
+        from rayft.trainers.config import ConfigError
 
         problems = [(".".join(map(str, e["loc"])), e["msg"]) for e in err.errors()]
         raise ConfigError(problems, source="serve arguments") from None
@@ -76,8 +76,8 @@ class ModelServer:
     """One replica: the base model, its adapter LRU and the OpenAI-compatible routes."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from serving.engine import ModelEngine
-        from serving.service import Limits, ModelService
+        from rayft.serving.engine import ModelEngine
+        from rayft.serving.service import Limits, ModelService
 
         cfg = ServeArgs.model_validate(args)
         engine = ModelEngine(
@@ -95,7 +95,7 @@ class ModelServer:
         self.service = ModelService(engine, limits, cfg.batch_wait_timeout_s)
 
     def __serve_build_asgi_app__(self):
-        from serving.openai_api import create_api
+        from rayft.serving.openai_api import create_api
 
         return create_api(self.service)
 
@@ -110,7 +110,7 @@ class ModelServer:
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
-    """Serve's application builder: ``serve run serving.app:build_app key=value ...``.
+    """Serve's application builder: ``serve run rayft.serving.app:build_app key=value ...``.
 
     Args:
         args: ``ServeArgs`` fields as a dict (strings from the command line are coerced).

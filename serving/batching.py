@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from serving.engine import GenerationRequest, ModelEngine, StepOutput
-from serving.errors import Overloaded, Unavailable
+from rayft.serving.engine import GenerationRequest, ModelEngine, StepOutput
+from rayft.serving.errors import Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ def run_app(
     """
     from ray import serve
 
-    from serving.app import build_app
+    from rayft.serving.app import build_app
 
     app = build_app(args)
     port = port or free_port(host)
@@ -129,7 +129,7 @@ def serve_and_ask(
 
     from ray import serve
 
-    from trainers.registry import read_manifest, resolve_adapter
+    from rayft.trainers.registry import read_manifest, resolve_adapter
 
     manifest = read_manifest(resolve_adapter(adapter, storage))
     base = manifest.get("base_model")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from serving.errors import BadRequest, Conflict, NotFound, ServingError, Unavailable
+from rayft.serving.errors import BadRequest, Conflict, NotFound, ServingError, Unavailable
 
 BASE_ADAPTER = "__base__"
 SAFE_WEIGHTS = "adapter_model.safetensors"
@@ -118,7 +118,7 @@ class _Row:
 
 def pick_dtype(requested: str) -> torch.dtype:
     """The torch dtype for ``dtype`` in ServeArgs; ``auto`` is bfloat16 only where it is native."""
-    from trainers.methods import resolve_dtype
+    from rayft.trainers.methods import resolve_dtype
 
     on_gpu = torch.cuda.is_available()
     return getattr(torch, resolve_dtype(requested, on_gpu))
@@ -151,8 +151,8 @@ class ModelEngine:
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from trainers.models import resolve_model
-        from trainers.storage import models_dir
+        from rayft.trainers.models import resolve_model
+        from rayft.trainers.storage import models_dir
 
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
@@ -193,7 +193,7 @@ class ModelEngine:
         return 0
 
     def _stop_token_ids(self) -> set[int]:
-        from trainers.formats import end_of_turn_ids
+        from rayft.trainers.formats import end_of_turn_ids
 
         ids = set(end_of_turn_ids(self.tokenizer))
         eos = self.base.generation_config.eos_token_id
@@ -217,8 +217,8 @@ class ModelEngine:
             NotFound: No adapter of that name is published.
             Conflict: The adapter was trained for another base model.
         """
-        from trainers.registry import RegistryError, read_manifest, sync_adapter
-        from trainers.storage import StorageError
+        from rayft.trainers.registry import RegistryError, read_manifest, sync_adapter
+        from rayft.trainers.storage import StorageError
 
         try:
             path = sync_adapter(name, self.storage)

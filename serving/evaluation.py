@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.errors import BadRequest, NotFound, TooLarge
-from trainers.metrics import GENERATION_METRICS
+from rayft.serving.errors import BadRequest, NotFound, TooLarge
+from rayft.trainers.metrics import GENERATION_METRICS
 
 LOSS_METRICS = ("loss", "perplexity")
 ALL_METRICS = LOSS_METRICS + GENERATION_METRICS
@@ -94,8 +94,8 @@ def dataset_path(name: str, storage: str | None = None) -> Path:
         NotFound: No such dataset.
         StorageError: The object-storage root cannot be read.
     """
-    from trainers.registry import RegistryError, checked_name
-    from trainers.storage import local_home, sync_file
+    from rayft.trainers.registry import RegistryError, checked_name
+    from rayft.trainers.storage import local_home, sync_file
 
     try:
         checked_name(name)
@@ -131,7 +131,7 @@ def prepare_rows(
     Raises:
         BadRequest: A row that fits no format, naming its index and the problem.
     """
-    from trainers.formats import (
+    from rayft.trainers.formats import (
         ChatTemplateError,
         RowError,
         check_row,
@@ -171,7 +171,7 @@ def prompt_and_reference(
     Chat templates render the prompt with the generation prompt, as a client of
     ``/v1/chat/completions`` would send it. ``None`` for text rows, which have no answer.
     """
-    from trainers.formats import ALPACA_PROMPT, to_messages
+    from rayft.trainers.formats import ALPACA_PROMPT, to_messages
 
     messages = to_messages(row, fmt)
     if messages is None:
@@ -207,8 +207,8 @@ def summarize(
     references: list[str],
 ) -> dict[str, float]:
     """The requested metrics from the loss sums and the generated answers."""
-    from serving.engine import perplexity
-    from trainers.metrics import generation_metrics
+    from rayft.serving.engine import perplexity
+    from rayft.trainers.metrics import generation_metrics
 
     out: dict[str, float] = {}
     loss = loss_sum / loss_tokens if loss_tokens else float("nan")

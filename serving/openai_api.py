@@ -32,10 +32,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.engine import GenerationRequest
-from serving.errors import BadRequest, ServingError, TooLarge, Unauthorized, Unavailable
-from serving.service import ModelService
-from trainers.storage import StorageError
+from rayft.serving.engine import GenerationRequest
+from rayft.serving.errors import BadRequest, ServingError, TooLarge, Unauthorized, Unavailable
+from rayft.serving.service import ModelService
+from rayft.trainers.storage import StorageError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -297,7 +297,7 @@ def _schema_error(problems: list[dict[str, Any]]) -> ServingError:
         where = ".".join(loc) or "body"
         param = param or where
         parts.append(f"{where}: {p.get('msg')}")
-    from serving.errors import InvalidParameters
+    from rayft.serving.errors import InvalidParameters
 
     return InvalidParameters("; ".join(parts), code="invalid_parameters", param=param)
 

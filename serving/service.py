@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from serving.batching import DecodeLoop
-from serving.engine import BASE_ADAPTER, GenerationRequest, ModelEngine, SamplingParams, StepOutput
-from serving.errors import BadRequest, TooLarge
+from rayft.serving.batching import DecodeLoop
+from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, ModelEngine, SamplingParams, StepOutput
+from rayft.serving.errors import BadRequest, TooLarge
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class ModelService:
 
     def list_models(self) -> list[dict[str, Any]]:
         """The base model, then every published adapter trained on it (OpenAI model objects)."""
-        from trainers.registry import list_adapters
+        from rayft.trainers.registry import list_adapters
 
         out = [_model_object(self.model_name, self.created, root=self.model_name)]
         for adapter in list_adapters(self.engine.storage):
@@ -247,7 +247,7 @@ class ModelService:
             ``{"object": "evaluation", "model", "rows", "tokens", "dropped_rows",
             "generated_tokens", "metrics": {...}}``.
         """
-        from serving.evaluation import (
+        from rayft.serving.evaluation import (
             GENERATION_METRICS,
             check_metrics,
             dataset_path,

@@ -27,7 +27,7 @@ def rayft_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(rayft_home: Path) -> Path:
     """Directory of the builtin ``tiny-llama`` model and its ChatML tokenizer."""
-    from trainers.models import pull_builtin
+    from rayft.trainers.models import pull_builtin
 
     return pull_builtin("tiny-llama")
 

@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainers.formats import FORMATS, RowError, check_row, detect_format, tokenize_example
-from trainers.packing import collate, pack_examples
+from rayft.trainers.formats import FORMATS, RowError, check_row, detect_format, tokenize_example
+from rayft.trainers.packing import collate, pack_examples
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from trainers.config import JobSpec
+    from rayft.trainers.config import JobSpec
 
 # Fields each format reads; everything else in a row is ignored (and not hashed).
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -765,7 +765,7 @@ def _first_row(path: str) -> dict[str, Any]:
 def _check_tokenizer(path: str, fmt: str, tokenizer_dir: str, max_seq_len: int) -> None:
     """Tokenize the first row on the driver, so a tokenizer or chat-template problem is
     reported here rather than from inside a Ray task."""
-    from trainers.formats import ChatTemplateError
+    from rayft.trainers.formats import ChatTemplateError
 
     try:
         tokenizer = load_tokenizer(tokenizer_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainers.config import JobSpec
+from rayft.trainers.config import JobSpec
 
 
 def zero_config(spec: JobSpec, world_size: int, dtype: str, on_gpu: bool) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from trainers.config import ConfigError, JobSpec, validate_spec
-from trainers.storage import (
+from rayft.trainers.config import ConfigError, JobSpec, validate_spec
+from rayft.trainers.storage import (
     home,
     is_uri,
     local_home,
@@ -132,12 +132,12 @@ def run_training(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from trainers.data import build_datasets
-    from trainers.loop import train_loop_per_worker
-    from trainers.methods import resolve_dtype
-    from trainers.models import resolve_model
-    from trainers.progress import ConsoleProgress, ProgressSink, sink_name
-    from trainers.registry import check_publishable
+    from rayft.trainers.data import build_datasets
+    from rayft.trainers.loop import train_loop_per_worker
+    from rayft.trainers.methods import resolve_dtype
+    from rayft.trainers.models import resolve_model
+    from rayft.trainers.progress import ConsoleProgress, ProgressSink, sink_name
+    from rayft.trainers.registry import check_publishable
 
     storage = spec.storage
     run_id = run_id or new_run_id(spec)
@@ -249,8 +249,8 @@ def run_training(
 
 
 def _publish(spec: JobSpec, run_id: str, name: str, kind: str, result, prepared, model_dir) -> Path:
-    from trainers.loop import EXPORT_DIR, TRAINER_STATE
-    from trainers.registry import publish_dir
+    from rayft.trainers.loop import EXPORT_DIR, TRAINER_STATE
+    from rayft.trainers.registry import publish_dir
 
     with result.checkpoint.as_directory() as ckpt:
         export = Path(ckpt) / EXPORT_DIR
@@ -281,7 +281,7 @@ def _publish(spec: JobSpec, run_id: str, name: str, kind: str, result, prepared,
 
 
 def _history_from(result) -> list[dict[str, Any]]:
-    from trainers.loop import TRAINER_STATE
+    from rayft.trainers.loop import TRAINER_STATE
 
     with result.checkpoint.as_directory() as ckpt:
         return json.loads((Path(ckpt) / TRAINER_STATE).read_text())["history"]

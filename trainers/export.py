@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainers.registry import RegistryError, read_manifest, resolve_adapter
+from rayft.trainers.registry import RegistryError, read_manifest, resolve_adapter
 
 
 def export_merged(name: str, out: str | Path, storage: str | None = None) -> Path:
@@ -16,7 +16,7 @@ def export_merged(name: str, out: str | Path, storage: str | None = None) -> Pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.models import resolve_model
+    from rayft.trainers.models import resolve_model
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainers.config import JobSpec
+from rayft.trainers.config import JobSpec
 
 TRAINER_STATE = "trainer_state.json"
 DS_TAG = "state"
@@ -165,9 +165,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.data import collate_fn
-    from trainers.deepspeed_config import zero_config
-    from trainers.methods import param_groups, prepare_model
+    from rayft.trainers.data import collate_fn
+    from rayft.trainers.deepspeed_config import zero_config
+    from rayft.trainers.methods import param_groups, prepare_model
 
     spec = JobSpec.from_dict(config["spec"])
     run = config["run"]

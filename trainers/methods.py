@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainers.config import FreezeSpec, JobSpec, LoraSpec
+from rayft.trainers.config import FreezeSpec, JobSpec, LoraSpec
 
 
 def apply_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainers.config import valid_name
-from trainers.storage import models_dir
+from rayft.trainers.config import valid_name
+from rayft.trainers.storage import models_dir
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -218,7 +218,7 @@ def resolve_model(name: str, cache: Path | None = None, storage: str | None = No
     """
     cache = cache or models_dir(storage)
     if storage is not None and "/" not in name and name not in BUILTINS and valid_name(name):
-        from trainers.registry import sync_artifact
+        from rayft.trainers.registry import sync_artifact
 
         sync_artifact("model", name, storage)
     cached = cache / name

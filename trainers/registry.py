@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainers.config import valid_name
-from trainers.storage import (
+from rayft.trainers.config import valid_name
+from rayft.trainers.storage import (
     adapters_dir,
     delete_remote_dir,
     download_dir,

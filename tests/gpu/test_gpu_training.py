@@ -18,7 +18,7 @@ pytestmark = [
 def ray_cluster():
     import ray
 
-    from cluster.connect import connect
+    from rayft.cluster.connect import connect
 
     connect(None)
     yield
@@ -29,8 +29,8 @@ def test_lora_zero2_on_gpu_uses_bf16_and_publishes(ray_cluster, tmp_path, tiny_m
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainers.config import validate_spec
-    from trainers.driver import run_training
+    from rayft.trainers.config import validate_spec
+    from rayft.trainers.driver import run_training
 
     data = tmp_path / "t.jsonl"
     data.write_text("".join(

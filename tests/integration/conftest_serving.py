@@ -22,7 +22,7 @@ def make_peft_adapter(home: Path, name: str, seed: int, base: str = "tiny-llama"
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainers.models import resolve_model
+    from rayft.trainers.models import resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama"))
     peft_model = get_peft_model(
@@ -40,8 +40,8 @@ def make_peft_adapter(home: Path, name: str, seed: int, base: str = "tiny-llama"
 
 def train_adapter(data: Path, name: str, seed: int) -> Path:
     """Fine-tune tiny-llama with the real driver (1 worker, a few steps) and publish it."""
-    from trainers.config import validate_spec
-    from trainers.driver import run_training
+    from rayft.trainers.config import validate_spec
+    from rayft.trainers.driver import run_training
 
     spec = validate_spec(
         {
@@ -104,7 +104,7 @@ def serve_url(serving_home: Path):
     import ray
     from ray import serve
 
-    from serving.client import run_app
+    from rayft.serving.client import run_app
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = {

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import main
+from rayft.cluster.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def cluster(shared: Path):
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": token,
             "RAYFT_HOME": str(shared),
-            # Jobs run `python -m cluster.cli`: the cluster's `python` must be this venv's.
+            # Jobs run `python -m rayft.cluster.cli`: the cluster's `python` must be this venv's.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
     )

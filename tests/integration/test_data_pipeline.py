@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainers.config import validate_spec
-from trainers.data import PreparedData, build_datasets, collate_fn, read_rows
-from trainers.formats import tokenize_example
+from rayft.trainers.config import validate_spec
+from rayft.trainers.data import PreparedData, build_datasets, collate_fn, read_rows
+from rayft.trainers.formats import tokenize_example
 
 pytestmark = pytest.mark.slow
 

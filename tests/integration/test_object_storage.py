@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.config import validate_spec
+from rayft.trainers.config import validate_spec
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def s3_root(rayft_home: Path) -> Iterator[str]:
     import ray
     from moto.server import ThreadedMotoServer
 
-    from cluster.connect import connect
+    from rayft.cluster.connect import connect
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -57,7 +57,7 @@ def s3_root(rayft_home: Path) -> Iterator[str]:
 
 def remote_files(prefix: str) -> dict[str, bytes]:
     """Every object under ``s3://BUCKET/<prefix>``, keyed by the path below the prefix."""
-    from trainers.storage import download_dir
+    from rayft.trainers.storage import download_dir
 
     local = Path(f"/tmp/rayft-s3-listing-{abs(hash(prefix))}")
     shutil.rmtree(local, ignore_errors=True)
@@ -73,10 +73,10 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from cluster.jobs import read_run
-    from trainers.driver import load_run_spec, run_training
-    from trainers.registry import RegistryError, check_publishable, list_adapters
-    from trainers.storage import local_home
+    from rayft.cluster.jobs import read_run
+    from rayft.trainers.driver import load_run_spec, run_training
+    from rayft.trainers.registry import RegistryError, check_publishable, list_adapters
+    from rayft.trainers.storage import local_home
 
     data = tmp_path / "colors.jsonl"
     with open(data, "w") as handle:
@@ -126,8 +126,8 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
         check_publishable("adapter", "colors-s3", overwrite=False, storage=s3_root)
 
     # The serving engine loads the adapter from the bucket and matches plain PEFT.
-    from serving.engine import GenerationRequest, ModelEngine, SamplingParams
-    from serving.errors import NotFound
+    from rayft.serving.engine import GenerationRequest, ModelEngine, SamplingParams
+    from rayft.serving.errors import NotFound
 
     engine = ModelEngine("tiny-llama", storage=s3_root, max_loaded_adapters=2, dtype="float32")
     prompt = tuple(engine.tokenizer("name a red thing")["input_ids"])
@@ -145,7 +145,7 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     assert served.token_ids == want[: len(served.token_ids)] and served.token_ids
 
     # Unpublished at the URI: the mirror's copy is not served any more.
-    from trainers.registry import remove_artifact
+    from rayft.trainers.registry import remove_artifact
 
     remove_artifact("adapter", "colors-s3", s3_root)
     assert list_adapters(s3_root) == []
@@ -154,9 +154,9 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
 
 
 def test_evaluation_datasets_are_read_from_object_storage(s3_root):
-    from serving.errors import NotFound
-    from serving.evaluation import dataset_path, read_rows
-    from trainers.storage import delete_remote_dir, local_home, write_remote
+    from rayft.serving.errors import NotFound
+    from rayft.serving.evaluation import dataset_path, read_rows
+    from rayft.trainers.storage import delete_remote_dir, local_home, write_remote
 
     rows = [{"prompt": "name a red thing", "completion": "the apple is red"}]
     write_remote(s3_root, "datasets/colors-eval.jsonl", json.dumps(rows[0]).encode() + b"\n")
@@ -177,10 +177,10 @@ def test_evaluation_datasets_are_read_from_object_storage(s3_root):
 
 
 def test_sweep_records_results_and_adapters_live_in_object_storage(s3_root, tmp_path):
-    from cluster.jobs import read_sweep
-    from raytune.sweep import read_trial_record, run_sweep
-    from trainers.registry import read_manifest, sync_artifact
-    from trainers.storage import local_home
+    from rayft.cluster.jobs import read_sweep
+    from rayft.raytune.sweep import read_trial_record, run_sweep
+    from rayft.trainers.registry import read_manifest, sync_artifact
+    from rayft.trainers.storage import local_home
 
     data = tmp_path / "colors.jsonl"
     pairs = [("red", "apple"), ("blue", "sky"), ("green", "grass")]

@@ -294,7 +294,7 @@ def test_evaluation_loss_matches_plain_transformers(serve_url, serving_home):
 def test_rayft_eval_cli_against_the_endpoint(serve_url, tmp_path: Path, capsys):
     import json
 
-    from cluster.cli import main
+    from rayft.cluster.cli import main
 
     data = tmp_path / "rows.jsonl"
     data.write_text(

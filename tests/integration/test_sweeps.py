@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raytune.sweep import TRIALS_DIR, run_sweep, sweep_path
-from trainers.config import validate_spec
-from trainers.registry import adapter_path, read_manifest
+from rayft.raytune.sweep import TRIALS_DIR, run_sweep, sweep_path
+from rayft.trainers.config import validate_spec
+from rayft.trainers.registry import adapter_path, read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def ray_env(tmp_path_factory) -> dict[str, str]:
 def ray_cluster(ray_env, rayft_home, tiny_model_dir):
     import ray
 
-    from cluster.connect import connect
+    from rayft.cluster.connect import connect
 
     connect(None)
     yield
@@ -121,7 +121,7 @@ def test_bad_search_space_fails_before_any_trial_naming_the_key(chat_file, tmp_p
         config = tmp_path / "bad.yaml"
         config.write_text(yaml.safe_dump(sweep_data(chat_file, "bad", space)))
         proc = subprocess.run(
-            [sys.executable, "-m", "cluster.cli", "tune", str(config), "--id", "bad-sweep"],
+            [sys.executable, "-m", "rayft.cluster.cli", "tune", str(config), "--id", "bad-sweep"],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -327,7 +327,7 @@ def test_resume_after_interrupt_reruns_no_finished_trial(chat_file, tmp_path, ra
     config.write_text(yaml.safe_dump(data))
     env = {**os.environ, "RAYFT_HOME": str(home)}
     trials = home / "sweeps" / "resume-me" / TRIALS_DIR
-    cmd = [sys.executable, "-m", "cluster.cli", "tune"]
+    cmd = [sys.executable, "-m", "rayft.cluster.cli", "tune"]
 
     first = subprocess.Popen(
         [*cmd, str(config), "--id", "resume-me", "--quiet"],

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.config import validate_spec
-from trainers.driver import run_training
+from rayft.trainers.config import validate_spec
+from rayft.trainers.driver import run_training
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def chat_file(tmp_path_factory) -> Path:
 def ray_cluster():
     import ray
 
-    from cluster.connect import connect
+    from rayft.cluster.connect import connect
 
     connect(None)
     yield
@@ -115,7 +115,7 @@ def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(
     assert events and events[0].stat().st_size > 0
 
     # `rayft models export NAME --merge OUT` writes a plain HF model with the same logits.
-    from cluster.cli import main as rayft_main
+    from rayft.cluster.cli import main as rayft_main
 
     out = tmp_path / "merged"
     assert rayft_main(["models", "export", "colors-lora", "--merge", str(out)]) == 0

@@ -20,7 +20,7 @@ ROOT = Path(__file__).parents[2]
 def rayft(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAYFT_HOME": str(home)}
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "rayft.cluster.cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -125,7 +125,7 @@ def test_models_list_shows_builtins(tmp_path):
 
 
 def test_overrides_may_follow_the_options():
-    from cluster.cli import parse_args
+    from rayft.cluster.cli import parse_args
 
     args = parse_args(["tune", "sweep.yaml", "--id", "s1", "optim.lr=1e-3", "lora.r=8"])
     assert (args.config, args.sweep_id, args.overrides) == (

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.config import (
+from rayft.trainers.config import (
     ConfigError,
     JobSpec,
     apply_overrides,

@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from trainers.data import (
+from rayft.trainers.data import (
     DataError,
     SourceReport,
     dataset_fingerprint,
@@ -199,7 +199,7 @@ def test_eval_split_is_deterministic_and_proportional() -> None:
 
 
 def test_tokenize_batch_carries_dropped_counts(tiny_model_dir: Path) -> None:
-    from trainers.data import _tokenize
+    from rayft.trainers.data import _tokenize
 
     long = {"prompt": "the quick brown fox " * 20, "completion": "paris"}
     short = {"prompt": "capital", "completion": "paris"}
@@ -231,8 +231,8 @@ def test_build_datasets_reports_problems_before_any_ray_work(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from trainers.config import validate_spec
-    from trainers.data import build_datasets
+    from rayft.trainers.config import validate_spec
+    from rayft.trainers.data import build_datasets
 
     missing = validate_spec({"data": {"train": str(tmp_path / "missing.jsonl")}})
     with pytest.raises(DataError, match=r"missing\.jsonl: file not found"):

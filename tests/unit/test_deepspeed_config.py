@@ -2,8 +2,8 @@
 
 import pytest
 
-from trainers.config import apply_overrides, validate_spec
-from trainers.deepspeed_config import zero_config
+from rayft.trainers.config import apply_overrides, validate_spec
+from rayft.trainers.deepspeed_config import zero_config
 
 
 def spec_with(*overrides: str):

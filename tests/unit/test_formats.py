@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from trainers.formats import (
+from rayft.trainers.formats import (
     IGNORE_INDEX,
     ChatTemplateError,
     RowError,

@@ -2,7 +2,7 @@
 
 import torch
 
-from trainers.loop import token_loss_sums
+from rayft.trainers.loop import token_loss_sums
 
 
 def test_token_loss_sums_equals_hf_shifted_mean():

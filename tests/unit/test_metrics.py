@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from trainers.metrics import (
+from rayft.trainers.metrics import (
     bleu,
     exact_match,
     generation_metrics,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.packing import IGNORE_INDEX, block_causal_mask, collate, pack_examples
+from rayft.trainers.packing import IGNORE_INDEX, block_causal_mask, collate, pack_examples
 
 
 def example(sample_id: str, ids: list[int], truncated: bool = False) -> dict[str, Any]:

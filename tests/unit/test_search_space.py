@@ -6,21 +6,21 @@ import math
 
 import pytest
 
-from raytune.schedulers import (
+from rayft.raytune.schedulers import (
     SCHEDULER_CLOCK,
     TRIAL_NUMBER,
     scheduler_budget,
     scheduler_report,
 )
-from raytune.search_space import (
+from rayft.raytune.search_space import (
     apply_values,
     parse_entry,
     probe_values,
     to_tune,
     validate_search_space,
 )
-from raytune.sweep import trial_index, trial_spec, validate_sweep
-from trainers.config import ConfigError, validate_spec
+from rayft.raytune.sweep import trial_index, trial_spec, validate_sweep
+from rayft.trainers.config import ConfigError, validate_spec
 
 BASE = {
     "model": {"name": "tiny-llama"},

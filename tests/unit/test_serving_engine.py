@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from serving.engine import (
+from rayft.serving.engine import (
     BASE_ADAPTER,
     GenerationRequest,
     ModelEngine,
@@ -24,7 +24,7 @@ from serving.engine import (
     _find_stop,
     _held_back,
 )
-from serving.errors import BadRequest, Conflict, NotFound
+from rayft.serving.errors import BadRequest, Conflict, NotFound
 
 PROMPTS = [
     "hello world",
@@ -39,7 +39,7 @@ def make_adapter(home: Path, name: str, seed: int, base: str = "tiny-llama") -> 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainers.models import resolve_model
+    from rayft.trainers.models import resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama", home / "models"))
     peft_model = get_peft_model(
@@ -225,7 +225,7 @@ def test_score_matches_plain_teacher_forced_loss(engine, home):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainers.formats import tokenize_example
+    from rayft.trainers.formats import tokenize_example
 
     rows = [
         {
@@ -259,8 +259,8 @@ def test_score_matches_plain_teacher_forced_loss(engine, home):
 
 @pytest.fixture(scope="module")
 def api(engine):
-    from serving.openai_api import create_api
-    from serving.service import Limits, ModelService
+    from rayft.serving.openai_api import create_api
+    from rayft.serving.service import Limits, ModelService
 
     service = ModelService(
         engine, Limits(max_tokens_limit=64, max_prompt_tokens=32), api_key="sekret"
@@ -361,8 +361,8 @@ def test_evaluation_perplexity_is_exp_loss(api):
 
 
 def test_full_queue_is_429(engine):
-    from serving.openai_api import create_api
-    from serving.service import ModelService
+    from rayft.serving.openai_api import create_api
+    from rayft.serving.service import ModelService
 
     service = ModelService(engine)
     service.loop.max_queued_rows = 2

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from cluster.cli import EXIT_BAD_INPUT, UserError, main
-from cluster.jobs import build_view, format_view, parse_log, rayft_state, read_run
-from cluster.submit import (
+from rayft.cluster.cli import EXIT_BAD_INPUT, UserError, main
+from rayft.cluster.jobs import build_view, format_view, parse_log, rayft_state, read_run
+from rayft.cluster.submit import (
     META_KIND,
     META_RUN_ID,
     META_STORAGE,
@@ -25,7 +25,7 @@ from cluster.submit import (
     plan_data,
     resolve_token,
 )
-from trainers.config import validate_spec
+from rayft.trainers.config import validate_spec
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "cluster" / "manifests"
 
@@ -71,14 +71,14 @@ def test_runtime_env_carries_working_dir_code_and_no_secrets(package) -> None:
     assert env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
     assert not any(key.startswith("RAY_AUTH") for key in env["env_vars"])
     # The project's code travels with the job: the entrypoint imports it from the working dir.
-    assert (package.workdir / "cluster" / "cli.py").is_file()
-    assert (package.workdir / "trainers" / "driver.py").is_file()
+    assert (package.workdir / "rayft" / "cluster" / "cli.py").is_file()
+    assert (package.workdir / "rayft" / "trainers" / "driver.py").is_file()
     assert not list(package.workdir.rglob("__pycache__"))
 
 
 def test_entrypoint_names_the_run_chosen_at_submit_time(package) -> None:
     argv = shlex.split(package.entrypoint)
-    assert argv[:4] == ["python", "-m", "cluster.cli", "train"]
+    assert argv[:4] == ["python", "-m", "rayft.cluster.cli", "train"]
     assert argv[argv.index("--run-id") + 1] == package.run_id == package.submission_id
     assert package.run_id.startswith("demo-")
     assert package.metadata == {
@@ -106,7 +106,7 @@ def test_installed_code_ships_only_spec_and_data(files: Path, tmp_path: Path) ->
         make_spec("train.jsonl"), cwd=files, staging_parent=tmp_path, code="installed"
     )
     assert sorted(pkg.shipped_files) == ["data/train-0-train.jsonl", "spec.yaml"]
-    assert not (pkg.workdir / "cluster").exists()
+    assert not (pkg.workdir / "rayft").exists()
 
 
 def test_tune_specs_submit_as_sweeps(files: Path, tmp_path: Path) -> None:
@@ -238,7 +238,7 @@ def _info(status: str) -> SimpleNamespace:
         status=SimpleNamespace(value=status),
         metadata={META_KIND: "train", META_RUN_ID: "demo-1", META_STORAGE: "/s"},
         message=None,
-        entrypoint="python -m cluster.cli train spec.yaml",
+        entrypoint="python -m rayft.cluster.cli train spec.yaml",
         start_time=1000,
         end_time=None,
     )
@@ -362,7 +362,7 @@ def test_rayjob_manifest_runs_rayft_on_its_own_cluster() -> None:
     docs = list(yaml.safe_load_all((MANIFESTS / "rayjob.yaml").read_text()))
     job = next(d for d in docs if d["kind"] == "RayJob")
     assert job["apiVersion"] == "ray.io/v1" and job["metadata"]["name"]
-    assert job["spec"]["entrypoint"].startswith("python -m cluster.cli train /etc/rayft/")
+    assert job["spec"]["entrypoint"].startswith("python -m rayft.cluster.cli train /etc/rayft/")
     _kuberay_cluster_spec(job["spec"]["rayClusterSpec"])
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     spec = validate_spec(yaml.safe_load(config_map["data"]["job.yaml"]))

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from raytune.results import (
+from rayft.raytune.results import (
     EARLY_STOPPED,
     FINISHED,
     format_table,
@@ -18,8 +18,8 @@ from raytune.results import (
     trial_state,
     write_tables,
 )
-from raytune.schedulers import default_max_concurrent, expected_trials, max_concurrent
-from trainers.config import ConfigError, ScalingSpec, validate_spec
+from rayft.raytune.schedulers import default_max_concurrent, expected_trials, max_concurrent
+from rayft.trainers.config import ConfigError, ScalingSpec, validate_spec
 
 
 def scaling(**kw) -> ScalingSpec:
@@ -92,7 +92,7 @@ def test_schedulers_and_search_are_built_from_the_spec():
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from raytune.schedulers import SCHEDULER_CLOCK, build_scheduler, build_search
+    from rayft.raytune.schedulers import SCHEDULER_CLOCK, build_scheduler, build_search
 
     def spec(**sched):
         return validate_spec(
