@@ -32,8 +32,12 @@ def connect(address: str | None = None, quiet: bool = True) -> str:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     runtime_env = {"env_vars": _forwarded_env()}
     if address and address not in ("local", "embedded"):
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env,
-                 logging_level="ERROR" if quiet else "INFO")
+        ray.init(
+            address=address,
+            log_to_driver=True,
+            runtime_env=runtime_env,
+            logging_level="ERROR" if quiet else "INFO",
+        )
         return address
     ray.init(
         # "local" always starts a new cluster, never attaching to one `ray start` left running.

@@ -21,7 +21,9 @@ from typing import Any
 GENERATION_METRICS = ["loss", "perplexity", "exact_match", "token_f1"]
 
 
-def evaluate_models(names: list[str], base: str, rows: list[dict], max_tokens: int) -> dict[str, dict]:
+def evaluate_models(
+    names: list[str], base: str, rows: list[dict], max_tokens: int
+) -> dict[str, dict]:
     """Evaluate each of ``names`` (the base and/or adapters of ``base``) in this process."""
     from rayft.serving.engine import ModelEngine
     from rayft.serving.service import ModelService
@@ -74,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         adapter = outcome.artifact.name
         eval_path = spec.data.eval if isinstance(spec.data.eval, str) else spec.data.eval[0]
         rows = read_rows(Path(eval_path))
-        print(f"[rayft] generating answers for {len(rows)} eval rows, base and adapter ...",
-              file=sys.stderr, flush=True)
-        results = evaluate_models([spec.model.name, adapter], spec.model.name, rows, args.max_tokens)
+        print(
+            f"[rayft] generating answers for {len(rows)} eval rows, base and adapter ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        results = evaluate_models(
+            [spec.model.name, adapter], spec.model.name, rows, args.max_tokens
+        )
         print_comparison(spec.model.name, adapter, results)
         base_answer, adapter_answer = serve_and_ask(adapter, args.prompt, max_tokens=64)
     print("\n== served through the OpenAI-compatible endpoint, same prompt, greedy")

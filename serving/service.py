@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayft.serving.batching import DecodeLoop
-from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, ModelEngine, SamplingParams, StepOutput
+from rayft.serving.engine import (
+    BASE_ADAPTER,
+    GenerationRequest,
+    ModelEngine,
+    SamplingParams,
+    StepOutput,
+)
 from rayft.serving.errors import BadRequest, TooLarge
 
 

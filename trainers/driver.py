@@ -98,11 +98,15 @@ def check_model_fits(spec: JobSpec, model_dir: Path) -> None:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     layers = config.get("num_hidden_layers") or config.get("n_layer")
     if spec.method == "freeze" and layers and spec.freeze.trainable_layers > layers:
-        raise ConfigError([(
-            "freeze.trainable_layers",
-            f"{spec.freeze.trainable_layers} trainable layers requested but "
-            f"{spec.model.name} has {layers}",
-        )])
+        raise ConfigError(
+            [
+                (
+                    "freeze.trainable_layers",
+                    f"{spec.freeze.trainable_layers} trainable layers requested but "
+                    f"{spec.model.name} has {layers}",
+                )
+            ]
+        )
 
 
 def run_training(
@@ -158,15 +162,19 @@ def run_training(
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False  # rayft prints its own one-line data summary
-    say(f"[rayft] run {run_id}: {spec.method} fine-tune of {spec.model.name} "
-        f"on {spec.scaling.num_workers} worker(s), ZeRO-{spec.deepspeed.zero_stage}, {dtype}")
+    say(
+        f"[rayft] run {run_id}: {spec.method} fine-tune of {spec.model.name} "
+        f"on {spec.scaling.num_workers} worker(s), ZeRO-{spec.deepspeed.zero_stage}, {dtype}"
+    )
     prepared = build_datasets(spec, str(model_dir))
     train_ds = prepared.train.materialize()
     train_rows = train_ds.count()
     eval_ds = prepared.eval.materialize() if prepared.eval is not None else None
-    say(f"[rayft] data: {train_rows} training rows ({prepared.format}, "
+    say(
+        f"[rayft] data: {train_rows} training rows ({prepared.format}, "
         f"{'packed' if spec.data.packing else 'unpacked'}), "
-        f"{eval_ds.count() if eval_ds is not None else 0} eval rows; {prepared.summary}")
+        f"{eval_ds.count() if eval_ds is not None else 0} eval rows; {prepared.summary}"
+    )
     total_steps = plan_steps(spec, train_rows, spec.scaling.num_workers)
 
     local_run = local_home(storage) / "runs" / run_id
@@ -174,14 +182,22 @@ def run_training(
     if not resume:
         (local_run / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
         mirror_file(storage, f"runs/{run_id}/{SPEC_FILE}")
-    run_info = {"run_id": run_id, "started_at": time.time(), "model_dir": str(model_dir),
-                "dataset_sha256": prepared.fingerprint, "state": "running"}
+    run_info = {
+        "run_id": run_id,
+        "started_at": time.time(),
+        "model_dir": str(model_dir),
+        "dataset_sha256": prepared.fingerprint,
+        "state": "running",
+    }
     _save_record(storage, run_id, run_info)
 
     sink = ProgressSink.options(name=sink_name(run_id), get_if_exists=True).remote()
     run = {
-        "model_dir": str(model_dir), "dtype": dtype, "use_gpu": use_gpu,
-        "total_steps": total_steps, "has_eval": eval_ds is not None,
+        "model_dir": str(model_dir),
+        "dtype": dtype,
+        "use_gpu": use_gpu,
+        "total_steps": total_steps,
+        "has_eval": eval_ds is not None,
         "progress_actor": sink_name(run_id),
         "local_run_dir": None if is_uri(home(storage)) else str(local_run),
         "stop_after_step": _env_int("RAYFT_STOP_AFTER_STEP"),
@@ -240,11 +256,17 @@ def run_training(
     result = result_box["result"]
     artifact = _publish(spec, run_id, name, kind, result, prepared, model_dir)
     metrics = dict(result.metrics or {})
-    run_info.update(state="finished", finished_at=time.time(), metrics=metrics,
-                    artifact=artifact_location(kind, name, storage, artifact))
+    run_info.update(
+        state="finished",
+        finished_at=time.time(),
+        metrics=metrics,
+        artifact=artifact_location(kind, name, storage, artifact),
+    )
     _save_record(storage, run_id, run_info)
     history = _history_from(result)
-    say(f"[rayft] {kind} published: {run_info['artifact']}  (checkpoints: {result.checkpoint.path})")
+    say(
+        f"[rayft] {kind} published: {run_info['artifact']}  (checkpoints: {result.checkpoint.path})"
+    )
     return TrainOutcome(run_id, metrics, artifact, result.checkpoint.path, history)
 
 

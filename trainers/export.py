@@ -28,8 +28,9 @@ def export_merged(name: str, out: str | Path, storage: str | None = None) -> Pat
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file()
-                                  else base_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(
+        adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    ).save_pretrained(out)
     return out
 
 

@@ -66,9 +66,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, spec: JobSpec, total_steps: in
 
     name = "constant_with_warmup" if spec.optim.scheduler == "constant" else spec.optim.scheduler
     warmup = int(math.ceil(spec.optim.warmup_ratio * total_steps))
-    return get_scheduler(
-        name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
-    )
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def apply_optim_settings(optimizer: Any, scheduler: Any, spec: JobSpec) -> None:
@@ -106,8 +104,12 @@ def _nonempty(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
         return batch
     one = torch.full((1, 1), pad_id, dtype=torch.long)
     mask = torch.zeros((1, 1, 1, 1)) if batch["attention_mask"].dim() == 4 else torch.ones_like(one)
-    return {"input_ids": one, "labels": torch.full_like(one, -100), "attention_mask": mask,
-            "position_ids": torch.zeros_like(one)}
+    return {
+        "input_ids": one,
+        "labels": torch.full_like(one, -100),
+        "attention_mask": mask,
+        "position_ids": torch.zeros_like(one),
+    }
 
 
 def _forward(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,7 +158,11 @@ def evaluate(
     engine.train()
     loss_sum, count = _all_sum([loss_sum, float(count)])
     loss = loss_sum / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_tokens": int(count),
+    }
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -201,15 +207,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint() or run.get("start_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(
-                ckpt_dir, tag=DS_TAG, load_module_strict=spec.method == "full"
-            )
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=spec.method == "full")
             state = TrainerState(**json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text()))
         apply_optim_settings(optimizer, scheduler, spec)
         if rank == 0:
             print(f"[rayft] resumed from step {state.step} (epoch {state.epoch})", flush=True)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     collate = collate_fn(pad_id, spec.data.packing)
     ray.data.DataContext.get_current().enable_progress_bars = False
     sink = _progress_sink(run) if rank == 0 else None
@@ -222,8 +228,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shard = ray.train.get_dataset_shard(name)
         kwargs = {}
         if shuffle:
-            kwargs = {"local_shuffle_buffer_size": 8 * spec.optim.batch_size,
-                      "local_shuffle_seed": spec.optim.seed + epoch}
+            kwargs = {
+                "local_shuffle_buffer_size": 8 * spec.optim.batch_size,
+                "local_shuffle_seed": spec.optim.seed + epoch,
+            }
         return shard.iter_torch_batches(
             batch_size=spec.optim.batch_size,
             collate_fn=collate,
@@ -254,15 +262,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def save(metrics: dict[str, Any], final: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
-            engine.save_checkpoint(
-                tmp, tag=DS_TAG, exclude_frozen_parameters=spec.method != "full"
-            )
+            engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=spec.method != "full")
             if rank == 0:
                 Path(tmp, TRAINER_STATE).write_text(json.dumps(asdict(state)))
             if final:
                 _export(engine, tokenizer, spec, Path(tmp) / EXPORT_DIR, rank)
-            report = {**metrics, "step": state.step, "epoch": state.epoch,
-                      "tokens_seen": state.tokens_seen, "final": final}
+            report = {
+                **metrics,
+                "step": state.step,
+                "epoch": state.epoch,
+                "tokens_seen": state.tokens_seen,
+                "final": final,
+            }
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     latest_eval: dict[str, float] = {}
@@ -297,8 +308,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.tokens_seen += int(batch["num_tokens"])
             micro += 1
             if order_log is not None:
-                order_log.write(json.dumps({"step": state.step + 1, "micro": micro,
-                                            "samples": batch["sample_ids"]}) + "\n")
+                order_log.write(
+                    json.dumps(
+                        {"step": state.step + 1, "micro": micro, "samples": batch["sample_ids"]}
+                    )
+                    + "\n"
+                )
             if engine.global_steps == steps_before:
                 continue  # inside a gradient-accumulation window
             state.step += 1
@@ -306,9 +321,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss_sum, count, tokens = _all_sum([window_loss, window_count, window_tokens])
                 elapsed = max(time.time() - window_start, 1e-9)
                 record = {
-                    "kind": "train", "step": state.step, "total_steps": total_steps,
-                    "epoch": state.epoch, "loss": loss_sum / max(count, 1.0),
-                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
+                    "kind": "train",
+                    "step": state.step,
+                    "total_steps": total_steps,
+                    "epoch": state.epoch,
+                    "loss": loss_sum / max(count, 1.0),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens / elapsed,
                     "tokens_seen": state.tokens_seen * world,
                 }
                 state.history.append(record)
@@ -323,8 +342,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if report_every_eval and latest_eval and not at_checkpoint and not stop_early:
                     # Sweeps: a Tune scheduler decides at every evaluation, not only at
                     # checkpoints (whose own report already carries this evaluation).
-                    ray.train.report({**latest_eval, "step": state.step, "epoch": state.epoch,
-                                      "tokens_seen": state.tokens_seen, "final": False})
+                    ray.train.report(
+                        {
+                            **latest_eval,
+                            "step": state.step,
+                            "epoch": state.epoch,
+                            "tokens_seen": state.tokens_seen,
+                            "final": False,
+                        }
+                    )
             done = state.step >= total_steps or stop_early
             if done:
                 state.stopped_early = stop_early
@@ -428,7 +454,11 @@ def _order_log(run: dict[str, Any], rank: int, resumed_step: int):
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if path.exists():
-        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
+        kept = [
+            ln
+            for ln in path.read_text().splitlines()
+            if ln and json.loads(ln)["step"] <= resumed_step
+        ]
     # Line-buffered: an interrupted run keeps every step it logged.
     handle = open(path, "w", buffering=1)  # noqa: SIM115 - closed at the end of the loop
     handle.writelines(line + "\n" for line in kept)

@@ -120,7 +120,9 @@ def _build_smollm2(out: Path) -> None:
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if real_missing or unexpected:
-        raise ModelError(f"GGUF weights do not match the config: {real_missing[:5]} {unexpected[:5]}")
+        raise ModelError(
+            f"GGUF weights do not match the config: {real_missing[:5]} {unexpected[:5]}"
+        )
     model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
@@ -236,7 +238,11 @@ def resolve_model(name: str, cache: Path | None = None, storage: str | None = No
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+        return Path(
+            snapshot_download(
+                name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+            )
+        )
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one actionable message
         raise ModelError(
             f"model {name!r} is neither a builtin ({', '.join(BUILTINS)}), a local HF "

@@ -70,8 +70,12 @@ class ConsoleProgress:
                 from tqdm import tqdm
 
                 self._bar = tqdm(
-                    total=record["total_steps"], desc="training", unit="step",
-                    file=sys.stderr, dynamic_ncols=True, leave=True,
+                    total=record["total_steps"],
+                    desc="training",
+                    unit="step",
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                    leave=True,
                 )
                 self._bar.update(record.get("step", 0))
             line = format_record(record)

@@ -88,7 +88,11 @@ def check_publishable(kind: str, name: str, overwrite: bool, storage: str | None
 
 
 def publish_dir(
-    src: Path, kind: str, name: str, manifest: dict[str, Any], overwrite: bool,
+    src: Path,
+    kind: str,
+    name: str,
+    manifest: dict[str, Any],
+    overwrite: bool,
     storage: str | None = None,
 ) -> Path:
     """Move the finished artifact directory ``src`` into the registry as ``name``.

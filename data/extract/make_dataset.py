@@ -13,15 +13,86 @@ import json
 import random
 from pathlib import Path
 
-FIRST = ["Alice", "Bruno", "Chen", "Dana", "Elif", "Farid", "Grace", "Hugo", "Ines", "Jonas",
-         "Keiko", "Liam", "Maya", "Nikolai", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tara",
-         "Umar", "Vera", "Wen", "Ximena", "Yusuf", "Zoe"]
-LAST = ["Smith", "Garcia", "Nakamura", "Okafor", "Novak", "Rossi", "Dubois", "Jensen",
-        "Kowalski", "Haddad", "Silva", "Larsen", "Moreau", "Petrov", "Tanaka", "Weber"]
-CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Cairo", "Dublin", "Austin", "Porto",
-          "Seoul", "Krakow", "Nairobi", "Denver", "Milan", "Hanoi", "Quito"]
-JOBS = ["engineer", "teacher", "nurse", "chef", "pilot", "lawyer", "farmer", "designer",
-        "plumber", "dentist", "librarian", "architect", "baker", "journalist"]
+FIRST = [
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dana",
+    "Elif",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Keiko",
+    "Liam",
+    "Maya",
+    "Nikolai",
+    "Olga",
+    "Pedro",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wen",
+    "Ximena",
+    "Yusuf",
+    "Zoe",
+]
+LAST = [
+    "Smith",
+    "Garcia",
+    "Nakamura",
+    "Okafor",
+    "Novak",
+    "Rossi",
+    "Dubois",
+    "Jensen",
+    "Kowalski",
+    "Haddad",
+    "Silva",
+    "Larsen",
+    "Moreau",
+    "Petrov",
+    "Tanaka",
+    "Weber",
+]
+CITIES = [
+    "Paris",
+    "Lagos",
+    "Osaka",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Dublin",
+    "Austin",
+    "Porto",
+    "Seoul",
+    "Krakow",
+    "Nairobi",
+    "Denver",
+    "Milan",
+    "Hanoi",
+    "Quito",
+]
+JOBS = [
+    "engineer",
+    "teacher",
+    "nurse",
+    "chef",
+    "pilot",
+    "lawyer",
+    "farmer",
+    "designer",
+    "plumber",
+    "dentist",
+    "librarian",
+    "architect",
+    "baker",
+    "journalist",
+]
 TEMPLATES = [
     "{name} is a {age}-year-old {job} who lives in {city}.",
     "Meet {name}: {age} years old, working as a {job} in {city}.",
@@ -46,10 +117,14 @@ def make_rows(count: int, rng: random.Random) -> list[dict]:
         }
         text = rng.choice(TEMPLATES).format(**person)
         answer = json.dumps(person, separators=(", ", ": "))
-        rows.append({"messages": [
-            {"role": "user", "content": INSTRUCTION + text},
-            {"role": "assistant", "content": answer},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": INSTRUCTION + text},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
     return rows
 
 

@@ -33,20 +33,27 @@ def test_lora_zero2_on_gpu_uses_bf16_and_publishes(ray_cluster, tmp_path, tiny_m
     from rayft.trainers.driver import run_training
 
     data = tmp_path / "t.jsonl"
-    data.write_text("".join(
-        json.dumps({"prompt": f"say {i}", "completion": f"number {i}"}) + "\n" for i in range(64)
-    ))
-    spec = validate_spec({
-        "model": {"name": "tiny-llama"},
-        "data": {"train": str(data), "eval_fraction": 0.2, "max_seq_len": 64},
-        "optim": {"max_steps": 6, "batch_size": 4, "lr": 3e-3},
-        "scaling": {"num_workers": 1, "use_gpu": True},
-        "output": {"name": "gpu-lora"},
-    })
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"say {i}", "completion": f"number {i}"}) + "\n"
+            for i in range(64)
+        )
+    )
+    spec = validate_spec(
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {"train": str(data), "eval_fraction": 0.2, "max_seq_len": 64},
+            "optim": {"max_steps": 6, "batch_size": 4, "lr": 3e-3},
+            "scaling": {"num_workers": 1, "use_gpu": True},
+            "output": {"name": "gpu-lora"},
+        }
+    )
     outcome = run_training(spec, show_progress=False)
     evals = outcome.evals()
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     config = json.loads((outcome.artifact / "rayft.json").read_text())
     assert config["spec"]["scaling"]["use_gpu"] is True
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), outcome.artifact)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), outcome.artifact
+    )
     assert model.peft_config["default"].r == 16

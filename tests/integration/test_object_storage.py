@@ -82,22 +82,36 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     with open(data, "w") as handle:
         for i in range(40):
             color, thing = [("red", "apple"), ("blue", "sky"), ("green", "grass")][i % 3]
-            handle.write(json.dumps({"messages": [
-                {"role": "user", "content": f"name a {color} thing"},
-                {"role": "assistant", "content": f"the {thing} is {color}"},
-            ]}) + "\n")
-    spec = validate_spec({
-        "model": {"name": "tiny-llama"},
-        "data": {"train": str(data), "format": "chat", "max_seq_len": 64},
-        "method": "lora",
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "optim": {"lr": 3e-3, "max_steps": 4, "batch_size": 4, "scheduler": "constant",
-                  "warmup_ratio": 0.0},
-        "scaling": {"num_workers": 1},
-        "checkpoint": {"every_steps": 2, "keep": 2},
-        "output": {"name": "colors-s3"},
-        "storage": s3_root,
-    })
+            handle.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"name a {color} thing"},
+                            {"role": "assistant", "content": f"the {thing} is {color}"},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    spec = validate_spec(
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {"train": str(data), "format": "chat", "max_seq_len": 64},
+            "method": "lora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "optim": {
+                "lr": 3e-3,
+                "max_steps": 4,
+                "batch_size": 4,
+                "scheduler": "constant",
+                "warmup_ratio": 0.0,
+            },
+            "scaling": {"num_workers": 1},
+            "checkpoint": {"every_steps": 2, "keep": 2},
+            "output": {"name": "colors-s3"},
+            "storage": s3_root,
+        }
+    )
     outcome = run_training(spec, show_progress=False)
 
     # The run's record, spec and checkpoints are in the bucket, not under RAYFT_HOME.
@@ -106,8 +120,9 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     assert record["state"] == "finished"
     assert record["artifact"] == f"{s3_root}/adapters/colors-s3"
     assert "spec.yaml" in run_files
-    assert any(name.startswith("checkpoint_") and name.endswith("trainer_state.json")
-               for name in run_files)
+    assert any(
+        name.startswith("checkpoint_") and name.endswith("trainer_state.json") for name in run_files
+    )
     assert not (rayft_home / "runs" / outcome.run_id).exists()
     assert str(outcome.checkpoint_path).startswith(f"{BUCKET}/team/runs/{outcome.run_id}/")
 
@@ -138,10 +153,16 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     assert (mirror / "adapter_model.safetensors").is_file()
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), mirror)
     with torch.inference_mode():
-        want = peft.eval().generate(
-            torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )[0, len(prompt):].tolist()
+        want = (
+            peft.eval()
+            .generate(
+                torch.tensor([prompt]),
+                max_new_tokens=6,
+                do_sample=False,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            )[0, len(prompt) :]
+            .tolist()
+        )
     assert served.token_ids == want[: len(served.token_ids)] and served.token_ids
 
     # Unpublished at the URI: the mirror's copy is not served any more.
@@ -167,7 +188,9 @@ def test_evaluation_datasets_are_read_from_object_storage(s3_root):
     # A changed dataset is read again; one removed from the bucket is gone.
     rows.append({"prompt": "name a blue thing", "completion": "the sky is blue"})
     write_remote(
-        s3_root, "datasets/colors-eval.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+        s3_root,
+        "datasets/colors-eval.jsonl",
+        b"".join(json.dumps(r).encode() + b"\n" for r in rows),
     )
     assert read_rows(dataset_path("colors-eval", s3_root)) == rows
     delete_remote_dir(s3_root, "datasets")
@@ -203,7 +226,12 @@ def test_sweep_records_results_and_adapters_live_in_object_storage(s3_root, tmp_
             "model": {"name": "tiny-llama"},
             "data": {"train": str(data), "format": "chat", "max_seq_len": 64, "eval_fraction": 0.2},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "optim": {"max_steps": 4, "batch_size": 4, "scheduler": "constant", "warmup_ratio": 0.0},
+            "optim": {
+                "max_steps": 4,
+                "batch_size": 4,
+                "scheduler": "constant",
+                "warmup_ratio": 0.0,
+            },
             "scaling": {"num_workers": 1},
             "eval": {"every_steps": 2, "at_start": False},
             "checkpoint": {"every_steps": 2, "keep": 1},

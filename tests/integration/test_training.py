@@ -13,8 +13,16 @@ from rayft.trainers.driver import run_training
 
 pytestmark = pytest.mark.slow
 
-PAIRS = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow"),
-         ("black", "night"), ("yellow", "sun"), ("gray", "stone"), ("pink", "rose")]
+PAIRS = [
+    ("red", "apple"),
+    ("blue", "sky"),
+    ("green", "grass"),
+    ("white", "snow"),
+    ("black", "night"),
+    ("yellow", "sun"),
+    ("gray", "stone"),
+    ("pink", "rose"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +31,12 @@ def chat_file(tmp_path_factory) -> Path:
     with open(path, "w") as handle:
         for i in range(96):
             color, thing = PAIRS[i % len(PAIRS)]
-            row = {"messages": [
-                {"role": "user", "content": f"name a {color} thing"},
-                {"role": "assistant", "content": f"the {thing} is {color}"},
-            ]}
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"name a {color} thing"},
+                    {"role": "assistant", "content": f"the {thing} is {color}"},
+                ]
+            }
             handle.write(json.dumps(row) + "\n")
     return path
 
@@ -45,12 +55,21 @@ def ray_cluster():
 def make_spec(chat_file: Path, name: str, **sections) -> object:
     data = {
         "model": {"name": "tiny-llama"},
-        "data": {"train": str(chat_file), "format": "chat", "max_seq_len": 64,
-                 "eval_fraction": 0.15},
+        "data": {
+            "train": str(chat_file),
+            "format": "chat",
+            "max_seq_len": 64,
+            "eval_fraction": 0.15,
+        },
         "method": "lora",
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "optim": {"lr": 3e-3, "max_steps": 12, "batch_size": 4, "warmup_ratio": 0.0,
-                  "scheduler": "constant"},
+        "optim": {
+            "lr": 3e-3,
+            "max_steps": 12,
+            "batch_size": 4,
+            "warmup_ratio": 0.0,
+            "scheduler": "constant",
+        },
         "scaling": {"num_workers": 2},
         "eval": {"every_steps": 6},
         "output": {"name": name},
@@ -96,7 +115,8 @@ def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(
     # The trained weights as DeepSpeed saved them in the run's last checkpoint.
     states = torch.load(
         Path(outcome.checkpoint_path) / "state" / "mp_rank_00_model_states.pt",
-        map_location="cpu", weights_only=False,
+        map_location="cpu",
+        weights_only=False,
     )["module"]
     trained = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -111,7 +131,9 @@ def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(
     assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter changed the model
 
     # TensorBoard event files sit in the run's directory.
-    events = list((rayft_home / "runs" / outcome.run_id / "tensorboard").glob("events.out.tfevents.*"))
+    events = list(
+        (rayft_home / "runs" / outcome.run_id / "tensorboard").glob("events.out.tfevents.*")
+    )
     assert events and events[0].stat().st_size > 0
 
     # `rayft models export NAME --merge OUT` writes a plain HF model with the same logits.
@@ -129,7 +151,9 @@ def test_full_zero3_offload_two_workers_publishes_an_hf_model(ray_cluster, chat_
     from transformers import AutoModelForCausalLM
 
     spec = make_spec(
-        chat_file, "colors-full", method="full",
+        chat_file,
+        "colors-full",
+        method="full",
         deepspeed={"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
         optim={"lr": 1e-3, "gradient_checkpointing": True},
     )
@@ -145,8 +169,14 @@ def test_full_zero3_offload_two_workers_publishes_an_hf_model(ray_cluster, chat_
 def test_freeze_keeps_early_layers_bit_identical(ray_cluster, chat_file, tiny_model_dir):
     from safetensors.torch import load_file
 
-    spec = make_spec(chat_file, "colors-freeze", method="freeze", freeze={"trainable_layers": 1},
-                     deepspeed={"zero_stage": 1}, optim={"lr": 1e-3})
+    spec = make_spec(
+        chat_file,
+        "colors-freeze",
+        method="freeze",
+        freeze={"trainable_layers": 1},
+        deepspeed={"zero_stage": 1},
+        optim={"lr": 1e-3},
+    )
     outcome = run_training(spec, show_progress=False)
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(outcome.artifact / "model.safetensors")
@@ -167,11 +197,17 @@ def read_order(run_dir: Path) -> dict[str, list]:
     return logs
 
 
-def test_resume_continues_with_the_same_steps_and_data_order(ray_cluster, chat_file, monkeypatch, rayft_home):
+def test_resume_continues_with_the_same_steps_and_data_order(
+    ray_cluster, chat_file, monkeypatch, rayft_home
+):
     import ray.train
 
-    common = {"optim": {"max_steps": 8}, "checkpoint": {"every_steps": 2, "keep": 3},
-              "eval": {"every_steps": 4}, "output": {"overwrite": True}}
+    common = {
+        "optim": {"max_steps": 8},
+        "checkpoint": {"every_steps": 2, "keep": 3},
+        "eval": {"every_steps": 4},
+        "output": {"overwrite": True},
+    }
     straight = run_training(make_spec(chat_file, "resume-a", **common), show_progress=False)
 
     spec = make_spec(chat_file, "resume-b", **common)
@@ -198,8 +234,12 @@ def test_resume_continues_with_the_same_steps_and_data_order(ray_cluster, chat_f
 
 def test_early_stopping_ends_a_diverging_run(ray_cluster, chat_file):
     patience = 2
-    spec = make_spec(chat_file, "colors-diverge", optim={"lr": 5.0, "max_steps": 40},
-                     eval={"every_steps": 2, "early_stopping_patience": patience})
+    spec = make_spec(
+        chat_file,
+        "colors-diverge",
+        optim={"lr": 5.0, "max_steps": 40},
+        eval={"every_steps": 2, "early_stopping_patience": patience},
+    )
     outcome = run_training(spec, show_progress=False)
     manifest = json.loads((outcome.artifact / "rayft.json").read_text())
     assert manifest["stopped_early"] is True

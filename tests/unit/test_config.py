@@ -68,9 +68,15 @@ def test_missing_required_section():
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        (["method=lora", "deepspeed.zero_stage=3", "deepspeed.offload_params=true"], "deepspeed.offload_params"),
+        (
+            ["method=lora", "deepspeed.zero_stage=3", "deepspeed.offload_params=true"],
+            "deepspeed.offload_params",
+        ),
         (["deepspeed.zero_stage=2", "deepspeed.offload_params=true"], "deepspeed.offload_params"),
-        (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
+        (
+            ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"],
+            "deepspeed.offload_optimizer",
+        ),
         (["eval.every_steps=5"], "eval.every_steps"),
         (["data.eval=e.jsonl", "data.eval_fraction=0.1"], "data.eval_fraction"),
         (["output.name=../escape"], "output.name"),
@@ -92,7 +98,12 @@ def test_full_zero3_with_param_offload_is_allowed():
 def test_overrides_are_typed_like_yaml():
     data = apply_overrides(
         base(),
-        ["optim.lr=3e-4", "lora.target_modules=[q_proj, v_proj]", "data.packing=true", "optim.max_steps=7"],
+        [
+            "optim.lr=3e-4",
+            "lora.target_modules=[q_proj, v_proj]",
+            "data.packing=true",
+            "optim.max_steps=7",
+        ],
     )
     spec = validate_spec(data)
     assert spec.optim.lr == pytest.approx(3e-4)
@@ -120,7 +131,12 @@ def test_broken_yaml_names_the_line(tmp_path):
 
 def test_schema_lists_nested_keys():
     keys = schema_keys()
-    assert {"optim.lr", "lora.target_modules", "deepspeed.zero_stage", "tune.scheduler.type"} <= set(keys)
+    assert {
+        "optim.lr",
+        "lora.target_modules",
+        "deepspeed.zero_stage",
+        "tune.scheduler.type",
+    } <= set(keys)
     assert has_key("lora.r") and not has_key("lora.rank")
 
 

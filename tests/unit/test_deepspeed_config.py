@@ -20,14 +20,18 @@ def test_batch_sizes_multiply_out():
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_stage_is_passed_through(stage):
-    cfg = zero_config(spec_with("method=full", f"deepspeed.zero_stage={stage}"), 1, "float32", False)
+    cfg = zero_config(
+        spec_with("method=full", f"deepspeed.zero_stage={stage}"), 1, "float32", False
+    )
     assert cfg["zero_optimization"]["stage"] == stage
     assert ("stage3_prefetch_bucket_size" in cfg["zero_optimization"]) == (stage == 3)
 
 
 def test_offload_blocks_and_precision():
     spec = spec_with(
-        "method=full", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+        "method=full",
+        "deepspeed.zero_stage=3",
+        "deepspeed.offload_optimizer=true",
         "deepspeed.offload_params=true",
     )
     cfg = zero_config(spec, 2, "bfloat16", True)
