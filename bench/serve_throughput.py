@@ -47,9 +47,9 @@ def make_adapters(model: str, home: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from rayft.trainers.models import resolve_model
-    from rayft.trainers.storage import models_dir
+    from rayft.trainers.storage import StorageRoot
 
-    model_dir = resolve_model(model, models_dir(str(home)))
+    model_dir = resolve_model(model, StorageRoot.resolve(str(home)).models)
     for index, name in enumerate(ADAPTERS):
         out = home / "adapters" / name
         if out.is_dir():
@@ -103,6 +103,8 @@ async def drive_http(
 ) -> tuple[int, list[float], float]:
     import httpx
 
+    from rayft.serving.client import greedy_chat
+
     tokens = 0
     latencies: list[float] = []
 
@@ -111,13 +113,7 @@ async def drive_http(
         for model, prompt in rows:
             start = time.perf_counter()
             response = await http.post(
-                f"{url}/v1/chat/completions",
-                json={
-                    "model": model,
-                    "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                },
+                f"{url}/v1/chat/completions", json=greedy_chat(model, prompt, max_tokens)
             )
             response.raise_for_status()
             latencies.append(time.perf_counter() - start)
@@ -139,10 +135,10 @@ def drive_serial(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rayft.trainers.models import resolve_model
-    from rayft.trainers.storage import models_dir
+    from rayft.trainers.storage import StorageRoot
 
     torch.set_num_threads(threads)
-    model_dir = resolve_model(model, models_dir(str(home)))
+    model_dir = resolve_model(model, StorageRoot.resolve(str(home)).models)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(

@@ -1,7 +1,7 @@
 """Training throughput: rayft LoRA fine-tuning against TRL and a plain HF Trainer.
 
     RAYFT_HOME=/tmp/rfhome .venv/bin/python bench/train_throughput.py [--tokens 24000]
-        [--max-seq-len 512] [--batch-size 4] [--workers 1] [--skip-peers] [--json OUT]
+        [--max-seq-len 512] [--batch-size 4] [--workers 1] [--skip-peers | --skip-trl] [--json OUT]
 
 Fine-tunes ``smollm2-135m-instruct`` on the same rows of ``bench/data/chat_varlen.jsonl``
 (variable-length chats, 38-381 tokens) three ways, one after another on this machine:
@@ -27,6 +27,12 @@ not timed; fetching and collating batches during training is. rayft's figure com
 the tokens/s its training loop reports for every step (real tokens of all workers over
 the step's wall time), averaged over steps 2..N weighted by tokens.
 
+Peak memory, per arm: the peak resident set (``VmHWM`` of ``/proc/<pid>/status``) of the
+process that trains: rayft's Ray Train worker (the largest over workers, read by a loop
+callback after training), and for (b) and (c) a fresh child process running only that
+arm. ``peak_mem_ratio`` = rayft / HF Trainer (target <= 0.5 at the same micro-batch) and
+``tokens_ratio`` = rayft / HF Trainer tokens/s (target >= 1.3) are printed last but one.
+
 rayft's model-FLOPs utilisation counts 4*N FLOPs per token (forward 2N, backward through
 the frozen base 2N; the LoRA weight gradients and attention are ignored), N the base
 model's parameter count, against this machine's fp32 matmul peak (best of several
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -75,6 +82,8 @@ class PathResult:
     """Wall time of steps 2..N."""
     step_tokens: list[int] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
+    peak_rss_mb: float | None = None
+    """Peak resident memory of the training process (VmHWM), MiB."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -147,6 +156,58 @@ def select_rows(model_dir: Path, budget: int, max_seq_len: int) -> tuple[list[st
     return lines, examples
 
 
+# ---------------------------------------------------------------- peak memory
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """Peak resident set size of a process (``VmHWM``), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/{pid}/status has no VmHWM line")
+
+
+def _peak_memory_callback(out_dir: Path):
+    """A rayft loop callback writing each worker's peak RSS to ``out_dir/rank<r>.json``."""
+    from rayft.trainers.loop import LoopCallback
+
+    class PeakMemory(LoopCallback):
+        def __init__(self, out: str) -> None:
+            self.out = out
+
+        def on_train_end(self, state) -> None:
+            import ray.train
+
+            rank = ray.train.get_context().get_world_rank()
+            Path(self.out, f"rank{rank}.json").write_text(json.dumps({"mb": peak_rss_mb()}))
+
+    return PeakMemory(str(out_dir))
+
+
+def _child_main(conn, fn_name: str, args: tuple) -> None:
+    result = globals()[fn_name](*args)
+    result.peak_rss_mb = peak_rss_mb()
+    conn.send(asdict(result))  # plain data: the class lives in this (spawned) main module
+    conn.close()
+
+
+def in_fresh_process(fn_name: str, *args: Any) -> PathResult:
+    """Run arm ``fn_name`` in a new (spawned) process, so its peak memory is its own."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(child, fn_name, args))
+    proc.start()
+    child.close()
+    try:
+        result = PathResult(**parent.recv())
+    except EOFError:
+        result = None  # the process died before sending (its exit code says why)
+    proc.join()
+    if result is None or proc.exitcode != 0:
+        raise SystemExit(f"{fn_name} failed in its process (exit code {proc.exitcode})")
+    return result
+
+
 # ---------------------------------------------------------------- (a) rayft
 
 
@@ -196,9 +257,13 @@ def run_rayft(
     # Always a fresh embedded cluster: with no address ray.init would join another Ray
     # instance already running on this machine (its /tmp/ray/ray_current_cluster).
     os.environ["RAY_ADDRESS"] = "local"
+    peaks = work / "peak_memory"
+    peaks.mkdir(exist_ok=True)
     connect(None)
     try:
-        outcome = run_training(spec, show_progress=False)
+        outcome = run_training(
+            spec, show_progress=False, loop_callbacks=[_peak_memory_callback(peaks)]
+        )
     finally:
         ray.shutdown()
     records = [r for r in outcome.history if r.get("kind") == "train"]
@@ -208,7 +273,9 @@ def run_rayft(
     step_tokens = [seen[i + 1] - seen[i] for i in range(len(records))]
     step_s = [t / r["tokens_per_s"] for t, r in zip(step_tokens, records, strict=True)]
     setup = f"{workers} worker(s) x {cpus} CPU (torch threads {cpus}), ZeRO-2, packed, embedded Ray"
-    return steady_state("rayft", setup, step_tokens, step_s)
+    result = steady_state("rayft", setup, step_tokens, step_s)
+    result.peak_rss_mb = max(json.loads(p.read_text())["mb"] for p in peaks.glob("rank*.json"))
+    return result
 
 
 # ---------------------------------------------------------------- (b), (c) single-process peers
@@ -406,6 +473,9 @@ def main() -> None:
         help="rayft workers; each gets cores/workers CPUs and as many torch threads",
     )
     parser.add_argument("--skip-peers", action="store_true", help="only run rayft (quick check)")
+    parser.add_argument(
+        "--skip-trl", action="store_true", help="run rayft and the HF Trainer only (no TRL)"
+    )
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     args = parser.parse_args()
 
@@ -444,11 +514,14 @@ def main() -> None:
         results["rayft"] = run_rayft(
             rows, model_dir, args.workers, args.batch_size, args.max_seq_len, work
         )
-        if not args.skip_peers:
+        if not args.skip_peers and not args.skip_trl:
             print("\n[b] TRL SFTTrainer ...", flush=True)
-            results["trl"] = run_trl(examples, model_dir, args.batch_size, args.max_seq_len, work)
+            results["trl"] = in_fresh_process(
+                "run_trl", examples, model_dir, args.batch_size, args.max_seq_len, work
+            )
+        if not args.skip_peers:
             print("\n[c] HF Trainer + PEFT ...", flush=True)
-            results["hf"] = run_hf(examples, model_dir, args.batch_size, work)
+            results["hf"] = in_fresh_process("run_hf", examples, model_dir, args.batch_size, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -459,7 +532,7 @@ def main() -> None:
         print(
             f"{labels[key]:<22} {res.tokens_per_s:8.1f} tokens/s  ({res.timed_tokens} tokens "
             f"in {res.timed_s:.1f} s over steps 2..{res.steps}; {res.tokens} tokens in "
-            f"{res.steps} steps)  MFU {100 * mfu:.1f}%"
+            f"{res.steps} steps)  MFU {100 * mfu:.1f}%  peak RSS {res.peak_rss_mb:.0f} MiB"
         )
         print(f"{'':<22} {res.setup}")
     a = results["rayft"].tokens_per_s
@@ -489,15 +562,30 @@ def main() -> None:
     speedup = None
     if "trl" in results:
         speedup = a / results["trl"].tokens_per_s
-        vs_hf = a / results["hf"].tokens_per_s
-        figures.update(speedup_vs_trl=speedup, speedup_vs_hf=vs_hf)
+        figures.update(speedup_vs_trl=speedup)
         print(
             f"a/b (rayft / TRL packing)    = {speedup:.3f}  (target >= 1.0: "
             f"{'met' if speedup >= 1.0 else 'NOT met'})"
         )
+    if "hf" in results:
+        vs_hf = a / results["hf"].tokens_per_s
+        figures.update(speedup_vs_hf=vs_hf)
         print(
             f"a/c (rayft / HF padding)     = {vs_hf:.3f}  (target >= 1.3: "
             f"{'met' if vs_hf >= 1.3 else 'NOT met'})"
+        )
+        hf = results["hf"]
+        mem_ratio = results["rayft"].peak_rss_mb / hf.peak_rss_mb
+        tokens_ratio = a / hf.tokens_per_s
+        figures.update(peak_mem_ratio=mem_ratio, tokens_ratio=tokens_ratio)
+        print(
+            f"peak_mem_ratio={mem_ratio:.3f}  (rayft {results['rayft'].peak_rss_mb:.0f} MiB / "
+            f"HF Trainer {hf.peak_rss_mb:.0f} MiB; target <= 0.5: "
+            f"{'met' if mem_ratio <= 0.5 else 'NOT met'})"
+        )
+        print(
+            f"tokens_ratio={tokens_ratio:.3f}  (rayft / HF Trainer tokens/s; target >= 1.3: "
+            f"{'met' if tokens_ratio >= 1.3 else 'NOT met'})"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

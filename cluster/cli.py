@@ -1,208 +1,193 @@
-"""The ``rayft`` command line.
+"""The ``rayft`` command line: the parser, the options commands share, and error handling.
 
-Exit codes: 0 success, 1 a run that failed while running, 2 bad input (config, data,
-model name, artifact name) with a message naming what to fix.
+Each command group lives in its own module with a ``register(subparsers)`` function:
+``train_cli`` (train, validate), ``models_cli`` (models), ``tune_cli`` (tune),
+``serve_cli`` (serve, eval) and ``jobs_cli`` (submit, jobs, cluster).
+
+Exit codes: 0 success; 1 a run that failed while running, or an internal error (its
+traceback goes to a log file whose path is printed); 2 bad input (config key, data file
+and line, model or artifact name, address) with a message naming what to fix.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import os
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from rayft.cluster.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    ClusterError,
+    UserError,
+)
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "UserError", "build_parser", "main", "parse_args"]
+
+COMMAND_MODULES = (
+    "rayft.cluster.train_cli",
+    "rayft.cluster.models_cli",
+    "rayft.cluster.tune_cli",
+    "rayft.cluster.serve_cli",
+    "rayft.cluster.jobs_cli",
+)
+
+LOG_DIR_ENV = "RAYFT_LOG_DIR"
+
+# ----------------------------------------------------------------- shared options
+
+_ADDRESS_HELP = {
+    "ray": "Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)",
+    "jobs": "address of the Ray Jobs API, http://HEAD:8265 (default: $RAY_ADDRESS)",
+    "any": "http://HEAD:8265, a Ray address, or none for an embedded local cluster "
+    "(default: $RAY_ADDRESS)",
+}
 
 
-class UserError(Exception):
-    """Bad input from the user: printed without a traceback, exit code 2."""
+def add_address(parser: argparse.ArgumentParser, target: str = "ray") -> None:
+    """``--address``: a Ray address (``ray``), a Jobs API URL (``jobs``), or either (``any``).
+
+    The Jobs API targets also get ``--token-file``: every request to them carries the
+    cluster's token.
+    """
+    parser.add_argument("--address", default=None, help=_ADDRESS_HELP[target])
+    if target in ("jobs", "any"):
+        parser.add_argument(
+            "--token-file",
+            default=None,
+            metavar="PATH",
+            help="file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, "
+            "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
+        )
+
+
+def add_storage(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--storage``: the artifact root (a directory or an ``s3://`` / ``gs://`` URI)."""
+    parser.add_argument("--storage", default=None, metavar="ROOT", help=help)
+
+
+def add_overrides(parser: argparse.ArgumentParser, example: str = "optim.lr=5e-4") -> None:
+    """The ``key=value`` positionals; :func:`parse_args` also collects them after options."""
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help=f"override a key, e.g. {example}"
+    )
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``: Ray's worker logs and library warnings on the console too."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also show Ray's worker logs and library warnings (or set RAYFT_LOG_LEVEL=info)",
+    )
+
+
+# ----------------------------------------------------------------- errors
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
+    """Exception types that always mean the user's input is wrong (exit code 2)."""
     from rayft.trainers.config import ConfigError
-
-    types: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError]
-    try:
-        from rayft.trainers.data import DataError
-
-        types.append(DataError)
-    except ImportError:  # pragma: no cover - data module always ships
-        pass
+    from rayft.trainers.data import DataError
     from rayft.trainers.models import ModelError
     from rayft.trainers.registry import RegistryError
 
-    types += [ModelError, RegistryError]
-    return tuple(types)
+    return (ConfigError, UserError, DataError, ModelError, RegistryError)
 
 
-def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)",
-    )
+def is_bad_input(err: BaseException) -> bool:
+    """True when ``err`` is the user's to fix and its message says what to fix.
 
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from rayft.trainers.config import dump_yaml, load_spec, schema_keys
-
-    if args.schema:
-        print("\n".join(schema_keys()))
-        return 0
-    if not args.config:
-        raise UserError("rayft validate needs CONFIG (or --schema to list every key)")
-    spec = load_spec(args.config, args.overrides)
-    if args.print:
-        print(dump_yaml(spec), end="")
-    else:
-        print(f"{args.config}: valid ({spec.method} on {spec.model.name})")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from rayft.cluster.connect import connected
-    from rayft.trainers.config import apply_overrides, load_spec, validate_spec
-    from rayft.trainers.driver import load_run_spec, run_training
-
-    if args.resume:
-        if args.config and "=" not in args.config:
-            raise UserError("give either CONFIG or --resume RUN_ID, not both")
-        overrides = ([args.config] if args.config else []) + args.overrides
-        spec = load_run_spec(args.resume, args.storage)
-        spec = validate_spec(apply_overrides(spec.to_dict(), overrides))
-    else:
-        if not args.config:
-            raise UserError("rayft train needs CONFIG (a YAML job spec) or --resume RUN_ID")
-        spec = load_spec(args.config, args.overrides)
-    check_data(spec)
-    with connected(args.address):
-        try:
-            run_id = args.resume or args.run_id
-            outcome = run_training(spec, run_id=run_id, resume=bool(args.resume))
-        except Exception as err:
-            if isinstance(err, _bad_input_types()):
-                raise
-            run_hint = args.resume or "<run id printed above>"
-            print(
-                f"rayft: training failed: {_root_cause(err)}\n"
-                f"resume from the last checkpoint with: rayft train --resume {run_hint}",
-                file=sys.stderr,
-            )
-            return 1
-    _print_eval_summary(outcome.evals())
-    print(
-        json.dumps(
-            {
-                "run_id": outcome.run_id,
-                "artifact": str(outcome.artifact),
-                "metrics": outcome.metrics,
-            },
-            default=str,
-        )
-    )
-    return 0
-
-
-def check_data(spec) -> None:
-    """Scan every data file before any cluster work, so bad rows fail in seconds."""
-    from rayft.trainers.data import scan_source
-
-    for key in ("train", "eval"):
-        paths = getattr(spec.data, key)
-        for path in [paths] if isinstance(paths, str) else paths or []:
-            scan_source(path, spec.data.format)
+    A ``FileNotFoundError`` counts only when it names its file: one without a name (such
+    as ``os.getcwd()`` in a directory that was removed) is rayft's problem, not the user's.
+    """
+    if isinstance(err, _bad_input_types()):
+        return True
+    return isinstance(err, FileNotFoundError) and bool(err.filename)
 
 
 def _root_cause(err: BaseException) -> str:
+    """``Type: message`` of the innermost explicitly chained cause (``raise ... from``)."""
     while err.__cause__ is not None:
         err = err.__cause__
     return f"{type(err).__name__}: {err}"
 
 
-def _print_eval_summary(evals: list[dict]) -> None:
-    if not evals:
-        return
-    first, last = evals[0], evals[-1]
-    print("eval            before      after", file=sys.stderr)
-    for key in ("eval_loss", "eval_perplexity"):
-        if key in first and key in last:
-            print(
-                f"{key:<14}{first[key]:>8.4f} {last[key]:>10.4f}   (steps {first['step']} -> {last['step']})",
-                file=sys.stderr,
-            )
+def log_dir() -> Path:
+    """Where internal errors leave their tracebacks: ``$RAYFT_LOG_DIR`` or ``<tmp>/rayft-logs``.
+
+    An absolute path outside the working directory, which may be gone by the time an
+    error is reported.
+    """
+    return Path(os.environ.get(LOG_DIR_ENV) or Path(tempfile.gettempdir()) / "rayft-logs")
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from rayft.trainers.models import list_models, pull_builtin
+def write_error_log(err: BaseException, argv: list[str] | None = None) -> Path:
+    """Write the command line and ``err``'s full traceback to a new file; returns its path."""
+    directory = log_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"rayft-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    command = " ".join(["rayft", *(sys.argv[1:] if argv is None else argv)])
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    path.write_text(f"{command}\n\n{text}")
+    return path
 
-    if args.models_cmd == "list":
-        rows = list_models()
-        width = max(len(r["name"]) for r in rows)
-        for row in rows:
-            print(f"{row['name']:<{width}}  {row['kind']:<9}  {row['state']:<10}  {row['about']}")
-        return 0
-    if args.models_cmd == "pull":
-        print(pull_builtin(args.name))
-        return 0
-    if args.models_cmd == "export":
-        from rayft.trainers.export import export_merged
 
-        out = export_merged(args.name, args.merge)
-        print(f"merged model written to {out}")
-        return 0
-    raise UserError("rayft models needs one of: list, pull NAME, export NAME --merge OUT")
+def report_error(err: BaseException, argv: list[str] | None = None) -> int:
+    """Print one line for ``err`` and return the exit code.
+
+    Bad input prints its message (exit 2); so does a :class:`ClusterError` (the cluster
+    could not do it, exit 1). Anything else is an internal error: the traceback goes to
+    a log file and the line says where (exit 1).
+    """
+    if is_bad_input(err):
+        print(f"rayft: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if isinstance(err, ClusterError):
+        print(f"rayft: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        where = f"the traceback is in {write_error_log(err, argv)}"
+    except OSError as log_err:  # the log must not hide the error it reports
+        where = f"no log written ({log_err}); rerun with --verbose"
+    print(f"rayft: internal error: {_root_cause(err)} ({where})", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# ----------------------------------------------------------------- the parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``rayft`` parser with every command group registered."""
     parser = argparse.ArgumentParser(
         prog="rayft",
         description="Fine-tune LLMs with LoRA / DeepSpeed ZeRO on Ray, sweep, serve and evaluate.",
     )
+    add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("validate", help="check a job spec and report every problem")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    p.add_argument("--print", action="store_true", help="print the resolved spec")
-    p.add_argument("--schema", action="store_true", help="list every key of the schema")
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("train", help="fine-tune on Ray Train with DeepSpeed")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    p.add_argument("--resume", metavar="RUN_ID", help="continue a run from its newest checkpoint")
-    p.add_argument("--storage", default=None, help="artifact root of the run to resume")
-    # `rayft submit` names the run before it starts, so `rayft jobs` can find it in storage.
-    p.add_argument("--run-id", default=None, help="name for a new run (default: generated)")
-    _add_address(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("models", help="builtin and published models")
-    msub = p.add_subparsers(dest="models_cmd", required=True)
-    msub.add_parser("list", help="builtin and cached models")
-    pp = msub.add_parser("pull", help="fetch/convert a builtin model into the cache")
-    pp.add_argument("name")
-    pe = msub.add_parser("export", help="merge an adapter into its base model")
-    pe.add_argument("name", help="published adapter name")
-    pe.add_argument("--merge", required=True, metavar="OUT", help="output HF model directory")
-    p.set_defaults(func=cmd_models)
-
-    for register in _extensions():
-        register(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    for command in _leaf_parsers(parser):
+        add_verbose(command)
     return parser
 
 
-def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Sub-commands that live in their own modules (serving, sweeps, cluster jobs)."""
-    import importlib
-    import importlib.util
-
-    names = ("rayft.cluster.serve_cli", "rayft.cluster.tune_cli", "rayft.cluster.jobs_cli")
-    return [
-        importlib.import_module(name).register
-        for name in names
-        if importlib.util.find_spec(name) is not None
-    ]
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser that runs a command (nested groups such as ``jobs list`` included)."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases repeat a parser
+                found += _leaf_parsers(child) or [child]
+    return found
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,22 +200,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if stray:
             parser.error(f"unrecognized arguments: {' '.join(stray)}")
         args.overrides = [*args.overrides, *extra]
+    args.verbose = getattr(args, "verbose", False)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``rayft`` command; returns its exit code."""
+    from rayft.cluster.console import configure
+    from rayft.cluster.job_start import leave_working_dir, remove_private_copy
+
     args = parse_args(argv)
     try:
+        configure(verbose=args.verbose)
+        if argv is None:  # a process of its own: a submitted job re-executes elsewhere first
+            leave_working_dir(sys.argv[1:])
         return args.func(args)
     except KeyboardInterrupt:
         print("rayft: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
-        if isinstance(err, _bad_input_types()):
-            print(f"rayft: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
+        return report_error(err, argv)
+    finally:
+        if argv is None:
+            remove_private_copy()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the installed module, so that ``python -m rayft.cluster.cli`` (how submitted
+    # jobs run) and the ``rayft`` script raise and catch the very same classes.
+    from rayft.cluster.cli import main as _main
+
+    sys.exit(_main())

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
+
+from rayft.cluster.console import is_verbose, quiet_ray_libraries
+from rayft.cluster.errors import UserError
 
 
 def embedded_cpus() -> int:
@@ -17,37 +21,51 @@ def embedded_cpus() -> int:
     return max(4, 2 * (os.cpu_count() or 1))
 
 
-def connect(address: str | None = None, quiet: bool = True) -> str:
+def connect(address: str | None = None, quiet: bool | None = None) -> str:
     """Initialise Ray on ``address`` (or ``RAY_ADDRESS``); with neither, start a local cluster.
 
+    Args:
+        address: A Ray address; ``None``, ``"local"`` or ``"embedded"`` start a local cluster.
+        quiet: Keep the output of Ray's workers and actors off this console (it stays in
+            Ray's log files). Default: quiet unless ``--verbose`` / ``RAYFT_LOG_LEVEL``.
+
     Returns:
-        ``"embedded"`` or the address connected to.
+        ``"embedded"``, ``"existing"`` (Ray was already initialised) or the address.
+
+    Raises:
+        UserError: nothing answers at ``address``.
     """
     import ray
 
     if ray.is_initialized():
         return "existing"
+    quiet = not is_verbose() if quiet is None else quiet
     address = address or os.environ.get("RAY_ADDRESS")
     # Keep every socket on loopback unless the user points at a remote cluster.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    runtime_env = {"env_vars": _forwarded_env()}
+    options = {
+        "runtime_env": {"env_vars": _forwarded_env()},
+        "log_to_driver": not quiet,
+        "logging_level": "ERROR" if quiet else "INFO",
+    }
     if address and address not in ("local", "embedded"):
-        ray.init(
-            address=address,
-            log_to_driver=True,
-            runtime_env=runtime_env,
-            logging_level="ERROR" if quiet else "INFO",
-        )
+        try:
+            ray.init(address=address, **options)
+        except ConnectionError as err:
+            raise UserError(
+                f"--address {address}: no Ray cluster answers there ({err}); check the "
+                "address (or RAY_ADDRESS), or leave it out to start an embedded local cluster"
+            ) from None
+        quiet_ray_libraries()
         return address
     ray.init(
         # "local" always starts a new cluster, never attaching to one `ray start` left running.
         address="local",
         num_cpus=embedded_cpus(),
         include_dashboard=False,
-        log_to_driver=True,
-        logging_level="ERROR" if quiet else "INFO",
-        runtime_env=runtime_env,
+        **options,
     )
+    quiet_ray_libraries()
     return "embedded"
 
 
@@ -57,7 +75,7 @@ def _forwarded_env() -> dict[str, str]:
 
 
 @contextmanager
-def connected(address: str | None = None):
+def connected(address: str | None = None) -> Iterator[str]:
     """Connect for the duration of a block; shut down only what this block started."""
     import ray
 

@@ -1,34 +1,31 @@
-"""The rayft view of submitted jobs: state, step, latest metrics and published artifact.
+"""The rayft view of submitted jobs and runs: state, step, latest metrics and artifact.
 
 Ray's Jobs API knows whether an entrypoint runs; rayft's view adds where the training
-stands. It is read from two places, whichever the client can see:
-
-* the run's storage (``<storage>/runs/<run_id>/rayft_run.json`` and the ``trainer_state.json``
-  of its newest complete checkpoint, the one Ray Train's snapshot names), when this
-  machine mounts the shared storage or can read the URI;
-* the job's own log, which always travels through the Jobs API: progress lines
-  (``train step 7/12  loss ...``), ``[rayft] resumed from step N`` and the final JSON line.
+stands, read from the run's storage when this machine mounts the shared storage or can
+read the URI: the run's record and machine-readable events (``runs/<run_id>/``, see
+``rayft.trainers.records``) and the newest checkpoint Ray Train's snapshot names. A run
+started with ``rayft train`` (no Ray job) is read from its storage alone (``run_view``).
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rayft.cluster.submit import META_KIND, META_RUN_ID, META_STORAGE, SubmitError
+from rayft.trainers.records import (
+    INTERRUPTED,
+    checkpoint_history,
+    live_state,
+    newest_checkpoint,
+    read_events,
+    read_record,
+    summarize,
+)
+from rayft.trainers.storage import StorageError, StorageRoot
 
-RUN_FILE = "rayft_run.json"
-TRAINER_STATE = "trainer_state.json"
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 RESULTS_JSON = "results.json"  # a sweep's table (raytune.results)
-
-_TRAIN_LINE = re.compile(r"train step (\d+)/(\d+)\s+loss ([-\d.eE+naninf]+)")
-_EVAL_LINE = re.compile(r"eval\s+step (\d+)/(\d+)\s+eval_loss ([-\d.eE+naninf]+)")
-_RESUMED_LINE = re.compile(r"\[rayft\] resumed from step (\d+)")
-_PUBLISHED_LINE = re.compile(r"\[rayft\] (?:adapter|model) published: (\S+)")
 
 
 @dataclass
@@ -62,106 +59,45 @@ class JobView:
 # ----------------------------------------------------------------- pure readers
 
 
-def parse_log(text: str) -> dict[str, Any]:
-    """Progress a rayft job printed: step, total, latest losses, resume point, outcome.
-
-    tqdm redraws its bar with carriage returns, so lines are split on both.
-    """
-    out: dict[str, Any] = {"metrics": {}}
-    for line in re.split(r"[\r\n]+", text):
-        if match := _TRAIN_LINE.search(line):
-            out["step"], out["total_steps"] = int(match[1]), int(match[2])
-            out["metrics"]["loss"] = float(match[3])
-        elif match := _EVAL_LINE.search(line):
-            out["step"] = max(out.get("step", 0), int(match[1]))
-            out["total_steps"] = int(match[2])
-            out["metrics"]["eval_loss"] = float(match[3])
-        elif match := _RESUMED_LINE.search(line):
-            out["resumed_from"] = int(match[1])
-        elif match := _PUBLISHED_LINE.search(line):
-            out["artifact"] = match[1]
-        elif line.startswith("{") and '"sweep_id"' in line:
-            try:
-                final = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out["run_id"] = final.get("sweep_id")
-            out["artifact"] = final.get("artifact") or out.get("artifact")
-        elif line.startswith("{") and '"run_id"' in line:
-            try:
-                final = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out["run_id"] = final.get("run_id")
-            out["artifact"] = final.get("artifact") or out.get("artifact")
-            metrics = final.get("metrics") or {}
-            out["metrics"].update({k: v for k, v in metrics.items() if _is_number(v)})
-            if "step" in metrics:
-                out["step"] = int(metrics["step"])
-    return out
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_run(storage: str, run_id: str) -> dict[str, Any]:
-    """The run's record and newest checkpoint state from its storage, if readable here.
+def read_run(storage: str | StorageRoot, run_id: str) -> dict[str, Any]:
+    """The run's record, events and newest checkpoint from its storage, if readable here.
 
-    Returns an empty dict when the storage cannot be read from this machine.
+    Returns:
+        ``record``, ``events``, ``checkpoint``, ``checkpoint_step`` and ``history_tail``
+        (each when present); an empty dict when the run's storage cannot be read from
+        this machine or holds no such run.
     """
-    import pyarrow.fs as pafs
-
     try:
-        if "://" in storage and not storage.startswith("file://"):
-            fs, root = pafs.FileSystem.from_uri(storage)
-        else:
-            fs, root = pafs.LocalFileSystem(), storage.removeprefix("file://")
-        run_root = f"{root.rstrip('/')}/runs/{run_id}"
-        info = fs.get_file_info(run_root)
-        if info.type != pafs.FileType.Directory:
-            return {}
+        root = StorageRoot.resolve(storage)
         out: dict[str, Any] = {}
-        record = _read_json(fs, f"{run_root}/{RUN_FILE}")
+        record = read_record(root, run_id)
         if record:
             out["record"] = record
-        # Only checkpoints Ray Train has registered in its snapshot are complete: a job
-        # stopped mid-upload leaves a directory that a resume would not load.
-        snapshot = _read_json(fs, f"{run_root}/{SNAPSHOT_FILE}") or {}
-        latest = snapshot.get("latest_checkpoint_result") or {}
-        if latest.get("checkpoint_dir_name"):
-            path = f"{run_root}/{latest['checkpoint_dir_name']}"
-            state = _read_json(fs, f"{path}/{TRAINER_STATE}") or {}
-            out["checkpoint"] = path
-            out["checkpoint_step"] = int(
-                state.get("step", (latest.get("metrics") or {}).get("step", 0))
-            )
-            out["history_tail"] = (state.get("history") or [])[-4:]
+        events = read_events(root, run_id)
+        if events:
+            out["events"] = events
+        newest = newest_checkpoint(root, run_id)
+        if newest is not None:
+            out["checkpoint"], out["checkpoint_step"] = newest
+            out["history_tail"] = checkpoint_history(root, newest[0])[-4:]
         return out
-    except (OSError, ValueError):
+    except (OSError, StorageError, ValueError):
         return {}
 
 
-def read_sweep(storage: str, sweep_id: str) -> dict[str, Any]:
+def read_sweep(storage: str | StorageRoot, sweep_id: str) -> dict[str, Any]:
     """A finished sweep's ``results.json`` from its storage; empty when not (yet) readable."""
-    import pyarrow.fs as pafs
+    import json
 
     try:
-        if "://" in storage and not storage.startswith("file://"):
-            fs, root = pafs.FileSystem.from_uri(storage)
-        else:
-            fs, root = pafs.LocalFileSystem(), storage.removeprefix("file://")
-        return _read_json(fs, f"{root.rstrip('/')}/sweeps/{sweep_id}/{RESULTS_JSON}") or {}
-    except (OSError, ValueError):
+        raw = StorageRoot.resolve(storage).read(f"sweeps/{sweep_id}/{RESULTS_JSON}")
+        return json.loads(raw) if raw else {}
+    except (OSError, StorageError, ValueError):
         return {}
-
-
-def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
-    try:
-        with fs.open_input_stream(path) as handle:
-            return json.loads(handle.read().decode())
-    except (OSError, FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def rayft_state(ray_status: str, record_state: str | None) -> str:
@@ -184,31 +120,38 @@ def rayft_state(ray_status: str, record_state: str | None) -> str:
     return ray_status.lower()
 
 
-def build_view(
-    info: Any, log_text: str, run: dict[str, Any], sweep: dict[str, Any] | None = None
-) -> JobView:
-    """Combine Ray's ``JobDetails``, the job's log and the run's storage into a :class:`JobView`.
+def build_view(info: Any, run: dict[str, Any], sweep: dict[str, Any] | None = None) -> JobView:
+    """Combine Ray's ``JobDetails`` and the run's storage (``read_run``) into a :class:`JobView`.
 
     For a sweep, ``sweep`` is its ``results.json`` (trial states, best trial, artifact).
     """
     metadata = dict(getattr(info, "metadata", None) or {})
     status = getattr(info.status, "value", str(info.status))
-    logged = parse_log(log_text)
     record = run.get("record") or {}
     view = JobView(
         job_id=info.submission_id or info.job_id,
         ray_status=status,
         state=rayft_state(status, record.get("state")),
         kind=metadata.get(META_KIND),
-        run_id=metadata.get(META_RUN_ID) or logged.get("run_id"),
+        run_id=metadata.get(META_RUN_ID) or record.get("run_id"),
         storage=metadata.get(META_STORAGE),
         message=info.message,
         entrypoint=info.entrypoint,
         start_time=(info.start_time or 0) / 1000 or None,
         end_time=(info.end_time or 0) / 1000 or None,
     )
+    _fill_progress(view, run)
+    if sweep:
+        _fill_sweep(view, sweep)
+    return view
+
+
+def _fill_progress(view: JobView, run: dict[str, Any]) -> None:
+    """Step, metrics, checkpoint and artifact from the run's events, checkpoint and record."""
+    record = run.get("record") or {}
+    logged = summarize(run.get("events") or [])
     view.step = logged.get("step")
-    view.total_steps = logged.get("total_steps")
+    view.total_steps = logged.get("total_steps") or record.get("total_steps")
     view.resumed_from = logged.get("resumed_from")
     view.metrics = dict(logged.get("metrics") or {})
     if run.get("checkpoint_step") is not None:
@@ -226,17 +169,75 @@ def build_view(
         view.step = int(final["step"])
     view.metrics.pop("total_steps", None)
     view.artifact = record.get("artifact") or logged.get("artifact")
-    if sweep:
-        trials = sweep.get("trials") or []
-        view.trials = {}
-        for row in trials:
-            view.trials[row.get("state", "?")] = view.trials.get(row.get("state", "?"), 0) + 1
-        view.best = sweep.get("best")
-        metric = sweep.get("metric")
-        if view.best and metric and _is_number(view.best.get(metric)):
-            view.metrics[f"best_{metric}"] = view.best[metric]
-        view.artifact = sweep.get("artifact") or view.artifact
+
+
+def _fill_sweep(view: JobView, sweep: dict[str, Any]) -> None:
+    view.run_id = view.run_id or sweep.get("sweep_id")
+    view.trials = {}
+    for row in sweep.get("trials") or []:
+        view.trials[row.get("state", "?")] = view.trials.get(row.get("state", "?"), 0) + 1
+    view.best = sweep.get("best")
+    metric = sweep.get("metric")
+    if view.best and metric and _is_number(view.best.get(metric)):
+        view.metrics[f"best_{metric}"] = view.best[metric]
+    view.artifact = sweep.get("artifact") or view.artifact
+
+
+def run_view(storage: str | StorageRoot, run_id: str) -> JobView:
+    """The view of a run from its storage alone (a ``rayft train`` with no Ray job).
+
+    A record that says ``running`` while its driver is dead (its pid gone on this host,
+    or its heartbeat stale) shows ``interrupted``, with the command that resumes it.
+
+    Raises:
+        SubmitError: The storage holds no run ``run_id``.
+    """
+    root = StorageRoot.resolve(storage)
+    run = read_run(root, run_id)
+    record = run.get("record") or {}
+    if not record:
+        raise SubmitError(f"no run {run_id!r} in {root.url('runs')} (no record there)")
+    view = JobView(
+        job_id="-",
+        ray_status="-",
+        state=live_state(record) or "unknown",
+        kind="train",
+        run_id=run_id,
+        storage=root.location,
+        start_time=record.get("started_at"),
+        end_time=record.get("finished_at") or record.get("failed_at"),
+    )
+    _fill_progress(view, run)
     return view
+
+
+def format_events(events: list[dict[str, Any]]) -> str:
+    """A run's events as one readable line each (``rayft jobs logs RUN_ID --storage``)."""
+    lines = []
+    for event in events:
+        when = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
+        fields = ", ".join(
+            f"{k} {_fmt(v)}" for k, v in event.items() if k not in ("time", "type") and _short(v)
+        )
+        lines.append(f"{when}  {event.get('type', '?'):<10}  {fields}".rstrip())
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> bool:
+    return not isinstance(value, (dict, list)) and len(str(value)) < 300
+
+
+def run_logs(storage: str | StorageRoot, run_id: str) -> str:
+    """The events of a run read from its storage, formatted.
+
+    Raises:
+        SubmitError: The storage holds no events of run ``run_id``.
+    """
+    root = StorageRoot.resolve(storage)
+    events = read_events(root, run_id)
+    if not events:
+        raise SubmitError(f"no run {run_id!r} in {root.url('runs')} (no events there)")
+    return format_events(events)
 
 
 def format_view(view: JobView) -> str:
@@ -262,19 +263,34 @@ def format_view(view: JobView) -> str:
     lines.append(f"artifact  {view.artifact or '-'}")
     if view.storage:
         lines.append(f"storage   {view.storage}")
-    if view.state == "stopped" and view.run_id and view.kind == "tune":
-        lines.append(
-            f"resume    rayft tune --resume {view.run_id} --storage {view.storage} --address ... "
-            "(finished trials are kept)"
-        )
-    elif view.state == "stopped" and view.run_id:
-        lines.append(
-            f"resume    rayft submit CONFIG --resume {view.run_id} --address ... "
-            "(continues from the newest checkpoint)"
-        )
+    resume = _resume_hint(view)
+    if resume:
+        lines.append(f"resume    {resume}")
     if view.state == "failed" and view.message:
         lines.append(f"message   {view.message.strip().splitlines()[-1]}")
     return "\n".join(lines)
+
+
+def _resume_hint(view: JobView) -> str | None:
+    """The command that continues a stopped or interrupted job or run."""
+    if not view.run_id:
+        return None
+    if view.state == "stopped" and view.kind == "tune":
+        return (
+            f"rayft tune --resume {view.run_id} --storage {view.storage} --address ... "
+            "(finished trials are kept)"
+        )
+    if view.state == INTERRUPTED:
+        return (
+            f"rayft train --resume {view.run_id} --storage {view.storage} "
+            "(continues from the newest checkpoint)"
+        )
+    if view.state == "stopped":
+        return (
+            f"rayft submit CONFIG --resume {view.run_id} --address ... "
+            "(continues from the newest checkpoint)"
+        )
+    return None
 
 
 def _fmt(value: Any) -> str:
@@ -289,10 +305,6 @@ def _fmt(value: Any) -> str:
 def job_status(client: Any, job_id: str) -> JobView:
     """The rayft view of one job (``client`` is a ``JobSubmissionClient``)."""
     info = client.get_job_info(job_id)
-    try:
-        log_text = client.get_job_logs(job_id)
-    except RuntimeError:
-        log_text = ""  # no log yet (a pending job)
     metadata = dict(info.metadata or {})
     run: dict[str, Any] = {}
     sweep: dict[str, Any] = {}
@@ -301,7 +313,7 @@ def job_status(client: Any, job_id: str) -> JobView:
             sweep = read_sweep(metadata[META_STORAGE], metadata[META_RUN_ID])
         else:
             run = read_run(metadata[META_STORAGE], metadata[META_RUN_ID])
-    return build_view(info, log_text, run, sweep)
+    return build_view(info, run, sweep)
 
 
 def list_rayft_jobs(client: Any, everything: bool = False) -> list[Any]:

@@ -7,23 +7,9 @@ import json
 import shutil
 import sys
 
+from rayft.cluster.cli import add_address, add_overrides, add_storage
+from rayft.cluster.console import LEVEL_ENV, is_verbose
 from rayft.cluster.submit import DEFAULT_MAX_UPLOAD_MB
-
-
-def _add_connection(parser: argparse.ArgumentParser, jobs_api: bool = True) -> None:
-    what = "the Ray Jobs API, http://HEAD:8265" if jobs_api else "a Ray cluster"
-    parser.add_argument(
-        "--address",
-        default=None,
-        help=f"address of {what} (default: $RAY_ADDRESS)",
-    )
-    parser.add_argument(
-        "--token-file",
-        default=None,
-        metavar="PATH",
-        help="file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, "
-        "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
-    )
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -33,7 +19,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         jobs_address,
         jobs_client,
         load_submit_spec,
-        parse_env,
         submit_package,
     )
 
@@ -45,7 +30,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         kind=args.kind,
         code=args.code,
         resume=args.resume,
-        env=parse_env(args.env),
+        env=_job_env(args.env),
         max_upload_mb=args.max_upload_mb,
         python=args.python,
     )
@@ -72,6 +57,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return exit_code_for(status)
 
 
+def _job_env(pairs: list[str]) -> dict[str, str]:
+    from rayft.cluster.submit import parse_env
+
+    env = parse_env(pairs)
+    if is_verbose():  # `rayft submit --verbose`: the job's log carries Ray's worker logs too
+        env.setdefault(LEVEL_ENV, "info")
+    return env
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     from rayft.cluster.jobs import (
         exit_code_for,
@@ -84,6 +78,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     )
     from rayft.cluster.submit import jobs_client
 
+    if args.jobs_cmd in ("status", "logs") and args.storage:
+        return _run_from_storage(args)
     with jobs_client(args.address, args.token_file) as client:
         if args.jobs_cmd == "list":
             print(format_job_rows(list_rayft_jobs(client, everything=args.all)))
@@ -110,6 +106,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     raise AssertionError(args.jobs_cmd)  # argparse only lets the four through
 
 
+def _run_from_storage(args: argparse.Namespace) -> int:
+    """``status``/``logs`` of a run read from its storage (``rayft train`` runs have no job)."""
+    from rayft.cluster.jobs import format_view, run_logs, run_view
+
+    if args.jobs_cmd == "logs":
+        print(run_logs(args.storage, args.job_id))
+        return 0
+    view = run_view(args.storage, args.job_id)
+    print(json.dumps(view.to_dict(), default=str) if args.json else format_view(view))
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from rayft.cluster.status import cluster_status
 
@@ -126,12 +134,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a Ray cluster and run `rayft train|tune` there. Prints the job id.",
     )
     p.add_argument("config", help="YAML job spec")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    _add_connection(p)
-    p.add_argument(
-        "--storage",
-        default=None,
-        help="shared directory or s3:// / gs:// URI for runs, checkpoints and "
+    add_overrides(p)
+    add_address(p, "jobs")
+    add_storage(
+        p,
+        "shared directory or s3:// / gs:// URI for runs, checkpoints and "
         "adapters (overrides storage: in the spec)",
     )
     p.add_argument(
@@ -176,31 +183,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     jsub = p.add_subparsers(dest="jobs_cmd", required=True)
     pl = jsub.add_parser("list", help="rayft jobs on the cluster, newest first")
     pl.add_argument("--all", action="store_true", help="include jobs rayft did not submit")
-    _add_connection(pl)
+    add_address(pl, "jobs")
     ps = jsub.add_parser("status", help="state, step, latest metrics and artifact of a job")
     ps.add_argument("job_id")
     ps.add_argument("--json", action="store_true", help="print the status as JSON")
-    _add_connection(ps)
+    add_address(ps, "jobs")
+    add_storage(ps, "read run JOB_ID (a run id) from this root instead of asking a cluster")
     pg = jsub.add_parser("logs", help="a job's log")
     pg.add_argument("job_id")
     pg.add_argument("--follow", action="store_true", help="stream until the job ends")
-    _add_connection(pg)
+    add_address(pg, "jobs")
+    add_storage(pg, "print run JOB_ID's events from this root instead of asking a cluster")
     pt = jsub.add_parser("stop", help="stop a job; its checkpoints stay for --resume")
     pt.add_argument("job_id")
     pt.add_argument("--wait", type=float, default=60.0, help="seconds to wait for it to stop")
-    _add_connection(pt)
+    add_address(pt, "jobs")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("cluster", help="the Ray cluster: nodes, CPUs/GPUs, running jobs")
     csub = p.add_subparsers(dest="cluster_cmd", required=True)
     pc = csub.add_parser("status", help="nodes, CPUs/GPUs and running rayft jobs")
-    pc.add_argument(
-        "--address",
-        default=None,
-        help="http://HEAD:8265, a Ray address, or none for an embedded local cluster "
-        "(default: $RAY_ADDRESS)",
-    )
-    pc.add_argument(
-        "--token-file", default=None, metavar="PATH", help="file holding the cluster's auth token"
-    )
+    add_address(pc, "any")
     p.set_defaults(func=cmd_cluster)

@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayft.cluster.cli import add_address, add_overrides, add_storage
+from rayft.cluster.errors import UserError
+
 IMPORT_PATH = "rayft.serving.app:build_app"
 
 
@@ -25,10 +28,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` and ``eval`` sub-commands to the ``rayft`` parser."""
     p = subparsers.add_parser("serve", help="serve the base model and its adapters over HTTP")
     p.add_argument("--config", default=None, help="serve arguments or a Serve config YAML")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. model=tiny-llama")
-    p.add_argument("--address", default=None, help="Ray address (default: embedded local cluster)")
+    add_overrides(p, "model=tiny-llama")
+    add_address(p)
     p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: loopback)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve on a non-loopback --host without RAYFT_API_KEY (anyone reaching it may use it)",
+    )
     p.set_defaults(func=cmd_serve)
 
     e = subparsers.add_parser("eval", help="loss, perplexity and generation metrics of a model")
@@ -47,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument(
         "--in-process", action="store_true", help="load the model here (the default without --url)"
     )
-    e.add_argument("--storage", default=None, help="rayft root (default $RAYFT_HOME)")
+    add_storage(e, "rayft root (default $RAYFT_HOME)")
     e.add_argument("--dtype", default="auto", help="model dtype for --in-process")
     e.set_defaults(func=cmd_eval)
 
@@ -74,14 +82,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from rayft.serving.client import run_app
+    from rayft.serving.client import InsecureServing, check_exposure, run_app
 
+    try:
+        check_exposure(args.host, args.insecure)  # before Ray starts: fail fast
+    except InsecureServing as err:
+        raise UserError(str(err)) from None
     kind = connect(args.address)
     try:
         print(
             f"[rayft] starting {cfg.model} on {kind} Ray cluster ...", file=sys.stderr, flush=True
         )
-        url = run_app(cfg.model_dump(mode="json"), host=args.host, port=args.port)
+        url = run_app(
+            cfg.model_dump(mode="json"), host=args.host, port=args.port, insecure=args.insecure
+        )
         print(url, flush=True)
         print(
             f"[rayft] OpenAI-compatible API at {url}/v1 (models: {url}/v1/models); Ctrl-C stops it",
@@ -97,7 +111,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rayft.cluster.cli import UserError
     from rayft.serving.errors import ServingError
     from rayft.serving.evaluation import check_metrics, read_rows
 
@@ -119,8 +132,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_remote(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
     import httpx
-
-    from rayft.cluster.cli import UserError
 
     key = os.environ.get("RAYFT_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -10,6 +10,9 @@ whose ``working_dir`` carries
 * the rayft packages (``cluster/``, ``trainers/``, ``raytune/``, ``serving/``) unless the
   cluster's image already has rayft installed (``--code installed``).
 
+On the cluster the job's driver first leaves that working directory: it runs from a
+private copy and reads the shipped data from the job's storage (``cluster/job_start.py``).
+
 Building the runtime environment is pure (files in, a directory and a dict out), so it
 is tested without Ray; only :func:`submit_job` talks to a cluster.
 """
@@ -20,9 +23,10 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +34,10 @@ from typing import Any
 
 import yaml
 
-from rayft.cluster.cli import UserError
+from rayft.cluster.errors import ClusterError, UserError
+from rayft.cluster.job_start import JOB_ENV, SHIPPED_DATA_DIR, SPEC_NAME
 from rayft.trainers.config import JobSpec, validate_spec
+from rayft.trainers.driver import new_run_id
 from rayft.trainers.storage import is_uri
 
 DEFAULT_MAX_UPLOAD_MB = 100.0
@@ -40,8 +46,7 @@ refuses working directories over 500 MiB, and anything near that belongs on shar
 
 CODE_PACKAGES = ("cluster", "trainers", "raytune", "serving")
 CODE_SUFFIXES = (".py", ".yaml", ".json")
-SPEC_NAME = "spec.yaml"
-DATA_DIR = "data"
+DATA_DIR = SHIPPED_DATA_DIR
 
 # Metadata keys on every rayft job: how ``rayft jobs`` finds the run behind a Ray job.
 META_KIND = "rayft_kind"
@@ -162,6 +167,8 @@ def jobs_client(address: str | None, token_file: str | None = None) -> Iterator[
         text = str(err)
         if "does not exist" in text or "404" in text:
             raise SubmitError(f"{text.strip()} (list jobs with `rayft jobs list`)") from None
+        if text.startswith("Request failed with status code"):
+            raise ClusterError(f"the Ray Jobs API at {url} refused the request: {text}") from None
         raise
 
 
@@ -335,12 +342,6 @@ def build_entrypoint(
     return shlex.join([*base, *args])
 
 
-def new_run_id(spec: JobSpec) -> str:
-    """A run id chosen at submit time, so ``rayft jobs`` can find the run in storage."""
-    stem = spec.output.name or spec.method
-    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-
-
 def build_package(
     spec: JobSpec,
     *,
@@ -405,7 +406,8 @@ def build_package(
         shutil.rmtree(workdir, ignore_errors=True)
         raise
 
-    run_id = resume or new_run_id(spec)
+    # Chosen at submit time, so ``rayft jobs`` can find the run in storage.
+    run_id = resume or new_run_id(spec.output.name or spec.method)
     suffix = f"-resume-{time.strftime('%H%M%S')}-{os.urandom(2).hex()}" if resume else ""
     submission_id = f"{run_id}{suffix}" if kind == "train" else f"sweep-{run_id}"
     env_vars = {
@@ -413,6 +415,8 @@ def build_package(
         # them with the job's even when the values agree.
         "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
         "PYTHONUNBUFFERED": "1",
+        # The job's driver leaves Ray's working directory first (cluster/job_start.py).
+        JOB_ENV: "1",
         **(env or {}),
     }
     runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": env_vars}
@@ -452,14 +456,35 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
 # ----------------------------------------------------------------- talking to the cluster
 
 
-def submit_package(client: Any, package: JobPackage, wait_for_agent_s: float = 60.0) -> str:
+NO_AGENT = "No available agent"
+AGENT_WAIT_S = 60.0
+AGENT_POLL_S = 2.0
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def submit_package(
+    client: Any,
+    package: JobPackage,
+    wait_for_agent_s: float = AGENT_WAIT_S,
+    poll_s: float = AGENT_POLL_S,
+    say: Callable[[str], None] = _stderr,
+) -> str:
     """Submit ``package`` with ``client`` (a ``JobSubmissionClient``); returns the job id.
 
     A head node that has just started answers "No available agent" until its job agent
-    is up; that is retried for ``wait_for_agent_s`` rather than reported.
+    is up: that is retried every ``poll_s`` for up to ``wait_for_agent_s``, with one line
+    per attempt through ``say``.
+
+    Raises:
+        ClusterError: the agent was still not ready when the time was up.
     """
-    deadline = time.time() + wait_for_agent_s
+    deadline = time.monotonic() + wait_for_agent_s
+    attempt = 0
     while True:
+        attempt += 1
         try:
             return client.submit_job(
                 entrypoint=package.entrypoint,
@@ -468,9 +493,22 @@ def submit_package(client: Any, package: JobPackage, wait_for_agent_s: float = 6
                 metadata=package.metadata,
             )
         except RuntimeError as err:
-            if "No available agent" not in str(err) or time.time() > deadline:
+            if NO_AGENT not in str(err):
                 raise
-            time.sleep(1.0)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClusterError(
+                    f"the Ray cluster has no job agent ready to take the job after "
+                    f"{wait_for_agent_s:.0f} s and {attempt} attempt(s); the head node may "
+                    "still be starting or its dashboard agent may have failed (see "
+                    "`ray status` and the dashboard_agent log on the head node), then "
+                    "submit again"
+                ) from None
+            say(
+                f"rayft: the cluster's job agent is not ready yet (attempt {attempt}); "
+                f"retrying for up to {left:.0f} s"
+            )
+            time.sleep(min(poll_s, left))
 
 
 def load_submit_spec(config: str, overrides: list[str]) -> JobSpec:

@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from rayft.cluster.cli import add_address, add_overrides, add_storage
+from rayft.cluster.errors import EXIT_FAILED, EXIT_INTERRUPTED, UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``tune`` sub-command to the ``rayft`` parser."""
@@ -16,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with the values of its tune.search_space set.",
     )
     p.add_argument("config", nargs="?", help="job spec with a tune: section")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    add_overrides(p, "tune.num_samples=4")
     p.add_argument(
         "--resume",
         metavar="SWEEP_ID",
@@ -28,19 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SWEEP_ID",
         help="name of a new sweep under sweeps/ (default: generated)",
     )
-    p.add_argument("--storage", default=None, help="artifact root of the sweep to resume")
+    add_storage(p, "artifact root of the sweep to resume")
     p.add_argument("--quiet", action="store_true", help="no live trial table")
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)",
-    )
+    add_address(p)
     p.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Validate the sweep before connecting to Ray, then run or resume it."""
-    from rayft.cluster.cli import UserError
     from rayft.cluster.connect import connected
     from rayft.raytune.sweep import SweepInterrupted, load_sweep_spec, run_sweep, validate_sweep
     from rayft.trainers.config import apply_overrides, load_spec, validate_spec
@@ -70,7 +68,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             )
         except SweepInterrupted as err:
             print(f"rayft: {err}", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
     summary = {
         "sweep_id": outcome.sweep_id,
         "path": str(outcome.path),
@@ -83,4 +81,4 @@ def cmd_tune(args: argparse.Namespace) -> int:
         },
     }
     print(json.dumps(summary, default=str))
-    return 0 if outcome.artifact is not None else 1
+    return 0 if outcome.artifact is not None else EXIT_FAILED

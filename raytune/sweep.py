@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +44,9 @@ from rayft.raytune.search_space import (
     validate_search_space,
 )
 from rayft.trainers.config import ConfigError, JobSpec, valid_name, validate_spec
-from rayft.trainers.driver import artifact_location
-from rayft.trainers.storage import local_home, mirror_file, read_remote, sweeps_dir
+from rayft.trainers.driver import new_run_id
+from rayft.trainers.registry import artifact_location
+from rayft.trainers.storage import StorageRoot, atomic_write
 
 SWEEP_SPEC = "sweep.yaml"
 TRIALS_DIR = "trials"
@@ -81,12 +79,11 @@ class SweepOutcome:
 
 
 def new_sweep_id(spec: JobSpec) -> str:
-    stem = spec.output.name or "sweep"
-    return f"{stem}-sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+    return new_run_id(f"{spec.output.name or 'sweep'}-sweep")
 
 
-def sweep_path(sweep_id: str, storage: str | None = None) -> Path:
-    return sweeps_dir(storage) / sweep_id
+def sweep_path(sweep_id: str, storage: StorageRoot | str | None = None) -> Path:
+    return StorageRoot.resolve(storage).sweeps / sweep_id
 
 
 def artifact_kind(spec: JobSpec) -> str:
@@ -177,7 +174,7 @@ def _check_scheduler(spec: JobSpec) -> None:
         scheduler_budget(spec)
 
 
-def load_sweep_spec(sweep_id: str, storage: str | None = None) -> JobSpec:
+def load_sweep_spec(sweep_id: str, storage: StorageRoot | str | None = None) -> JobSpec:
     """The spec a sweep was started with, for ``rayft tune --resume SWEEP_ID``."""
     path = sweep_path(sweep_id, storage) / SWEEP_SPEC
     if not path.is_file():
@@ -270,10 +267,9 @@ def _keep_copy(checkpoint: Any, sweep: dict[str, Any], run_id: str) -> Any:
     import pyarrow.fs as pafs
     from ray import tune
 
-    from rayft.trainers.storage import remote_path, upload_dir
-
+    root = StorageRoot.resolve(sweep["storage"])
     relpath = f"runs/{run_id}/start_from"
-    target = local_home(sweep["storage"]) / relpath
+    target = root.path(relpath)
     try:
         checkpoint.to_directory(str(target))
     except (FileNotFoundError, OSError):
@@ -283,11 +279,12 @@ def _keep_copy(checkpoint: Any, sweep: dict[str, Any], run_id: str) -> Any:
         if not newest:
             raise
         tune.Checkpoint(path=newest[-1], filesystem=fs).to_directory(str(target))
-    remote = remote_path(sweep["storage"], relpath)
+    remote = root.remote(relpath)
     if remote is None:
         return tune.Checkpoint.from_directory(str(target))
     # An object-storage root: the run's workers may be on other machines.
-    upload_dir(target, sweep["storage"], relpath)
+    root.delete(relpath)
+    root.upload_dir(target, relpath)
     return tune.Checkpoint(path=remote[1], filesystem=remote[0])
 
 
@@ -328,7 +325,8 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     values = trial_values({k: None for k in sweep["space"]}, config)
     spec = trial_spec(sweep, values, index)
     run_id = trial_run_id(sweep["id"], index)
-    storage, starts, groups = sweep["storage"], f"{index}.starts.jsonl", f"{index}{GROUPS_SUFFIX}"
+    storage = StorageRoot.resolve(sweep["storage"])
+    starts, groups = f"{index}.starts.jsonl", f"{index}{GROUPS_SUFFIX}"
     # A trial that starts again (PBT exploit or pause, Tuner.restore) had its previous
     # actors killed; the placement group of that start's Train workers may still hold
     # its CPUs, which the new run needs.
@@ -345,7 +343,7 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         run_id = f"{run_id}-g{generation}"
         donor = start_from.path
         start_from = _keep_copy(start_from, sweep, run_id)
-    resume = start_from is None and run_recorded(run_id, sweep["storage"])
+    resume = start_from is None and run_recorded(run_id, storage)
     # One line per start: a finished trial that was never rerun has exactly one.
     start = {
         "trial_id": trial_id,
@@ -378,7 +376,21 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         .remote()
     )
     future = runner.run.remote(spec, run_id, resume, callbacks, start_from)
-    outcome = ray.get(future) if bridge is None else _relay_reports(future, bridge)
+    try:
+        outcome = ray.get(future) if bridge is None else _relay_reports(future, bridge)
+    except Exception as err:
+        # Recorded for the results table; re-raised so Tune marks the trial ERROR, the
+        # sweep goes on with the others, and ``rayft tune --resume`` retries this one.
+        failure = {
+            "trial_id": trial_id,
+            "index": index,
+            "run_id": run_id,
+            "params": values,
+            "error": _error_line(err),
+            "failed_at": time.time(),
+        }
+        write_trial_record(storage, sweep["id"], f"{index}.json", json.dumps(failure, indent=2))
+        raise
     record = {
         "trial_id": trial_id,
         "index": index,
@@ -396,43 +408,43 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     return {}
 
 
-def read_trial_record(storage: str | None, sweep_id: str, name: str) -> str:
+def _error_line(err: BaseException) -> str:
+    """The root cause of a trial's failure in one line (Ray wraps it in ``RayTaskError``)."""
+    cause = getattr(err, "cause", None) or err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def read_trial_record(storage: StorageRoot | str | None, sweep_id: str, name: str) -> str:
     """A trial's record file under ``sweeps/<id>/trials/`` (empty when there is none).
 
     Under an object-storage root the file is read from there: a trial's actors may run
     on another machine than the sweep's driver, each with its own local mirror.
     """
-    relpath = _record_relpath(sweep_id, name)
-    remote = read_remote(storage, relpath)
-    if remote is not None:
-        return remote.decode()
-    path = local_home(storage) / relpath
-    return path.read_text() if path.is_file() else ""
+    raw = StorageRoot.resolve(storage).read(_record_relpath(sweep_id, name))
+    return raw.decode() if raw is not None else ""
 
 
 def write_trial_record(
-    storage: str | None, sweep_id: str, name: str, text: str, append: bool = False
+    storage: StorageRoot | str | None, sweep_id: str, name: str, text: str, append: bool = False
 ) -> None:
     """Write (or append to) a trial's record file, locally and under an object-storage root.
 
     Each record has one writer at a time (the trial, or its Train run's controller).
     """
+    root = StorageRoot.resolve(storage)
     if append:
-        text = read_trial_record(storage, sweep_id, name) + text
-    relpath = _record_relpath(sweep_id, name)
-    path = local_home(storage) / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    staging.replace(path)
-    mirror_file(storage, relpath)
+        text = read_trial_record(root, sweep_id, name) + text
+    root.write(_record_relpath(sweep_id, name), text)
 
 
 def _record_relpath(sweep_id: str, name: str) -> str:
     return f"sweeps/{sweep_id}/{TRIALS_DIR}/{name}"
 
 
-def _worker_group_recorder(storage: str | None, sweep_id: str, name: str):
+def _worker_group_recorder(storage: StorageRoot, sweep_id: str, name: str):
     """A Train callback that records the placement group of every worker group it starts.
 
     When a scheduler stops a trial, Ray kills the trial's actors but the worker group's
@@ -475,7 +487,7 @@ def remove_trial_groups(recorded: str) -> int:
     return removed
 
 
-def _teardown_callback(sweep_id: str, storage: str | None):
+def _teardown_callback(sweep_id: str, storage: StorageRoot):
     from ray.tune import Callback
 
     class TrialTeardown(Callback):
@@ -501,13 +513,14 @@ class TrialRun:
         self, spec: JobSpec, run_id: str, resume: bool, callbacks: list[Any], start_from: Any
     ) -> Any:
         from rayft.trainers.driver import run_training
+        from rayft.trainers.loop import ReportEveryEval
 
         return run_training(
             spec,
             run_id=run_id,
             resume=resume,
             show_progress=False,
-            extra_run={"report_every_eval": True},
+            loop_callbacks=[ReportEveryEval()],
             callbacks=callbacks,
             start_from=start_from,
         )
@@ -600,7 +613,8 @@ def run_sweep(
         raise ConfigError(
             [("", f"invalid sweep id {sweep_id!r}: use letters, digits, '.', '_' and '-'")]
         )
-    path = sweep_path(sweep_id, spec.storage)
+    root = StorageRoot.resolve(spec.storage)
+    path = sweep_path(sweep_id, root)
     kind = artifact_kind(spec)
     name = spec.output.name or sweep_id
     space = flatten_space(spec.tune.search_space)
@@ -620,15 +634,13 @@ def run_sweep(
                     )
                 ]
             )
-        check_publishable(kind, name, spec.output.overwrite, spec.storage)
+        check_publishable(kind, name, spec.output.overwrite, root)
         if spec.tune.publish_all:
             count = expected_trials(space, spec.tune.num_samples, spec.tune.search)
             for k in range(count):
-                check_publishable(
-                    kind, trial_artifact_name(name, k), spec.output.overwrite, spec.storage
-                )
+                check_publishable(kind, trial_artifact_name(name, k), spec.output.overwrite, root)
         path.mkdir(parents=True, exist_ok=True)
-        (path / SWEEP_SPEC).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        atomic_write(path / SWEEP_SPEC, yaml.safe_dump(spec.to_dict(), sort_keys=False))
 
     cluster = ray.cluster_resources()
     concurrent = max_concurrent(spec, cluster)
@@ -636,13 +648,13 @@ def run_sweep(
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, sweep=sweep), {"CPU": TRIAL_DRIVER_CPUS}
     )
-    callbacks = [_teardown_callback(sweep_id, spec.storage)]
+    callbacks = [_teardown_callback(sweep_id, root)]
     if show_progress:
         callbacks.append(_live_table_callback(list(space), spec.tune.metric, 10.0))
     say = _printer(show_progress)
     run_config = tune.RunConfig(
         name=sweep_id,
-        storage_path=str(sweeps_dir(spec.storage)),
+        storage_path=str(root.sweeps),
         callbacks=callbacks,
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),
@@ -677,10 +689,12 @@ def run_sweep(
             run_config=run_config,
         )
     tuner.fit()
-    return _finish(spec, sweep_id, path, kind, name, say)
+    return _finish(spec, root, sweep_id, path, kind, name, say)
 
 
-def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say) -> SweepOutcome:
+def _finish(
+    spec: JobSpec, root: StorageRoot, sweep_id: str, path: Path, kind: str, name: str, say
+) -> SweepOutcome:
     from ray.tune import ExperimentAnalysis
 
     tune_spec = spec.tune
@@ -705,7 +719,7 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
             metric: _number(last.get(metric)),
             "state": state,
             f"best_{metric}": best,
-            "run_id": _last_run_id(spec.storage, sweep_id, index),
+            "run_id": _last_run_id(root, sweep_id, index),
             "trial_id": trial.trial_id,
         }
         if state == res.FINISHED:
@@ -714,6 +728,7 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
         label = f"trial {index}: " + ", ".join(f"{p}={_short(trial.config.get(p))}" for p in params)
         curves[label], states[label] = points, state
     rows = res.sort_rows(rows, metric, mode)
+    errored = _note_errors(root, sweep_id, rows)
     unfinished = [r for r in rows if r["state"] == res.UNFINISHED]
     # An interrupted sweep may not have created all its trials yet.
     not_started = max(
@@ -730,6 +745,7 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
         "search": tune_spec.search,
         "search_space": flatten_space(tune_spec.search_space),
         "complete": not unfinished and not not_started,
+        "errored": [r["trial"] for r in errored],
     }
     finished = [r for r in rows if r["state"] == res.FINISHED and _is_finite(r.get(metric))]
     best = finished[0] if finished and not unfinished and not not_started else None
@@ -737,8 +753,10 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
     trial_artifacts: list[Path] = []
     if best is not None:
         about["best"] = {k: best.get(k) for k in ("trial", "trial_id", "run_id", metric, *params)}
-        artifact, trial_artifacts = _publish(spec, sweep_id, kind, name, best, finished, metric)
-        about["artifact"] = artifact_location(kind, name, spec.storage, artifact)
+        artifact, trial_artifacts = _publish(
+            spec, root, sweep_id, kind, name, best, finished, metric
+        )
+        about["artifact"] = artifact_location(kind, name, root, artifact)
         for row in rows:
             if row["state"] == res.FINISHED and not tune_spec.publish_all:
                 row.pop("adapter", None)
@@ -751,9 +769,13 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
         metric,
         f"sweep {sweep_id}: {metric} by step ({tune_spec.scheduler.type})",
     )
-    _mirror_results(spec.storage, sweep_id, path)
+    _mirror_results(root, sweep_id, path)
     say("\n[rayft] sweep results (best first)\n" + res.format_table(rows, columns))
     say(f"[rayft] table: {csv_path}  plot: {plot}")
+    for row in errored:
+        say(f"[rayft] trial {row['trial']} failed: {row.get('error', '?')}")
+    if errored:
+        say(f"[rayft] retry the failed trial(s) with: rayft tune --resume {sweep_id}")
     if unfinished or not_started:
         raise SweepInterrupted(
             f"sweep {sweep_id} stopped with {len(unfinished) + not_started} unfinished "
@@ -769,15 +791,30 @@ def _finish(spec: JobSpec, sweep_id: str, path: Path, kind: str, name: str, say)
     )
 
 
-def _mirror_results(storage: str | None, sweep_id: str, path: Path) -> None:
+def _note_errors(
+    root: StorageRoot, sweep_id: str, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The errored rows, each given the ``error`` its trial recorded."""
+    errored = [r for r in rows if r["state"] == res.ERROR]
+    for row in errored:
+        raw = read_trial_record(root, sweep_id, f"{row['trial']}.json")
+        try:
+            row["error"] = json.loads(raw).get("error") if raw else None
+        except json.JSONDecodeError:
+            row["error"] = None
+    return errored
+
+
+def _mirror_results(root: StorageRoot, sweep_id: str, path: Path) -> None:
     """With a URI root, upload the sweep's spec, tables and plot to ``sweeps/<id>/`` there."""
     for name in (SWEEP_SPEC, res.RESULTS_CSV, res.RESULTS_JSON, res.PLOT_FILE):
         if (path / name).is_file():
-            mirror_file(storage, f"sweeps/{sweep_id}/{name}")
+            root.mirror(f"sweeps/{sweep_id}/{name}")
 
 
 def _publish(
     spec: JobSpec,
+    root: StorageRoot,
     sweep_id: str,
     kind: str,
     name: str,
@@ -809,37 +846,32 @@ def _publish(
             "best_trial": best["trial"],
         }
 
-    source = sync_artifact(kind, trial_artifact_name(name, best["trial"]), spec.storage)
-    staging = Path(tempfile.mkdtemp(prefix="rayft-sweep-publish-"))
-    try:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-        manifest = read_manifest(staging)
-        (staging / "rayft.json").unlink(missing_ok=True)
-        for key in ("kind", "name", "published_at"):
-            manifest.pop(key, None)
-        manifest["sweep"] = sweep_note(best)
-        # Overwriting was checked before the first trial started.
-        artifact = publish_dir(staging, kind, name, manifest, True, spec.storage)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    source = sync_artifact(kind, trial_artifact_name(name, best["trial"]), root)
+    manifest = read_manifest(source)
+    for key in ("kind", "name", "published_at", "version"):
+        manifest.pop(key, None)
+    manifest["sweep"] = sweep_note(best)
+    # Overwriting was checked before the first trial started; publish_dir copies the
+    # trial's files once and writes the new manifest in place of the trial's.
+    artifact = publish_dir(source, kind, name, manifest, True, root)
     kept: list[Path] = []
     for row in finished:
         trial_name = trial_artifact_name(name, row["trial"])
         if not spec.tune.publish_all:
             # Trials publish as they finish; without tune.publish_all only the best stays.
-            remove_artifact(kind, trial_name, spec.storage)
+            remove_artifact(kind, trial_name, root)
             continue
-        trial_dir = sync_artifact(kind, trial_name, spec.storage)
+        trial_dir = sync_artifact(kind, trial_name, root)
         if not trial_dir.is_dir():
             continue
         manifest = read_manifest(trial_dir)
         manifest["sweep"] = sweep_note(row)
-        write_manifest(trial_dir, manifest, spec.storage)
+        write_manifest(trial_dir, manifest, root)
         kept.append(trial_dir)
     return artifact, kept
 
 
-def _last_run_id(storage: str | None, sweep_id: str, index: int) -> str:
+def _last_run_id(storage: StorageRoot, sweep_id: str, index: int) -> str:
     """The Train run a trial last started (PBT starts a new one at every exploit)."""
     starts = read_trial_record(storage, sweep_id, f"{index}.starts.jsonl")
     lines = [line for line in starts.splitlines() if line]

@@ -28,7 +28,9 @@ class ServeArgs(BaseModel):
     """Typed arguments of ``build_app``; unknown keys are rejected.
 
     Ray Serve settings (``num_replicas``, ``autoscaling_config``, ``max_ongoing_requests``,
-    ``max_queued_requests``) are passed through to the deployment unchanged.
+    ``max_queued_requests``) are passed through to the deployment unchanged. Requests
+    beyond ``max_ongoing_requests`` per replica wait in Serve's queue; beyond
+    ``max_queued_requests`` more they are answered 429 at once, with ``Retry-After``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,8 +43,14 @@ class ServeArgs(BaseModel):
     """Adapters each replica holds at most (least recently used is evicted)."""
     num_replicas: int | Literal["auto"] | None = None
     autoscaling_config: dict[str, Any] | None = None
-    max_ongoing_requests: int | None = Field(None, ge=1)
-    max_queued_requests: int | None = None
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Requests one replica works on at once (its rows share the decode batch)."""
+    max_queued_requests: int = Field(256, ge=-1)
+    """Requests waiting for a replica before new ones get 429; -1 means no bound."""
+    retry_after_s: float = Field(1.0, ge=0.0)
+    """``Retry-After`` of a 429 answer."""
+    request_timeout_s: float = Field(600.0, gt=0.0)
+    """Deadline of every request; past it the request is answered 503 ``request_timeout``."""
     max_batch_size: int = Field(16, ge=1)
     """Rows decoded together in one forward pass."""
     batch_wait_timeout_s: float = Field(0.005, ge=0.0)
@@ -75,7 +83,7 @@ def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
 class ModelServer:
     """One replica: the base model, its adapter LRU and the OpenAI-compatible routes."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    def __init__(self, args: dict[str, Any], api_key_sha256: str | None = None) -> None:
         from rayft.serving.engine import ModelEngine
         from rayft.serving.service import Limits, ModelService
 
@@ -92,7 +100,13 @@ class ModelServer:
             max_prompt_tokens=cfg.max_prompt_tokens,
             max_eval_rows=cfg.max_eval_rows,
         )
-        self.service = ModelService(engine, limits, cfg.batch_wait_timeout_s)
+        self.service = ModelService(
+            engine,
+            limits,
+            cfg.batch_wait_timeout_s,
+            api_key_sha256=api_key_sha256,
+            request_timeout_s=cfg.request_timeout_s,
+        )
 
     def __serve_build_asgi_app__(self):
         from rayft.serving.openai_api import create_api
@@ -118,27 +132,35 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     Returns:
         The bound application, ready for ``serve.run``.
     """
+    from ray.serve.config import BackpressureConfig
+
+    from rayft.serving.service import key_digest
+
     cfg = parse_args(args)
     options: dict[str, Any] = {
         "ray_actor_options": _actor_options(cfg),
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
     }
     if cfg.autoscaling_config is not None:
         options["autoscaling_config"] = cfg.autoscaling_config
     if cfg.num_replicas is not None:
         options["num_replicas"] = cfg.num_replicas
-    if cfg.max_ongoing_requests is not None:
-        options["max_ongoing_requests"] = cfg.max_ongoing_requests
-    if cfg.max_queued_requests is not None:
-        options["max_queued_requests"] = cfg.max_queued_requests
-    return ModelServer.options(**options).bind(cfg.model_dump(mode="json"))
+    # The replica gets the key's digest as an init argument, never the key: runtime
+    # environments (env_vars) are shown to anyone who can reach Ray's dashboard.
+    key = os.environ.get("RAYFT_API_KEY")
+    digest = key_digest(key) if key else None
+    return ModelServer.options(**options).bind(cfg.model_dump(mode="json"), digest)
 
 
 def _actor_options(cfg: ServeArgs) -> dict[str, Any]:
     options: dict[str, Any] = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         options["num_gpus"] = cfg.num_gpus
-    # Replicas resolve the registry and the API key from the driver's environment.
-    keys = ("RAYFT_HOME", "RAYFT_MODEL_CACHE", "RAYFT_API_KEY", "HF_HUB_OFFLINE")
+    # Replicas resolve the registry from the driver's environment (the API key travels
+    # as a digest in the deployment's init arguments instead).
+    keys = ("RAYFT_HOME", "RAYFT_MODEL_CACHE", "HF_HUB_OFFLINE")
     env = {k: os.environ[k] for k in keys if os.environ.get(k)}
     if env:
         options["runtime_env"] = {"env_vars": env}

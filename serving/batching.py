@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from rayft.serving.engine import GenerationRequest, ModelEngine, StepOutput
-from rayft.serving.errors import Overloaded, Unavailable
+from rayft.serving.engine import GenerationRequest, ModelEngine, StepOutput, engine_error
+from rayft.serving.errors import Overloaded, RequestTimeout, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,16 @@ class DecodeLoop:
     """
 
     def __init__(
-        self, engine: ModelEngine, batch_wait_timeout_s: float = 0.005, max_queued_rows: int = 1024
+        self,
+        engine: ModelEngine,
+        batch_wait_timeout_s: float = 0.005,
+        max_queued_rows: int = 1024,
+        request_timeout_s: float = 600.0,
     ) -> None:
         self.engine = engine
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.max_queued_rows = max_queued_rows
+        self.request_timeout_s = request_timeout_s
         # One thread: the engine's model and adapter set are touched by one thread only.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayft-decode")
         self._routes: dict[int, tuple[asyncio.Queue, int]] = {}
@@ -54,8 +59,17 @@ class DecodeLoop:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the engine's thread, between decode steps."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run ``fn(*args)`` on the engine's thread, between decode steps.
+
+        Raises:
+            RequestTimeout: ``fn`` did not finish within ``request_timeout_s`` (it still
+                runs to its end on the engine's thread; its result is dropped).
+        """
+        work = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.wait_for(work, self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise self._timeout() from None
 
     async def stream(
         self, requests: list[GenerationRequest]
@@ -64,34 +78,53 @@ class DecodeLoop:
 
         Yields:
             ``(index into requests, output)`` as steps complete; each row's last output
-            has ``finished`` set. Rows still running when the consumer stops (a client
-            that disconnected) are cancelled.
+            has ``finished`` set. A row still unfinished at the request's deadline
+            (``request_timeout_s``) ends with a ``RequestTimeout`` error output. Rows
+            still running when the consumer stops (a client that disconnected, or the
+            deadline) are cancelled, and their routes removed.
 
         Raises:
             Overloaded: Too many rows are already queued.
         """
         self._start()
         self.check_capacity(len(requests))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout_s
         queue: asyncio.Queue = asyncio.Queue()
         ids = []
-        for index, request in enumerate(requests):
-            rid = self.engine.submit(request)
-            self._routes[rid] = (queue, index)
-            ids.append(rid)
-        assert self._wake is not None
-        self._wake.set()
-        remaining = set(ids)
         try:
+            for index, request in enumerate(requests):
+                rid = self.engine.submit(request)
+                self._routes[rid] = (queue, index)
+                ids.append(rid)
+            assert self._wake is not None
+            self._wake.set()
+            remaining = dict(zip(ids, range(len(ids)), strict=True))
             while remaining:
-                rid, index, out = await queue.get()
+                try:
+                    rid, index, out = await asyncio.wait_for(
+                        queue.get(), max(0.0, deadline - loop.time())
+                    )
+                except asyncio.TimeoutError:
+                    timeout = self._timeout()
+                    for rid, index in list(remaining.items()):
+                        del remaining[rid]
+                        yield index, _failed(rid, requests[index], timeout)
+                    return
                 if out.finished:
-                    remaining.discard(rid)
+                    remaining.pop(rid, None)
                 yield index, out
         finally:
             for rid in ids:
-                self._routes.pop(rid, None)
-            for rid in remaining:
-                self.engine.cancel(rid)
+                if self._routes.pop(rid, None) is not None:
+                    self.engine.cancel(rid)
+
+    def _timeout(self) -> RequestTimeout:
+        return RequestTimeout(
+            f"the request did not finish within this server's deadline of "
+            f"{self.request_timeout_s:g} s (request_timeout_s); ask for fewer tokens or retry",
+            code="request_timeout",
+        )
 
     def check_capacity(self, rows: int) -> None:
         """Raise ``Overloaded`` (429) when ``rows`` more would exceed the queue limit.
@@ -119,13 +152,13 @@ class DecodeLoop:
                 continue
             try:
                 outputs = await loop.run_in_executor(self._executor, self.engine.step)
-            except Exception as err:  # noqa: BLE001 - fail the batch, keep the replica serving
+            except Exception as err:  # noqa: BLE001 - the engine fails only the rows it touched;
+                # anything that escapes it leaves no row whose state is known, so every open
+                # request gets its answer now rather than waiting for its deadline.
                 log.exception("decode step failed")
-                failure = Unavailable(
-                    f"generation failed on this replica ({type(err).__name__}: {err}); retry",
-                    code="generation_failed",
-                )
+                failure = engine_error(err, "a decode step")
                 outputs = await loop.run_in_executor(self._executor, self.engine.abort_all, failure)
+                self._fail_routes(failure, {o.request_id for o in outputs})
             self.steps += 1
             self.rows_per_step_total += len(outputs)
             for out in outputs:
@@ -134,12 +167,28 @@ class DecodeLoop:
                     queue, index = route
                     queue.put_nowait((out.request_id, index, out))
 
+    def _fail_routes(self, failure: ServingError, already: set[int]) -> None:
+        for rid, (queue, index) in list(self._routes.items()):
+            if rid not in already:
+                out = StepOutput(rid, "", True, "error", 0, 0, failure)
+                queue.put_nowait((rid, index, out))
+
     def stats(self) -> dict[str, int]:
-        """Decode steps taken and row outputs produced; their ratio is the mean batch size."""
-        return {"decode_steps": self.steps, "decoded_rows": self.rows_per_step_total}
+        """Decode steps taken and row outputs produced (their ratio is the mean batch size),
+        and the rows open now: routed to a waiting request, queued and running."""
+        return {
+            "decode_steps": self.steps,
+            "decoded_rows": self.rows_per_step_total,
+            "open_routes": len(self._routes),
+            **self.engine.load(),
+        }
 
     def close(self) -> None:
         """Stop the background task and the engine thread."""
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _failed(rid: int, request: GenerationRequest, err: ServingError) -> StepOutput:
+    return StepOutput(rid, "", True, "error", len(request.prompt_ids), 0, err)

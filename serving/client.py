@@ -22,11 +22,45 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+class InsecureServing(ValueError):
+    """Serving beyond loopback with no API key, without the operator saying so."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def check_exposure(host: str, insecure: bool = False) -> None:
+    """Refuse to serve on a non-loopback ``host`` without ``RAYFT_API_KEY``.
+
+    Raises:
+        InsecureServing: Naming the host and the two ways out.
+    """
+    import os
+
+    if insecure or is_loopback(host) or os.environ.get("RAYFT_API_KEY"):
+        return
+    raise InsecureServing(
+        f"refusing to serve on {host} without an API key: anyone who reaches it could use "
+        "every model and adapter; set RAYFT_API_KEY (clients then send "
+        "'Authorization: Bearer <key>'), serve on 127.0.0.1, or pass --insecure"
+    )
+
+
 def run_app(
     args: dict[str, Any],
     host: str = "127.0.0.1",
     port: int | None = None,
     name: str = APP_NAME,
+    insecure: bool = False,
 ) -> str:
     """Deploy the rayft application on the connected Ray cluster and wait until it is ready.
 
@@ -36,14 +70,19 @@ def run_app(
         port: Proxy port; a free one when ``None``. Ignored when Serve already runs,
             in which case its proxy's address is used.
         name: Serve application name.
+        insecure: Serve beyond loopback even without ``RAYFT_API_KEY``.
 
     Returns:
         The base URL, e.g. ``http://127.0.0.1:8000``.
+
+    Raises:
+        InsecureServing: ``host`` is not loopback, no API key is set and not ``insecure``.
     """
     from ray import serve
 
     from rayft.serving.app import build_app
 
+    check_exposure(host, insecure)
     app = build_app(args)
     port = port or free_port(host)
     serve.start(http_options={"host": host, "port": port})
@@ -83,6 +122,16 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"the rayft application at {url} did not become healthy ({last})")
 
 
+def greedy_chat(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """The ``/v1/chat/completions`` body of one greedy question from the user."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
 def ask(
     url: str,
     model: str,
@@ -96,12 +145,7 @@ def ask(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     response = httpx.post(
         f"{url}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-        },
+        json=greedy_chat(model, prompt, max_tokens),
         headers=headers,
         timeout=600.0,
     )

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable
@@ -31,7 +30,14 @@ from typing import Any
 
 import torch
 
-from rayft.serving.errors import BadRequest, Conflict, NotFound, ServingError, Unavailable
+from rayft.serving.errors import (
+    BadRequest,
+    Conflict,
+    InvalidParameters,
+    NotFound,
+    ServingError,
+    Unavailable,
+)
 
 BASE_ADAPTER = "__base__"
 SAFE_WEIGHTS = "adapter_model.safetensors"
@@ -152,13 +158,14 @@ class ModelEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rayft.trainers.models import resolve_model
-        from rayft.trainers.storage import models_dir
+        from rayft.trainers.storage import StorageRoot
 
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         self.model_name = model
-        self.storage = storage
-        self.model_dir = Path(resolve_model(model, models_dir(storage), storage))
+        # Resolved once here; the registry calls below are handed the object.
+        self.storage = StorageRoot.resolve(storage)
+        self.model_dir = Path(resolve_model(model, self.storage.models, self.storage))
         self.max_loaded_adapters = max_loaded_adapters
         self.max_batch_size = max_batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -217,11 +224,13 @@ class ModelEngine:
             NotFound: No adapter of that name is published.
             Conflict: The adapter was trained for another base model.
         """
-        from rayft.trainers.registry import RegistryError, read_manifest, sync_adapter
+        from rayft.trainers.registry import ManifestError, RegistryError, sync_adapter
         from rayft.trainers.storage import StorageError
 
         try:
             path = sync_adapter(name, self.storage)
+        except ManifestError as err:
+            raise _corrupt_adapter(name, err) from None
         except RegistryError as err:
             raise BadRequest(str(err), code="invalid_model", param="model") from None
         except StorageError as err:
@@ -239,7 +248,7 @@ class ModelEngine:
                 code="invalid_adapter",
                 param="model",
             )
-        trained_on = read_manifest(path).get("base_model")
+        trained_on = self._manifest(name, path).get("base_model")
         if trained_on is not None and not self._is_this_base(str(trained_on)):
             raise Conflict(
                 f"adapter {name!r} was trained on base model {trained_on!r}, but this server "
@@ -248,6 +257,18 @@ class ModelEngine:
                 param="model",
             )
         return path
+
+    @staticmethod
+    def _manifest(name: str, path: Path) -> dict[str, Any]:
+        from rayft.trainers.registry import read_manifest
+
+        try:
+            manifest = read_manifest(path)
+        except (ValueError, OSError) as err:  # ManifestError, or a file torn while read
+            raise _corrupt_adapter(name, err) from None
+        if not isinstance(manifest, dict):
+            raise _corrupt_adapter(name, ValueError("rayft.json is not a JSON object"))
+        return manifest
 
     def _is_this_base(self, name: str) -> bool:
         if name == self.model_name:
@@ -329,8 +350,10 @@ class ModelEngine:
         if request.params.temperature > 0:
             generator = torch.Generator(device="cpu")
             seed = request.params.seed
+            # torch takes seeds in [0, 2**64); any integer maps there, so n choices seeded
+            # seed, seed + 1, ... never overflow.
             generator.manual_seed(
-                seed if seed is not None else int.from_bytes(_random_bytes(), "little")
+                seed % (1 << 64) if seed is not None else int.from_bytes(_random_bytes(), "little")
             )
         with self._lock:
             rid = next(self._ids)
@@ -386,32 +409,66 @@ class ModelEngine:
     def step(self) -> list[StepOutput]:
         """Advance every running row by one token and admit queued rows.
 
+        A failure inside the step fails exactly the rows it touched, with a 503
+        ``engine_error`` output each: a failed decode pass fails every running row (their
+        shared KV cache may be half-updated), a failed prefill only the rows it admitted.
+        Rows that finished earlier in the step keep their outputs, queued rows stay
+        queued, and the engine is ready for the next step.
+
         Returns:
             One output per row that produced text or finished in this step.
         """
         outputs: list[StepOutput] = []
         self._drop_cancelled()
         if self._running:
-            decoded = self._sample_and_advance(self._running, self._decode_running())
-            outputs += decoded
-            self._retire_finished(decoded)
+            try:
+                decoded = self._sample_and_advance(self._running, self._decode_running())
+            except Exception as err:  # noqa: BLE001 - fail these rows, keep the engine serving
+                outputs += self._fail_running(err, "decode")
+            else:
+                outputs += decoded
+                self._retire_finished(decoded)
         admitted, failed = self._admit()
         outputs += failed
         if admitted:
-            logits, cache, mask = self._prefill(admitted)
-            prefilled = self._sample_and_advance(admitted, logits)
-            outputs += prefilled
-            self._merge(admitted, cache, mask)
-            self._retire_finished(prefilled)
+            outputs += self._prefill_and_merge(admitted)
         return outputs
 
+    def _prefill_and_merge(self, admitted: list[_Row]) -> list[StepOutput]:
+        try:
+            logits, cache, mask = self._prefill(admitted)
+            prefilled = self._sample_and_advance(admitted, logits)
+        except Exception as err:  # noqa: BLE001 - only the rows being prefilled are lost
+            log.exception("prefill of %d rows failed", len(admitted))
+            failure = engine_error(err, "prefill")
+            return [self._failure(r, failure) for r in admitted]
+        try:
+            self._merge(admitted, cache, mask)
+        except Exception as err:  # noqa: BLE001 - a half-merged cache is unusable for all
+            self._running = self._running + admitted
+            return self._fail_running(err, "merge")
+        self._retire_finished(prefilled)
+        return prefilled
+
+    def _fail_running(self, err: Exception, phase: str) -> list[StepOutput]:
+        log.exception("%s step over %d running rows failed", phase, len(self._running))
+        failure = engine_error(err, phase)
+        rows, self._running, self._cache, self._mask = self._running, [], None, None
+        return [self._failure(r, failure) for r in rows]
+
     def abort_all(self, err: ServingError) -> list[StepOutput]:
-        """Fail every queued and running row (after a forward pass raised) and reset the batch."""
+        """Fail every queued and running row and reset the batch (the last resort when a
+        step raised outside the rows it was working on)."""
         with self._lock:
             rows = self._running + list(self._pending)
             self._pending.clear()
         self._running, self._cache, self._mask = [], None, None
         return [self._failure(r, err) for r in rows]
+
+    def load(self) -> dict[str, int]:
+        """Rows queued and running now (for health checks and leak tests)."""
+        with self._lock:
+            return {"queued_rows": len(self._pending), "running_rows": len(self._running)}
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -439,6 +496,10 @@ class ModelEngine:
                 ready = self._ensure_adapter(row.request.adapter, pinned)
             except ServingError as err:
                 failed.append(self._failure(row, err))
+                continue
+            except Exception as err:  # noqa: BLE001 - e.g. a disk error reading the adapter
+                log.exception("loading adapter %s failed", row.request.adapter)
+                failed.append(self._failure(row, engine_error(err, "adapter load")))
                 continue
             if not ready:
                 waiting.append(row)
@@ -607,8 +668,8 @@ class ModelEngine:
         """Teacher-forced next-token loss of token sequences under one adapter.
 
         Args:
-            examples: ``(input_ids, labels)`` pairs; ``labels`` holds ``-100`` where no
-                loss is taken (prompt tokens).
+            examples: ``(input_ids, labels)`` pairs; ``labels`` holds ``IGNORE_INDEX``
+                (-100) where no loss is taken (prompt tokens).
             adapter: Adapter name or ``"__base__"``.
             batch_size: Rows per forward pass (right-padded, masked).
 
@@ -621,36 +682,58 @@ class ModelEngine:
             raise Unavailable(
                 "every adapter slot is in use by running requests; retry shortly", code="busy"
             )
+        from contextlib import nullcontext
+        from functools import partial
+
+        from rayft.trainers.loss import IGNORE_INDEX, causal_lm_loss_sums
+
+        head = self.model.get_output_embeddings()
+        base_only = adapter == BASE_ADAPTER and self.model is not self.base
         total, count = 0.0, 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, (row_ids, row_labels) in enumerate(chunk):
                 ids[i, : len(row_ids)] = torch.tensor(row_ids)
                 labels[i, : len(row_labels)] = torch.tensor(row_labels)
                 mask[i, : len(row_ids)] = 1
-            logits = self._run_model(
-                [adapter] * len(chunk),
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                use_cache=False,
-            ).logits.float()
-            shift_logits = logits[:, :-1, :]
-            shift_labels = labels[:, 1:].to(self.device)
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            # The training loss itself (trainers.loss): the head runs inside the same
+            # adapter scope as the model, so a LoRA-wrapped head scores like training.
+            with self.model.disable_adapter() if base_only else nullcontext():
+                forward = (
+                    self.model if base_only else partial(self._run_model, [adapter] * len(chunk))
+                )
+                loss, n = causal_lm_loss_sums(
+                    forward, head, {k: v.to(self.device) for k, v in batch.items()}
+                )
             total += float(loss)
-            count += int((shift_labels != -100).sum())
+            count += n
         if adapter != BASE_ADAPTER and adapter in self._loaded:
             self._loaded.move_to_end(adapter)
         return total, count
+
+
+def _corrupt_adapter(name: str, err: Exception) -> InvalidParameters:
+    # Listed nowhere (the registry hides it) and unusable until republished: a 422 that
+    # says so, never a 500, and no other adapter is affected.
+    return InvalidParameters(
+        f"adapter {name!r} cannot be served: its manifest is unreadable ({err}); publish it again",
+        code="invalid_adapter",
+        param="model",
+    )
+
+
+def engine_error(err: Exception, phase: str) -> Unavailable:
+    """The 503 a row gets when the engine failed while working on it."""
+    return Unavailable(
+        f"generation failed on this replica during {phase} ({type(err).__name__}: {err}); "
+        "the request may be retried",
+        code="engine_error",
+    )
 
 
 def sample_tokens(
@@ -732,5 +815,7 @@ def _random_bytes() -> bytes:
 
 
 def perplexity(loss: float) -> float:
-    """``exp(loss)``, capped so a diverged model reports a large finite number."""
-    return math.exp(min(loss, 50.0))
+    """``exp(loss)``, capped so a diverged model reports a large finite number (trainers.loss)."""
+    from rayft.trainers.loss import perplexity as capped_perplexity
+
+    return capped_perplexity(loss)

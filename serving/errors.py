@@ -80,3 +80,7 @@ class Unavailable(ServingError):
 
     status = 503
     type = "server_error"
+
+
+class RequestTimeout(Unavailable):
+    """A request that did not finish within the server's deadline (503; retry may help)."""

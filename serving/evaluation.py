@@ -95,15 +95,16 @@ def dataset_path(name: str, storage: str | None = None) -> Path:
         StorageError: The object-storage root cannot be read.
     """
     from rayft.trainers.registry import RegistryError, checked_name
-    from rayft.trainers.storage import local_home, sync_file
+    from rayft.trainers.storage import StorageRoot
 
     try:
         checked_name(name)
     except RegistryError as err:
         raise BadRequest(str(err), param="dataset") from None
-    root = (local_home(storage) / "datasets").resolve()
+    storage_root = StorageRoot.resolve(storage)
+    root = storage_root.files.resolve()
     for suffix in DATASET_SUFFIXES:
-        sync_file(storage, f"datasets/{name}{suffix}")
+        storage_root.sync_file(f"datasets/{name}{suffix}")
         candidate = (root / f"{name}{suffix}").resolve()
         if (
             candidate.parent == root
@@ -171,7 +172,7 @@ def prompt_and_reference(
     Chat templates render the prompt with the generation prompt, as a client of
     ``/v1/chat/completions`` would send it. ``None`` for text rows, which have no answer.
     """
-    from rayft.trainers.formats import ALPACA_PROMPT, to_messages
+    from rayft.trainers.formats import plain_prompt, to_messages
 
     messages = to_messages(row, fmt)
     if messages is None:
@@ -185,18 +186,10 @@ def prompt_and_reference(
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids), reference
-    if fmt == "prompt_completion":
-        prompt = row["prompt"]
-    elif fmt == "alpaca":
-        has_input = bool(row.get("input"))
-        prompt = ALPACA_PROMPT.format(
-            extra=", paired with an input that provides further context" if has_input else "",
-            instruction=row["instruction"],
-            input_block=f"### Input:\n{row['input']}\n\n" if has_input else "",
-        )
-    else:
+    split = plain_prompt(row, fmt)
+    if split is None:
         return None
-    return list(tokenizer(prompt)["input_ids"]), reference
+    return list(tokenizer(split[0])["input_ids"]), reference
 
 
 def summarize(

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API: routes, request/response schemas, SSE streaming, errors.
 
-Routes (``create_api(service)`` builds them around one ``ModelService``):
+The route table (module-level handlers on ``router``; ``create_api(service)`` mounts them
+around one ``ModelService``, which handlers reach through ``request.app.state``):
 
     GET  /health                  liveness and the adapters this replica holds (no auth)
     GET  /v1/models               base model and every published adapter trained on it
@@ -8,6 +9,10 @@ Routes (``create_api(service)`` builds them around one ``ModelService``):
     POST /v1/completions          ``model`` = base or adapter name; ``stream`` → SSE
     POST /v1/chat/completions     rendered with the base model's chat template
     POST /v1/evaluations          loss / perplexity / generation metrics over rows
+
+Completions and chat completions differ only in how a prompt is encoded and how a
+choice is shaped (``_COMPLETION`` / ``_CHAT``); both go through ``_generate``, which
+turns encoded prompts and sampling settings into a response or an SSE stream.
 
 Streams are ``data: {chunk}\\n\\n`` lines ending with ``data: [DONE]\\n\\n``, as OpenAI
 sends them. Every error is ``{"error": {"message", "type", "param", "code"}}``: malformed
@@ -19,25 +24,34 @@ are accepted and ignored, so unchanged OpenAI clients work.
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayft.serving.engine import GenerationRequest
-from rayft.serving.errors import BadRequest, ServingError, TooLarge, Unauthorized, Unavailable
+from rayft.serving.engine import GenerationRequest, StepOutput
+from rayft.serving.errors import (
+    BadRequest,
+    InvalidParameters,
+    ServingError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from rayft.serving.service import ModelService
 from rayft.trainers.storage import StorageError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+RETRY_AFTER_S = 1
 
 
 class _Body(BaseModel):
@@ -58,7 +72,8 @@ class _SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # Any 64-bit seed (signed or not); choice i of n is seeded seed + i, modulo 2**64.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: Any = None
@@ -96,187 +111,367 @@ class EvaluationRequest(_Body):
     metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity"])
     format: Literal["auto", "chat", "prompt_completion", "alpaca", "text"] = "auto"
     max_tokens: int = Field(128, ge=1)
-    max_seq_len: int = Field(2048, ge=8)
+    max_seq_len: int | None = Field(None, ge=8)
 
 
 def error_response(err: ServingError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    """``err`` as an HTTP response in OpenAI's error shape (429s say when to retry)."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def get_service(request: Request) -> ModelService:
+    """The replica's ``ModelService`` (a FastAPI dependency of every route)."""
+    return request.app.state.service
+
+
+router = APIRouter()
+
+
+# ------------------------------------------------------------------ routes
+
+
+@router.get("/health")
+async def health(service: ModelService = Depends(get_service)) -> dict[str, Any]:
+    """Liveness and what this replica holds; the one route that needs no API key."""
+    return service.health()
+
+
+@router.get("/v1/models")
+async def models(service: ModelService = Depends(get_service)) -> dict[str, Any]:
+    """The base model and every published adapter trained on it, as OpenAI model objects."""
+    return {"object": "list", "data": service.list_models()}
+
+
+@router.get("/v1/models/{model:path}")
+async def model(model: str, service: ModelService = Depends(get_service)) -> dict[str, Any]:
+    """One model object; 400/404/409 say why a name is not servable here."""
+    for entry in service.list_models():
+        if entry["id"] == model:
+            return entry
+    service.adapter_for(model)  # raises the precise 400/404/409
+    raise BadRequest(f"model {model!r} is not servable here", param="model")
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, service: ModelService = Depends(get_service)):
+    """OpenAI's legacy completions: text or token-id prompts, ``n`` choices each."""
+    _refuse_unsupported(body)
+    if body.echo:
+        raise BadRequest("echo is not supported", param="echo")
+    if body.suffix:
+        raise BadRequest("suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise BadRequest("best_of other than n is not supported", param="best_of")
+    adapter = service.adapter_for(body.model)
+    prompts = _prompt_list(body.prompt)
+    if len(prompts) * body.n > service.limits.max_n * 4:
+        raise BadRequest(
+            f"{len(prompts)} prompts x n={body.n} rows; one request may ask for at most "
+            f"{service.limits.max_n * 4}",
+            param="prompt",
+        )
+    encoded = [service.encode_prompt(p) for p in prompts]
+    return await _generate(service, _COMPLETION, body, adapter, encoded, body.max_tokens)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, service: ModelService = Depends(get_service)
+):
+    """Chat completions, rendered with the base model's chat template."""
+    _refuse_unsupported(body)
+    if not body.messages:
+        raise BadRequest(
+            "messages is empty; send at least one message",
+            code="empty_messages",
+            param="messages",
+        )
+    adapter = service.adapter_for(body.model)
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+    encoded = [service.encode_chat(messages)]
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return await _generate(service, _CHAT, body, adapter, encoded, max_tokens)
+
+
+@router.post("/v1/evaluations")
+async def evaluations(
+    body: EvaluationRequest, service: ModelService = Depends(get_service)
+) -> dict[str, Any]:
+    """Loss, perplexity and generation metrics of ``model`` over rows or a dataset."""
+    return await service.evaluate(
+        body.model,
+        rows=body.rows,
+        dataset=body.dataset,
+        metrics=body.metrics,
+        fmt=body.format,
+        max_tokens=min(body.max_tokens, service.limits.max_tokens_limit),
+        max_seq_len=body.max_seq_len,
+    )
+
+
+# ------------------------------------------------------------ the app
 
 
 def create_api(service: ModelService) -> FastAPI:
     """The FastAPI app serving ``service``; Ray Serve's ingress mounts it per replica."""
     app = FastAPI(title="rayft", description="OpenAI-compatible base model + LoRA adapters")
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        # Size and auth checks run before the body is read or parsed.
-        length = request.headers.get("content-length")
-        if (
-            length is not None
-            and length.isdigit()
-            and int(length) > service.limits.max_request_bytes
-        ):
-            return error_response(
-                TooLarge(
-                    f"request body is {length} bytes; the limit is {service.limits.max_request_bytes}"
-                )
-            )
-        if service.api_key and request.url.path.rstrip("/") != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip(), service.api_key
-            ):
-                return error_response(
-                    Unauthorized(
-                        "missing or invalid API key: send 'Authorization: Bearer <RAYFT_API_KEY>'",
-                        code="invalid_api_key",
-                    )
-                )
-        return await call_next(request)
-
-    @app.exception_handler(ServingError)
-    async def serving_error(_: Request, err: ServingError) -> JSONResponse:
-        return error_response(err)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = err.errors()
-        # Without a JSON content type FastAPI does not parse the body; judge the bytes.
-        if any(p.get("type") == "json_invalid" for p in problems) or not _is_json(
-            await request.body()
-        ):
-            return error_response(
-                BadRequest("the request body is not valid JSON", code="invalid_json")
-            )
-        return error_response(_schema_error(problems))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        kind = ServingError(str(err.detail), code=str(err.status_code))
-        kind.status = err.status_code
-        kind.type = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return error_response(kind)
-
-    @app.exception_handler(StorageError)
-    async def storage_error(_: Request, err: StorageError) -> JSONResponse:
-        # The registry's object-storage root is unreachable: the client may retry.
-        return error_response(Unavailable(str(err), code="storage_unavailable"))
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, err: Exception) -> JSONResponse:
-        kind = ServingError(f"internal error: {type(err).__name__}: {err}", code="internal_error")
-        kind.status, kind.type = 500, "server_error"
-        return error_response(kind)
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return service.health()
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": service.list_models()}
-
-    @app.get("/v1/models/{model:path}")
-    async def model(model: str) -> dict[str, Any]:
-        for entry in service.list_models():
-            if entry["id"] == model:
-                return entry
-        service.adapter_for(model)  # raises the precise 400/404/409
-        raise BadRequest(f"model {model!r} is not servable here", param="model")
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        _refuse_unsupported(body)
-        if body.echo:
-            raise BadRequest("echo is not supported", param="echo")
-        if body.suffix:
-            raise BadRequest("suffix is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise BadRequest("best_of other than n is not supported", param="best_of")
-        adapter = service.adapter_for(body.model)
-        prompts = _prompt_list(body.prompt)
-        if len(prompts) * body.n > service.limits.max_n * 4:
-            raise BadRequest(
-                f"{len(prompts)} prompts x n={body.n} rows; one request may ask for at most "
-                f"{service.limits.max_n * 4}",
-                param="prompt",
-            )
-        encoded = [service.encode_prompt(p) for p in prompts]
-        requests = _rows(service, encoded, adapter, body, body.max_tokens)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            service.loop.check_capacity(len(requests))
-            chunks = _completion_chunks(service, requests, body, rid, created, encoded)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-        results = await service.complete(requests)
-        choices = [
-            {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
-            for i, r in enumerate(results)
-        ]
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-            "usage": _usage(encoded, results),
-        }
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        _refuse_unsupported(body)
-        if not body.messages:
-            raise BadRequest(
-                "messages is empty; send at least one message",
-                code="empty_messages",
-                param="messages",
-            )
-        adapter = service.adapter_for(body.model)
-        messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
-        encoded = [service.encode_chat(messages)]
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        requests = _rows(service, encoded, adapter, body, max_tokens)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            service.loop.check_capacity(len(requests))
-            chunks = _chat_chunks(service, requests, body, rid, created, encoded)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-        results = await service.complete(requests)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r["text"]},
-                "logprobs": None,
-                "finish_reason": r["finish_reason"],
-            }
-            for i, r in enumerate(results)
-        ]
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-            "usage": _usage(encoded, results),
-        }
-
-    @app.post("/v1/evaluations")
-    async def evaluations(body: EvaluationRequest) -> dict[str, Any]:
-        return await service.evaluate(
-            body.model,
-            rows=body.rows,
-            dataset=body.dataset,
-            metrics=body.metrics,
-            fmt=body.format,
-            max_tokens=min(body.max_tokens, service.limits.max_tokens_limit),
-            max_seq_len=body.max_seq_len,
-        )
-
+    app.state.service = service
+    app.add_middleware(RequestGuard)
+    app.add_exception_handler(ServingError, serving_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(StorageError, storage_error)
+    app.add_exception_handler(Exception, unexpected)
+    app.include_router(router)
     return app
 
 
-# --------------------------------------------------------------------- helpers
+class RequestGuard:
+    """ASGI middleware: the body size limit and the API key, checked before any route runs.
+
+    The size limit holds for bodies sent with ``Content-Length`` (refused unread) and for
+    chunked bodies (counted while read, refused once past the limit). The body is read
+    here and handed on whole; later ``receive`` calls go to the server, so routes still
+    learn when a client disconnects.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        service: ModelService = scope["app"].state.service
+        refusal = _refusal(scope, service)
+        if refusal is None:
+            body, refusal = await _read_body(receive, service.limits.max_request_bytes)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _refusal(scope: dict[str, Any], service: ModelService) -> ServingError | None:
+    """A declared body over the limit (413), or a missing or wrong API key (401)."""
+    headers = dict(scope.get("headers") or [])
+    limit = service.limits.max_request_bytes
+    length = headers.get(b"content-length", b"").decode("latin-1")
+    if length.isdigit() and int(length) > limit:
+        return TooLarge(f"request body is {length} bytes; the limit is {limit}")
+    if not service.requires_key or scope.get("path", "").rstrip("/") == "/health":
+        return None
+    # Header bytes are compared as sent: a non-ASCII or malformed token is just wrong.
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    if scheme.lower() == b"bearer" and service.authorized(token.strip()):
+        return None
+    return Unauthorized(
+        "missing or invalid API key: send 'Authorization: Bearer <RAYFT_API_KEY>'",
+        code="invalid_api_key",
+    )
+
+
+async def _read_body(receive: Any, limit: int) -> tuple[bytes, ServingError | None]:
+    """The whole request body, or a 413 as soon as more than ``limit`` bytes arrived."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"", None  # the client went away; the route sees that on receive
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return b"", TooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), None
+
+
+# ------------------------------------------------------- error handlers
+
+
+async def serving_error(_: Request, err: ServingError) -> JSONResponse:
+    return error_response(err)
+
+
+async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+    problems = err.errors()
+    # Without a JSON content type FastAPI does not parse the body; judge the bytes.
+    if any(p.get("type") == "json_invalid" for p in problems) or not _is_json(await request.body()):
+        return error_response(BadRequest("the request body is not valid JSON", code="invalid_json"))
+    return error_response(_schema_error(problems))
+
+
+async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    kind = ServingError(str(err.detail), code=str(err.status_code))
+    kind.status = err.status_code
+    kind.type = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return error_response(kind)
+
+
+async def storage_error(_: Request, err: StorageError) -> JSONResponse:
+    # The registry's object-storage root is unreachable: the client may retry.
+    return error_response(Unavailable(str(err), code="storage_unavailable"))
+
+
+async def unexpected(_: Request, err: Exception) -> JSONResponse:
+    kind = ServingError(f"internal error: {type(err).__name__}: {err}", code="internal_error")
+    kind.status, kind.type = 500, "server_error"
+    return error_response(kind)
+
+
+# -------------------------------------------- the shared generation path
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How one endpoint names and shapes what generation produced.
+
+    Attributes:
+        id_prefix: Response ids are ``<id_prefix>-<hex>``.
+        object: ``object`` of a whole response.
+        chunk_object: ``object`` of each SSE chunk.
+        choice: A whole response's choice from ``(index, result row)``.
+        opening: Choices sent before any text of row ``index`` (chat: the role delta).
+        deltas: Choices that carry one step output of row ``index``.
+    """
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable[[int, dict[str, Any]], dict[str, Any]]
+    opening: Callable[[int], list[dict[str, Any]]]
+    deltas: Callable[[int, StepOutput], list[dict[str, Any]]]
+
+
+def _completion_deltas(index: int, out: StepOutput) -> list[dict[str, Any]]:
+    if not (out.text or out.finished):
+        return []
+    reason = out.finish_reason if out.finished else None
+    return [{"index": index, "text": out.text, "logprobs": None, "finish_reason": reason}]
+
+
+def _chat_delta(index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _chat_deltas(index: int, out: StepOutput) -> list[dict[str, Any]]:
+    choices = [_chat_delta(index, {"content": out.text}, None)] if out.text else []
+    if out.finished:
+        choices.append(_chat_delta(index, {}, out.finish_reason))
+    return choices
+
+
+_COMPLETION = _Shape(
+    id_prefix="cmpl",
+    object="text_completion",
+    chunk_object="text_completion",
+    choice=lambda i, r: {
+        "index": i,
+        "text": r["text"],
+        "logprobs": None,
+        "finish_reason": r["finish_reason"],
+    },
+    opening=lambda i: [],
+    deltas=_completion_deltas,
+)
+
+_CHAT = _Shape(
+    id_prefix="chatcmpl",
+    object="chat.completion",
+    chunk_object="chat.completion.chunk",
+    choice=lambda i, r: {
+        "index": i,
+        "message": {"role": "assistant", "content": r["text"]},
+        "logprobs": None,
+        "finish_reason": r["finish_reason"],
+    },
+    # OpenAI opens every choice with the assistant role and an empty content delta.
+    opening=lambda i: [_chat_delta(i, {"role": "assistant", "content": ""}, None)],
+    deltas=_chat_deltas,
+)
+
+
+async def _generate(
+    service: ModelService,
+    shape: _Shape,
+    body: _SamplingFields,
+    adapter: str,
+    encoded: list[list[int]],
+    max_tokens: int | None,
+) -> dict[str, Any] | StreamingResponse:
+    """Decode ``body.n`` rows per encoded prompt: a whole response, or an SSE stream."""
+    requests = _rows(service, encoded, adapter, body, max_tokens)
+    head = {
+        "id": f"{shape.id_prefix}-{uuid.uuid4().hex}",
+        "object": shape.object,
+        "created": int(time.time()),
+        "model": body.model,
+    }
+    if body.stream:
+        # Before any header is sent, so a full queue is a clean 429, not a broken stream.
+        service.loop.check_capacity(len(requests))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _events(
+            service, shape, requests, {**head, "object": shape.chunk_object}, encoded, include_usage
+        )
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    results = await service.complete(requests)
+    return {
+        **head,
+        "choices": [shape.choice(i, r) for i, r in enumerate(results)],
+        "usage": _usage(encoded, sum(r["completion_tokens"] for r in results)),
+    }
+
+
+async def _events(
+    service: ModelService,
+    shape: _Shape,
+    requests: list[GenerationRequest],
+    head: dict[str, Any],
+    encoded: list[list[int]],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """The SSE events of a streamed response, ``data: [DONE]`` last."""
+
+    def chunk(choice: dict[str, Any]) -> str:
+        payload = {**head, "choices": [choice]}
+        if include_usage:
+            payload["usage"] = None
+        return _sse(payload)
+
+    for index in range(len(requests)):
+        for choice in shape.opening(index):
+            yield chunk(choice)
+    completion_tokens = 0
+    # aclosing: an error (or a client gone) ends the rows now and frees their routes.
+    async with aclosing(service.stream(requests)) as outputs:
+        async for index, out in outputs:
+            if out.error is not None:
+                yield _sse(out.error.body())
+                break
+            for choice in shape.deltas(index, out):
+                yield chunk(choice)
+            if out.finished:
+                completion_tokens += out.completion_tokens
+    if include_usage:
+        # The last chunk when ``stream_options.include_usage`` is set: no choices, only usage.
+        yield _sse({**head, "choices": [], "usage": _usage(encoded, completion_tokens)})
+    yield "data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------ helpers
 
 
 def _is_json(raw: bytes) -> bool:
@@ -297,8 +492,6 @@ def _schema_error(problems: list[dict[str, Any]]) -> ServingError:
         where = ".".join(loc) or "body"
         param = param or where
         parts.append(f"{where}: {p.get('msg')}")
-    from rayft.serving.errors import InvalidParameters
-
     return InvalidParameters("; ".join(parts), code="invalid_parameters", param=param)
 
 
@@ -309,8 +502,6 @@ def _refuse_unsupported(body: _SamplingFields) -> None:
             raise BadRequest(f"{name} is not supported by this server; leave it at 0", param=name)
     if body.logprobs not in (None, False, 0):
         raise BadRequest("logprobs are not supported by this server", param="logprobs")
-    if isinstance(body.stop, list) and len(body.stop) > 4:
-        raise BadRequest("stop holds at most 4 sequences", param="stop")
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -361,11 +552,7 @@ def _rows(
     return rows
 
 
-def _usage(encoded: list[list[int]], results: list[dict[str, Any]]) -> dict[str, int]:
-    return _usage_counts(encoded, sum(r["completion_tokens"] for r in results))
-
-
-def _usage_counts(encoded: list[list[int]], completion_tokens: int) -> dict[str, int]:
+def _usage(encoded: list[list[int]], completion_tokens: int) -> dict[str, int]:
     prompt = sum(len(ids) for ids in encoded)
     return {
         "prompt_tokens": prompt,
@@ -374,104 +561,5 @@ def _usage_counts(encoded: list[list[int]], completion_tokens: int) -> dict[str,
     }
 
 
-def _usage_chunk(
-    rid: str, kind: str, created: int, model: str, encoded: list[list[int]], completion_tokens: int
-) -> str:
-    """The last SSE chunk when ``stream_options.include_usage`` is set: no choices, only usage."""
-    return _sse(
-        {
-            "id": rid,
-            "object": kind,
-            "created": created,
-            "model": model,
-            "choices": [],
-            "usage": _usage_counts(encoded, completion_tokens),
-        }
-    )
-
-
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-async def _completion_chunks(
-    service: ModelService,
-    requests: list[GenerationRequest],
-    body: CompletionRequest,
-    rid: str,
-    created: int,
-    encoded: list[list[int]],
-) -> AsyncIterator[str]:
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    completion_tokens = 0
-    async for index, out in service.stream(requests):
-        if out.error is not None:
-            yield _sse(out.error.body())
-            break
-        if out.text or out.finished:
-            chunk = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [
-                    {
-                        "index": index,
-                        "text": out.text,
-                        "logprobs": None,
-                        "finish_reason": out.finish_reason if out.finished else None,
-                    }
-                ],
-            }
-            if include_usage:
-                chunk["usage"] = None
-            yield _sse(chunk)
-        if out.finished:
-            completion_tokens += out.completion_tokens
-    if include_usage:
-        yield _usage_chunk(rid, "text_completion", created, body.model, encoded, completion_tokens)
-    yield "data: [DONE]\n\n"
-
-
-async def _chat_chunks(
-    service: ModelService,
-    requests: list[GenerationRequest],
-    body: ChatCompletionRequest,
-    rid: str,
-    created: int,
-    encoded: list[list[int]],
-) -> AsyncIterator[str]:
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(index: int, delta: dict[str, Any], finish: str | None) -> str:
-        payload: dict[str, Any] = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": body.model,
-            "choices": [
-                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-            ],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return _sse(payload)
-
-    # OpenAI opens every choice with the assistant role and an empty content delta.
-    for index in range(len(requests)):
-        yield chunk(index, {"role": "assistant", "content": ""}, None)
-    completion_tokens = 0
-    async for index, out in service.stream(requests):
-        if out.error is not None:
-            yield _sse(out.error.body())
-            break
-        if out.text:
-            yield chunk(index, {"content": out.text}, None)
-        if out.finished:
-            completion_tokens += out.completion_tokens
-            yield chunk(index, {}, out.finish_reason)
-    if include_usage:
-        yield _usage_chunk(
-            rid, "chat.completion.chunk", created, body.model, encoded, completion_tokens
-        )
-    yield "data: [DONE]\n\n"

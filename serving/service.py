@@ -8,9 +8,12 @@ in-process (``rayft eval --in-process``) and in tests without Ray.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,10 @@ from rayft.serving.engine import (
     StepOutput,
 )
 from rayft.serving.errors import BadRequest, TooLarge
+
+MAX_NAME_CHARS = 256
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class ModelService:
         batch_wait_timeout_s: See ``DecodeLoop``.
         api_key: When set, every route but ``/health`` needs ``Authorization: Bearer``;
             defaults to ``$RAYFT_API_KEY``.
+        api_key_sha256: The key's SHA-256 hex digest instead of the key itself (what a
+            Serve deployment receives, so the key is never stored in Ray's state).
+        request_timeout_s: Deadline of every request; see ``DecodeLoop``.
     """
 
     def __init__(
@@ -61,12 +71,29 @@ class ModelService:
         limits: Limits | None = None,
         batch_wait_timeout_s: float = 0.005,
         api_key: str | None = None,
+        api_key_sha256: str | None = None,
+        request_timeout_s: float = 600.0,
     ) -> None:
         self.engine = engine
         self.limits = limits or Limits()
-        self.loop = DecodeLoop(engine, batch_wait_timeout_s)
-        self.api_key = api_key if api_key is not None else (os.environ.get("RAYFT_API_KEY") or None)
+        self.loop = DecodeLoop(engine, batch_wait_timeout_s, request_timeout_s=request_timeout_s)
+        if api_key_sha256 is None:
+            key = api_key if api_key is not None else os.environ.get("RAYFT_API_KEY")
+            api_key_sha256 = key_digest(key) if key else None
+        # Only the digest is kept: a token is checked by hashing it (constant time).
+        self._key_digest = bytes.fromhex(api_key_sha256) if api_key_sha256 else None
         self.created = int(time.time())
+
+    @property
+    def requires_key(self) -> bool:
+        """True when every route but ``/health`` needs the API key."""
+        return self._key_digest is not None
+
+    def authorized(self, token: bytes) -> bool:
+        """Whether ``token`` (raw header bytes, any encoding) is the API key."""
+        if self._key_digest is None:
+            return True
+        return hmac.compare_digest(hashlib.sha256(token).digest(), self._key_digest)
 
     @property
     def model_name(self) -> str:
@@ -92,9 +119,11 @@ class ModelService:
         return out
 
     def adapter_for(self, model: str) -> str:
-        """The engine adapter name for an OpenAI ``model`` field (400/404/409 when unusable)."""
+        """The engine adapter name for an OpenAI ``model`` field (400/404/409/422 when
+        unusable)."""
         if not isinstance(model, str) or not model:
             raise BadRequest("model must be a non-empty string", param="model")
+        checked_text(model, "model", MAX_NAME_CHARS)
         if model == self.model_name:
             return BASE_ADAPTER
         self.engine.check_adapter(model)
@@ -108,6 +137,7 @@ class ModelService:
             "loaded_adapters": self.engine.loaded_adapters(),
             "max_loaded_adapters": self.engine.max_loaded_adapters,
             "peak_loaded_adapters": self.engine.peak_loaded,
+            "pid": os.getpid(),
             **self.loop.stats(),
         }
 
@@ -170,6 +200,14 @@ class ModelService:
         the server's ``max_tokens_limit``.
         """
         room = self.engine.context_window - prompt_len
+        if room < 1:
+            raise BadRequest(
+                f"the prompt has {prompt_len} tokens and fills this model's context window "
+                f"of {self.engine.context_window} tokens, leaving no room for max_tokens; "
+                "shorten the prompt",
+                code="context_length_exceeded",
+                param="prompt",
+            )
         if max_tokens is None:
             max_tokens = min(self.limits.max_tokens_limit, room)
         if max_tokens > self.limits.max_tokens_limit:
@@ -189,6 +227,16 @@ class ModelService:
         if max_tokens < 1:
             raise BadRequest("max_tokens must be at least 1", param="max_tokens")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if len(stops) > MAX_STOPS:
+            raise BadRequest(f"stop holds at most {MAX_STOPS} sequences", param="stop")
+        for text in stops:
+            if len(text) > MAX_STOP_CHARS:
+                raise BadRequest(
+                    f"a stop sequence is {len(text)} characters; at most {MAX_STOP_CHARS} "
+                    "are allowed",
+                    code="stop_too_long",
+                    param="stop",
+                )
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -210,12 +258,14 @@ class ModelService:
         """
         texts = [[] for _ in requests]
         final: dict[int, StepOutput] = {}
-        async for index, out in self.loop.stream(requests):
-            texts[index].append(out.text)
-            if out.finished:
-                if out.error is not None:
-                    raise out.error
-                final[index] = out
+        # aclosing: a failed row ends the request now and frees its other rows' routes.
+        async with aclosing(self.loop.stream(requests)) as outputs:
+            async for index, out in outputs:
+                texts[index].append(out.text)
+                if out.finished:
+                    if out.error is not None:
+                        raise out.error
+                    final[index] = out
         return [
             {
                 "text": "".join(texts[i]),
@@ -236,7 +286,7 @@ class ModelService:
         metrics: list[str] | None = None,
         fmt: str = "auto",
         max_tokens: int = 128,
-        max_seq_len: int = 2048,
+        max_seq_len: int | None = None,
     ) -> dict[str, Any]:
         """Run rows through ``model`` and compute the requested metrics.
 
@@ -247,7 +297,8 @@ class ModelService:
             metrics: Any of ``serving.evaluation.ALL_METRICS``; default loss and perplexity.
             fmt: Row format, or ``auto`` to detect it per row.
             max_tokens: Generation budget per row for the generation metrics.
-            max_seq_len: Rows are cut to this many tokens for the loss.
+            max_seq_len: Rows are cut to this many tokens for the loss; at most the
+                model's context window, which is also the default when it is under 2048.
 
         Returns:
             ``{"object": "evaluation", "model", "rows", "tokens", "dropped_rows",
@@ -264,6 +315,7 @@ class ModelService:
 
         metrics = check_metrics(metrics or ["loss", "perplexity"])
         adapter = self.adapter_for(model)
+        max_seq_len = self._eval_seq_len(max_seq_len)
         if (rows is None) == (dataset is None):
             raise BadRequest(
                 "give exactly one of rows (inline) or dataset (a registry name)", param="rows"
@@ -315,8 +367,42 @@ class ModelService:
             "metrics": summarize(metrics, loss_sum, loss_tokens, predictions, prepared.references),
         }
 
+    def _eval_seq_len(self, max_seq_len: int | None) -> int:
+        window = self.engine.context_window
+        if max_seq_len is None:
+            return min(2048, window)
+        if max_seq_len > window:
+            raise BadRequest(
+                f"max_seq_len is {max_seq_len}, beyond this model's context window of "
+                f"{window} tokens; ask for at most {window}",
+                code="context_length_exceeded",
+                param="max_seq_len",
+            )
+        return max_seq_len
+
     def close(self) -> None:
+        """Stop the decode loop and its thread."""
         self.loop.close()
+
+
+def key_digest(key: str) -> str:
+    """SHA-256 hex digest of an API key, as ``ModelService(api_key_sha256=...)`` takes it."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def checked_text(value: str, param: str, limit: int) -> str:
+    """``value`` if it is at most ``limit`` characters and has no control characters.
+
+    Raises:
+        BadRequest: Naming ``param`` and what is wrong with it.
+    """
+    if len(value) > limit:
+        raise BadRequest(f"{param} is {len(value)} characters; at most {limit}", param=param)
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise BadRequest(
+            f"{param} {value!r} contains control characters", code="invalid_" + param, param=param
+        )
+    return value
 
 
 def _model_object(name: str, created: int, root: str, parent: str | None = None) -> dict[str, Any]:

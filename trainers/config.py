@@ -94,6 +94,9 @@ class ScalingSpec(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     """Extra Ray resources per worker, e.g. ``{"trainer": 1}`` to place workers on tagged nodes."""
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group failures Ray Train recovers from by restarting the workers from the
+    newest verified checkpoint (``FailureConfig.max_failures``); ``-1`` = unlimited, 0 = none."""
 
 
 class CheckpointSpec(_Section):
@@ -102,12 +105,8 @@ class CheckpointSpec(_Section):
     keep: int = Field(2, ge=1)
 
 
-EVAL_METRICS = ("loss", "perplexity")
-
-
 class EvalSpec(_Section):
     every_steps: int | None = Field(None, ge=1)
-    metrics: list[Literal["loss", "perplexity"]] = Field(default_factory=lambda: list(EVAL_METRICS))
     early_stopping_patience: int | None = Field(None, ge=1)
     at_start: bool = True
     """Evaluate the untrained model first, so the report shows before and after."""

@@ -28,12 +28,13 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rayft.trainers.formats import FORMATS, RowError, check_row, detect_format, tokenize_example
 from rayft.trainers.packing import collate, pack_examples
+from rayft.trainers.storage import filesystem as _filesystem
+from rayft.trainers.storage import is_uri, local_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -91,7 +92,6 @@ class PreparedData:
     eval_rows: int = 0
     """Rows in the eval files (0 when eval is split off train)."""
     packed: bool = False
-    columns: list[str] = field(default_factory=list)
     eval_fraction: float = 0.0
 
     @property
@@ -108,23 +108,6 @@ class PreparedData:
 
 
 # ---------------------------------------------------------------- source kinds
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _local(path: str) -> str:
-    return path[len("file://") :] if path.startswith("file://") else path
-
-
-def _filesystem(path: str) -> tuple[Any, str]:
-    """A pyarrow filesystem and the path inside it, for local paths and URIs alike."""
-    import pyarrow.fs as pafs
-
-    if _is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(_local(path)).expanduser().absolute())
 
 
 def _source_kind(path: str) -> str:
@@ -402,7 +385,7 @@ def _load_hf(path: str) -> Any:
     import datasets
 
     try:
-        loaded = datasets.load_from_disk(_local(path))
+        loaded = datasets.load_from_disk(path.removeprefix("file://"))
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad directory
         raise DataError(f"{path}: not a readable saved Hugging Face dataset ({err})") from None
     if isinstance(loaded, datasets.DatasetDict):
@@ -486,7 +469,7 @@ def read_rows(paths: str | list[str], fmt: str) -> ray.data.Dataset:
     parts: list[ray.data.Dataset] = []
     for path in paths:
         kind = _source_kind(path)
-        target = path if _is_uri(path) else str(Path(_local(path)).expanduser().absolute())
+        target = path if is_uri(path) else str(local_path(path))
         if kind == "jsonl" or (kind == "json" and not _json_is_array(path)):
             raw = ray.data.read_text(target, drop_empty_lines=True, file_extensions=None)
             parse = _parse_lines
@@ -786,24 +769,21 @@ def dataset_fingerprint(train: list[SourceReport], eval_: list[SourceReport]) ->
     return hasher.hexdigest()
 
 
-def build_datasets(spec: JobSpec, tokenizer_dir: str) -> PreparedData:
-    """Check every source, then build the lazy train (and eval) Ray Datasets.
+@dataclass(frozen=True)
+class SourceScan:
+    """Every data source of a job, checked once: what ``scan_sources`` found."""
 
-    Args:
-        spec: The job spec; ``spec.data`` says what to read and how, ``spec.optim.seed``
-            seeds the shuffle.
-        tokenizer_dir: A local directory ``AutoTokenizer.from_pretrained`` can load
-            on every node.
+    train: list[SourceReport]
+    eval: list[SourceReport]
+    format: str
 
-    Returns:
-        ``PreparedData`` whose datasets have the columns listed in this module's
-        docstring. The eval split (``data.eval_fraction``) holds the samples with
-        ``sha1("eval:" + sample_id)`` below the fraction, so it is the same on every
-        run; eval data is never shuffled.
+
+def scan_sources(spec: JobSpec) -> SourceScan:
+    """Scan every train and eval file of ``spec`` (each read once, nothing from Ray).
 
     Raises:
-        DataError: A source is missing or malformed (raised before any Ray work), or
-            the sources are in different formats.
+        DataError: A source is missing or malformed, or the sources are in different
+            formats.
     """
     data = spec.data
     train_paths, eval_paths = _as_list(data.train), _as_list(data.eval)
@@ -818,7 +798,37 @@ def build_datasets(spec: JobSpec, tokenizer_dir: str) -> PreparedData:
         raise DataError(
             f"data sources are in different formats: {listing}; convert them to one format"
         )
-    fmt = formats.pop()
+    return SourceScan(train_reports, eval_reports, formats.pop())
+
+
+def build_datasets(
+    spec: JobSpec, tokenizer_dir: str, scanned: SourceScan | None = None
+) -> PreparedData:
+    """Check every source, then build the lazy train (and eval) Ray Datasets.
+
+    Args:
+        spec: The job spec; ``spec.data`` says what to read and how, ``spec.optim.seed``
+            seeds the shuffle.
+        tokenizer_dir: A local directory ``AutoTokenizer.from_pretrained`` can load
+            on every node.
+        scanned: What ``scan_sources(spec)`` already found (the CLI scans before it
+            starts Ray); the sources are scanned here when it is omitted.
+
+    Returns:
+        ``PreparedData`` whose datasets have the columns listed in this module's
+        docstring. The eval split (``data.eval_fraction``) holds the samples with
+        ``sha1("eval:" + sample_id)`` below the fraction, so it is the same on every
+        run; eval data is never shuffled.
+
+    Raises:
+        DataError: A source is missing or malformed (raised before any Ray work), or
+            the sources are in different formats.
+    """
+    data = spec.data
+    scanned = scanned or scan_sources(spec)
+    train_paths, eval_paths = _as_list(data.train), _as_list(data.eval)
+    train_reports, eval_reports, fmt = scanned.train, scanned.eval, scanned.format
+    reports = train_reports + eval_reports
     train_rows = sum(r.rows for r in train_reports)
     _check_tokenizer(train_paths[0], fmt, tokenizer_dir, data.max_seq_len)
 
@@ -844,11 +854,6 @@ def build_datasets(spec: JobSpec, tokenizer_dir: str) -> PreparedData:
         eval_ds = _prepare(eval_rows, spec, fmt, tokenizer_dir, False, int(train_rows * fraction))
     expected = int(train_rows * (1 - fraction))
     train_ds = _prepare(rows, spec, fmt, tokenizer_dir, data.shuffle, expected)
-    columns = (
-        list(PACKED_COLUMNS)
-        if data.packing
-        else [c for c in PACKED_COLUMNS if c not in ("position_ids", "segment_ids")]
-    )
     return PreparedData(
         train=train_ds,
         eval=eval_ds,
@@ -858,7 +863,6 @@ def build_datasets(spec: JobSpec, tokenizer_dir: str) -> PreparedData:
         train_rows=train_rows,
         eval_rows=sum(r.rows for r in eval_reports),
         packed=data.packing,
-        columns=columns,
         eval_fraction=fraction if not eval_paths else 0.0,
     )
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,18 +18,20 @@ from typing import Any
 import yaml
 
 from rayft.trainers.config import ConfigError, JobSpec, validate_spec
-from rayft.trainers.storage import (
-    home,
-    is_uri,
-    local_home,
-    mirror_file,
-    models_dir,
-    read_remote,
-    runs_dir,
+from rayft.trainers.records import (
+    FAILED,
+    FINISHED,
+    HEARTBEAT_S,
+    INTERRUPTED,
+    SPEC_FILE,
+    RunLog,
+    newest_checkpoint,
+    read_record,
 )
+from rayft.trainers.registry import artifact_location
+from rayft.trainers.storage import StorageRoot
 
-SPEC_FILE = "spec.yaml"
-RUN_FILE = "rayft_run.json"
+__all__ = ["SPEC_FILE", "TrainOutcome", "artifact_location", "new_run_id", "run_training"]
 
 
 @dataclass
@@ -48,36 +48,36 @@ class TrainOutcome:
         return [r for r in self.history if r.get("kind") == "eval"]
 
 
-def new_run_id(spec: JobSpec) -> str:
-    stem = spec.output.name or spec.method
+def new_run_id(stem: str) -> str:
+    """A fresh run (or sweep) id: ``<stem>-<UTC-less local time>-<4 hex digits>``.
+
+    Args:
+        stem: What the run is for, usually ``output.name`` or the method.
+    """
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
-def run_dir(run_id: str, storage: str | None) -> str:
-    return f"{runs_dir(storage)}/{run_id}"
-
-
-def load_run_spec(run_id: str, storage: str | None = None) -> JobSpec:
+def load_run_spec(run_id: str, storage: StorageRoot | str | None = None) -> JobSpec:
     """The spec a run was started with, for ``rayft train --resume RUN_ID``.
 
     With a URI root the spec is read from the URI (the run may have started elsewhere).
     """
-    path = local_home(storage) / "runs" / run_id / SPEC_FILE
-    remote = read_remote(storage, f"runs/{run_id}/{SPEC_FILE}")
-    if remote is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(remote)
-    if not path.is_file():
-        where = f"{runs_dir(storage)}/{run_id}" if is_uri(home(storage)) else path.parent
-        raise ConfigError([("", f"no run {run_id!r}: {where} has no {SPEC_FILE}")])
-    return validate_spec(yaml.safe_load(path.read_text()), source=str(path))
+    root = StorageRoot.resolve(storage)
+    relpath = f"runs/{run_id}/{SPEC_FILE}"
+    raw = root.read(relpath)
+    if raw is None:
+        raise ConfigError(
+            [("", f"no run {run_id!r}: {root.url(f'runs/{run_id}')} has no {SPEC_FILE}")]
+        )
+    return validate_spec(yaml.safe_load(raw.decode()), source=root.url(relpath))
 
 
-def run_recorded(run_id: str, storage: str | None = None) -> bool:
+def run_recorded(run_id: str, storage: StorageRoot | str | None = None) -> bool:
     """True when a run of that id was started before (its spec is in storage)."""
-    if (local_home(storage) / "runs" / run_id / SPEC_FILE).is_file():
-        return True
-    return read_remote(storage, f"runs/{run_id}/{SPEC_FILE}") is not None
+    root = StorageRoot.resolve(storage)
+    return root.path(f"runs/{run_id}/{SPEC_FILE}").is_file() or (
+        root.is_remote and root.read(f"runs/{run_id}/{SPEC_FILE}") is not None
+    )
 
 
 def plan_steps(spec: JobSpec, train_rows: int, world: int) -> int:
@@ -114,48 +114,55 @@ def run_training(
     run_id: str | None = None,
     resume: bool = False,
     show_progress: bool = True,
-    extra_run: dict[str, Any] | None = None,
+    loop_callbacks: list[Any] | None = None,
     callbacks: list[Any] | None = None,
     start_from: Any = None,
+    scanned: Any = None,
 ) -> TrainOutcome:
     """Fine-tune according to ``spec`` on the connected Ray cluster and publish the result.
+
+    The run's record and events (``trainers.records``) are written to ``runs/<run_id>/``.
 
     Args:
         spec: Validated job spec.
         run_id: Run name in storage; a new one is made when omitted.
         resume: Continue ``run_id`` from its newest complete checkpoint.
         show_progress: Print a progress bar and a line per logging step.
-        extra_run: Additional per-run settings for the workers (used by sweeps).
+        loop_callbacks: ``trainers.loop.LoopCallback`` objects run inside every worker's
+            loop (sweeps pass ``ReportEveryEval`` so a scheduler sees every evaluation).
         callbacks: Ray Train ``UserCallback``s for the run's ``RunConfig`` (sweeps pass
             Tune's ``TuneReportCallback`` so worker reports reach the Tune trial).
         start_from: A ``ray.train.Checkpoint`` of another run to start this new run from
             (weights, optimizer state and position; the spec's optimizer settings apply).
             Population-based training passes the checkpoint of the trial it exploits.
+        scanned: ``trainers.data.scan_sources(spec)`` when the caller already scanned the
+            data (``rayft train`` does, before it starts Ray), so no file is read twice.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rayft.trainers.data import build_datasets
-    from rayft.trainers.loop import train_loop_per_worker
+    from rayft.trainers.loop import WorkerInputs, train_loop_per_worker
     from rayft.trainers.methods import resolve_dtype
     from rayft.trainers.models import resolve_model
     from rayft.trainers.progress import ConsoleProgress, ProgressSink, sink_name
     from rayft.trainers.registry import check_publishable
+    from rayft.trainers.restarts import failure_notices
 
-    storage = spec.storage
-    run_id = run_id or new_run_id(spec)
+    root = StorageRoot.resolve(spec.storage)
+    run_id = run_id or new_run_id(spec.output.name or spec.method)
     name = spec.output.name or run_id
     kind = "adapter" if spec.method == "lora" else "model"
     if not resume:
-        check_publishable(kind, name, spec.output.overwrite, storage)
+        check_publishable(kind, name, spec.output.overwrite, root)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = bool(cluster_gpus) if spec.scaling.use_gpu == "auto" else bool(spec.scaling.use_gpu)
     try:
         dtype = resolve_dtype(spec.model.dtype, use_gpu)
     except ValueError as err:
         raise ConfigError([("model.dtype", str(err))]) from None
-    model_dir = resolve_model(spec.model.name, models_dir(), spec.storage)
+    model_dir = resolve_model(spec.model.name, root.models, root)
     check_model_fits(spec, model_dir)
 
     say = _printer(show_progress)
@@ -166,7 +173,7 @@ def run_training(
         f"[rayft] run {run_id}: {spec.method} fine-tune of {spec.model.name} "
         f"on {spec.scaling.num_workers} worker(s), ZeRO-{spec.deepspeed.zero_stage}, {dtype}"
     )
-    prepared = build_datasets(spec, str(model_dir))
+    prepared = build_datasets(spec, str(model_dir), scanned)
     train_ds = prepared.train.materialize()
     train_rows = train_ds.count()
     eval_ds = prepared.eval.materialize() if prepared.eval is not None else None
@@ -177,35 +184,22 @@ def run_training(
     )
     total_steps = plan_steps(spec, train_rows, spec.scaling.num_workers)
 
-    local_run = local_home(storage) / "runs" / run_id
-    local_run.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (local_run / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-        mirror_file(storage, f"runs/{run_id}/{SPEC_FILE}")
-    run_info = {
-        "run_id": run_id,
-        "started_at": time.time(),
-        "model_dir": str(model_dir),
-        "dataset_sha256": prepared.fingerprint,
-        "state": "running",
-    }
-    _save_record(storage, run_id, run_info)
+    runlog = _start_record(root, run_id, spec, resume, model_dir, prepared.fingerprint, total_steps)
 
     sink = ProgressSink.options(name=sink_name(run_id), get_if_exists=True).remote()
-    run = {
-        "model_dir": str(model_dir),
-        "dtype": dtype,
-        "use_gpu": use_gpu,
-        "total_steps": total_steps,
-        "has_eval": eval_ds is not None,
-        "progress_actor": sink_name(run_id),
-        "local_run_dir": None if is_uri(home(storage)) else str(local_run),
-        "stop_after_step": _env_int("RAYFT_STOP_AFTER_STEP"),
+    inputs = WorkerInputs(
+        model_dir=str(model_dir),
+        dtype=dtype,
+        use_gpu=use_gpu,
+        total_steps=total_steps,
+        has_eval=eval_ds is not None,
+        progress_actor=sink_name(run_id),
+        local_run_dir=None if root.is_remote else str(root.run(run_id)),
         # Train V2 drops ``resume_from_checkpoint``: the loop loads this one itself when
         # the run has no checkpoint of its own yet.
-        "start_from": start_from,
-        **(extra_run or {}),
-    }
+        start_from=start_from,
+        callbacks=tuple(loop_callbacks or ()),
+    )
     resources = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}
     if use_gpu:
         resources["GPU"] = 1
@@ -216,22 +210,77 @@ def run_training(
     ctx.execution_options.preserve_order = True  # same data order on every run and resume
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "run": run},
+        train_loop_config={"spec": spec.to_dict(), "inputs": inputs},
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=run_id,
-            storage_path=runs_dir(storage),
+            storage_path=root.runs,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=0),
-            callbacks=list(callbacks or []),
+            # A lost worker restarts the group from the newest verified checkpoint.
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            callbacks=[
+                *(callbacks or []),
+                checkpoint_events(sink_name(run_id)),
+                failure_notices(sink_name(run_id)),
+            ],
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], enable_shard_locality=False),
     )
     progress = ConsoleProgress(enabled=show_progress)
+    result = _fit_with_progress(trainer, sink, progress, runlog)
+    artifact = _publish(spec, root, run_id, name, kind, result, prepared, model_dir)
+    metrics = dict(result.metrics or {})
+    location = artifact_location(kind, name, root, artifact)
+    runlog.event("artifact", kind=kind, name=name, location=location)
+    runlog.state(FINISHED, finished_at=time.time(), metrics=metrics, artifact=location)
+    history = _history_from(result)
+    say(f"[rayft] {kind} published: {location}  (checkpoints: {result.checkpoint.path})")
+    return TrainOutcome(run_id, metrics, artifact, result.checkpoint.path, history)
+
+
+def _start_record(
+    root: StorageRoot,
+    run_id: str,
+    spec: JobSpec,
+    resume: bool,
+    model_dir: Path,
+    fingerprint: str,
+    total_steps: int,
+) -> RunLog:
+    """Write the run's spec (a new run) and record, and its first events."""
+    if not resume:
+        root.write(f"runs/{run_id}/{SPEC_FILE}", yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    runlog = RunLog(root, run_id)
+    runlog.record = read_record(root, run_id) if resume else {}
+    runlog.start(
+        run_id=run_id,
+        started_at=time.time(),
+        model_dir=str(model_dir),
+        dataset_sha256=fingerprint,
+        total_steps=total_steps,
+    )
+    newest = newest_checkpoint(root, run_id) if resume else None
+    if newest is not None:
+        runlog.event("resumed", step=newest[1], checkpoint=newest[0])
+    return runlog
+
+
+def _fit_with_progress(trainer: Any, sink: Any, progress: Any, runlog: RunLog) -> Any:
+    """Run ``trainer.fit()`` in a thread; show and record progress and heartbeats meanwhile.
+
+    Raises:
+        BaseException: What ``fit`` raised (the record says ``failed``), or the
+            ``KeyboardInterrupt`` that stopped the driver (``interrupted``).
+    """
+    import ray
+
+    from rayft.trainers.restarts import Notices
+
     result_box: dict[str, Any] = {}
+    notices = Notices()  # restarts and refused checkpoints: one line each
 
     def fit() -> None:
         try:
@@ -239,38 +288,63 @@ def run_training(
         except BaseException as err:  # noqa: BLE001 - re-raised on the driver thread below
             result_box["error"] = err
 
-    thread = threading.Thread(target=fit, name=f"rayft-fit-{run_id}", daemon=True)
+    def drain() -> None:
+        records = ray.get(sink.drain.remote())
+        for record in records:
+            runlog.progress(record)
+        records = notices.take(records)
+        progress.update([r for r in records if r.get("kind") != "checkpoint"])
+
+    thread = threading.Thread(target=fit, name=f"rayft-fit-{runlog.run_id}", daemon=True)
     thread.start()
+    last_beat = time.time()
     try:
         while thread.is_alive():
             thread.join(timeout=0.5)
-            progress.update(ray.get(sink.drain.remote()))
-        progress.update(ray.get(sink.drain.remote()))
+            drain()
+            if time.time() - last_beat >= HEARTBEAT_S:
+                runlog.heartbeat()
+                last_beat = time.time()
+        drain()
+    except KeyboardInterrupt:
+        runlog.state(INTERRUPTED, interrupted_at=time.time())
+        raise
     finally:
         progress.close()
+        runlog.flush()
         ray.kill(sink)
     if "error" in result_box:
-        run_info["state"] = "failed"
-        _save_record(storage, run_id, run_info)
-        raise result_box["error"]
-    result = result_box["result"]
-    artifact = _publish(spec, run_id, name, kind, result, prepared, model_dir)
-    metrics = dict(result.metrics or {})
-    run_info.update(
-        state="finished",
-        finished_at=time.time(),
-        metrics=metrics,
-        artifact=artifact_location(kind, name, storage, artifact),
-    )
-    _save_record(storage, run_id, run_info)
-    history = _history_from(result)
-    say(
-        f"[rayft] {kind} published: {run_info['artifact']}  (checkpoints: {result.checkpoint.path})"
-    )
-    return TrainOutcome(run_id, metrics, artifact, result.checkpoint.path, history)
+        err = result_box["error"]
+        runlog.event("error", error=type(err).__name__, message=str(err)[:2000])
+        runlog.state(FAILED, failed_at=time.time())
+        raise err
+    return result_box["result"]
 
 
-def _publish(spec: JobSpec, run_id: str, name: str, kind: str, result, prepared, model_dir) -> Path:
+def checkpoint_events(sink: str) -> Any:
+    """A Ray Train callback that tells the driver (through its progress actor) of each checkpoint."""
+    from ray.train import UserCallback
+
+    class CheckpointEvents(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if checkpoint is None:
+                return
+            import ray
+
+            step = (metrics[0] if metrics else {}).get("step")
+            record = {"kind": "checkpoint", "step": step, "path": checkpoint.path}
+            try:
+                ray.get_actor(sink).push.remote(record)
+            except ValueError:
+                pass  # the driver has gone: nobody is left to record it
+
+    return CheckpointEvents()
+
+
+def _publish(
+    spec: JobSpec, root: StorageRoot, run_id: str, name: str, kind: str, result, prepared, model_dir
+) -> Path:
+    """Publish the final checkpoint's export: its files are copied once, into the registry."""
     from rayft.trainers.loop import EXPORT_DIR, TRAINER_STATE
     from rayft.trainers.registry import publish_dir
 
@@ -279,27 +353,24 @@ def _publish(spec: JobSpec, run_id: str, name: str, kind: str, result, prepared,
         if not export.is_dir():
             raise RuntimeError(f"run {run_id} finished without an exported artifact in {ckpt}")
         state = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
-        staging = Path(tempfile.mkdtemp(prefix="rayft-publish-"))
-        shutil.copytree(export, staging, dirs_exist_ok=True)
-    manifest = {
-        "base_model": spec.model.name,
-        "base_model_path": str(model_dir),
-        "method": spec.method,
-        "run_id": run_id,
-        "spec": spec.to_dict(),
-        "dataset_sha256": prepared.fingerprint,
-        "datasets": [r.__dict__ for r in prepared.reports],
-        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-        "steps": state["step"],
-        "stopped_early": state["stopped_early"],
-        "history": state["history"],
-        "parent_adapter": None,
-    }
-    try:
+        manifest = {
+            "base_model": spec.model.name,
+            "base_model_path": str(model_dir),
+            "method": spec.method,
+            "run_id": run_id,
+            "spec": spec.to_dict(),
+            "dataset_sha256": prepared.fingerprint,
+            "datasets": [r.__dict__ for r in prepared.reports],
+            "metrics": {
+                k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
+            },
+            "steps": state["step"],
+            "stopped_early": state["stopped_early"],
+            "history": state["history"],
+            "parent_adapter": None,
+        }
         # Overwriting was checked before training started; a resumed run replaces its own.
-        return publish_dir(staging, kind, name, manifest, True, spec.storage)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        return publish_dir(export, kind, name, manifest, True, root)
 
 
 def _history_from(result) -> list[dict[str, Any]]:
@@ -307,32 +378,6 @@ def _history_from(result) -> list[dict[str, Any]]:
 
     with result.checkpoint.as_directory() as ckpt:
         return json.loads((Path(ckpt) / TRAINER_STATE).read_text())["history"]
-
-
-def _save_record(storage: str | None, run_id: str, run_info: dict[str, Any]) -> None:
-    """Write the run's record locally and, for a URI root, to the URI."""
-    _write_json(local_home(storage) / "runs" / run_id / RUN_FILE, run_info)
-    mirror_file(storage, f"runs/{run_id}/{RUN_FILE}")
-
-
-def artifact_location(kind: str, name: str, storage: str | None, local: Path | None) -> str | None:
-    """Where a published artifact lives for every machine: under the URI for a URI root."""
-    if local is None:
-        return None
-    if is_uri(home(storage)):
-        return f"{home(storage)}/{'adapters' if kind == 'adapter' else 'models'}/{name}"
-    return str(local)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
 
 
 def _printer(enabled: bool):

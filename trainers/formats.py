@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from rayft.trainers.loss import IGNORE_INDEX
+
 FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant", "tool")
-IGNORE_INDEX = -100
 
 # Alpaca's own prompt (Taori et al., 2023), used only for tokenizers without a chat template.
 ALPACA_PROMPT = (
@@ -300,6 +301,34 @@ def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
     return ids
 
 
+def plain_prompt(row: dict[str, Any], fmt: str) -> tuple[str, str] | None:
+    """Prompt text and answer of a row, for tokenizers without a chat template.
+
+    Training labels the answer after this prompt, and evaluation generates from the
+    same prompt, so both build it here.
+
+    Args:
+        row: A row accepted by ``check_row(row, fmt)``.
+        fmt: The row's format.
+
+    Returns:
+        ``(prompt, answer)``: prompt_completion rows as written, alpaca rows in Alpaca's
+        own prompt (with the input block only when ``input`` is non-empty); ``None``
+        for chat and text rows, which have no template-free prompt.
+    """
+    if fmt == "prompt_completion":
+        return row["prompt"], row["completion"]
+    if fmt == "alpaca":
+        has_input = bool(row.get("input"))
+        prompt = ALPACA_PROMPT.format(
+            extra=", paired with an input that provides further context" if has_input else "",
+            instruction=row["instruction"],
+            input_block=f"### Input:\n{row['input']}\n\n" if has_input else "",
+        )
+        return prompt, row["output"]
+    return None
+
+
 def _plain_tokens(
     row: dict[str, Any], fmt: str, tokenizer: Any, train_on_prompt: bool
 ) -> tuple[list[int], list[int]]:
@@ -307,21 +336,13 @@ def _plain_tokens(
     if fmt == "text":
         ids = _with_eos(tokenizer, _encode(tokenizer, row["text"], add_special_tokens=True))
         return ids, list(ids)
-    if fmt == "prompt_completion":
-        prompt, completion = row["prompt"], row["completion"]
-    elif fmt == "alpaca":
-        has_input = bool(row.get("input"))
-        prompt = ALPACA_PROMPT.format(
-            extra=", paired with an input that provides further context" if has_input else "",
-            instruction=row["instruction"],
-            input_block=f"### Input:\n{row['input']}\n\n" if has_input else "",
-        )
-        completion = row["output"]
-    else:  # chat rows need a template: there is no neutral way to join roles.
+    split = plain_prompt(row, fmt)
+    if split is None:  # chat rows need a template: there is no neutral way to join roles.
         raise ChatTemplateError(
             "chat rows need a tokenizer with a chat template; this tokenizer has none "
             "(set tokenizer.chat_template or use data.format=prompt_completion/text)"
         )
+    prompt, completion = split
     prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
     completion_ids = _with_eos(tokenizer, _encode(tokenizer, completion, add_special_tokens=False))
     prompt_labels = list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)

@@ -1,9 +1,18 @@
 """The per-worker training loop: one linear recipe for LoRA, full and freeze fine-tuning.
 
-Runs inside every Ray Train worker. Each worker loads the model, applies the method,
-wraps it in a DeepSpeed engine (ZeRO stage and offload from the spec), streams its
-shard of the tokenized dataset, evaluates, checkpoints through ``ray.train.report``
-and, on rank 0, writes the final artifact into the last checkpoint's ``export/``.
+Runs inside every Ray Train worker and reads top to bottom:
+
+1. :func:`setup`: load the model, apply the method, wrap it in a DeepSpeed engine
+   (ZeRO stage and offload from the spec);
+2. :func:`restore`: continue from the run's newest verified checkpoint, if any;
+3. :func:`train`: stream the worker's shard, one :func:`train_step` per micro-batch,
+   logging, :func:`evaluate` and :func:`save_checkpoint` on their schedules;
+4. the final evaluation and the final checkpoint, whose ``export/`` holds the
+   artifact (:func:`export`, rank 0).
+
+What a run needs beyond the job spec comes in a frozen :class:`WorkerInputs`, built once
+by the driver. Behaviour that only some runs want (reporting every evaluation to a Tune
+scheduler, stopping deliberately after a checkpoint) is a :class:`LoopCallback`.
 """
 
 from __future__ import annotations
@@ -13,14 +22,16 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
 
 from rayft.trainers.config import JobSpec
+from rayft.trainers.loss import IGNORE_INDEX, causal_lm_loss_sums, perplexity
 
 TRAINER_STATE = "trainer_state.json"
 DS_TAG = "state"
@@ -44,24 +55,486 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and their count.
+class LoopCallback:
+    """Hooks into the training loop, run on every worker (so they are pickled to each).
 
-    Position t predicts ``labels[t + 1]``, as in Hugging Face causal LMs; ``-100`` is ignored.
-    The labels are shifted rather than the logits, which avoids copying a
-    ``[batch, seq, vocab]`` tensor on every step.
+    Subclass and override what you need; every hook runs on all ranks in lockstep, so a
+    hook may call collective APIs such as ``ray.train.report``.
     """
-    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    total = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        targets.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
+
+    def on_eval(
+        self, state: TrainerState, metrics: dict[str, float], checkpoint_follows: bool
+    ) -> None:
+        """After an evaluation (its record is already in ``state.history``).
+
+        Args:
+            state: The loop's state at the evaluated step.
+            metrics: ``eval_loss``, ``eval_perplexity``, ``eval_tokens``.
+            checkpoint_follows: A checkpoint report carrying these metrics comes next
+                (a periodic checkpoint at this step, an early stop, or the end of the run).
+        """
+
+    def on_checkpoint(self, state: TrainerState) -> None:
+        """After a periodic (not the final) checkpoint was reported to Ray Train."""
+
+    def on_train_end(self, state: TrainerState) -> None:
+        """After the final checkpoint (with the exported artifact) was reported."""
+
+
+class ReportEveryEval(LoopCallback):
+    """Reports every periodic evaluation to Ray Train, so a Tune scheduler decides there.
+
+    Checkpoint reports already carry the evaluation of their step, and the untrained
+    model's evaluation (step 0) is no result for a scheduler.
+    """
+
+    def on_eval(
+        self, state: TrainerState, metrics: dict[str, float], checkpoint_follows: bool
+    ) -> None:
+        import ray.train
+
+        if state.step == 0 or checkpoint_follows:
+            return
+        ray.train.report({**metrics, **_position(state), "final": False})
+
+
+class InterruptedRun(RuntimeError):
+    """A deliberate stop after a checkpoint; the run resumes from that checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"run interrupted after checkpointing step {step}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class WorkerInputs:
+    """What every worker needs besides the job spec; built once by the driver.
+
+    Attributes:
+        model_dir: Local HF directory of the base model.
+        dtype: Resolved compute dtype (``float32``, ``bfloat16``, ``float16``).
+        use_gpu: Whether workers were given GPUs.
+        total_steps: Optimizer steps the run takes.
+        has_eval: Whether an ``eval`` dataset shard exists.
+        progress_actor: Name of the driver's ``ProgressSink`` actor (rank 0 pushes records).
+        local_run_dir: The run's directory on a local root (TensorBoard, data order logs);
+            ``None`` for a URI root.
+        start_from: A ``ray.train.Checkpoint`` of another run, used when this run has none
+            of its own yet (Train V2 has no ``resume_from_checkpoint``).
+        callbacks: :class:`LoopCallback` objects, called in order.
+    """
+
+    model_dir: str
+    dtype: str
+    use_gpu: bool
+    total_steps: int
+    has_eval: bool
+    progress_actor: str | None = None
+    local_run_dir: str | None = None
+    start_from: Any = None
+    callbacks: tuple[LoopCallback, ...] = ()
+
+
+@dataclass
+class Worker:
+    """The pieces :func:`setup` builds for one worker, passed to every later stage."""
+
+    spec: JobSpec
+    inputs: WorkerInputs
+    rank: int
+    world: int
+    device: torch.device
+    engine: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    pad_id: int
+    collate: Any
+    sink: Any = None
+    writer: Any = None
+    eval_cache: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` is ``{"spec": JobSpec dict, "inputs": WorkerInputs}``."""
+    spec = JobSpec.from_dict(config["spec"])
+    inputs: WorkerInputs = config["inputs"]
+    worker = setup(spec, inputs)
+    state = restore(worker)
+    order_log = open_order_log(inputs.local_run_dir, worker.rank, state.step)
+    latest_eval: dict[str, float] = {}
+    if state.step == 0 and spec.eval.at_start:
+        latest_eval = run_eval(worker, state, checkpoint_follows=False)
+        # The untrained model is the first reference for early stopping.
+        update_early_stopping(state, latest_eval, spec)
+    latest_eval = train(worker, state, order_log, latest_eval)
+    if not state.stopped_early or not latest_eval:
+        latest_eval = run_eval(worker, state, checkpoint_follows=True) or latest_eval
+    state.finished = True
+    if order_log is not None:
+        order_log.close()
+    if worker.writer is not None:
+        worker.writer.close()
+    save_checkpoint(worker, state, latest_eval, final=True)
+    for callback in inputs.callbacks:
+        callback.on_train_end(state)
+
+
+def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
+    """Load the model and tokenizer, apply the method and build the DeepSpeed engine."""
+    import deepspeed
+    import ray.train
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayft.trainers.data import collate_fn
+    from rayft.trainers.deepspeed_config import zero_config
+    from rayft.trainers.methods import param_groups, prepare_model
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = torch.cuda.is_available() and inputs.use_gpu
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
+    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    torch.manual_seed(spec.optim.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        inputs.model_dir, dtype=getattr(torch, inputs.dtype), attn_implementation="sdpa"
     )
-    return total, int((targets != -100).sum())
+    model = prepare_model(model, spec)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr, betas=(0.9, 0.999)
+    )
+    scheduler = lr_schedule(optimizer, spec, inputs.total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=zero_config(spec, world, inputs.dtype, on_gpu),
+        dist_init_required=False,
+    )
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return Worker(
+        spec=spec,
+        inputs=inputs,
+        rank=rank,
+        world=world,
+        device=device,
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        pad_id=pad_id,
+        collate=collate_fn(pad_id, spec.data.packing),
+        sink=progress_sink(inputs.progress_actor) if rank == 0 else None,
+        writer=tensorboard(inputs.local_run_dir) if rank == 0 else None,
+    )
+
+
+def restore(worker: Worker) -> TrainerState:
+    """Load the newest verified checkpoint into the engine; a fresh state if there is none.
+
+    The candidates are the run's newest checkpoint (``ray.train.get_checkpoint()``, or
+    ``start_from`` for a run that has none yet) and the older ones beside it in storage.
+    Each is verified against its manifests (``trainers.checkpoints``) on every worker; the
+    first that verifies everywhere is loaded, and every newer one is reported as refused.
+
+    Raises:
+        RuntimeError: Checkpoints exist but none verifies.
+    """
+    import ray.train
+
+    from rayft.trainers.checkpoints import checkpoint_name, run_checkpoints, verify_checkpoint
+
+    newest = ray.train.get_checkpoint() or worker.inputs.start_from
+    state, refused = None, []
+    for candidate in run_checkpoints(newest) if newest is not None else []:
+        with candidate.as_directory() as ckpt_dir:
+            problems = verify_checkpoint(ckpt_dir)
+            # Every worker must load the same checkpoint: one refusal anywhere refuses it.
+            if all_sum([1.0 if problems else 0.0])[0] == 0:
+                state = load_checkpoint(worker, Path(ckpt_dir))
+                break
+        problems = problems or ["another worker could not verify it"]
+        refused.append(checkpoint_name(candidate))
+        notify(
+            worker, {"kind": "checkpoint_refused", "checkpoint": refused[-1], "problems": problems}
+        )
+    if newest is not None and state is None:
+        raise RuntimeError(
+            f"no checkpoint of this run verifies (refused: {', '.join(refused)}); start a new "
+            "run, or restore the checkpoint files from a copy"
+        )
+    state = state or TrainerState()
+    notify(worker, {"kind": "worker_start", "step": state.step})
+    return state
+
+
+def load_checkpoint(worker: Worker, ckpt_dir: Path) -> TrainerState:
+    """Load a verified checkpoint directory into the engine and return its trainer state."""
+    spec = worker.spec
+    worker.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=spec.method == "full")
+    state = TrainerState(**json.loads((ckpt_dir / TRAINER_STATE).read_text()))
+    apply_optim_settings(worker.optimizer, worker.scheduler, spec)
+    if worker.rank == 0:
+        from rayft.trainers.progress import message_record
+
+        line = f"[rayft] resumed from step {state.step} (epoch {state.epoch})"
+        if worker.sink is not None:  # the driver prints it; worker output stays in Ray's logs
+            worker.sink.push.remote(message_record(line))
+        else:
+            print(line, flush=True)
+    return state
+
+
+def train(
+    worker: Worker, state: TrainerState, order_log: TextIO | None, latest_eval: dict[str, float]
+) -> dict[str, float]:
+    """Run optimizer steps until ``total_steps`` or an early stop; the latest eval metrics."""
+    total_steps = worker.inputs.total_steps
+    window = LogWindow()
+    worker.engine.train()
+    while state.step < total_steps:
+        window.micro = 0
+        for batch in train_batches(worker, state):
+            if not train_step(worker, state, batch, window, order_log):
+                continue  # inside a gradient-accumulation window
+            log_step(worker, state, window)
+            latest_eval, stop_early = periodic_eval(worker, state, latest_eval)
+            if state.step >= total_steps or stop_early:
+                state.stopped_early = stop_early
+                return latest_eval
+            if _due(state.step, worker.spec.checkpoint.every_steps):
+                save_checkpoint(worker, state, latest_eval, final=False)
+                for callback in worker.inputs.callbacks:
+                    callback.on_checkpoint(state)
+        state.epoch += 1
+        state.batches_in_epoch = 0
+    return latest_eval
+
+
+def train_step(
+    worker: Worker,
+    state: TrainerState,
+    batch: dict[str, Any],
+    window: LogWindow,
+    order_log: TextIO | None,
+) -> bool:
+    """Forward, backward and DeepSpeed step on one micro-batch; True when the optimizer stepped."""
+    engine = worker.engine
+    tensors = to_device(nonempty(batch, worker.pad_id), worker.device)
+    total, count = causal_lm_loss_sums(engine, engine.module.get_output_embeddings(), tensors)
+    engine.backward(total / max(count, 1))
+    steps_before = engine.global_steps
+    engine.step()
+    state.batches_in_epoch += 1
+    state.tokens_seen += int(batch["num_tokens"])
+    window.add(float(total.detach()), count, int(batch["num_tokens"]))
+    window.micro += 1
+    if order_log is not None:
+        entry = {"step": state.step + 1, "micro": window.micro, "samples": batch["sample_ids"]}
+        order_log.write(json.dumps(entry) + "\n")
+    if engine.global_steps == steps_before:
+        return False
+    state.step += 1
+    return True
+
+
+def periodic_eval(
+    worker: Worker, state: TrainerState, latest_eval: dict[str, float]
+) -> tuple[dict[str, float], bool]:
+    """Evaluate when ``eval.every_steps`` says so; the latest metrics and whether to stop early."""
+    spec, total_steps = worker.spec, worker.inputs.total_steps
+    if not _due(state.step, spec.eval.every_steps) or state.step >= total_steps:
+        return latest_eval, False
+    metrics = evaluate(worker)
+    if not metrics:
+        return latest_eval, False
+    stop_early = update_early_stopping(state, metrics, spec)
+    at_checkpoint = _due(state.step, spec.checkpoint.every_steps)
+    _record_eval(worker, state, metrics, checkpoint_follows=at_checkpoint or stop_early)
+    return metrics, stop_early
+
+
+def run_eval(worker: Worker, state: TrainerState, checkpoint_follows: bool) -> dict[str, float]:
+    """Evaluate now and record it; ``{}`` when the run has no eval set."""
+    metrics = evaluate(worker)
+    if metrics:
+        _record_eval(worker, state, metrics, checkpoint_follows)
+    return metrics
+
+
+def evaluate(worker: Worker) -> dict[str, float]:
+    """Token-weighted eval loss and perplexity over the whole eval set, across all workers.
+
+    Every worker sees the full eval set and takes every ``world``-th batch; workers
+    with no batch left run a zero-weight forward so ZeRO-3's collective parameter
+    gathers stay in lockstep. ``{}`` when the run has no eval set.
+    """
+    if not worker.inputs.has_eval:
+        return {}
+    engine, rank, world = worker.engine, worker.rank, worker.world
+    head = engine.module.get_output_embeddings()
+    batches = eval_batches(worker)
+    rounds = math.ceil(len(batches) / world) if batches else 0
+    loss_sum, count = 0.0, 0
+    engine.eval()
+    with torch.no_grad():
+        for r in range(rounds):
+            index = r * world + rank
+            real = index < len(batches)
+            batch = to_device(
+                nonempty(batches[index if real else -1], worker.pad_id), worker.device
+            )
+            total, n = causal_lm_loss_sums(engine, head, batch)
+            if real:
+                loss_sum += float(total)
+                count += n
+    engine.train()
+    loss_sum, count = all_sum([loss_sum, float(count)])
+    loss = loss_sum / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": perplexity(loss), "eval_tokens": int(count)}
+
+
+def save_checkpoint(
+    worker: Worker, state: TrainerState, metrics: dict[str, Any], final: bool
+) -> None:
+    """Save engine state and trainer state and report them to Ray Train (all ranks).
+
+    The final checkpoint also holds the exported artifact in ``export/``.
+    """
+    import ray.train
+
+    from rayft.trainers.checkpoints import write_manifest
+
+    engine, spec = worker.engine, worker.spec
+    with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=spec.method != "full")
+        if worker.rank == 0:
+            Path(tmp, TRAINER_STATE).write_text(json.dumps(asdict(state)))
+        if final:
+            export(worker, Path(tmp) / EXPORT_DIR)
+        write_manifest(tmp, worker.rank, worker.world, state.step)  # last: it vouches for the rest
+        report = {**metrics, **_position(state), "final": final}
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def export(worker: Worker, out: Path) -> None:
+    """Write the final artifact (PEFT adapter or HF model) on rank 0, gathering ZeRO-3 shards."""
+    engine, spec = worker.engine, worker.spec
+    module = engine.module
+    if spec.deepspeed.zero_stage == 3:
+        # Collective: every rank takes part in gathering the partitioned weights.
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = None
+    if worker.rank != 0:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.method == "lora":
+        if state_dict is not None:
+            from peft import get_peft_model_state_dict
+
+            adapter = get_peft_model_state_dict(module, state_dict=state_dict)
+            module.save_pretrained(out, state_dict=adapter, safe_serialization=True)
+        else:
+            module.save_pretrained(out, safe_serialization=True)
+    else:
+        module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    worker.tokenizer.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+@dataclass
+class LogWindow:
+    """Loss, label and token sums since the last logged step (this worker's share)."""
+
+    loss_sum: float = 0.0
+    count: float = 0.0
+    tokens: float = 0.0
+    start: float = field(default_factory=time.time)
+    micro: int = 0
+    """Micro-batches trained in this pass over the epoch (numbers the data order log)."""
+
+    def add(self, loss_sum: float, count: int, tokens: int) -> None:
+        self.loss_sum += loss_sum
+        self.count += count
+        self.tokens += tokens
+
+    def reset(self) -> None:
+        self.loss_sum, self.count, self.tokens = 0.0, 0.0, 0.0
+        self.start = time.time()
+
+
+def log_step(worker: Worker, state: TrainerState, window: LogWindow) -> None:
+    """A ``train`` record every ``logging.every_steps`` steps and at the last one (all ranks)."""
+    total_steps = worker.inputs.total_steps
+    if state.step % worker.spec.logging.every_steps and state.step != total_steps:
+        return
+    loss_sum, count, tokens = all_sum([window.loss_sum, window.count, window.tokens])
+    record = {
+        "kind": "train",
+        "step": state.step,
+        "total_steps": total_steps,
+        "epoch": state.epoch,
+        "loss": loss_sum / max(count, 1.0),
+        "lr": worker.scheduler.get_last_lr()[0],
+        "tokens_per_s": tokens / max(time.time() - window.start, 1e-9),
+        "tokens_seen": state.tokens_seen * worker.world,
+    }
+    state.history.append(record)
+    emit(worker, record)
+    window.reset()
+
+
+def train_batches(worker: Worker, state: TrainerState) -> Iterator[dict[str, Any]]:
+    """This epoch's training batches, skipping those a resumed run already trained on."""
+    skip = state.batches_in_epoch
+    for index, batch in enumerate(shard_batches(worker, "train", state.epoch, True)):
+        if index >= skip:
+            yield batch
+
+
+def shard_batches(worker: Worker, name: str, epoch: int, train: bool):
+    """Collated batches of this worker's shard of dataset ``name``."""
+    import ray.train
+
+    spec = worker.spec
+    kwargs = {}
+    if train and spec.data.shuffle:
+        kwargs = {
+            "local_shuffle_buffer_size": 8 * spec.optim.batch_size,
+            "local_shuffle_seed": spec.optim.seed + epoch,
+        }
+    return ray.train.get_dataset_shard(name).iter_torch_batches(
+        batch_size=spec.optim.batch_size, collate_fn=worker.collate, drop_last=False, **kwargs
+    )
+
+
+def eval_batches(worker: Worker) -> list[dict[str, Any]]:
+    """The eval set's batches; a small one is read from Ray Data once and kept.
+
+    Every later evaluation then skips the streaming executor's start-up (seconds per
+    evaluation on CPU).
+    """
+    if worker.eval_cache:
+        return worker.eval_cache
+    read = list(shard_batches(worker, "eval", 0, False))
+    if sum(_nbytes(b) for b in read) <= EVAL_CACHE_BYTES:
+        worker.eval_cache.extend(read)
+    return read
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, spec: JobSpec, total_steps: int):
+    """The spec's LR schedule over ``total_steps`` (``constant`` keeps a warmup, as HF's)."""
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if spec.optim.scheduler == "constant" else spec.optim.scheduler
@@ -89,298 +562,8 @@ def apply_optim_settings(optimizer: Any, scheduler: Any, spec: JobSpec) -> None:
         scheduler._last_lr = [group["lr"] for group in groups]
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    keys = ("input_ids", "attention_mask", "position_ids", "labels")
-    return {k: batch[k].to(device) for k in keys if k in batch}
-
-
-def _nonempty(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
-    """A batch whose samples were all dropped becomes one unlabelled pad token.
-
-    Every worker must still run forward/backward/step in lockstep (ZeRO's collectives),
-    so the batch is replaced rather than skipped; with no labels its loss is zero.
-    """
-    if batch["input_ids"].numel() > 0:
-        return batch
-    one = torch.full((1, 1), pad_id, dtype=torch.long)
-    mask = torch.zeros((1, 1, 1, 1)) if batch["attention_mask"].dim() == 4 else torch.ones_like(one)
-    return {
-        "input_ids": one,
-        "labels": torch.full_like(one, -100),
-        "attention_mask": mask,
-        "position_ids": torch.zeros_like(one),
-    }
-
-
-def _forward(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = engine(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    )
-    return out.logits
-
-
-def _all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
-def _nbytes(batch: dict[str, Any]) -> int:
-    return sum(t.nbytes for t in batch.values() if isinstance(t, torch.Tensor))
-
-
-def evaluate(
-    engine, eval_iterable, rank: int, world: int, device: torch.device, pad_id: int
-) -> dict[str, float]:
-    """Token-weighted eval loss and perplexity over the whole eval set, across all workers.
-
-    Every worker sees the full eval set and takes every ``world``-th batch; workers
-    with no batch left run a zero-weight forward so ZeRO-3's collective parameter
-    gathers stay in lockstep.
-    """
-    engine.eval()
-    batches = list(eval_iterable)
-    rounds = math.ceil(len(batches) / world) if batches else 0
-    loss_sum, count = 0.0, 0
-    with torch.no_grad():
-        for r in range(rounds):
-            index = r * world + rank
-            real = index < len(batches)
-            batch = _to_device(_nonempty(batches[index if real else -1], pad_id), device)
-            total, n = token_loss_sums(_forward(engine, batch), batch["labels"])
-            if real:
-                loss_sum += float(total)
-                count += n
-    engine.train()
-    loss_sum, count = _all_sum([loss_sum, float(count)])
-    loss = loss_sum / max(count, 1.0)
-    return {
-        "eval_loss": loss,
-        "eval_perplexity": math.exp(min(loss, 50.0)),
-        "eval_tokens": int(count),
-    }
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``config`` is ``{"spec": JobSpec dict, "run": run settings}``."""
-    import deepspeed
-    import ray.train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rayft.trainers.data import collate_fn
-    from rayft.trainers.deepspeed_config import zero_config
-    from rayft.trainers.methods import param_groups, prepare_model
-
-    spec = JobSpec.from_dict(config["spec"])
-    run = config["run"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    on_gpu = torch.cuda.is_available() and run["use_gpu"]
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
-    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
-    torch.manual_seed(spec.optim.seed)
-    dtype = run["dtype"]
-
-    tokenizer = AutoTokenizer.from_pretrained(run["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(
-        run["model_dir"], dtype=getattr(torch, dtype), attn_implementation="sdpa"
-    )
-    model = prepare_model(model, spec)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr, betas=(0.9, 0.999)
-    )
-    total_steps = run["total_steps"]
-    scheduler = lr_schedule(optimizer, spec, total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=zero_config(spec, world, dtype, on_gpu),
-        dist_init_required=False,
-    )
-
-    state = TrainerState()
-    checkpoint = ray.train.get_checkpoint() or run.get("start_from")
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=spec.method == "full")
-            state = TrainerState(**json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text()))
-        apply_optim_settings(optimizer, scheduler, spec)
-        if rank == 0:
-            print(f"[rayft] resumed from step {state.step} (epoch {state.epoch})", flush=True)
-
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    collate = collate_fn(pad_id, spec.data.packing)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    sink = _progress_sink(run) if rank == 0 else None
-    writer = _tensorboard(run) if rank == 0 else None
-    order_log = _order_log(run, rank, state.step)
-    stop_after = run.get("stop_after_step")
-    report_every_eval = bool(run.get("report_every_eval"))
-
-    def batches(name: str, epoch: int, shuffle: bool):
-        shard = ray.train.get_dataset_shard(name)
-        kwargs = {}
-        if shuffle:
-            kwargs = {
-                "local_shuffle_buffer_size": 8 * spec.optim.batch_size,
-                "local_shuffle_seed": spec.optim.seed + epoch,
-            }
-        return shard.iter_torch_batches(
-            batch_size=spec.optim.batch_size,
-            collate_fn=collate,
-            drop_last=False,
-            **kwargs,
-        )
-
-    eval_cache: list[dict[str, Any]] = []
-
-    def eval_batches() -> list[dict[str, Any]]:
-        # A small eval set is read from Ray Data once and kept: every later evaluation
-        # then skips the streaming executor's start-up (seconds per evaluation on CPU).
-        if eval_cache:
-            return eval_cache
-        read = list(batches("eval", 0, False))
-        if sum(_nbytes(b) for b in read) <= EVAL_CACHE_BYTES:
-            eval_cache.extend(read)
-        return read
-
-    def run_eval() -> dict[str, float] | None:
-        if not run["has_eval"]:
-            return None
-        metrics = evaluate(engine, eval_batches(), rank, world, device, pad_id)
-        record = {"kind": "eval", "step": state.step, "total_steps": total_steps, **metrics}
-        state.history.append(record)
-        _emit(sink, writer, record)
-        return metrics
-
-    def save(metrics: dict[str, Any], final: bool) -> None:
-        with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=spec.method != "full")
-            if rank == 0:
-                Path(tmp, TRAINER_STATE).write_text(json.dumps(asdict(state)))
-            if final:
-                _export(engine, tokenizer, spec, Path(tmp) / EXPORT_DIR, rank)
-            report = {
-                **metrics,
-                "step": state.step,
-                "epoch": state.epoch,
-                "tokens_seen": state.tokens_seen,
-                "final": final,
-            }
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    latest_eval: dict[str, float] = {}
-    if state.step == 0 and spec.eval.at_start:
-        latest_eval = run_eval() or {}
-        # The untrained model is the first reference for early stopping.
-        _update_early_stopping(state, latest_eval, spec)
-
-    engine.train()
-    window_loss, window_count, window_tokens = 0.0, 0.0, 0.0
-    window_start = time.time()
-    ckpt_every = spec.checkpoint.every_steps
-    eval_every = spec.eval.every_steps
-    done = state.step >= total_steps
-    while not done:
-        skip = state.batches_in_epoch
-        micro = 0
-        for index, batch in enumerate(batches("train", state.epoch, spec.data.shuffle)):
-            if index < skip:
-                continue
-            tensors = _to_device(_nonempty(batch, pad_id), device)
-            logits = _forward(engine, tensors)
-            total, n = token_loss_sums(logits, tensors["labels"])
-            loss = total / max(n, 1)
-            engine.backward(loss)
-            steps_before = engine.global_steps
-            engine.step()
-            state.batches_in_epoch = index + 1
-            window_loss += float(total.detach())
-            window_count += n
-            window_tokens += int(batch["num_tokens"])
-            state.tokens_seen += int(batch["num_tokens"])
-            micro += 1
-            if order_log is not None:
-                order_log.write(
-                    json.dumps(
-                        {"step": state.step + 1, "micro": micro, "samples": batch["sample_ids"]}
-                    )
-                    + "\n"
-                )
-            if engine.global_steps == steps_before:
-                continue  # inside a gradient-accumulation window
-            state.step += 1
-            if state.step % spec.logging.every_steps == 0 or state.step == total_steps:
-                loss_sum, count, tokens = _all_sum([window_loss, window_count, window_tokens])
-                elapsed = max(time.time() - window_start, 1e-9)
-                record = {
-                    "kind": "train",
-                    "step": state.step,
-                    "total_steps": total_steps,
-                    "epoch": state.epoch,
-                    "loss": loss_sum / max(count, 1.0),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens / elapsed,
-                    "tokens_seen": state.tokens_seen * world,
-                }
-                state.history.append(record)
-                _emit(sink, writer, record)
-                window_loss, window_count, window_tokens = 0.0, 0.0, 0.0
-                window_start = time.time()
-            stop_early = False
-            if eval_every and state.step % eval_every == 0 and state.step < total_steps:
-                latest_eval = run_eval() or latest_eval
-                stop_early = _update_early_stopping(state, latest_eval, spec)
-                at_checkpoint = bool(ckpt_every) and state.step % ckpt_every == 0
-                if report_every_eval and latest_eval and not at_checkpoint and not stop_early:
-                    # Sweeps: a Tune scheduler decides at every evaluation, not only at
-                    # checkpoints (whose own report already carries this evaluation).
-                    ray.train.report(
-                        {
-                            **latest_eval,
-                            "step": state.step,
-                            "epoch": state.epoch,
-                            "tokens_seen": state.tokens_seen,
-                            "final": False,
-                        }
-                    )
-            done = state.step >= total_steps or stop_early
-            if done:
-                state.stopped_early = stop_early
-                break
-            if ckpt_every and state.step % ckpt_every == 0:
-                save({**latest_eval}, final=False)
-                if stop_after is not None and state.step >= stop_after:
-                    raise InterruptedRun(state.step)
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    if not state.stopped_early or not latest_eval:
-        final_eval = run_eval()
-        latest_eval = final_eval or latest_eval
-    state.finished = True
-    if order_log is not None:
-        order_log.close()
-    if writer is not None:
-        writer.close()
-    save({**latest_eval}, final=True)
-
-
-class InterruptedRun(RuntimeError):
-    """Raised after the checkpoint at ``RAYFT_STOP_AFTER_STEP``: a deliberate, resumable stop."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"run interrupted after checkpointing step {step} (RAYFT_STOP_AFTER_STEP)")
-
-
-def _update_early_stopping(state: TrainerState, metrics: dict[str, float], spec: JobSpec) -> bool:
+def update_early_stopping(state: TrainerState, metrics: dict[str, float], spec: JobSpec) -> bool:
+    """Track the best eval loss; True once ``eval.early_stopping_patience`` evals brought none."""
     loss = metrics.get("eval_loss")
     if loss is None:
         return False
@@ -393,33 +576,43 @@ def _update_early_stopping(state: TrainerState, metrics: dict[str, float], spec:
     return patience is not None and state.evals_without_improvement >= patience
 
 
-def _export(engine, tokenizer, spec: JobSpec, out: Path, rank: int) -> None:
-    """Write the final artifact (PEFT adapter or HF model) on rank 0, gathering ZeRO-3 shards."""
-    module = engine.module
-    if spec.deepspeed.zero_stage == 3:
-        # Collective: every rank takes part in gathering the partitioned weights.
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state_dict = None
-    if rank != 0:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    if spec.method == "lora":
-        if state_dict is not None:
-            from peft import get_peft_model_state_dict
-
-            adapter = get_peft_model_state_dict(module, state_dict=state_dict)
-            module.save_pretrained(out, state_dict=adapter, safe_serialization=True)
-        else:
-            module.save_pretrained(out, safe_serialization=True)
-    else:
-        module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model inputs and labels of a collated batch, on ``device``."""
+    keys = ("input_ids", "attention_mask", "position_ids", "labels")
+    return {k: batch[k].to(device) for k in keys if k in batch}
 
 
-def _emit(sink, writer, record: dict[str, Any]) -> None:
-    if sink is not None:
-        sink.push.remote(record)
+def nonempty(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
+    """A batch whose samples were all dropped becomes one unlabelled pad token.
+
+    Every worker must still run forward/backward/step in lockstep (ZeRO's collectives),
+    so the batch is replaced rather than skipped; with no labels its loss is zero.
+    """
+    if batch["input_ids"].numel() > 0:
+        return batch
+    one = torch.full((1, 1), pad_id, dtype=torch.long)
+    mask = torch.zeros((1, 1, 1, 1)) if batch["attention_mask"].dim() == 4 else torch.ones_like(one)
+    return {
+        "input_ids": one,
+        "labels": torch.full_like(one, IGNORE_INDEX),
+        "attention_mask": mask,
+        "position_ids": torch.zeros_like(one),
+    }
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over all workers (identity without a process group)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def emit(worker: Worker, record: dict[str, Any]) -> None:
+    """Send a metric record to the driver's progress sink and TensorBoard (rank 0 holds both)."""
+    if worker.sink is not None:
+        worker.sink.push.remote(record)
+    writer = worker.writer
     if writer is not None:
         prefix = "eval" if record["kind"] == "eval" else "train"
         for key, value in record.items():
@@ -429,28 +622,42 @@ def _emit(sink, writer, record: dict[str, Any]) -> None:
         writer.flush()
 
 
-def _progress_sink(run: dict[str, Any]):
+def notify(worker: Worker, record: dict[str, Any]) -> None:
+    """Tell the driver something it prints (``trainers.restarts``): rank 0 only."""
+    if worker.rank != 0:
+        return
+    if worker.sink is not None:
+        worker.sink.push.remote(record)
+    elif record.get("kind") == "checkpoint_refused":
+        from rayft.trainers.restarts import refusal_line
+
+        print(refusal_line(record), flush=True)
+
+
+def progress_sink(name: str | None):
+    """The driver's ``ProgressSink`` actor, or ``None`` (no driver listening)."""
     import ray
 
     try:
-        return ray.get_actor(run["progress_actor"]) if run.get("progress_actor") else None
+        return ray.get_actor(name) if name else None
     except ValueError:
         return None
 
 
-def _tensorboard(run: dict[str, Any]):
-    if not run.get("local_run_dir"):
+def tensorboard(local_run_dir: str | None):
+    """A TensorBoard writer in ``<run>/tensorboard``, or ``None`` for a URI root."""
+    if not local_run_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=os.path.join(run["local_run_dir"], "tensorboard"))
+    return SummaryWriter(log_dir=os.path.join(local_run_dir, "tensorboard"))
 
 
-def _order_log(run: dict[str, Any], rank: int, resumed_step: int):
+def open_order_log(local_run_dir: str | None, rank: int, resumed_step: int) -> TextIO | None:
     """Per-rank log of which samples fed which step; entries past a resume point are dropped."""
-    if not run.get("local_run_dir"):
+    if not local_run_dir:
         return None
-    path = Path(run["local_run_dir"], "data_order", f"rank{rank}.jsonl")
+    path = Path(local_run_dir, "data_order", f"rank{rank}.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if path.exists():
@@ -464,3 +671,26 @@ def _order_log(run: dict[str, Any], rank: int, resumed_step: int):
     handle.writelines(line + "\n" for line in kept)
     handle.flush()
     return handle
+
+
+def _record_eval(
+    worker: Worker, state: TrainerState, metrics: dict[str, float], checkpoint_follows: bool
+) -> None:
+    record = {"kind": "eval", "step": state.step, "total_steps": worker.inputs.total_steps}
+    record.update(metrics)
+    state.history.append(record)
+    emit(worker, record)
+    for callback in worker.inputs.callbacks:
+        callback.on_eval(state, metrics, checkpoint_follows)
+
+
+def _position(state: TrainerState) -> dict[str, int]:
+    return {"step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen}
+
+
+def _due(step: int, every: int | None) -> bool:
+    return bool(every) and step % every == 0
+
+
+def _nbytes(batch: dict[str, Any]) -> int:
+    return sum(t.nbytes for t in batch.values() if isinstance(t, torch.Tensor))

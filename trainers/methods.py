@@ -94,13 +94,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
 def resolve_dtype(requested: str, on_gpu: bool) -> str:
     """Turn ``model.dtype`` into the dtype workers compute in.
 

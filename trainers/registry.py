@@ -1,21 +1,29 @@
 """The artifact registry: published adapters and fine-tuned models under the rayft root.
 
-Publishing is atomic (write to a temporary sibling, then rename), so a reader never
-sees half an artifact and a failed publish leaves the previous one intact. Every
-artifact carries ``rayft.json`` describing where it came from.
+Every artifact carries ``rayft.json`` describing where it came from. Publishing is
+crash-safe: a reader always finds the previous complete artifact or the new complete
+one, never a mix and never nothing.
 
-With a URI root (``s3://``, ``gs://``) the registry lives at the URI: a publish is also
-uploaded there with ``rayft.json`` written last (an artifact without it is incomplete),
-listings read the URI, and ``sync_adapter`` refreshes this machine's mirror of an
-adapter when the published one is newer.
+* Local root: the files of each published version live in
+  ``<folder>/.versions/<name>/<version>/``; ``<folder>/<name>`` is a symbolic link to the
+  current one, swapped with one ``os.replace`` (``storage.swap_dir``). Plain
+  ``peft.PeftModel.from_pretrained(adapters/<name>)`` follows the link.
+* URI root (``s3://``, ``gs://``): a version is uploaded to the new prefix
+  ``<folder>/.versions/<name>/<version>/``, then ``<folder>/<name>/rayft.json`` (the
+  manifest, naming the version) is written last, in one PUT: it is the pointer readers
+  follow. ``sync_artifact`` brings the pointed-to version into this machine's mirror,
+  which uses the local layout.
+
+A ``rayft.json`` that does not parse hides its artifact from listings (logged once)
+and makes resolving it raise ``ManifestError``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,26 +31,31 @@ from typing import Any
 
 from rayft.trainers.config import valid_name
 from rayft.trainers.storage import (
-    adapters_dir,
-    delete_remote_dir,
-    download_dir,
-    list_remote_dirs,
-    models_dir,
-    read_remote,
-    remote_root,
-    upload_dir,
-    write_remote,
+    VERSIONS,
+    StorageRoot,
+    atomic_write,
+    new_version,
+    new_version_dir,
+    swap_dir,
 )
 
 MANIFEST = "rayft.json"
 # How long a mirrored adapter is trusted before the URI root is asked again.
 SYNC_TTL_S = float(os.environ.get("RAYFT_REGISTRY_TTL_S", "2"))
-_synced: dict[tuple[str, str], float] = {}
+_synced: dict[tuple[str, str, str], float] = {}
 _sync_lock = threading.Lock()
+_reported_corrupt: set[tuple[str, str]] = set()
+log = logging.getLogger("rayft.registry")
+
+StorageLike = StorageRoot | str | None
 
 
 class RegistryError(ValueError):
     """A bad artifact name, a missing artifact or a refused overwrite."""
+
+
+class ManifestError(RegistryError):
+    """A published artifact whose ``rayft.json`` is unreadable (corrupt or half-written)."""
 
 
 def checked_name(name: str) -> str:
@@ -55,30 +68,53 @@ def checked_name(name: str) -> str:
     return name
 
 
-def _inside(root: Path, name: str) -> Path:
-    path = (root / checked_name(name)).resolve()
-    if path.parent != root.resolve():
+def folder(kind: str) -> str:
+    """The registry folder of an artifact kind: ``adapters`` or ``models``."""
+    return "adapters" if kind == "adapter" else "models"
+
+
+def _kind_root(kind: str, root: StorageRoot) -> Path:
+    return root.adapters if kind == "adapter" else root.models
+
+
+def _inside(parent: Path, name: str) -> Path:
+    path = parent.resolve() / checked_name(name)
+    if path.parent != parent.resolve():
         raise RegistryError(f"artifact name {name!r} leaves the registry")
     return path
 
 
-def adapter_path(name: str, storage: str | None = None) -> Path:
+def artifact_path(kind: str, name: str, storage: StorageLike = None) -> Path:
+    """Local directory (a link to the current version) of the published artifact ``name``."""
+    return _inside(_kind_root(kind, StorageRoot.resolve(storage)), name)
+
+
+def adapter_path(name: str, storage: StorageLike = None) -> Path:
     """Directory of the published adapter ``name`` (which may not exist yet)."""
-    return _inside(adapters_dir(storage), name)
+    return artifact_path("adapter", name, storage)
 
 
-def model_path(name: str, storage: str | None = None) -> Path:
-    return _inside(models_dir(storage), name)
+def model_path(name: str, storage: StorageLike = None) -> Path:
+    return artifact_path("model", name, storage)
 
 
-def check_publishable(kind: str, name: str, overwrite: bool, storage: str | None = None) -> Path:
+def artifact_location(kind: str, name: str, storage: StorageLike, local: Path | None) -> str | None:
+    """Where a published artifact lives for every machine: under the URI for a URI root."""
+    if local is None:
+        return None
+    root = StorageRoot.resolve(storage)
+    return root.url(f"{folder(kind)}/{name}") if root.is_remote else str(local)
+
+
+def check_publishable(kind: str, name: str, overwrite: bool, storage: StorageLike = None) -> Path:
     """Fail early, before any training, when publishing ``name`` would be refused."""
-    target = adapter_path(name, storage) if kind == "adapter" else model_path(name, storage)
+    root = StorageRoot.resolve(storage)
+    target = artifact_path(kind, name, root)
     where = str(target)
     exists = target.exists()
-    if remote_root(storage) is not None:
-        where = f"{remote_root(storage)}/{_folder(kind)}/{name}"
-        exists = read_remote(storage, f"{_folder(kind)}/{name}/{MANIFEST}") is not None
+    if root.is_remote:
+        where = root.url(f"{folder(kind)}/{name}")
+        exists = root.read(f"{folder(kind)}/{name}/{MANIFEST}") is not None
     if exists and not overwrite:
         raise RegistryError(
             f"{kind} {name!r} is already published at {where}; set output.name to a new "
@@ -93,151 +129,254 @@ def publish_dir(
     name: str,
     manifest: dict[str, Any],
     overwrite: bool,
-    storage: str | None = None,
+    storage: StorageLike = None,
 ) -> Path:
-    """Move the finished artifact directory ``src`` into the registry as ``name``.
+    """Publish the finished artifact files in ``src`` under ``name``, crash-safely.
+
+    The files are copied once, into a new version directory; the previous version
+    stays what readers see until the new one is complete. Under a URI root the
+    version is uploaded first and the pointer written last.
 
     Args:
-        src: A directory holding the artifact files (consumed).
+        src: A directory holding the artifact files (read, not changed; a
+            ``rayft.json`` in it is replaced by ``manifest``).
         kind: ``adapter`` or ``model``.
         name: Registry name.
         manifest: Written as ``rayft.json`` next to the weights.
         overwrite: Replace an existing artifact of that name.
         storage: The rayft root.
+
+    Returns:
+        The artifact's local path (``<folder>/<name>``).
     """
-    target = check_publishable(kind, name, overwrite, storage)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    manifest = {"kind": kind, "name": name, "published_at": time.time(), **manifest}
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        for item in src.iterdir():
-            shutil.move(str(item), staging / item.name)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if target.exists():
-            retired = target.with_name(f".{name}-retired-{int(time.time() * 1000)}")
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if remote_root(storage) is not None:
-        upload_dir(target, storage, f"{_folder(kind)}/{name}", last=MANIFEST)
+    root = StorageRoot.resolve(storage)
+    target = check_publishable(kind, name, overwrite, root)
+    version = new_version()
+    manifest = {
+        "kind": kind,
+        "name": name,
+        **manifest,
+        "published_at": time.time(),
+        "version": version,
+    }
+    staged = stage_version(Path(src), new_version_dir(target, version), manifest)
+    if root.is_remote:
+        upload_version(root, kind, name, staged)
+        write_pointer(root, kind, name, manifest)
+    swap_dir(staged, target)
+    if root.is_remote:
+        retire_remote_versions(root, kind, name, keep=version)
         with _sync_lock:
-            _synced[(remote_root(storage), kind, name)] = time.monotonic()
+            _synced[(root.location, kind, name)] = time.monotonic()
     return target
 
 
-def _folder(kind: str) -> str:
-    return "adapters" if kind == "adapter" else "models"
+def stage_version(src: Path, version_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Copy the artifact files into the empty ``version_dir``; its manifest is written last."""
+    for item in sorted(src.iterdir()):
+        if item.name == MANIFEST:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, version_dir / item.name)
+        else:
+            shutil.copy2(item, version_dir / item.name)
+    atomic_write(version_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    return version_dir
 
 
-def write_manifest(path: Path, manifest: dict[str, Any], storage: str | None = None) -> None:
+def upload_version(root: StorageRoot, kind: str, name: str, version_dir: Path) -> None:
+    """Upload a staged version to its own new prefix under the URI root."""
+    root.upload_dir(version_dir, _version_relpath(kind, name, version_dir.name), last=MANIFEST)
+
+
+def write_pointer(root: StorageRoot, kind: str, name: str, manifest: dict[str, Any]) -> None:
+    """Make ``manifest['version']`` the published one: one PUT of ``<folder>/<name>/rayft.json``."""
+    root.upload(f"{folder(kind)}/{name}/{MANIFEST}", json.dumps(manifest, indent=2, default=str))
+
+
+def retire_remote_versions(root: StorageRoot, kind: str, name: str, keep: str) -> None:
+    """Delete old versions at the URI, keeping ``keep`` and the one before it.
+
+    The one before stays a round because a reader that read the previous pointer may
+    still be downloading it.
+    """
+    relpath = f"{folder(kind)}/{VERSIONS}/{name}"
+    older = [v for v in root.list_dirs(relpath) if v < keep]
+    for version in older[:-1]:
+        root.delete(f"{relpath}/{version}")
+
+
+def _version_relpath(kind: str, name: str, version: str) -> str:
+    return f"{folder(kind)}/{VERSIONS}/{name}/{version}"
+
+
+def write_manifest(path: Path, manifest: dict[str, Any], storage: StorageLike = None) -> None:
     """Replace the manifest of the published artifact at ``path`` (locally and at a URI root)."""
-    tmp = path / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.replace(path / MANIFEST)
-    kind = "adapter" if (path / "adapter_config.json").is_file() else "model"
-    write_remote(storage, f"{_folder(kind)}/{path.name}/{MANIFEST}", (path / MANIFEST).read_bytes())
+    root = StorageRoot.resolve(storage)
+    text = json.dumps(manifest, indent=2, default=str)
+    atomic_write(Path(path).resolve() / MANIFEST, text)
+    if root.is_remote:
+        kind = "adapter" if (path / "adapter_config.json").is_file() else "model"
+        version = manifest.get("version")
+        if version:
+            root.upload(f"{_version_relpath(kind, path.name, version)}/{MANIFEST}", text)
+        root.upload(f"{folder(kind)}/{path.name}/{MANIFEST}", text)
 
 
-def remove_artifact(kind: str, name: str, storage: str | None = None) -> None:
-    """Unpublish ``name``: remove it locally and from a URI root."""
-    local = adapter_path(name, storage) if kind == "adapter" else model_path(name, storage)
-    shutil.rmtree(local, ignore_errors=True)
-    delete_remote_dir(storage, f"{_folder(kind)}/{name}")
+def remove_artifact(kind: str, name: str, storage: StorageLike = None) -> None:
+    """Unpublish ``name``: remove it locally and from a URI root (its pointer first)."""
+    root = StorageRoot.resolve(storage)
+    local = artifact_path(kind, name, root)
+    if local.is_symlink():
+        local.unlink()
+    else:
+        shutil.rmtree(local, ignore_errors=True)
+    shutil.rmtree(local.parent / VERSIONS / name, ignore_errors=True)
+    root.delete(f"{folder(kind)}/{name}")
+    root.delete(f"{folder(kind)}/{VERSIONS}/{name}")
     with _sync_lock:
-        _synced.pop((remote_root(storage), kind, name), None)
+        _synced.pop((root.location, kind, name), None)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    manifest = path / MANIFEST
+    """The ``rayft.json`` of the artifact at ``path`` (``{}`` when it has none).
+
+    Raises:
+        ManifestError: The file exists but is not a JSON object (corrupt or torn).
+    """
+    manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         return {}
-    return json.loads(manifest.read_text())
+    return _parse_manifest(manifest.read_bytes(), str(manifest))
 
 
-def list_adapters(storage: str | None = None) -> list[dict[str, Any]]:
-    """Every published adapter with its manifest, sorted by name."""
-    if remote_root(storage) is not None:
-        out = []
-        for name in list_remote_dirs(storage, "adapters"):
-            raw = read_remote(storage, f"adapters/{name}/{MANIFEST}")
-            if name.startswith(".") or raw is None:
-                continue  # hidden, or an upload still in progress
-            path = adapters_dir(storage) / name
-            out.append({"name": name, "path": str(path), **json.loads(raw)})
-        return out
-    root = adapters_dir(storage)
-    if not root.is_dir():
-        return []
+def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(
+            f"{where} is corrupt ({err}); publish the artifact again or remove it"
+        ) from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where} is not a JSON object; publish the artifact again")
+    return data
+
+
+def _hide_corrupt(root: StorageRoot, name: str, err: ManifestError) -> None:
+    key = (root.location, str(err))
+    if key not in _reported_corrupt:
+        _reported_corrupt.add(key)
+        log.warning("adapter %r is not listed: %s", name, err)
+
+
+def list_adapters(storage: StorageLike = None) -> list[dict[str, Any]]:
+    """Every published adapter with its manifest, sorted by name.
+
+    An adapter whose ``rayft.json`` is unreadable is left out (and logged once).
+    """
+    root = StorageRoot.resolve(storage)
     out = []
-    for path in sorted(root.iterdir()):
+    if root.is_remote:
+        for name in root.list_dirs("adapters"):
+            raw = root.read(f"adapters/{name}/{MANIFEST}")
+            if name.startswith(".") or raw is None:
+                continue  # hidden, or never completely published
+            try:
+                manifest = _parse_manifest(raw, root.url(f"adapters/{name}/{MANIFEST}"))
+            except ManifestError as err:
+                _hide_corrupt(root, name, err)
+                continue
+            out.append({"name": name, "path": str(root.adapters / name), **manifest})
+        return out
+    if not root.adapters.is_dir():
+        return []
+    for path in sorted(root.adapters.iterdir()):
         if path.name.startswith(".") or not (path / "adapter_config.json").is_file():
             continue
-        out.append({"name": path.name, "path": str(path), **read_manifest(path)})
+        try:
+            manifest = read_manifest(path)
+        except ManifestError as err:
+            _hide_corrupt(root, path.name, err)
+            continue
+        out.append({"name": path.name, "path": str(path), **manifest})
     return out
 
 
-def resolve_adapter(name: str, storage: str | None = None) -> Path:
-    """The directory of a published adapter, or ``RegistryError`` if there is none."""
+def resolve_adapter(name: str, storage: StorageLike = None) -> Path:
+    """The directory of a published adapter.
+
+    Raises:
+        RegistryError: There is no adapter of that name.
+        ManifestError: Its ``rayft.json`` is corrupt.
+    """
     path = sync_adapter(name, storage)
     if not (path / "adapter_config.json").is_file():
         raise RegistryError(f"no adapter named {name!r} in {path.parent}")
+    read_manifest(path)
     return path
 
 
-def sync_adapter(name: str, storage: str | None = None) -> Path:
+def sync_adapter(name: str, storage: StorageLike = None) -> Path:
     """The local directory of adapter ``name``, refreshed from a URI root when needed."""
     return sync_artifact("adapter", name, storage)
 
 
-def sync_artifact(kind: str, name: str, storage: str | None = None) -> Path:
+def sync_artifact(kind: str, name: str, storage: StorageLike = None) -> Path:
     """The local directory of a published artifact, refreshed from a URI root when needed.
 
     For a local root this is just the artifact's path. For a URI root the published
-    manifest is compared with the local copy's (at most every ``RAYFT_REGISTRY_TTL_S``
-    seconds); a newer or missing copy is downloaded into a temporary sibling and renamed
-    into place, and an artifact no longer published at the URI is removed locally.
+    pointer is compared with the local copy's version (at most every
+    ``RAYFT_REGISTRY_TTL_S`` seconds); a newer or missing version is downloaded and
+    swapped in, and an artifact no longer published at the URI is removed locally.
 
     Raises:
         RegistryError: ``name`` is not a safe artifact name.
+        ManifestError: The published ``rayft.json`` is corrupt.
         StorageError: The URI root cannot be read.
     """
-    path = adapter_path(name, storage) if kind == "adapter" else model_path(name, storage)
-    root = remote_root(storage)
-    if root is None:
+    root = StorageRoot.resolve(storage)
+    path = artifact_path(kind, name, root)
+    if not root.is_remote:
         return path
     with _sync_lock:
-        checked = _synced.get((root, kind, name))
+        checked = _synced.get((root.location, kind, name))
         fresh = checked is not None and time.monotonic() - checked < SYNC_TTL_S
         if fresh and (path / MANIFEST).is_file():
             return path
-        raw = read_remote(storage, f"{_folder(kind)}/{name}/{MANIFEST}")
+        raw = root.read(f"{folder(kind)}/{name}/{MANIFEST}")
         if raw is None:
-            if path.exists():
-                shutil.rmtree(path, ignore_errors=True)
+            if path.is_symlink():
+                path.unlink()
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path.parent / VERSIONS / name, ignore_errors=True)
             return path
-        if read_manifest(path).get("published_at") != json.loads(raw).get("published_at"):
-            _download(storage, f"{_folder(kind)}/{name}", path)
-        _synced[(root, kind, name)] = time.monotonic()
+        published = _parse_manifest(raw, root.url(f"{folder(kind)}/{name}/{MANIFEST}"))
+        if _local_stamp(path) != _stamp(published):
+            _download(root, kind, name, published, path)
+        _synced[(root.location, kind, name)] = time.monotonic()
     return path
 
 
-def _download(storage: str | None, relpath: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-sync-", dir=path.parent))
-    retired = path.with_name(f".{path.name}-retired-{int(time.time() * 1000)}")
+def _stamp(manifest: dict[str, Any]) -> Any:
+    return manifest.get("version") or manifest.get("published_at")
+
+
+def _local_stamp(path: Path) -> Any:
     try:
-        download_dir(storage, relpath, staging)
-        if path.exists():
-            path.rename(retired)
-        staging.rename(path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired.exists() and not path.exists():
-            retired.rename(path)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+        return _stamp(read_manifest(path))
+    except ManifestError:
+        return None  # a torn mirror copy is simply downloaded again
+
+
+def _download(
+    root: StorageRoot, kind: str, name: str, published: dict[str, Any], path: Path
+) -> None:
+    version = published.get("version")
+    # Artifacts published before versioned prefixes keep their files next to the pointer.
+    relpath = _version_relpath(kind, name, version) if version else f"{folder(kind)}/{name}"
+    partial = path.parent / VERSIONS / name / (version or "")
+    if version and partial.exists():
+        shutil.rmtree(partial)  # an earlier download that did not finish
+    target = new_version_dir(path, version)
+    root.download_dir(relpath, target)
+    swap_dir(target, path)

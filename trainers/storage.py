@@ -2,11 +2,17 @@
 
 The root is ``storage:`` from the job spec, else ``$RAYFT_HOME``, else ``./.rayft``.
 A root may be a local/shared directory or a pyarrow-filesystem URI (``s3://``, ``gs://``).
+``StorageRoot.resolve`` turns that string into a ``StorageRoot`` once, at the edge (the
+CLI, the driver, the serving engine); everything inside is handed the object.
 
 With a URI root the URI is the source of truth: Ray Train writes checkpoints there,
 run records and published artifacts are uploaded there, and every machine keeps a
-local mirror (``local_home``) that it fills on demand. Base models are always cached
-on local disk (``models_dir``), since every node converts or copies its own.
+local mirror (``StorageRoot.local``) that it fills on demand. Base models are always
+cached on local disk (``StorageRoot.models``), since every node converts or copies its own.
+
+This module also holds the two file primitives the rest of rayft builds on: URI and
+filesystem access (``filesystem``) and the atomic file write (``atomic_write``), and
+the atomic switch of a directory published under a name (``swap_dir``).
 """
 
 from __future__ import annotations
@@ -14,25 +20,125 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DEFAULT_HOME = ".rayft"
 DEFAULT_CACHE = "~/.cache/rayft"
+# Published directories keep their versions here, next to the name that links to one.
+VERSIONS = ".versions"
+
+
+class StorageError(OSError):
+    """A remote storage root cannot be read or written."""
+
+
+# ----------------------------------------------------------------- primitives
 
 
 def is_uri(path: str) -> bool:
+    """True for a remote URI (``s3://``, ``gs://``, ...); ``file://`` paths are local."""
     return "://" in path and not path.startswith("file://")
 
 
-def home(storage: str | None = None) -> str:
-    """The artifact root as an absolute local path or a URI."""
-    root = storage or os.environ.get("RAYFT_HOME") or DEFAULT_HOME
-    if root.startswith("file://"):
-        root = root[len("file://") :]
-    if is_uri(root):
-        return root.rstrip("/")
-    return str(Path(root).expanduser().resolve())
+def local_path(path: str) -> Path:
+    """A local path or ``file://`` URI as an absolute path (``~`` expanded)."""
+    return Path(path.removeprefix("file://")).expanduser().absolute()
+
+
+def filesystem(path: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and in-filesystem path of a local path or URI.
+
+    Raises:
+        StorageError: pyarrow cannot open the URI (unknown scheme, no credentials).
+    """
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), str(local_path(path))
+    try:
+        return pafs.FileSystem.from_uri(path)
+    except (OSError, ValueError) as err:
+        raise StorageError(
+            f"cannot open storage {path!r}: {err}; check the URI and the credentials "
+            "(for s3: AWS_* environment variables or an instance role)"
+        ) from None
+
+
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, whole.
+
+    The bytes go to a temporary sibling that is flushed to disk and renamed over
+    ``path``; a crash leaves at most a stray ``.*.tmp`` file, never a torn ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def swap_dir(staging: Path, target: Path) -> None:
+    """Put the complete directory ``staging`` in place of ``target`` (which may exist).
+
+    ``target`` becomes a symbolic link to ``staging`` swapped in with one ``os.replace``,
+    so a reader opening ``target`` finds the old directory or the new one, whole; a
+    crash at any point leaves one of the two. The directory ``target`` pointed to
+    before is kept one more round (a reader may still be inside it) and the one before
+    that is removed. ``staging`` must live in the same directory tree as ``target``.
+    """
+    target = Path(target)
+    staging = Path(staging)
+    previous = target.resolve() if target.is_symlink() else None
+    link = target.with_name(f".{target.name}.link-{os.getpid()}-{os.urandom(3).hex()}")
+    os.symlink(os.path.relpath(staging, target.parent), link)
+    try:
+        if target.is_dir() and not target.is_symlink():
+            # A directory published before versioned names: it cannot be replaced by a
+            # link in one step, so it is moved aside first (the only non-atomic case).
+            target.rename(staging.with_name(f"{staging.name}.legacy"))
+        os.replace(link, target)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise
+    _prune_versions(staging.parent, keep={staging.name, previous.name if previous else ""})
+
+
+def _prune_versions(versions: Path, keep: set[str]) -> None:
+    for old in versions.iterdir():
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def new_version() -> str:
+    """A version name that sorts by creation time and never repeats."""
+    import time
+
+    return f"{time.time_ns():020d}-{os.urandom(3).hex()}"
+
+
+def new_version_dir(target: Path, version: str | None = None) -> Path:
+    """A new, empty directory for the next version of ``target``, for ``swap_dir``."""
+    path = Path(target).parent / VERSIONS / Path(target).name / (version or new_version())
+    path.mkdir(parents=True)
+    return path
+
+
+def _slug(uri: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", uri)[:80]
+    return f"{readable}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
 
 
 def cache_root() -> Path:
@@ -43,233 +149,253 @@ def cache_root() -> Path:
     explicit = os.environ.get("RAYFT_CACHE")
     if explicit:
         return Path(explicit).expanduser().resolve()
-    default = home(None)
-    return Path(DEFAULT_CACHE).expanduser() if is_uri(default) else Path(default)
+    default = os.environ.get("RAYFT_HOME") or DEFAULT_HOME
+    if is_uri(default):
+        return Path(DEFAULT_CACHE).expanduser()
+    return local_path(default).resolve()
 
 
-def local_home(storage: str | None = None) -> Path:
-    """The artifact root as a local path; a URI root gets its own mirror under ``cache_root``."""
-    root = home(storage)
-    if is_uri(root):
-        return cache_root() / "mirror" / _slug(root)
-    return Path(root)
+# ----------------------------------------------------------------- the root
 
 
-def _slug(uri: str) -> str:
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", uri)[:80]
-    return f"{readable}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
+@dataclass(frozen=True)
+class StorageRoot:
+    """One resolved rayft root: a local directory, or a URI with this machine's mirror.
 
+    Build it with ``StorageRoot.resolve``. It pickles as its ``location`` and is
+    rebuilt on unpickling, so a worker on another machine gets its own mirror path.
 
-def remote_root(storage: str | None = None) -> str | None:
-    """The URI of the root when it is remote, else ``None``."""
-    root = home(storage)
-    return root if is_uri(root) else None
-
-
-def subdir(kind: str, storage: str | None = None) -> str:
-    root = home(storage)
-    return f"{root}/{kind}"
-
-
-def models_dir(storage: str | None = None) -> Path:
-    root = home(storage)
-    base = cache_root() if is_uri(root) else Path(root)
-    return Path(os.environ.get("RAYFT_MODEL_CACHE") or (base / "models"))
-
-
-def runs_dir(storage: str | None = None) -> str:
-    return subdir("runs", storage)
-
-
-def adapters_dir(storage: str | None = None) -> Path:
-    return local_home(storage) / "adapters"
-
-
-def sweeps_dir(storage: str | None = None) -> Path:
-    return local_home(storage) / "sweeps"
-
-
-# ----------------------------------------------------------------- remote roots
-
-
-def filesystem(uri: str) -> tuple[Any, str]:
-    """The pyarrow filesystem and in-filesystem path of a URI.
-
-    Raises:
-        StorageError: pyarrow cannot open the URI (unknown scheme, no credentials).
+    Attributes:
+        location: The root as an absolute local path or a URI (no trailing ``/``).
+        local: The root's local directory: the root itself, or the mirror of a URI root.
+        models: Local cache of base models and published full models.
     """
-    import pyarrow.fs as pafs
 
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (OSError, ValueError) as err:
-        raise StorageError(
-            f"cannot open storage {uri!r}: {err}; check the URI and the credentials "
-            "(for s3: AWS_* environment variables or an instance role)"
-        ) from None
+    location: str
+    local: Path
+    models: Path
 
+    @classmethod
+    def resolve(cls, storage: str | StorageRoot | None = None) -> StorageRoot:
+        """The root named by ``storage`` (``storage:``), else ``$RAYFT_HOME``, else ``./.rayft``.
 
-class StorageError(OSError):
-    """A remote storage root cannot be read or written."""
+        A ``StorageRoot`` is returned as it is.
+        """
+        if isinstance(storage, StorageRoot):
+            return storage
+        root = storage or os.environ.get("RAYFT_HOME") or DEFAULT_HOME
+        if is_uri(root):
+            location = root.rstrip("/")
+            local = cache_root() / "mirror" / _slug(location)
+            models_base = cache_root()
+        else:
+            local = local_path(root).resolve()
+            location = str(local)
+            models_base = local
+        models = Path(os.environ.get("RAYFT_MODEL_CACHE") or (models_base / "models"))
+        return cls(location, local, models)
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (StorageRoot.resolve, (self.location,))
 
-def remote_path(storage: str | None, relpath: str) -> tuple[Any, str] | None:
-    """``(filesystem, path)`` of ``relpath`` under a URI root; ``None`` for local roots."""
-    root = remote_root(storage)
-    if root is None:
-        return None
-    fs, base = filesystem(root)
-    return fs, f"{base.rstrip('/')}/{relpath.strip('/')}"
+    def __str__(self) -> str:
+        return self.location
 
+    @property
+    def uri(self) -> str | None:
+        """The URI of a remote root, ``None`` for a local one."""
+        return self.location if is_uri(self.location) else None
 
-def read_remote(storage: str | None, relpath: str) -> bytes | None:
-    """Bytes of ``relpath`` under a URI root; ``None`` when absent or the root is local."""
-    target = remote_path(storage, relpath)
-    if target is None:
-        return None
-    fs, path = target
-    try:
-        with fs.open_input_stream(path) as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        if "not found" in str(err).lower() or "no such" in str(err).lower():
+    @property
+    def is_remote(self) -> bool:
+        return self.uri is not None
+
+    # ------------------------------------------------------------- places
+
+    def url(self, relpath: str) -> str:
+        """Where ``relpath`` lives for every machine: under the URI, or the local path."""
+        return f"{self.location}/{relpath.strip('/')}"
+
+    def path(self, relpath: str) -> Path:
+        """The local path (the mirror's, for a URI root) of ``relpath``."""
+        return self.local / relpath.strip("/")
+
+    @property
+    def runs(self) -> str:
+        """Ray Train's ``storage_path``: ``runs/`` under the URI or the local root."""
+        return self.url("runs")
+
+    def run(self, run_id: str) -> Path:
+        """The local directory of run ``run_id`` (records, TensorBoard, data order)."""
+        return self.path(f"runs/{run_id}")
+
+    @property
+    def adapters(self) -> Path:
+        return self.path("adapters")
+
+    @property
+    def files(self) -> Path:
+        """Uploaded files and registry datasets (``datasets/``)."""
+        return self.path("datasets")
+
+    @property
+    def sweeps(self) -> Path:
+        return self.path("sweeps")
+
+    # ------------------------------------------------------------- operations
+
+    def remote(self, relpath: str) -> tuple[Any, str] | None:
+        """``(filesystem, path)`` of ``relpath`` under a URI root; ``None`` for local roots."""
+        if self.uri is None:
             return None
-        raise StorageError(f"cannot read {relpath} from {home(storage)}: {err}") from None
+        fs, base = filesystem(self.uri)
+        return fs, f"{base.rstrip('/')}/{relpath.strip('/')}"
 
+    def read(self, relpath: str) -> bytes | None:
+        """Bytes of ``relpath`` from the root's source of truth; ``None`` when absent.
 
-def write_remote(storage: str | None, relpath: str, data: bytes) -> None:
-    """Write ``data`` to ``relpath`` under a URI root (no-op for local roots)."""
-    target = remote_path(storage, relpath)
-    if target is None:
-        return
-    fs, path = target
-    try:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as handle:
-            handle.write(data)
-    except OSError as err:
-        raise StorageError(f"cannot write {relpath} to {home(storage)}: {err}") from None
+        Raises:
+            StorageError: The URI root cannot be read.
+        """
+        target = self.remote(relpath)
+        if target is None:
+            local = self.path(relpath)
+            return local.read_bytes() if local.is_file() else None
+        fs, path = target
+        try:
+            with fs.open_input_stream(path) as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if "not found" in str(err).lower() or "no such" in str(err).lower():
+                return None
+            raise StorageError(f"cannot read {self.url(relpath)}: {err}") from None
 
+    def write(self, relpath: str, data: bytes | str) -> Path:
+        """Write ``relpath`` atomically to the local root (or mirror) and to a URI root."""
+        local = atomic_write(self.path(relpath), data)
+        self.mirror(relpath)
+        return local
 
-def mirror_file(storage: str | None, relpath: str) -> None:
-    """Upload the local mirror's copy of ``relpath`` to a URI root (no-op for local roots)."""
-    if remote_root(storage) is None:
-        return
-    write_remote(storage, relpath, (local_home(storage) / relpath).read_bytes())
+    def upload(self, relpath: str, data: bytes | str) -> None:
+        """Write ``data`` to ``relpath`` under a URI root only (no-op for local roots).
 
+        One object store PUT: readers see the old object or the new one.
+        """
+        target = self.remote(relpath)
+        if target is None:
+            return
+        fs, path = target
+        raw = data.encode() if isinstance(data, str) else data
+        try:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(path) as handle:
+                handle.write(raw)
+        except OSError as err:
+            raise StorageError(f"cannot write {self.url(relpath)}: {err}") from None
 
-def upload_dir(local: Path, storage: str | None, relpath: str, last: str | None = None) -> None:
-    """Copy a local directory to ``relpath`` under a URI root, replacing what was there.
+    def mirror(self, relpath: str) -> None:
+        """Upload the local mirror's copy of ``relpath`` to a URI root (no-op for local roots)."""
+        if self.is_remote:
+            self.upload(relpath, self.path(relpath).read_bytes())
 
-    Args:
-        last: A file name to upload after every other file; readers treat its presence
-            as "complete" (object stores have no atomic directory rename).
-    """
-    target = remote_path(storage, relpath)
-    if target is None:
-        return
-    fs, path = target
-    try:
-        fs.create_dir(path, recursive=True)
-        fs.delete_dir_contents(path, missing_dir_ok=True)
-        files = sorted(p for p in local.rglob("*") if p.is_file())
+    def upload_dir(self, local: Path, relpath: str, last: str | None = None) -> None:
+        """Copy a local directory to the new prefix ``relpath`` under a URI root.
+
+        Nothing under ``relpath`` is deleted first: publishing uploads to a fresh prefix
+        and switches a pointer afterwards (``rayft.trainers.registry``).
+
+        Args:
+            last: A file name to upload after every other file.
+        """
+        if self.remote(relpath) is None:
+            return
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name == last)
         for file in files:
-            dest = f"{path}/{file.relative_to(local).as_posix()}"
-            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-            with fs.open_output_stream(dest) as handle:
-                handle.write(file.read_bytes())
-    except OSError as err:
-        raise StorageError(f"cannot upload {local} to {home(storage)}/{relpath}: {err}") from None
+            self.upload(f"{relpath}/{file.relative_to(local).as_posix()}", file.read_bytes())
 
+    def download_dir(self, relpath: str, local: Path) -> None:
+        """Copy ``relpath`` under a URI root into the (new or empty) local directory ``local``."""
+        import pyarrow.fs as pafs
 
-def download_dir(storage: str | None, relpath: str, local: Path) -> None:
-    """Copy ``relpath`` under a URI root into the (new or empty) local directory ``local``."""
-    import pyarrow.fs as pafs
+        target = self.remote(relpath)
+        if target is None:
+            return
+        fs, path = target
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            for info in infos:
+                if info.type != pafs.FileType.File:
+                    continue
+                dest = Path(local) / info.path[len(path) :].lstrip("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(info.path) as handle:
+                    dest.write_bytes(handle.read())
+        except OSError as err:
+            raise StorageError(f"cannot download {self.url(relpath)}: {err}") from None
 
-    target = remote_path(storage, relpath)
-    if target is None:
-        return
-    fs, path = target
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        for info in infos:
-            if info.type != pafs.FileType.File:
-                continue
-            dest = local / info.path[len(path) :].lstrip("/")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(info.path) as handle:
-                dest.write_bytes(handle.read())
-    except OSError as err:
-        raise StorageError(f"cannot download {home(storage)}/{relpath}: {err}") from None
+    def sync_file(self, relpath: str) -> Path:
+        """The local path of file ``relpath``, refreshed from a URI root when that copy changed.
 
+        For a local root this is just the path. Under a URI root a file that is missing
+        there is removed from the mirror; one whose size or modification time differs
+        from the mirror's copy is downloaded and renamed into place.
 
-def sync_file(storage: str | None, relpath: str) -> Path:
-    """The local path of file ``relpath``, refreshed from a URI root when that copy changed.
+        Raises:
+            StorageError: The URI root cannot be read.
+        """
+        import pyarrow.fs as pafs
 
-    For a local root this is just the path. Under a URI root a file that is missing
-    there is removed from the mirror; one whose size or modification time differs from
-    the mirror's copy is downloaded to a temporary sibling and renamed into place.
-
-    Raises:
-        StorageError: The URI root cannot be read.
-    """
-    import pyarrow.fs as pafs
-
-    local = local_home(storage) / relpath
-    target = remote_path(storage, relpath)
-    if target is None:
-        return local
-    fs, path = target
-    try:
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File:
-            if local.is_file():
-                local.unlink()
+        local = self.path(relpath)
+        target = self.remote(relpath)
+        if target is None:
             return local
-        stamp = info.mtime.timestamp() if info.mtime is not None else None
-        if local.is_file() and local.stat().st_size == info.size and stamp is not None:
-            if abs(local.stat().st_mtime - stamp) < 1e-3:
+        fs, path = target
+        try:
+            info = fs.get_file_info(path)
+            if info.type != pafs.FileType.File:
+                if local.is_file():
+                    local.unlink()
                 return local
-        local.parent.mkdir(parents=True, exist_ok=True)
-        staging = local.with_name(f".{local.name}.{os.getpid()}.sync")
-        with fs.open_input_stream(path) as handle:
-            staging.write_bytes(handle.read())
-        if stamp is not None:
-            os.utime(staging, (stamp, stamp))
-        staging.replace(local)
-    except OSError as err:
-        raise StorageError(f"cannot read {home(storage)}/{relpath}: {err}") from None
-    return local
+            stamp = info.mtime.timestamp() if info.mtime is not None else None
+            if local.is_file() and local.stat().st_size == info.size and stamp is not None:
+                if abs(local.stat().st_mtime - stamp) < 1e-3:
+                    return local
+            with fs.open_input_stream(path) as handle:
+                atomic_write(local, handle.read())
+            if stamp is not None:
+                os.utime(local, (stamp, stamp))
+        except OSError as err:
+            raise StorageError(f"cannot read {self.url(relpath)}: {err}") from None
+        return local
 
+    def delete(self, relpath: str) -> None:
+        """Remove ``relpath`` and everything under it from a URI root (no-op when absent)."""
+        import pyarrow.fs as pafs
 
-def delete_remote_dir(storage: str | None, relpath: str) -> None:
-    """Remove ``relpath`` and everything under it from a URI root (no-op when absent)."""
-    import pyarrow.fs as pafs
+        target = self.remote(relpath)
+        if target is None:
+            return
+        fs, path = target
+        try:
+            if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                fs.delete_dir(path)
+        except OSError as err:
+            raise StorageError(f"cannot delete {self.url(relpath)}: {err}") from None
 
-    target = remote_path(storage, relpath)
-    if target is None:
-        return
-    fs, path = target
-    try:
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
-    except OSError as err:
-        raise StorageError(f"cannot delete {home(storage)}/{relpath}: {err}") from None
+    def list_dirs(self, relpath: str) -> list[str]:
+        """Names of the directories directly under ``relpath`` (at the URI for a URI root)."""
+        import pyarrow.fs as pafs
 
-
-def list_remote_dirs(storage: str | None, relpath: str) -> list[str]:
-    """Names of the directories directly under ``relpath`` of a URI root."""
-    import pyarrow.fs as pafs
-
-    target = remote_path(storage, relpath)
-    if target is None:
-        return []
-    fs, path = target
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError as err:
-        raise StorageError(f"cannot list {home(storage)}/{relpath}: {err}") from None
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        target = self.remote(relpath)
+        if target is None:
+            local = self.path(relpath)
+            return sorted(p.name for p in local.iterdir() if p.is_dir()) if local.is_dir() else []
+        fs, path = target
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError as err:
+            raise StorageError(f"cannot list {self.url(relpath)}: {err}") from None
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)

@@ -4,7 +4,8 @@ The cluster runs with token authentication, its dashboard/Jobs API on 127.0.0.1,
 one ``rayft_slot`` resource on each worker node (none on the head), so the two training
 workers of a run must land on different nodes. Jobs go through ``rayft submit`` and are
 inspected, stopped and resumed with ``rayft jobs``; runs and adapters live in one shared
-directory, as they would on a shared filesystem.
+directory, as they would on a shared filesystem. The nodes share one session directory,
+as a cluster tried out on one machine does.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +70,6 @@ def cluster(shared: Path):
     _reload_ray_config()
     port = _free_port()
     ray_cluster = Cluster(initialize_head=False)
-    node_dirs: list[str] = []
     try:
         # Free ports for the dashboard and its agent: Ray's defaults (8265, 52365) may be
         # held by another Ray instance on this machine.
@@ -82,19 +80,11 @@ def cluster(shared: Path):
             dashboard_host="127.0.0.1",
             dashboard_agent_listen_port=_free_port(),
         )
-        # Each worker node gets its own temp dir and log monitor, as a separate machine
-        # would: nodes sharing one would share (and garbage-collect) one copy of the job's
-        # working dir, and worker output would not reach the job's log.
-        workers = [
-            ray_cluster.add_node(
-                num_cpus=1,
-                resources={"rayft_slot": 1},
-                temp_dir=tempfile.mkdtemp(prefix="rft-node-"),
-                include_log_monitor=True,
-            )
-            for _ in range(2)
-        ]
-        node_dirs += [w.get_temp_dir_path() for w in workers]
+        # The worker nodes share the head's session directory, as they do when someone
+        # tries a cluster on a laptop: every node's runtime-env agent unpacks a job's
+        # working_dir into the same path, removing what is there first, while the job's
+        # driver runs (cluster/job_start.py is why that no longer matters).
+        workers = [ray_cluster.add_node(num_cpus=1, resources={"rayft_slot": 1}) for _ in range(2)]
         ray_cluster.wait_for_nodes()
         url = f"http://127.0.0.1:{port}"
         headers = {"Authorization": f"Bearer {token}"}
@@ -116,8 +106,6 @@ def cluster(shared: Path):
         }
     finally:
         ray_cluster.shutdown()
-        for path in node_dirs:
-            shutil.rmtree(path, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
         _reload_ray_config()

@@ -57,11 +57,11 @@ def s3_root(rayft_home: Path) -> Iterator[str]:
 
 def remote_files(prefix: str) -> dict[str, bytes]:
     """Every object under ``s3://BUCKET/<prefix>``, keyed by the path below the prefix."""
-    from rayft.trainers.storage import download_dir
+    from rayft.trainers.storage import StorageRoot
 
     local = Path(f"/tmp/rayft-s3-listing-{abs(hash(prefix))}")
     shutil.rmtree(local, ignore_errors=True)
-    download_dir(ROOT, prefix, local)
+    StorageRoot.resolve(ROOT).download_dir(prefix, local)
     out = {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file()}
     shutil.rmtree(local, ignore_errors=True)
     return out
@@ -76,7 +76,7 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     from rayft.cluster.jobs import read_run
     from rayft.trainers.driver import load_run_spec, run_training
     from rayft.trainers.registry import RegistryError, check_publishable, list_adapters
-    from rayft.trainers.storage import local_home
+    from rayft.trainers.storage import StorageRoot
 
     data = tmp_path / "colors.jsonl"
     with open(data, "w") as handle:
@@ -126,13 +126,22 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     assert not (rayft_home / "runs" / outcome.run_id).exists()
     assert str(outcome.checkpoint_path).startswith(f"{BUCKET}/team/runs/{outcome.run_id}/")
 
-    # The published adapter is in the bucket, manifest included.
-    adapter_files = remote_files("adapters/colors-s3")
+    # The published adapter is in the bucket, manifest included: the manifest at
+    # adapters/<name>/ names the version prefix holding the files.
+    pointer = json.loads(remote_files("adapters/colors-s3")["rayft.json"])
+    adapter_files = remote_files(f"adapters/.versions/colors-s3/{pointer['version']}")
     assert {"adapter_model.safetensors", "adapter_config.json", "rayft.json"} <= set(adapter_files)
     assert json.loads(adapter_files["rayft.json"])["run_id"] == outcome.run_id
+    assert pointer["run_id"] == outcome.run_id
+
+    # The run's events are in the bucket too.
+    events = [json.loads(line) for line in run_files["events.jsonl"].decode().splitlines()]
+    assert [e["state"] for e in events if e["type"] == "state"] == ["running", "finished"]
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2, 4]
 
     # A machine that has never seen the run finds everything through the URI.
-    shutil.rmtree(local_home(s3_root))
+    root = StorageRoot.resolve(s3_root)
+    shutil.rmtree(root.local)
     assert [a["name"] for a in list_adapters(s3_root)] == ["colors-s3"]
     assert load_run_spec(outcome.run_id, s3_root).optim.max_steps == 4
     status = read_run(s3_root, outcome.run_id)
@@ -149,7 +158,7 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     [served] = engine.generate(
         [GenerationRequest(prompt, "colors-s3", SamplingParams(max_tokens=6, temperature=0))]
     )
-    mirror = local_home(s3_root) / "adapters" / "colors-s3"
+    mirror = root.adapters / "colors-s3"
     assert (mirror / "adapter_model.safetensors").is_file()
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), mirror)
     with torch.inference_mode():
@@ -177,23 +186,23 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
 def test_evaluation_datasets_are_read_from_object_storage(s3_root):
     from rayft.serving.errors import NotFound
     from rayft.serving.evaluation import dataset_path, read_rows
-    from rayft.trainers.storage import delete_remote_dir, local_home, write_remote
+    from rayft.trainers.storage import StorageRoot
 
+    root = StorageRoot.resolve(s3_root)
     rows = [{"prompt": "name a red thing", "completion": "the apple is red"}]
-    write_remote(s3_root, "datasets/colors-eval.jsonl", json.dumps(rows[0]).encode() + b"\n")
+    root.upload("datasets/colors-eval.jsonl", json.dumps(rows[0]).encode() + b"\n")
     path = dataset_path("colors-eval", s3_root)
-    assert path == (local_home(s3_root) / "datasets" / "colors-eval.jsonl").resolve()
+    assert path == (root.files / "colors-eval.jsonl").resolve()
     assert read_rows(path) == rows
 
     # A changed dataset is read again; one removed from the bucket is gone.
     rows.append({"prompt": "name a blue thing", "completion": "the sky is blue"})
-    write_remote(
-        s3_root,
+    root.upload(
         "datasets/colors-eval.jsonl",
         b"".join(json.dumps(r).encode() + b"\n" for r in rows),
     )
     assert read_rows(dataset_path("colors-eval", s3_root)) == rows
-    delete_remote_dir(s3_root, "datasets")
+    root.delete("datasets")
     with pytest.raises(NotFound, match="colors-eval"):
         dataset_path("colors-eval", s3_root)
     assert not path.exists()
@@ -203,7 +212,7 @@ def test_sweep_records_results_and_adapters_live_in_object_storage(s3_root, tmp_
     from rayft.cluster.jobs import read_sweep
     from rayft.raytune.sweep import read_trial_record, run_sweep
     from rayft.trainers.registry import read_manifest, sync_artifact
-    from rayft.trainers.storage import local_home
+    from rayft.trainers.storage import StorageRoot
 
     data = tmp_path / "colors.jsonl"
     pairs = [("red", "apple"), ("blue", "sky"), ("green", "grass")]
@@ -261,7 +270,7 @@ def test_sweep_records_results_and_adapters_live_in_object_storage(s3_root, tmp_
         assert "spec.yaml" in remote_files(f"runs/s3-sweep-trial-{k}")
 
     # Another machine (no local mirror) reads the sweep and its best adapter from the URI.
-    shutil.rmtree(local_home(s3_root))
+    shutil.rmtree(StorageRoot.resolve(s3_root).local)
     assert read_sweep(s3_root, "s3-sweep")["best"]["trial"] == outcome.best["trial"]
     assert read_trial_record(s3_root, "s3-sweep", "1.starts.jsonl").count("\n") == 1
     best = sync_artifact("adapter", "colors-sweep-s3", s3_root)

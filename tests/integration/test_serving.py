@@ -326,3 +326,43 @@ def test_rayft_eval_cli_against_the_endpoint(serve_url, tmp_path: Path, capsys):
         )
         == 2
     )
+
+
+def test_corrupt_manifest_hides_that_adapter_while_the_rest_keep_serving(serve_url, serving_home):
+    for name, damage in (("torn", b'{"kind": "adapter", "base_mo'), ("binary", b"\x00\xff")):
+        make_peft_adapter(serving_home, name, 31)
+        (serving_home / "adapters" / name / "rayft.json").write_bytes(damage)
+    try:
+        listing = httpx.get(f"{serve_url}/v1/models", timeout=60)
+        assert listing.status_code == 200, listing.text
+        ids = [m["id"] for m in listing.json()["data"]]
+        assert "torn" not in ids and "binary" not in ids and {"t1", "t2"} <= set(ids)
+        for name in ("torn", "binary"):
+            response = httpx.post(
+                f"{serve_url}/v1/completions",
+                json={"model": name, "prompt": "hello", "max_tokens": 2},
+                timeout=60,
+            )
+            assert response.status_code in (404, 422), response.text
+            assert "rayft.json" in response.json()["error"]["message"]
+        ok = httpx.post(
+            f"{serve_url}/v1/completions",
+            json={"model": "t1", "prompt": "hello", "max_tokens": 2},
+            timeout=60,
+        )
+        assert ok.status_code == 200, ok.text
+    finally:
+        for name in ("torn", "binary"):
+            shutil.rmtree(serving_home / "adapters" / name)
+
+
+def test_edge_of_range_input_is_served_or_refused_with_a_4xx(serve_url):
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(f"{serve_url}/v1/completions", json=body, timeout=60)
+
+    base = {"model": "t1", "prompt": "hello", "max_tokens": 2}
+    assert post({**base, "n": 2, "seed": 2**64 - 1}).status_code == 200
+    assert post({**base, "seed": 2**64}).status_code == 422
+    assert post({**base, "stop": "s" * 1000}).status_code == 400
+    assert post({**base, "model": "t1\x07"}).status_code == 400
+    assert health(serve_url)["status"] == "ok"

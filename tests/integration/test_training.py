@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import ray.cloudpickle
 import torch
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
+from rayft.trainers.loop import InterruptedRun, LoopCallback, TrainerState
 
 pytestmark = pytest.mark.slow
+
+# Workers unpickle this module's callbacks without importing the test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class StopAfterCheckpoint(LoopCallback):
+    """Stops the run right after the checkpoint of ``step``, as a crash there would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_checkpoint(self, state: TrainerState) -> None:
+        if state.step >= self.step:
+            raise InterruptedRun(state.step)
+
 
 PAIRS = [
     ("red", "apple"),
@@ -197,9 +215,7 @@ def read_order(run_dir: Path) -> dict[str, list]:
     return logs
 
 
-def test_resume_continues_with_the_same_steps_and_data_order(
-    ray_cluster, chat_file, monkeypatch, rayft_home
-):
+def test_resume_continues_with_the_same_steps_and_data_order(ray_cluster, chat_file, rayft_home):
     import ray.train
 
     common = {
@@ -207,14 +223,19 @@ def test_resume_continues_with_the_same_steps_and_data_order(
         "checkpoint": {"every_steps": 2, "keep": 3},
         "eval": {"every_steps": 4},
         "output": {"overwrite": True},
+        # The deliberate stop must end the run, not be recovered from by a restart.
+        "scaling": {"max_failures": 0},
     }
     straight = run_training(make_spec(chat_file, "resume-a", **common), show_progress=False)
 
     spec = make_spec(chat_file, "resume-b", **common)
-    monkeypatch.setenv("RAYFT_STOP_AFTER_STEP", "4")
     with pytest.raises((ray.train.TrainingFailedError, RuntimeError)):
-        run_training(spec, run_id="resume-b-run", show_progress=False)
-    monkeypatch.delenv("RAYFT_STOP_AFTER_STEP")
+        run_training(
+            spec,
+            run_id="resume-b-run",
+            show_progress=False,
+            loop_callbacks=[StopAfterCheckpoint(4)],
+        )
     interrupted = read_order(rayft_home / "runs" / "resume-b-run")
     assert max(e["step"] for e in interrupted["rank0.jsonl"]) == 4
 

@@ -140,3 +140,96 @@ def test_overrides_may_follow_the_options():
         with pytest.raises(SystemExit) as err:
             parse_args(argv)
         assert err.value.code == 2
+
+
+# ----------------------------------------------------------------- which errors are the user's
+
+
+def test_bad_input_is_the_users_file_key_model_or_address():
+    from rayft.cluster.cli import is_bad_input
+    from rayft.cluster.submit import SubmitError
+    from rayft.trainers.config import ConfigError
+    from rayft.trainers.data import DataError
+    from rayft.trainers.models import ModelError
+    from rayft.trainers.registry import RegistryError
+
+    users = [
+        ConfigError([("optim.lr", "must be > 0")]),
+        DataError("train.jsonl:3: not JSON"),
+        ModelError("no model named x"),
+        RegistryError("no adapter named y"),
+        SubmitError("--address: cannot reach"),
+        FileNotFoundError(2, "No such file or directory", "/data/train.jsonl"),
+    ]
+    internal = [
+        # os.getcwd() in a directory that was removed: no file name, nothing to fix.
+        FileNotFoundError(2, "No such file or directory"),
+        RuntimeError("Request failed with status code 500"),
+        KeyError("loss"),
+    ]
+    assert [is_bad_input(e) for e in users] == [True] * len(users)
+    assert [is_bad_input(e) for e in internal] == [False] * len(internal)
+
+
+def test_root_cause_follows_the_explicit_chain():
+    from rayft.cluster.cli import _root_cause
+
+    try:
+        try:
+            raise ConnectionResetError("peer went away")
+        except ConnectionResetError as inner:
+            raise RuntimeError("training failed") from inner
+    except RuntimeError as outer:
+        assert _root_cause(outer) == "ConnectionResetError: peer went away"
+    assert _root_cause(ValueError("plain")) == "ValueError: plain"
+
+
+def test_internal_error_prints_one_line_and_keeps_the_traceback_in_a_log(
+    tmp_path, monkeypatch, capsys
+):
+    import rayft.cluster.models_cli as models_cli
+    from rayft.cluster.cli import main
+
+    def broken(args):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setenv("RAYFT_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(models_cli, "cmd_models", broken)
+    assert main(["models", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "internal error: FileNotFoundError" in err
+    (log,) = (tmp_path / "logs").glob("rayft-*.log")
+    assert f"the traceback is in {log}" in err
+    text = log.read_text()
+    assert text.startswith("rayft models list") and "Traceback" in text and "broken" in text
+
+
+def test_named_missing_file_is_bad_input(monkeypatch, capsys):
+    import rayft.cluster.models_cli as models_cli
+    from rayft.cluster.cli import main
+
+    def missing(args):
+        raise FileNotFoundError(2, "No such file or directory", "/nowhere/x.json")
+
+    monkeypatch.setattr(models_cli, "cmd_models", missing)
+    assert main(["models", "list"]) == 2
+    assert "/nowhere/x.json" in capsys.readouterr().err
+
+
+def test_console_level_comes_from_the_flag_or_the_environment(monkeypatch):
+    from rayft.cluster import console
+    from rayft.cluster.cli import UserError, parse_args
+
+    monkeypatch.delenv("RAYFT_LOG_LEVEL", raising=False)
+    assert console.log_level() == "warning" and not console.is_verbose()
+    monkeypatch.setenv("RAYFT_LOG_LEVEL", "DEBUG")
+    assert console.is_verbose()
+    monkeypatch.setenv("RAYFT_LOG_LEVEL", "loud")
+    with pytest.raises(UserError, match="RAYFT_LOG_LEVEL"):
+        console.log_level()
+    # --verbose is accepted after any command, nested ones included, and before it.
+    assert parse_args(["train", "job.yaml", "--verbose"]).verbose
+    assert parse_args(["jobs", "list", "-v"]).verbose
+    assert parse_args(["--verbose", "models", "list"]).verbose
+    assert not parse_args(["models", "list"]).verbose

@@ -254,6 +254,37 @@ def test_score_matches_plain_teacher_forced_loss(engine, home):
     assert total / count == pytest.approx(ref_sum / ref_count, rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("row", "fmt"),
+    [
+        ({"instruction": "add", "input": "2 and 3", "output": "5"}, "alpaca"),
+        ({"instruction": "say hi", "output": "hi"}, "alpaca"),
+        ({"prompt": "one two", "completion": " three"}, "prompt_completion"),
+    ],
+)
+def test_evaluation_prompt_is_the_prompt_training_labels_after(engine, row, fmt):
+    import copy
+
+    from rayft.serving.evaluation import prompt_and_reference
+    from rayft.trainers.formats import IGNORE_INDEX, tokenize_example
+
+    plain = copy.deepcopy(engine.tokenizer)
+    plain.chat_template = None  # the template-free path, where the prompt is rayft's own
+    prompt, reference = prompt_and_reference(row, fmt, plain)
+    example = tokenize_example(row, fmt, plain, 512)
+    masked = [
+        t
+        for t, label in zip(example["input_ids"], example["labels"], strict=True)
+        if label == IGNORE_INDEX
+    ]
+    assert prompt == masked == example["input_ids"][: len(prompt)]
+    assert reference == row.get("output", row.get("completion"))
+    if fmt == "alpaca":
+        text = plain.decode(prompt)
+        assert "### Instruction:\nadd" in text or "### Instruction:\nsay hi" in text
+        assert ("### Input:\n2 and 3" in text) == bool(row.get("input"))
+
+
 # ------------------------------------------------------------------ HTTP, in process
 
 
@@ -373,4 +404,223 @@ def test_full_queue_is_429(engine):
         assert response.status_code == 429
         assert response.json()["error"]["type"] == "rate_limit_error"
     assert call(app, "POST", "/v1/completions", json={**body, "n": 2}).status_code == 200
+    service.close()
+
+
+# ------------------------------------------------------- bad input is a 4xx
+
+
+@pytest.fixture(scope="module")
+def open_api(engine):
+    """The API with default limits and no key (prompts may fill the context window)."""
+    from rayft.serving.openai_api import create_api
+    from rayft.serving.service import ModelService
+
+    service = ModelService(engine, api_key="")
+    yield create_api(service)
+    service.close()
+
+
+def test_any_64_bit_seed_is_served_and_beyond_is_422(open_api):
+    body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 3, "n": 2}
+    for seed in (2**64 - 1, -(2**63), 0):
+        response = call(open_api, "POST", "/v1/completions", json={**body, "seed": seed})
+        assert response.status_code == 200, response.text
+    again = call(open_api, "POST", "/v1/completions", json={**body, "seed": 2**64 - 1})
+    first = call(open_api, "POST", "/v1/completions", json={**body, "seed": 2**64 - 1})
+    assert [c["text"] for c in again.json()["choices"]] == [
+        c["text"] for c in first.json()["choices"]
+    ]
+    for seed in (2**64, -(2**63) - 1, 10**30):
+        response = call(open_api, "POST", "/v1/completions", json={**body, "seed": seed})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == "seed"
+
+
+def test_chunked_body_over_the_limit_is_413(engine):
+    from rayft.serving.openai_api import create_api
+    from rayft.serving.service import Limits, ModelService
+
+    service = ModelService(engine, Limits(max_request_bytes=1000), api_key="")
+    app = create_api(service)
+    padding = "x" * 400
+
+    async def chunks(count: int):
+        yield b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 2, "user": "'
+        for _ in range(count):
+            yield padding.encode()
+        yield b'"}'
+
+    headers = {"content-type": "application/json"}
+    big = call(app, "POST", "/v1/completions", content=chunks(4), headers=headers)
+    assert big.status_code == 413, big.text
+    assert big.json()["error"]["type"] == "invalid_request_error"
+    small = call(app, "POST", "/v1/completions", content=chunks(1), headers=headers)
+    assert small.status_code == 200, small.text
+    declared = call(app, "POST", "/v1/completions", content=b"{" + b" " * 2000 + b"}")
+    assert declared.status_code == 413
+    service.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer s\u00e9kret".encode(),
+        "Bearer \u00e9".encode("latin-1"),
+        b"Bearer \xff\xfe",
+        b"Bearer",
+        b"Bearer ",
+        b"sekret",
+        b"Basic c2Vrcg==",
+        b"Bearer sekret sekret",
+    ],
+)
+def test_malformed_or_non_ascii_bearer_tokens_are_401(api, value):
+    response = call(api, "GET", "/v1/models", headers={"Authorization": value})
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_prompt_that_fills_the_context_is_400_naming_the_window(open_api, engine):
+    window = engine.context_window
+    body = {"model": "tiny-llama", "prompt": [5] * window}
+    response = call(open_api, "POST", "/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and str(window) in error["message"]
+    fits = call(open_api, "POST", "/v1/completions", json={**body, "prompt": [5] * (window - 2)})
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_evaluation_max_seq_len_beyond_the_window_is_400(open_api, engine):
+    rows = [{"prompt": "one two", "completion": " three"}]
+    body = {"model": "tiny-llama", "rows": rows, "max_seq_len": engine.context_window + 1}
+    response = call(open_api, "POST", "/v1/evaluations", json=body)
+    assert response.status_code == 400, response.text
+    assert str(engine.context_window) in response.json()["error"]["message"]
+    body["max_seq_len"] = engine.context_window
+    assert call(open_api, "POST", "/v1/evaluations", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "a", "stop": "x" * 257}, "stop"),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": "a"}],
+                "stop": ["y" * 300],
+            },
+            "stop",
+        ),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "a", "stop": ["a"] * 5}, "stop"),
+        ("/v1/completions", {"model": "a1\x00", "prompt": "a"}, "model"),
+        ("/v1/completions", {"model": "a\n1", "prompt": "a"}, "model"),
+        ("/v1/completions", {"model": "\x1b[31m", "prompt": "a"}, "model"),
+        ("/v1/completions", {"model": "a" * 5000, "prompt": "a"}, "model"),
+        ("/v1/evaluations", {"model": "a1", "dataset": "rows\x00.jsonl"}, "dataset"),
+    ],
+)
+def test_stops_over_the_bound_and_names_with_control_characters_are_400(
+    open_api, path, body, param
+):
+    response = call(open_api, "POST", path, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_model_route_refuses_control_characters(open_api):
+    response = call(open_api, "GET", "/v1/models/a%001")
+    assert response.status_code == 400, response.text
+
+
+def test_corrupt_manifest_hides_that_adapter_only(home, engine):
+    from rayft.serving.openai_api import create_api
+    from rayft.serving.service import ModelService
+
+    service = ModelService(engine, api_key="")
+    app = create_api(service)
+    for name, damage in (("torn", b'{"kind": "adap'), ("garbage", b"\xff\x00not json")):
+        make_adapter(home, name, 7)
+        (home / "adapters" / name / "rayft.json").write_bytes(damage)
+    try:
+        listed = [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
+        assert "torn" not in listed and "garbage" not in listed and "a1" in listed
+        for name in ("torn", "garbage"):
+            body = {"model": name, "prompt": "hi", "max_tokens": 2}
+            response = call(app, "POST", "/v1/completions", json=body)
+            assert response.status_code in (404, 422), response.text
+            assert "rayft.json" in response.json()["error"]["message"]
+            assert call(app, "GET", f"/v1/models/{name}").status_code in (404, 422)
+        ok = call(
+            app, "POST", "/v1/completions", json={"model": "a1", "prompt": "hi", "max_tokens": 2}
+        )
+        assert ok.status_code == 200, ok.text
+    finally:
+        for name in ("torn", "garbage"):
+            shutil.rmtree(home / "adapters" / name)
+        service.close()
+
+
+def test_overload_answers_carry_retry_after(engine):
+    from rayft.serving.openai_api import create_api
+    from rayft.serving.service import ModelService
+
+    service = ModelService(engine, api_key="")
+    service.loop.max_queued_rows = 1
+    response = call(
+        create_api(service), "POST", "/v1/completions", json={"model": "a1", "prompt": "hi", "n": 2}
+    )
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+    service.close()
+
+
+# ------------------------------------------------------------ exposure and the key
+
+
+def test_serving_beyond_loopback_needs_a_key_or_insecure(monkeypatch):
+    from rayft.serving.client import InsecureServing, check_exposure, is_loopback
+
+    monkeypatch.delenv("RAYFT_API_KEY", raising=False)
+    for host in ("127.0.0.1", "127.3.4.5", "localhost", "::1", "[::1]"):
+        assert is_loopback(host)
+        check_exposure(host)
+    for host in ("0.0.0.0", "::", "10.1.2.3", "example.org"):
+        assert not is_loopback(host)
+        with pytest.raises(InsecureServing, match="RAYFT_API_KEY"):
+            check_exposure(host)
+        check_exposure(host, insecure=True)
+    monkeypatch.setenv("RAYFT_API_KEY", "k")
+    check_exposure("0.0.0.0")
+
+
+def test_cli_refuses_an_open_interface_without_a_key(monkeypatch, capsys):
+    from rayft.cluster.cli import main
+
+    monkeypatch.delenv("RAYFT_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "model=tiny-llama"]) == 2
+    assert "--insecure" in capsys.readouterr().err
+
+
+def test_the_key_reaches_replicas_as_a_digest_only(monkeypatch, engine):
+    import hashlib
+
+    from rayft.serving.app import build_app
+    from rayft.serving.service import ModelService
+
+    monkeypatch.setenv("RAYFT_API_KEY", "plain-secret")
+    deployment = build_app({"model": "tiny-llama"})._bound_deployment
+    options = json.dumps(deployment.ray_actor_options)
+    assert "plain-secret" not in options and "RAYFT_API_KEY" not in options
+    assert "plain-secret" not in json.dumps(deployment.init_args)
+    digest = deployment.init_args[1]
+    assert digest == hashlib.sha256(b"plain-secret").hexdigest()
+    assert deployment.max_queued_requests == 256 and deployment.max_ongoing_requests == 64
+    assert deployment.backpressure_config.status_code == 429
+
+    service = ModelService(engine, api_key_sha256=digest)
+    assert service.authorized(b"plain-secret") and not service.authorized(b"plain-secreT")
     service.close()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from rayft.cluster.cli import EXIT_BAD_INPUT, UserError, main
-from rayft.cluster.jobs import build_view, format_view, parse_log, rayft_state, read_run
+from rayft.cluster.jobs import build_view, format_view, rayft_state, read_run
 from rayft.cluster.submit import (
     META_KIND,
     META_RUN_ID,
@@ -26,6 +26,7 @@ from rayft.cluster.submit import (
     resolve_token,
 )
 from rayft.trainers.config import validate_spec
+from rayft.trainers.records import parse_events, summarize
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "cluster" / "manifests"
 
@@ -195,26 +196,29 @@ def test_env_pairs_and_token_refusal() -> None:
 
 # ----------------------------------------------------------------- the rayft view of a job
 
-LOG = (
-    "[rayft] run demo-1: lora fine-tune of tiny-llama on 2 worker(s)\n"
-    "[rayft] resumed from step 4 (epoch 0)\n"
-    "training:  50%|#####     | 5/10\rtrain step 5/10  loss 2.5000  lr 1e-3  tokens/s 9  epoch 0\n"
-    "eval  step 6/10  eval_loss 2.2500  eval_ppl 9.488  (40 tokens)\n"
-    "train step 7/10  loss 2.1000  lr 1e-3  tokens/s 9  epoch 0\n"
+EVENTS_TEXT = (
+    '{"time": 1, "type": "state", "state": "running"}\n'
+    '{"time": 2, "type": "resumed", "step": 4, "checkpoint": "/s/runs/demo-1/c4"}\n'
+    '{"time": 3, "type": "train", "step": 5, "total_steps": 10, "loss": 2.5, "lr": 0.001}\n'
+    '{"time": 4, "type": "eval", "step": 6, "total_steps": 10, "eval_loss": 2.25}\n'
+    '{"time": 5, "type": "train", "step": 7, "total_steps": 10, "loss": 2.1, "lr": 0.001}\n'
 )
+EVENTS = parse_events(EVENTS_TEXT)
 
 
-def test_parse_log_reads_progress_resume_and_outcome() -> None:
-    parsed = parse_log(LOG)
+def test_events_give_progress_resume_and_outcome() -> None:
+    parsed = summarize(EVENTS)
     assert parsed["step"] == 7 and parsed["total_steps"] == 10 and parsed["resumed_from"] == 4
     assert parsed["metrics"] == {"loss": 2.1, "eval_loss": 2.25}
     final = (
-        LOG + '{"run_id": "demo-1", "artifact": "/s/adapters/demo", '
-        '"metrics": {"step": 10, "loss": 1.5}}\n'
+        EVENTS_TEXT
+        + '{"time": 6, "type": "train", "step": 10, "total_steps": 10, "loss": 1.5}\n'
+        + '{"time": 7, "type": "artifact", "location": "/s/adapters/demo"}\n'
+        + '{"time": 8, "type": "state", "state": "fini'  # a torn last line is skipped
     )
-    parsed = parse_log(final)
+    parsed = summarize(parse_events(final))
     assert parsed["step"] == 10 and parsed["artifact"] == "/s/adapters/demo"
-    assert parsed["metrics"]["loss"] == 1.5 and parsed["run_id"] == "demo-1"
+    assert parsed["metrics"]["loss"] == 1.5 and parsed["state"] == "running"
 
 
 @pytest.mark.parametrize(
@@ -251,7 +255,7 @@ def test_stopped_job_view_points_at_its_checkpoint_and_resume() -> None:
         "checkpoint": "/s/runs/c6",
         "history_tail": [{"kind": "train", "step": 6, "total_steps": 10, "loss": 2.2}],
     }
-    view = build_view(_info("STOPPED"), LOG, run)
+    view = build_view(_info("STOPPED"), {**run, "events": EVENTS})
     assert view.state == "stopped" and view.step == 7 and view.checkpoint == "/s/runs/c6"
     assert view.artifact is None
     text = format_view(view)
@@ -266,7 +270,7 @@ def test_finished_job_view_takes_the_run_record() -> None:
             "metrics": {"step": 10, "eval_loss": 1.9},
         }
     }
-    view = build_view(_info("SUCCEEDED"), LOG, run)
+    view = build_view(_info("SUCCEEDED"), {**run, "events": EVENTS})
     assert view.state == "finished" and view.step == 10
     assert view.artifact == "/s/adapters/demo" and view.metrics["eval_loss"] == 1.9
     assert "artifact  /s/adapters/demo" in format_view(view)
@@ -379,12 +383,105 @@ def test_sweep_job_view_shows_trials_best_and_artifact() -> None:
         "best": {"trial": 1, "run_id": "sw-1-trial-1", "eval_loss": 0.5},
         "trials": [{"state": "finished"}, {"state": "finished"}, {"state": "early_stopped"}],
     }
-    log = '{"sweep_id": "sw-1", "artifact": "/s/adapters/best", "best": {}}\n'
-    view = build_view(info, log, {}, sweep)
+    view = build_view(info, {}, sweep)
     assert view.state == "finished" and view.kind == "tune" and view.run_id == "sw-1"
     assert view.trials == {"finished": 2, "early_stopped": 1}
     assert view.metrics["best_eval_loss"] == 0.5 and view.artifact == "/s/adapters/best"
     text = format_view(view)
     assert "trials    1 early_stopped, 2 finished" in text and "best      trial 1" in text
     info.status = SimpleNamespace(value="STOPPED")
-    assert "rayft tune --resume sw-1 --storage /s" in format_view(build_view(info, "", {}, {}))
+    assert "rayft tune --resume sw-1 --storage /s" in format_view(build_view(info, {}, {}))
+
+
+# ----------------------------------------------------------------- the job's first moments
+
+
+def test_job_leaves_the_working_dir_and_reads_shipped_data_from_storage(
+    files: Path, tmp_path: Path
+) -> None:
+    from rayft.cluster.job_start import JOB_ENV, stage_job
+
+    shared = tmp_path / "shared"
+    spec = make_spec(["train.jsonl", "s3://bucket/more.jsonl"], storage=str(shared))
+    package = build_package(spec, cwd=files, staging_parent=tmp_path)
+    assert package.runtime_env["env_vars"][JOB_ENV] == "1"
+    argv = shlex.split(package.entrypoint)[3:]  # after `python -m rayft.cluster.cli`
+
+    private = tmp_path / "private"
+    private.mkdir()
+    staged = stage_job(package.workdir, private, argv)
+    # The entrypoint now names the private copy's spec; the code is there too.
+    assert staged[0] == "train" and staged[1] == str(private / "spec.yaml")
+    assert staged[2:] == argv[2:]
+    assert (private / "rayft" / "cluster" / "cli.py").is_file()
+    # Shipped data lives on the job's storage, where every node reads it; URIs stay.
+    data = yaml.safe_load((private / "spec.yaml").read_text())["data"]
+    shipped = shared / "datasets" / "jobs" / package.run_id / "train-0-train.jsonl"
+    assert data["train"] == [str(shipped), "s3://bucket/more.jsonl"]
+    assert shipped.read_text() == (files / "train.jsonl").read_text()
+    validate_spec(yaml.safe_load((private / "spec.yaml").read_text()))
+    # Ray's directory may vanish now: nothing the job reads is in it any more.
+    import shutil
+
+    shutil.rmtree(package.workdir)
+    assert shipped.is_file() and (private / "spec.yaml").is_file()
+
+
+def test_resumed_job_stages_without_a_spec(files: Path, tmp_path: Path) -> None:
+    from rayft.cluster.job_start import job_key, stage_job
+
+    spec = make_spec("train.jsonl", storage=str(tmp_path / "shared"))
+    package = build_package(spec, cwd=files, staging_parent=tmp_path, resume="run-7")
+    argv = shlex.split(package.entrypoint)[3:]
+    assert job_key(argv) == "run-7"
+    private = tmp_path / "private"
+    assert stage_job(package.workdir, private, argv) == argv
+
+
+class AgentStartingClient:
+    """Answers like a head node whose job agent comes up after ``ready_after`` attempts."""
+
+    def __init__(self, ready_after: int) -> None:
+        self.ready_after = ready_after
+        self.attempts = 0
+
+    def submit_job(self, **kwargs) -> str:
+        self.attempts += 1
+        if self.attempts <= self.ready_after:
+            raise RuntimeError(
+                "Request failed with status code 500: No available agent to submit job, "
+                "please try again later.."
+            )
+        return kwargs["submission_id"]
+
+
+def test_submit_waits_visibly_for_the_job_agent(package) -> None:
+    from rayft.cluster.submit import submit_package
+
+    lines: list[str] = []
+    client = AgentStartingClient(ready_after=2)
+    job = submit_package(client, package, wait_for_agent_s=5, poll_s=0.01, say=lines.append)
+    assert job == package.submission_id and client.attempts == 3
+    assert len(lines) == 2 and "attempt 1" in lines[0] and "attempt 2" in lines[1]
+    assert all("job agent is not ready" in line for line in lines)
+
+
+def test_submit_gives_up_on_the_job_agent_with_one_line_exit_1(package, capsys) -> None:
+    from rayft.cluster.cli import report_error
+    from rayft.cluster.errors import ClusterError
+    from rayft.cluster.submit import submit_package
+
+    lines: list[str] = []
+    with pytest.raises(ClusterError) as err:
+        submit_package(
+            AgentStartingClient(ready_after=10**6),
+            package,
+            wait_for_agent_s=0.05,
+            poll_s=0.01,
+            say=lines.append,
+        )
+    assert lines and "no job agent ready" in str(err.value)
+    assert report_error(err.value) == 1
+    printed = capsys.readouterr().err
+    assert printed.count("\n") == 1 and "Traceback" not in printed
+    assert "no job agent ready" in printed and "submit again" in printed

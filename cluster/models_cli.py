@@ -1,0 +1,42 @@
+"""``rayft models {list,pull,export}``: builtin, cached and published models."""
+
+from __future__ import annotations
+
+import argparse
+
+from rayft.cluster.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``models`` and its sub-commands to the ``rayft`` parser."""
+    p = sub.add_parser("models", help="builtin and published models")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="builtin and cached models")
+    pp = msub.add_parser("pull", help="fetch/convert a builtin model into the cache")
+    pp.add_argument("name")
+    pe = msub.add_parser("export", help="merge an adapter into its base model")
+    pe.add_argument("name", help="published adapter name")
+    pe.add_argument("--merge", required=True, metavar="OUT", help="output HF model directory")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models, pull a builtin one into the cache, or merge an adapter into its base."""
+    from rayft.trainers.models import list_models, pull_builtin
+
+    if args.models_cmd == "list":
+        rows = list_models()
+        width = max(len(r["name"]) for r in rows)
+        for row in rows:
+            print(f"{row['name']:<{width}}  {row['kind']:<9}  {row['state']:<10}  {row['about']}")
+        return 0
+    if args.models_cmd == "pull":
+        print(pull_builtin(args.name))
+        return 0
+    if args.models_cmd == "export":
+        from rayft.trainers.export import export_merged
+
+        out = export_merged(args.name, args.merge)
+        print(f"merged model written to {out}")
+        return 0
+    raise UserError("rayft models needs one of: list, pull NAME, export NAME --merge OUT")

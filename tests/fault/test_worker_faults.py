@@ -1,0 +1,233 @@
+"""Faults during fine-tuning: a killed worker, corrupted checkpoints; what survives them.
+
+A 2-worker tiny-llama LoRA run (8 steps, a checkpoint every 2) on a local Ray cluster
+with real DeepSpeed engines is compared with the same run left alone: the same final
+step, the same samples in the same order on every rank, the same final eval loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle
+
+from rayft.trainers.config import validate_spec
+from rayft.trainers.driver import run_training
+from rayft.trainers.loop import InterruptedRun, LoopCallback, TrainerState
+
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
+
+# Workers unpickle this module's callbacks without importing the test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+STEPS = 8
+EVERY = 2
+PAIRS = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow")]
+
+
+class PidAfterCheckpoint(LoopCallback):
+    """On ``rank`` after the checkpoint of ``step``: write this worker's pid and wait.
+
+    The test kills the process by that pid; the file also marks that the fault happened,
+    so the restarted worker does not wait again.
+    """
+
+    def __init__(self, step: int, rank: int, pid_file: str) -> None:
+        self.step, self.rank, self.pid_file = step, rank, pid_file
+
+    def on_checkpoint(self, state: TrainerState) -> None:
+        import ray.train
+
+        if state.step != self.step or ray.train.get_context().get_world_rank() != self.rank:
+            return
+        if os.path.exists(self.pid_file):
+            return
+        tmp = self.pid_file + ".tmp"
+        Path(tmp).write_text(str(os.getpid()))
+        os.replace(tmp, self.pid_file)
+        time.sleep(120)  # killed long before this ends
+
+
+class StopAfterCheckpoint(LoopCallback):
+    """Stops the run right after the checkpoint of ``step``, as a crash there would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_checkpoint(self, state: TrainerState) -> None:
+        if state.step >= self.step:
+            raise InterruptedRun(state.step)
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "colors.jsonl"
+    with open(path, "w") as handle:
+        for i in range(80):
+            color, thing = PAIRS[i % len(PAIRS)]
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"name a {color} thing"},
+                    {"role": "assistant", "content": f"the {thing} is {color}"},
+                ]
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from rayft.cluster.connect import connect
+
+    connect(None)
+    yield
+    ray.shutdown()
+
+
+def make_spec(chat_file: Path, name: str, max_failures: int = 3):
+    return validate_spec(
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {
+                "train": str(chat_file),
+                "format": "chat",
+                "max_seq_len": 64,
+                "eval_fraction": 0.15,
+            },
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "deepspeed": {"zero_stage": 2},
+            "optim": {
+                "lr": 3e-3,
+                "max_steps": STEPS,
+                "batch_size": 4,
+                "warmup_ratio": 0.0,
+                "scheduler": "constant",
+            },
+            "scaling": {"num_workers": 2, "max_failures": max_failures},
+            "checkpoint": {"every_steps": EVERY, "keep": 4},
+            "eval": {"every_steps": 4, "at_start": False},
+            "output": {"name": name, "overwrite": True},
+        }
+    )
+
+
+def read_order(run_dir: Path) -> dict[str, list[tuple[int, list]]]:
+    logs = {}
+    for path in sorted((run_dir / "data_order").glob("rank*.jsonl")):
+        entries = [json.loads(line) for line in path.read_text().splitlines()]
+        logs[path.name] = [(e["step"], e["samples"]) for e in entries]
+    return logs
+
+
+@pytest.fixture(scope="module")
+def straight(ray_cluster, chat_file, rayft_home):
+    """The uninterrupted run everything is compared with."""
+    outcome = run_training(make_spec(chat_file, "faults-straight"), show_progress=False)
+    return outcome, read_order(rayft_home / "runs" / outcome.run_id)
+
+
+def assert_same_run(outcome, order, straight) -> None:
+    reference, reference_order = straight
+    assert outcome.metrics["step"] == reference.metrics["step"] == STEPS
+    assert set(order) == {"rank0.jsonl", "rank1.jsonl"}
+    assert order == reference_order  # same samples, same steps, every rank
+    assert outcome.evals()[-1]["eval_loss"] == pytest.approx(
+        reference.evals()[-1]["eval_loss"], abs=1e-3
+    )
+
+
+def test_killed_worker_restarts_from_its_checkpoint_and_finishes_the_same_run(
+    straight, chat_file, rayft_home, tmp_path, capsys
+):
+    pid_file = tmp_path / "rank1.pid"
+    killed: list[int] = []
+
+    def kill_when_ready() -> None:
+        deadline = time.time() + 150
+        while time.time() < deadline and not pid_file.exists():
+            time.sleep(0.1)
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_when_ready, daemon=True)
+    killer.start()
+    outcome = run_training(
+        make_spec(chat_file, "faults-killed"),
+        run_id="faults-killed-run",
+        show_progress=False,
+        loop_callbacks=[PidAfterCheckpoint(4, 1, str(pid_file))],
+    )
+    killer.join(timeout=5)
+    assert killed, "the rank-1 worker never reached the checkpoint of step 4"
+
+    lines = [
+        ln
+        for ln in capsys.readouterr().err.splitlines()
+        if ln.startswith("[rayft]") and "restarting" in ln
+    ]
+    # Killed right after checkpoint 4: nothing past it is lost, nothing before it redone.
+    assert lines == ["[rayft] worker 1 lost, restarting from step 4"]
+    assert_same_run(outcome, read_order(rayft_home / "runs" / "faults-killed-run"), straight)
+
+
+def corrupt(rayft_home: Path, run_id: str) -> dict[int, Path]:
+    """Truncate a file of the newest checkpoint and flip one byte in the one before."""
+    by_step = {}
+    for ckpt in sorted((rayft_home / "runs" / run_id).glob("checkpoint_*")):
+        by_step[json.loads((ckpt / "trainer_state.json").read_text())["step"]] = ckpt
+    model = by_step[6] / "state" / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    shard = by_step[4] / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    return by_step
+
+
+def test_resume_refuses_corrupted_checkpoints_and_continues_from_a_complete_one(
+    straight, chat_file, rayft_home, capsys
+):
+    spec = make_spec(chat_file, "faults-corrupt", max_failures=0)
+    with pytest.raises((ray.train.TrainingFailedError, RuntimeError)):
+        run_training(
+            spec,
+            run_id="faults-corrupt-run",
+            show_progress=False,
+            loop_callbacks=[StopAfterCheckpoint(6)],
+        )
+    by_step = corrupt(rayft_home, "faults-corrupt-run")
+    assert sorted(by_step) == [2, 4, 6]
+    capsys.readouterr()
+
+    resumed = run_training(spec, run_id="faults-corrupt-run", resume=True, show_progress=False)
+    refused = [
+        ln
+        for ln in capsys.readouterr().err.splitlines()
+        if ln.startswith("[rayft]") and "refused" in ln
+    ]
+    assert refused == [
+        f"[rayft] checkpoint {by_step[6].name} refused: state/mp_rank_00_model_states.pt has "
+        f"100 bytes, {_written_size(by_step[6])} were written; resuming from the previous "
+        "complete one",
+        f"[rayft] checkpoint {by_step[4].name} refused: state/zero_pp_rank_1_mp_rank_00_optim_"
+        "states.pt has a different sha256 than was written; resuming from the previous "
+        "complete one",
+    ]
+    train_steps = [r["step"] for r in resumed.history if r["kind"] == "train"]
+    assert train_steps == list(range(1, STEPS + 1))  # steps 3.. were trained again from 2
+    assert_same_run(resumed, read_order(rayft_home / "runs" / "faults-corrupt-run"), straight)
+
+
+def _written_size(ckpt: Path) -> int:
+    manifest = json.loads((ckpt / "rayft_manifest.rank0.json").read_text())
+    return manifest["files"]["state/mp_rank_00_model_states.pt"]["size"]
