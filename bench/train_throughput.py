@@ -1,7 +1,8 @@
 """Training throughput: rayft LoRA fine-tuning against TRL and a plain HF Trainer.
 
     RAYFT_HOME=/tmp/rfhome .venv/bin/python bench/train_throughput.py [--tokens 24000]
-        [--max-seq-len 512] [--batch-size 4] [--workers 1] [--skip-peers | --skip-trl] [--json OUT]
+        [--max-seq-len 512] [--batch-size 4] [--workers 1] [--skip-peers | --skip-trl]
+        [--gradient-checkpointing] [--json OUT]
 
 Fine-tunes ``smollm2-135m-instruct`` on the same rows of ``bench/data/chat_varlen.jsonl``
 (variable-length chats, 38-381 tokens) three ways, one after another on this machine:
@@ -212,7 +213,13 @@ def in_fresh_process(fn_name: str, *args: Any) -> PathResult:
 
 
 def run_rayft(
-    rows: list[str], model_dir: Path, workers: int, batch_size: int, max_seq_len: int, work: Path
+    rows: list[str],
+    model_dir: Path,
+    workers: int,
+    batch_size: int,
+    max_seq_len: int,
+    work: Path,
+    checkpointing: bool = False,
 ) -> PathResult:
     """Train with ``run_training`` on the embedded local Ray cluster."""
     import ray
@@ -247,6 +254,7 @@ def run_rayft(
                 "weight_decay": 0.0,
                 "max_grad_norm": 1.0,
                 "seed": SEED,
+                "gradient_checkpointing": checkpointing,
             },
             "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": False},
             "logging": {"every_steps": 1},
@@ -272,7 +280,10 @@ def run_rayft(
     seen = [0] + [int(r["tokens_seen"]) for r in records]
     step_tokens = [seen[i + 1] - seen[i] for i in range(len(records))]
     step_s = [t / r["tokens_per_s"] for t, r in zip(step_tokens, records, strict=True)]
-    setup = f"{workers} worker(s) x {cpus} CPU (torch threads {cpus}), ZeRO-2, packed, embedded Ray"
+    setup = (
+        f"{workers} worker(s) x {cpus} CPU (torch threads {cpus}), ZeRO-2, packed, "
+        f"gradient_checkpointing={checkpointing}, embedded Ray"
+    )
     result = steady_state("rayft", setup, step_tokens, step_s)
     result.peak_rss_mb = max(json.loads(p.read_text())["mb"] for p in peaks.glob("rank*.json"))
     return result
@@ -474,6 +485,11 @@ def main() -> None:
     )
     parser.add_argument("--skip-peers", action="store_true", help="only run rayft (quick check)")
     parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="rayft recomputes activations in backward (less memory, ~10-30%% slower)",
+    )
+    parser.add_argument(
         "--skip-trl", action="store_true", help="run rayft and the HF Trainer only (no TRL)"
     )
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
@@ -512,7 +528,13 @@ def main() -> None:
     try:
         print(f"\n[a] rayft ({args.workers} worker(s)) ...", flush=True)
         results["rayft"] = run_rayft(
-            rows, model_dir, args.workers, args.batch_size, args.max_seq_len, work
+            rows,
+            model_dir,
+            args.workers,
+            args.batch_size,
+            args.max_seq_len,
+            work,
+            args.gradient_checkpointing,
         )
         if not args.skip_peers and not args.skip_trl:
             print("\n[b] TRL SFTTrainer ...", flush=True)

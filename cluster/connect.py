@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from rayft.cluster.console import is_verbose, quiet_ray_libraries
 from rayft.cluster.errors import UserError
+from rayft.cluster.job_start import COPY_ENV, WORKER_SETUP_HOOK
 
 
 def embedded_cpus() -> int:
@@ -43,8 +44,11 @@ def connect(address: str | None = None, quiet: bool | None = None) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     # Keep every socket on loopback unless the user points at a remote cluster.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    runtime_env: dict[str, object] = {"env_vars": _forwarded_env()}
+    if os.environ.get(COPY_ENV):  # a submitted job's driver: its workers leave Ray's dir too
+        runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
     options = {
-        "runtime_env": {"env_vars": _forwarded_env()},
+        "runtime_env": runtime_env,
         "log_to_driver": not quiet,
         "logging_level": "ERROR" if quiet else "INFO",
     }

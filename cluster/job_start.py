@@ -18,7 +18,9 @@ So before anything else the job's driver:
    later import, file or ``os.getcwd()`` touches Ray's directory again.
 
 Only a job started by ``rayft submit`` does this (``build_package`` sets
-:data:`JOB_ENV`); the private copy is removed when the job's driver exits.
+:data:`JOB_ENV`); the private copy is removed when the job's driver exits. The job's
+workers leave the directory too, at start (:func:`leave_ray_working_dir`, Ray's
+``worker_process_setup_hook``).
 """
 
 from __future__ import annotations
@@ -139,6 +141,21 @@ def leave_working_dir(argv: list[str]) -> None:
     # ``-m`` puts the current directory (the private copy) first on sys.path, so the
     # shipped rayft code is imported from there from now on.
     os.execv(sys.executable, [sys.executable, "-m", "rayft.cluster.cli", *argv])
+
+
+WORKER_SETUP_HOOK = "rayft.cluster.job_start.leave_ray_working_dir"
+"""Ray's ``worker_process_setup_hook`` for the workers of a submitted job (set by ``connect``)."""
+
+
+def leave_ray_working_dir() -> None:
+    """Move a worker process of a submitted job out of Ray's working directory.
+
+    Ray starts the job's workers (Ray Train workers, Ray Data tasks) inside the job's
+    ``working_dir`` too. Their imports come from ``PYTHONPATH``; their current
+    directory only has to exist, and the temp dir does on every node. (Libraries call
+    ``os.getcwd()`` on import: transformers resolves ``Path("src")``.)
+    """
+    os.chdir(tempfile.gettempdir())
 
 
 def remove_private_copy() -> None:

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also show Ray's worker logs and warnings"
+    )
+    parser.add_argument(
         "--prompt",
         default=(
             "Extract the person's name, age, city and job from the text as JSON.\n\n"
@@ -61,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from rayft.cluster.connect import connected
+    from rayft.cluster.console import configure
     from rayft.serving.client import serve_and_ask
     from rayft.serving.evaluation import read_rows
     from rayft.trainers.config import load_spec
     from rayft.trainers.driver import run_training
 
+    configure(verbose=args.verbose)
     spec = load_spec(args.config, args.overrides)
     if spec.data.eval is None:
         print("the quick-start job needs data.eval to compare before and after", file=sys.stderr)

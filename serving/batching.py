@@ -64,12 +64,19 @@ class DecodeLoop:
         Raises:
             RequestTimeout: ``fn`` did not finish within ``request_timeout_s`` (it still
                 runs to its end on the engine's thread; its result is dropped).
+            ServingError: What ``fn`` raised for its input, or a 503 ``engine_error``
+                when it failed in any other way.
         """
         work = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         try:
             return await asyncio.wait_for(work, self.request_timeout_s)
         except asyncio.TimeoutError:
             raise self._timeout() from None
+        except ServingError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the engine failed, not the request
+            log.exception("%s failed on the engine thread", getattr(fn, "__name__", fn))
+            raise engine_error(err, getattr(fn, "__name__", "engine work")) from None
 
     async def stream(
         self, requests: list[GenerationRequest]

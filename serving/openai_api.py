@@ -17,7 +17,11 @@ turns encoded prompts and sampling settings into a response or an SSE stream.
 Streams are ``data: {chunk}\\n\\n`` lines ending with ``data: [DONE]\\n\\n``, as OpenAI
 sends them. Every error is ``{"error": {"message", "type", "param", "code"}}``: malformed
 JSON is 400, a body that does not fit the schema 422, unknown models 404, adapters of
-another base 409, oversized bodies 413, a full queue 429, missing/wrong API key 401.
+another base 409, an adapter whose manifest is unreadable 422, oversized bodies (declared
+or chunked) 413, a full queue 429 with ``Retry-After``, missing/wrong API key 401, a
+failure inside the engine 503 ``engine_error``, a request past its deadline 503
+``request_timeout``. A stream that fails after its headers ends with one error event,
+then ``data: [DONE]``.
 Request fields that OpenAI defines but rayft does not use (``user``, ``metadata`` ...)
 are accepted and ignored, so unchanged OpenAI clients work.
 """

@@ -11,8 +11,8 @@ A checkpoint is resumed from only when every rank's manifest is there and every 
 it lists has its size and sum: DeepSpeed's optimizer states are pickles, so nothing is
 loaded that the run did not write and checksum itself. Files no manifest lists are
 refused too (they were not written by the run). :func:`verify_checkpoint` says what is
-wrong; :func:`resumable` walks a run's checkpoints newest first and returns the first
-verified one, with the reasons the newer ones were refused.
+wrong; :func:`resume_candidates` lists a run's checkpoints newest first; the training loop
+resumes from the first that verifies and reports why the newer ones were refused.
 """
 
 from __future__ import annotations
@@ -157,37 +157,61 @@ class Refusal:
         return f"checkpoint {self.name} refused: {shown}{more}"
 
 
-def run_checkpoints(checkpoint: Any) -> list[Any]:
-    """``checkpoint`` and every older ``checkpoint_*`` beside it in storage, newest first.
+def checkpoints_in(filesystem: Any, directory: str, before: str | None = None) -> list[Any]:
+    """The ``checkpoint_*`` directories in a run's storage directory, newest first.
 
     Args:
-        checkpoint: A ``ray.train.Checkpoint`` in a run's storage directory (Ray Train
-            writes ``<storage>/<run name>/checkpoint_<timestamp>``).
+        filesystem: A ``pyarrow.fs.FileSystem`` (local, S3, GCS, ...).
+        directory: The run's directory on it (Ray Train writes
+            ``<storage>/<run name>/checkpoint_<timestamp>``).
+        before: Only names that sort before this one (older checkpoints).
 
     Returns:
-        ``ray.train.Checkpoint`` objects on the same filesystem.
+        ``ray.train.Checkpoint`` objects on ``filesystem``.
     """
     import pyarrow.fs
     import ray.train
 
-    fs = checkpoint.filesystem
-    path = checkpoint.path.rstrip("/")
-    parent, own = os.path.dirname(path), os.path.basename(path)
-    if not own.startswith(CHECKPOINT_PREFIX):
-        return [checkpoint]
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    directory = directory.rstrip("/")
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, allow_not_found=True))
     names = sorted(
         (
             info.base_name
             for info in infos
             if info.type == pyarrow.fs.FileType.Directory
             and info.base_name.startswith(CHECKPOINT_PREFIX)
-            and info.base_name < own
+            and (before is None or info.base_name < before)
         ),
         reverse=True,
     )
-    older = [ray.train.Checkpoint(f"{parent}/{name}", filesystem=fs) for name in names]
-    return [checkpoint, *older]
+    return [ray.train.Checkpoint(f"{directory}/{name}", filesystem=filesystem) for name in names]
+
+
+def resume_candidates(registered: Any, start_from: Any, run_storage: Any) -> list[Any]:
+    """The checkpoints a (re)starting run tries, newest first; the first verified one wins.
+
+    Ray Train's ``get_checkpoint()`` hands over only the newest checkpoint it registered,
+    and one a worker finished just before it was lost may be complete in storage without
+    being registered. So every checkpoint directory of the run counts.
+
+    Args:
+        registered: ``ray.train.get_checkpoint()`` (or ``None``).
+        start_from: Another run's ``ray.train.Checkpoint`` to start from when Ray Train
+            registered none for this run (population-based training), or ``None``; only
+            it and older ones beside it are tried, never that run's later checkpoints.
+        run_storage: ``(filesystem, directory)`` of this run in storage, or ``None``.
+    """
+    if registered is None and start_from is not None:
+        parent = os.path.dirname(start_from.path.rstrip("/"))
+        name = checkpoint_name(start_from)
+        older = checkpoints_in(start_from.filesystem, parent, before=name)
+        return [start_from, *(older if name.startswith(CHECKPOINT_PREFIX) else [])]
+    own = checkpoints_in(*run_storage) if run_storage is not None else []
+    if registered is not None and checkpoint_name(registered) not in {
+        checkpoint_name(c) for c in own
+    }:
+        own = sorted([*own, registered], key=checkpoint_name, reverse=True)
+    return own
 
 
 def checkpoint_name(checkpoint: Any) -> str:

@@ -280,7 +280,8 @@ def _fit_with_progress(trainer: Any, sink: Any, progress: Any, runlog: RunLog) -
     from rayft.trainers.restarts import Notices
 
     result_box: dict[str, Any] = {}
-    notices = Notices()  # restarts and refused checkpoints: one line each
+    # Restarts and refused checkpoints: one line each, printed above the progress bar.
+    notices = Notices(say=progress.write)
 
     def fit() -> None:
         try:

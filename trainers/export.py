@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rayft.trainers.registry import RegistryError, read_manifest, resolve_adapter
+from rayft.trainers.storage import StorageRoot
 
 
-def export_merged(name: str, out: str | Path, storage: str | None = None) -> Path:
+def export_merged(name: str, out: str | Path, storage: StorageRoot | str | None = None) -> Path:
     """Write adapter ``name`` merged into its base as safetensors + tokenizer under ``out``.
 
     Refuses a non-empty ``out`` so nothing already written is overwritten.
@@ -21,9 +22,11 @@ def export_merged(name: str, out: str | Path, storage: str | None = None) -> Pat
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RegistryError(f"{out} exists and is not empty; choose a new directory for --merge")
-    adapter_dir = resolve_adapter(name, storage)
+    root = StorageRoot.resolve(storage)
+    adapter_dir = resolve_adapter(name, root)
     manifest = read_manifest(adapter_dir)
-    base_dir = resolve_model(manifest.get("base_model") or _base_from_config(adapter_dir))
+    base = manifest.get("base_model") or _base_from_config(adapter_dir)
+    base_dir = resolve_model(base, root.models, root)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)

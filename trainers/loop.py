@@ -240,21 +240,23 @@ def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
 def restore(worker: Worker) -> TrainerState:
     """Load the newest verified checkpoint into the engine; a fresh state if there is none.
 
-    The candidates are the run's newest checkpoint (``ray.train.get_checkpoint()``, or
-    ``start_from`` for a run that has none yet) and the older ones beside it in storage.
-    Each is verified against its manifests (``trainers.checkpoints``) on every worker; the
-    first that verifies everywhere is loaded, and every newer one is reported as refused.
+    The candidates are the run's checkpoints in storage, newest first (or ``start_from``
+    and older ones beside it, for a run that has none yet; see
+    ``trainers.checkpoints.resume_candidates``). Each is verified against its manifests
+    on every worker; the first that verifies everywhere is loaded, and every newer one
+    is reported as refused.
 
     Raises:
         RuntimeError: Checkpoints exist but none verifies.
     """
     import ray.train
 
-    from rayft.trainers.checkpoints import checkpoint_name, run_checkpoints, verify_checkpoint
+    from rayft.trainers.checkpoints import checkpoint_name, resume_candidates, verify_checkpoint
 
-    newest = ray.train.get_checkpoint() or worker.inputs.start_from
+    registered = ray.train.get_checkpoint()
+    candidates = resume_candidates(registered, worker.inputs.start_from, _run_storage())
     state, refused = None, []
-    for candidate in run_checkpoints(newest) if newest is not None else []:
+    for candidate in candidates:
         with candidate.as_directory() as ckpt_dir:
             problems = verify_checkpoint(ckpt_dir)
             # Every worker must load the same checkpoint: one refusal anywhere refuses it.
@@ -266,7 +268,7 @@ def restore(worker: Worker) -> TrainerState:
         notify(
             worker, {"kind": "checkpoint_refused", "checkpoint": refused[-1], "problems": problems}
         )
-    if newest is not None and state is None:
+    if candidates and state is None:
         raise RuntimeError(
             f"no checkpoint of this run verifies (refused: {', '.join(refused)}); start a new "
             "run, or restore the checkpoint files from a copy"
@@ -274,6 +276,17 @@ def restore(worker: Worker) -> TrainerState:
     state = state or TrainerState()
     notify(worker, {"kind": "worker_start", "step": state.step})
     return state
+
+
+def _run_storage() -> tuple[Any, str] | None:
+    """This run's ``(pyarrow filesystem, directory)`` in Ray Train's storage, if it says."""
+    import ray.train
+
+    try:
+        storage = ray.train.get_context().get_storage()
+        return storage.storage_filesystem, storage.experiment_fs_path
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def load_checkpoint(worker: Worker, ckpt_dir: Path) -> TrainerState:

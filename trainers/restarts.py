@@ -16,6 +16,7 @@ kinds of record reach the driver through the run's progress actor:
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,29 @@ WORKER_START = "worker_start"
 CHECKPOINT_REFUSED = "checkpoint_refused"
 NOTICE_KINDS = (WORKER_LOST, WORKER_START, CHECKPOINT_REFUSED)
 _MESSAGE_CHARS = 160
+# What a surviving worker raises when a peer of its collectives disappears.
+_PEER_GONE = re.compile(
+    r"connection (closed|reset) by peer|broken pipe|gloo|nccl|process ?group", re.IGNORECASE
+)
+
+
+def lost_ranks(errors: dict[int, BaseException], world_size: int, died: set[int]) -> list[int]:
+    """The ranks that were lost, from the errors one poll of the worker group found.
+
+    Args:
+        errors: World rank to the error that rank's worker reported.
+        world_size: Workers in the group.
+        died: Ranks whose worker process is known dead (``RayActorError``).
+
+    A worker whose process died is lost. When the controller sees the survivors' errors
+    first (their collectives lost a peer) before it notices the death, the ranks that
+    reported nothing are the lost ones.
+    """
+    if died:
+        return sorted(died)
+    if errors and all(_PEER_GONE.search(str(err)) for err in errors.values()):
+        return [rank for rank in range(world_size) if rank not in errors]
+    return []
 
 
 def failure_notices(sink: str) -> Any:
@@ -40,9 +64,9 @@ def failure_notices(sink: str) -> Any:
         def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
             import ray
 
-            # A dead worker's peers fail too (their collectives lose a member); the dead
-            # ones are what was lost.
-            lost = sorted(r for r, e in worker_exceptions.items() if isinstance(e, RayActorError))
+            died = {r for r, e in worker_exceptions.items() if _process_gone(e, RayActorError)}
+            world = run_context.scaling_config.num_workers
+            lost = lost_ranks(worker_exceptions, world, died)
             failed = {
                 int(rank): f"{type(err).__name__}: {err}"[:_MESSAGE_CHARS]
                 for rank, err in worker_exceptions.items()
@@ -55,6 +79,13 @@ def failure_notices(sink: str) -> Any:
                 pass  # the driver has gone: nobody is left to tell
 
     return FailureNotices()
+
+
+def _process_gone(error: BaseException, actor_error: type) -> bool:
+    """Whether a worker's error says its process died or stopped answering."""
+    # Ray Train wraps a dead actor's RayActorError in its health-check error.
+    cause = getattr(error, "health_check_failure", error)
+    return isinstance(cause, actor_error) or type(error).__name__ == "WorkerHealthCheckTimeoutError"
 
 
 def _stderr(line: str) -> None:

@@ -190,6 +190,18 @@ def test_engine_failure_answer_is_503_engine_error_in_openais_shape(server):
     assert "prefill" in error["message"]
 
 
+def test_evaluation_failure_is_503_engine_error_and_the_next_one_succeeds(server):
+    url, service = server
+    body = {"model": "tiny-llama", "rows": [{"prompt": "one two", "completion": " three"}]}
+    with failing(service.engine, "prefill") as fault:
+        response = httpx.post(f"{url}/v1/evaluations", json=body, timeout=60)
+    assert fault.fired
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "engine_error"
+    again = httpx.post(f"{url}/v1/evaluations", json=body, timeout=60)
+    assert again.status_code == 200 and again.json()["tokens"] > 0
+
+
 def test_every_request_ends_by_its_deadline(server):
     url, service = server
     service.loop.request_timeout_s = 0.5

@@ -218,3 +218,29 @@ def test_every_source_kind_reads_the_same_rows(ray_local: None, tmp_path: Path) 
     assert [row for _, row in reference] == rows
     for name, got in seen.items():
         assert got == reference, name
+
+
+def test_each_source_is_scanned_once_per_run(
+    ray_local, train_file, tiny_model_dir, tmp_path, monkeypatch
+):
+    """The CLI's early check hands its scan to the run: no file is read a second time."""
+    import rayft.trainers.data as data
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in chat_rows()[:8]))
+    spec = validate_spec(
+        {"data": {"train": str(train_file), "eval": str(eval_file), "max_seq_len": MAX_SEQ_LEN}}
+    )
+    scanned_paths: list[str] = []
+    real = data.scan_source
+
+    def counting(path: str, fmt: str = "auto") -> data.SourceReport:
+        scanned_paths.append(path)
+        return real(path, fmt)
+
+    monkeypatch.setattr(data, "scan_source", counting)
+    scanned = data.scan_sources(spec)
+    prepared = data.build_datasets(spec, str(tiny_model_dir), scanned)
+    assert scanned_paths == [str(train_file), str(eval_file)]
+    assert prepared.reports == [*scanned.train, *scanned.eval]
+    assert prepared.eval.count() > 0 and prepared.train.count() > 0

@@ -177,3 +177,25 @@ def test_a_dead_or_silent_driver_reads_as_interrupted() -> None:
     assert live_state(elsewhere) == RUNNING
     assert live_state(elsewhere, now=now + STALE_AFTER_S + 1) == INTERRUPTED
     assert live_state({"state": "finished", "pid": dead.pid, "host": here}) == "finished"
+
+
+def test_jobs_status_and_logs_of_a_run_read_its_storage(tmp_path: Path) -> None:
+    from rayft.cluster.jobs import format_view, run_logs, run_view
+    from rayft.cluster.submit import SubmitError
+
+    root = StorageRoot.resolve(str(tmp_path / "root"))
+    log = RunLog(root, "r2")
+    log.start(run_id="r2", total_steps=8)
+    log.progress({"kind": "train", "step": 3, "total_steps": 8, "loss": 2.0})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    log.update(pid=dead.pid)  # the driver that wrote this record is gone
+    view = run_view(root.location, "r2")
+    assert view.state == INTERRUPTED and view.step == 3 and view.total_steps == 8
+    text = format_view(view)
+    assert "state     interrupted" in text and "rayft train --resume r2" in text
+    lines = run_logs(root.location, "r2").splitlines()
+    assert [line.split()[1] for line in lines] == ["state", "train"]
+    assert "loss 2" in lines[1]
+    with pytest.raises(SubmitError, match="no run 'nope'"):
+        run_view(root.location, "nope")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -421,8 +422,6 @@ def test_job_leaves_the_working_dir_and_reads_shipped_data_from_storage(
     assert shipped.read_text() == (files / "train.jsonl").read_text()
     validate_spec(yaml.safe_load((private / "spec.yaml").read_text()))
     # Ray's directory may vanish now: nothing the job reads is in it any more.
-    import shutil
-
     shutil.rmtree(package.workdir)
     assert shipped.is_file() and (private / "spec.yaml").is_file()
 
@@ -485,3 +484,21 @@ def test_submit_gives_up_on_the_job_agent_with_one_line_exit_1(package, capsys) 
     printed = capsys.readouterr().err
     assert printed.count("\n") == 1 and "Traceback" not in printed
     assert "no job agent ready" in printed and "submit again" in printed
+
+
+def test_job_workers_leave_a_removed_working_dir(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import tempfile
+
+    from rayft.cluster.job_start import WORKER_SETUP_HOOK, leave_ray_working_dir
+
+    gone = tmp_path / "_ray_pkg_x"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # what another node's agent does to a shared working dir
+    with pytest.raises(FileNotFoundError):
+        os.getcwd()
+    leave_ray_working_dir()
+    assert os.getcwd() == os.path.realpath(tempfile.gettempdir())
+    module, _, name = WORKER_SETUP_HOOK.rpartition(".")
+    assert getattr(__import__(module, fromlist=[name]), name) is leave_ray_working_dir
