@@ -98,15 +98,16 @@ class DecodeLoop:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout_s
         queue: asyncio.Queue = asyncio.Queue()
-        ids = []
+        routed: list[int] = []
+        remaining: dict[int, int] = {}  # request id -> index, until its row finished
         try:
             for index, request in enumerate(requests):
                 rid = self.engine.submit(request)
                 self._routes[rid] = (queue, index)
-                ids.append(rid)
+                routed.append(rid)
+                remaining[rid] = index
             assert self._wake is not None
             self._wake.set()
-            remaining = dict(zip(ids, range(len(ids)), strict=True))
             while remaining:
                 try:
                     rid, index, out = await asyncio.wait_for(
@@ -115,16 +116,16 @@ class DecodeLoop:
                 except asyncio.TimeoutError:
                     timeout = self._timeout()
                     for rid, index in list(remaining.items()):
-                        del remaining[rid]
                         yield index, _failed(rid, requests[index], timeout)
-                    return
+                    return  # the rows still unfinished are cancelled below
                 if out.finished:
                     remaining.pop(rid, None)
                 yield index, out
         finally:
-            for rid in ids:
-                if self._routes.pop(rid, None) is not None:
-                    self.engine.cancel(rid)
+            for rid in routed:
+                self._routes.pop(rid, None)
+            for rid in remaining:
+                self.engine.cancel(rid)
 
     def _timeout(self) -> RequestTimeout:
         return RequestTimeout(

@@ -149,11 +149,11 @@ async def models(service: ModelService = Depends(get_service)) -> dict[str, Any]
 
 @router.get("/v1/models/{model:path}")
 async def model(model: str, service: ModelService = Depends(get_service)) -> dict[str, Any]:
-    """One model object; 400/404/409 say why a name is not servable here."""
+    """One model object; 400/404/409/422 say why a name is not servable here."""
     for entry in service.list_models():
         if entry["id"] == model:
             return entry
-    service.adapter_for(model)  # raises the precise 400/404/409
+    service.adapter_for(model)  # raises the precise 400/404/409/422
     raise BadRequest(f"model {model!r} is not servable here", param="model")
 
 

@@ -36,6 +36,7 @@ from rayft.trainers.storage import (
     atomic_write,
     new_version,
     new_version_dir,
+    staging_dir,
     swap_dir,
 )
 
@@ -374,9 +375,16 @@ def _download(
     version = published.get("version")
     # Artifacts published before versioned prefixes keep their files next to the pointer.
     relpath = _version_relpath(kind, name, version) if version else f"{folder(kind)}/{name}"
-    partial = path.parent / VERSIONS / name / (version or "")
-    if version and partial.exists():
-        shutil.rmtree(partial)  # an earlier download that did not finish
-    target = new_version_dir(path, version)
-    root.download_dir(relpath, target)
-    swap_dir(target, path)
+    final = path.parent / VERSIONS / name / (version or new_version())
+    if not final.is_dir():
+        # Downloaded into a private directory and renamed: a version directory is
+        # always complete, even with several processes syncing one mirror at once.
+        staging = staging_dir(final)
+        try:
+            root.download_dir(relpath, staging)
+            staging.rename(final)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not final.is_dir():
+                raise  # not a concurrent download that finished first
+    swap_dir(final, path)

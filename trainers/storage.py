@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ DEFAULT_HOME = ".rayft"
 DEFAULT_CACHE = "~/.cache/rayft"
 # Published directories keep their versions here, next to the name that links to one.
 VERSIONS = ".versions"
+# A hidden staging directory untouched for this long belongs to a process that died.
+STALE_STAGING_S = 3600.0
 
 
 class StorageError(OSError):
@@ -117,15 +120,25 @@ def swap_dir(staging: Path, target: Path) -> None:
 
 
 def _prune_versions(versions: Path, keep: set[str]) -> None:
+    now = time.time()
     for old in versions.iterdir():
-        if old.name not in keep:
-            shutil.rmtree(old, ignore_errors=True)
+        if old.name in keep:
+            continue
+        # ``.``-names are downloads in progress (``staging_dir``); only long-dead ones go.
+        if old.name.startswith(".") and now - old.stat().st_mtime < STALE_STAGING_S:
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(final: Path) -> Path:
+    """A private, hidden sibling of ``final`` to fill before renaming it to ``final``."""
+    path = final.with_name(f".{final.name}.partial-{os.getpid()}-{os.urandom(3).hex()}")
+    path.mkdir(parents=True)
+    return path
 
 
 def new_version() -> str:
     """A version name that sorts by creation time and never repeats."""
-    import time
-
     return f"{time.time_ns():020d}-{os.urandom(3).hex()}"
 
 

@@ -94,6 +94,7 @@ def test_generated_requests_get_no_5xx_and_openai_shaped_4xx(api_url):
             _check(case, seen)
 
         fuzz()
+    print(f"fuzzed {sum(seen.values())} requests: {dict(seen)}")
     assert set(seen) == labels
     assert sum(seen.values()) >= MIN_REQUESTS, seen
     assert httpx.get(f"{api_url}/health", timeout=30).json()["status"] == "ok"

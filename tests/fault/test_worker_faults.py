@@ -183,7 +183,9 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes_the_same_run(
 def corrupt(rayft_home: Path, run_id: str) -> dict[int, Path]:
     """Truncate a file of the newest checkpoint and flip one byte in the one before."""
     by_step = {}
-    for ckpt in sorted((rayft_home / "runs" / run_id).glob("checkpoint_*")):
+    for ckpt in sorted((rayft_home / "runs" / run_id).glob("checkpoint_*/")):
+        if not ckpt.is_dir():
+            continue  # Ray Train's checkpoint_manager_snapshot.json
         by_step[json.loads((ckpt / "trainer_state.json").read_text())["step"]] = ckpt
     model = by_step[6] / "state" / "mp_rank_00_model_states.pt"
     model.write_bytes(model.read_bytes()[:100])
