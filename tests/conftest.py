@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,40 @@ def tiny_model_dir(rayft_home: Path) -> Path:
     from rayft.trainers.models import pull_builtin
 
     return pull_builtin("tiny-llama")
+
+
+COLOR_THINGS = [
+    ("red", "apple"),
+    ("blue", "sky"),
+    ("green", "grass"),
+    ("white", "snow"),
+    ("black", "night"),
+    ("yellow", "sun"),
+    ("gray", "stone"),
+    ("pink", "rose"),
+]
+
+
+def write_color_chats(path: Path, rows: int, colors: int = len(COLOR_THINGS)) -> Path:
+    """A chat JSONL file of ``rows`` "name a <color> thing" exchanges over ``colors`` colours."""
+    pairs = COLOR_THINGS[:colors]
+    with open(path, "w") as handle:
+        for i in range(rows):
+            color, thing = pairs[i % len(pairs)]
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"name a {color} thing"},
+                    {"role": "assistant", "content": f"the {thing} is {color}"},
+                ]
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def color_chats():
+    """:func:`write_color_chats`, for modules that build their own training files."""
+    return write_color_chats
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -29,6 +29,10 @@ class ConfigError(ValueError):
         lines += [f"  {key or '<root>'}: {message}" for key, message in problems]
         super().__init__("\n".join(lines))
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Raised inside Ray workers and re-raised on the driver: rebuild from the pairs.
+        return type(self), (self.problems, self.source)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -146,11 +146,16 @@ def _read_json(root: StorageRoot, relpath: str) -> dict[str, Any]:
 
 
 def newest_checkpoint(root: StorageRoot, run_id: str) -> tuple[str, int] | None:
-    """``(location, step)`` of the newest checkpoint Ray Train registered for the run.
+    """``(location, step)`` of the newest complete checkpoint of the run: the one a resume takes.
 
-    Only checkpoints in Ray Train's snapshot are complete: a run stopped mid-upload
-    leaves a directory that a resume would not load.
+    Complete means every rank's checksum manifest is there (``trainers.checkpoints``;
+    a resume also checks the sums). A run whose checkpoints carry no manifests falls
+    back to the newest checkpoint Ray Train registered in its snapshot: a run stopped
+    mid-upload leaves a directory that a resume would not load.
     """
+    complete = _newest_with_manifests(root, run_id)
+    if complete is not None:
+        return complete
     snapshot = _read_json(root, f"runs/{run_id}/{SNAPSHOT_FILE}")
     latest = snapshot.get("latest_checkpoint_result") or {}
     name = latest.get("checkpoint_dir_name")
@@ -159,6 +164,22 @@ def newest_checkpoint(root: StorageRoot, run_id: str) -> tuple[str, int] | None:
     state = _read_json(root, f"runs/{run_id}/{name}/{TRAINER_STATE}")
     step = state.get("step", (latest.get("metrics") or {}).get("step", 0))
     return root.url(f"runs/{run_id}/{name}"), int(step)
+
+
+def _newest_with_manifests(root: StorageRoot, run_id: str) -> tuple[str, int] | None:
+    from rayft.trainers.checkpoints import CHECKPOINT_PREFIX, manifest_name
+
+    run = f"runs/{run_id}"
+    names = [n for n in root.list_dirs(run) if n.startswith(CHECKPOINT_PREFIX)]
+    for name in sorted(names, reverse=True):
+        first = _read_json(root, f"{run}/{name}/{manifest_name(0)}")
+        world = first.get("world_size")
+        if not isinstance(world, int) or world < 1:
+            continue
+        ranks = range(1, world)
+        if all(root.read(f"{run}/{name}/{manifest_name(r)}") is not None for r in ranks):
+            return root.url(f"{run}/{name}"), int(first.get("step", 0))
+    return None
 
 
 def checkpoint_history(root: StorageRoot, checkpoint: str) -> list[dict[str, Any]]:

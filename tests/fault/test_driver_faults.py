@@ -27,7 +27,6 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow]
 STEPS = 60
 EVERY = 5
 RUN_ID = "driver-kill-run"
-PAIRS = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow")]
 
 
 def cli(*args: str) -> list[str]:
@@ -50,16 +49,10 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=60)
 
 
-def test_killed_driver_is_interrupted_and_resume_finishes(rayft_home, tiny_model_dir, tmp_path):
-    data = tmp_path / "colors.jsonl"
-    with open(data, "w") as handle:
-        for i in range(64):
-            color, thing = PAIRS[i % len(PAIRS)]
-            messages = [
-                {"role": "user", "content": f"name a {color} thing"},
-                {"role": "assistant", "content": f"the {thing} is {color}"},
-            ]
-            handle.write(json.dumps({"messages": messages}) + "\n")
+def test_killed_driver_is_interrupted_and_resume_finishes(
+    rayft_home, tiny_model_dir, tmp_path, color_chats
+):
+    data = color_chats(tmp_path / "colors.jsonl", 64, colors=4)
     config = tmp_path / "job.yaml"
     spec = {
         "model": {"name": "tiny-llama"},

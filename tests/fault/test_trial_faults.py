@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -19,22 +18,6 @@ from rayft.trainers.config import validate_spec
 from rayft.trainers.registry import adapter_path
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
-
-PAIRS = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow")]
-
-
-def write_chat(path: Path) -> Path:
-    with open(path, "w") as handle:
-        for i in range(32):
-            color, thing = PAIRS[i % len(PAIRS)]
-            row = {
-                "messages": [
-                    {"role": "user", "content": f"name a {color} thing"},
-                    {"role": "assistant", "content": f"the {thing} is {color}"},
-                ]
-            }
-            handle.write(json.dumps(row) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +36,9 @@ def ray_cluster(rayft_home, tiny_model_dir):
 
 
 def test_a_crashing_trial_is_recorded_the_sweep_goes_on_and_resume_retries_it(
-    ray_cluster, rayft_home, tmp_path
+    ray_cluster, rayft_home, tmp_path, color_chats
 ) -> None:
-    good = write_chat(tmp_path / "colors.jsonl")
+    good = color_chats(tmp_path / "colors.jsonl", 32, colors=4)
     late = tmp_path / "late.jsonl"  # trial 0's data: missing when the sweep starts
     spec = validate_spec(
         {
@@ -93,7 +76,7 @@ def test_a_crashing_trial_is_recorded_the_sweep_goes_on_and_resume_retries_it(
     assert results["errored"] == [0]
 
     # The cause is fixed; resume retries the errored trial only.
-    write_chat(late)
+    color_chats(late, 32, colors=4)
     resumed = run_sweep(spec, sweep_id="crashy-sweep", resume=True, show_progress=False)
     assert {r["trial"]: r["state"] for r in resumed.rows} == {0: "finished", 1: "finished"}
     starts = {k: (trials / f"{k}.starts.jsonl").read_text().splitlines() for k in (0, 1)}

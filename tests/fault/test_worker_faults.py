@@ -29,7 +29,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 STEPS = 8
 EVERY = 2
-PAIRS = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow")]
 
 
 class PidAfterCheckpoint(LoopCallback):
@@ -67,19 +66,9 @@ class StopAfterCheckpoint(LoopCallback):
 
 
 @pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> Path:
+def chat_file(tmp_path_factory, color_chats) -> Path:
     path = tmp_path_factory.mktemp("data") / "colors.jsonl"
-    with open(path, "w") as handle:
-        for i in range(80):
-            color, thing = PAIRS[i % len(PAIRS)]
-            row = {
-                "messages": [
-                    {"role": "user", "content": f"name a {color} thing"},
-                    {"role": "assistant", "content": f"the {thing} is {color}"},
-                ]
-            }
-            handle.write(json.dumps(row) + "\n")
-    return path
+    return color_chats(path, 80, colors=4)
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,6 @@ from rayft.cluster.cli import main
 
 pytestmark = pytest.mark.slow
 
-PAIRS = [
-    ("red", "apple"),
-    ("blue", "sky"),
-    ("green", "grass"),
-    ("white", "snow"),
-    ("black", "night"),
-    ("yellow", "sun"),
-    ("gray", "stone"),
-    ("pink", "rose"),
-]
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -136,22 +125,9 @@ def _reload_ray_config() -> None:
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_file(tmp_path_factory: pytest.TempPathFactory, color_chats) -> Path:
     path = tmp_path_factory.mktemp("laptop") / "colors.jsonl"
-    with open(path, "w") as handle:
-        for i in range(64):
-            color, thing = PAIRS[i % len(PAIRS)]
-            handle.write(
-                json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": f"name a {color} thing"},
-                            {"role": "assistant", "content": f"the {thing} is {color}"},
-                        ]
-                    }
-                )
-                + "\n"
-            )
+    color_chats(path, 64)
     return path
 
 

@@ -31,32 +31,10 @@ class StopAfterCheckpoint(LoopCallback):
             raise InterruptedRun(state.step)
 
 
-PAIRS = [
-    ("red", "apple"),
-    ("blue", "sky"),
-    ("green", "grass"),
-    ("white", "snow"),
-    ("black", "night"),
-    ("yellow", "sun"),
-    ("gray", "stone"),
-    ("pink", "rose"),
-]
-
-
 @pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> Path:
+def chat_file(tmp_path_factory, color_chats) -> Path:
     path = tmp_path_factory.mktemp("data") / "colors.jsonl"
-    with open(path, "w") as handle:
-        for i in range(96):
-            color, thing = PAIRS[i % len(PAIRS)]
-            row = {
-                "messages": [
-                    {"role": "user", "content": f"name a {color} thing"},
-                    {"role": "assistant", "content": f"the {thing} is {color}"},
-                ]
-            }
-            handle.write(json.dumps(row) + "\n")
-    return path
+    return color_chats(path, 96)
 
 
 @pytest.fixture(scope="module")

@@ -156,3 +156,12 @@ def test_every_example_config_validates_and_names_its_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# rayft ") and path.name in first
     load_spec(path)
+
+
+def test_config_error_survives_pickling_with_its_problems() -> None:
+    import pickle
+
+    err = ConfigError([("optim.lr", "must be > 0")], source="job.yaml")
+    back = pickle.loads(pickle.dumps(err))
+    assert back.problems == [("optim.lr", "must be > 0")] and back.source == "job.yaml"
+    assert str(back) == str(err)

@@ -199,3 +199,21 @@ def test_jobs_status_and_logs_of_a_run_read_its_storage(tmp_path: Path) -> None:
     assert "loss 2" in lines[1]
     with pytest.raises(SubmitError, match="no run 'nope'"):
         run_view(root.location, "nope")
+
+
+def test_newest_checkpoint_is_the_newest_with_every_ranks_manifest(tmp_path: Path) -> None:
+    from rayft.trainers.checkpoints import manifest_name
+    from rayft.trainers.records import newest_checkpoint
+
+    root = StorageRoot.resolve(str(tmp_path / "root"))
+    run = root.run("r3")
+    for name, step, ranks in (("checkpoint_a", 4, (0, 1)), ("checkpoint_b", 6, (0,))):
+        (run / name).mkdir(parents=True)
+        (run / name / "trainer_state.json").write_text(json.dumps({"step": step}))
+        for rank in ranks:
+            manifest = {"rank": rank, "world_size": 2, "step": step, "files": {}}
+            (run / name / manifest_name(rank)).write_text(json.dumps(manifest))
+    # checkpoint_b misses rank 1's manifest: it was still being written.
+    assert newest_checkpoint(root, "r3") == (f"{root.location}/runs/r3/checkpoint_a", 4)
+    (run / "checkpoint_b" / manifest_name(1)).write_text(json.dumps({"world_size": 2}))
+    assert newest_checkpoint(root, "r3") == (f"{root.location}/runs/r3/checkpoint_b", 6)
