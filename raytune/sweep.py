@@ -378,6 +378,10 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     future = runner.run.remote(spec, run_id, resume, callbacks, start_from)
     try:
         outcome = ray.get(future) if bridge is None else _relay_reports(future, bridge)
+    except (ray.exceptions.RayActorError, ray.exceptions.TaskCancelledError):
+        # The trial's run was torn down with the sweep (Ctrl-C, a stop): it is unfinished,
+        # not errored, and ``rayft tune --resume`` continues it from its checkpoint.
+        raise
     except Exception as err:
         # Recorded for the results table; re-raised so Tune marks the trial ERROR, the
         # sweep goes on with the others, and ``rayft tune --resume`` retries this one.
@@ -688,19 +692,29 @@ def run_sweep(
             ),
             run_config=run_config,
         )
-    tuner.fit()
-    return _finish(spec, root, sweep_id, path, kind, name, say)
+    grid = tuner.fit()
+    # The trials as the Tune controller ended them; the experiment state on disk can lag
+    # behind them (a resumed trial still reads ERROR there for a moment).
+    analysis = getattr(grid, "_experiment_analysis", None)
+    return _finish(spec, root, sweep_id, path, kind, name, say, analysis)
 
 
 def _finish(
-    spec: JobSpec, root: StorageRoot, sweep_id: str, path: Path, kind: str, name: str, say
+    spec: JobSpec,
+    root: StorageRoot,
+    sweep_id: str,
+    path: Path,
+    kind: str,
+    name: str,
+    say,
+    analysis: Any = None,
 ) -> SweepOutcome:
     from ray.tune import ExperimentAnalysis
 
     tune_spec = spec.tune
     metric, mode = tune_spec.metric, tune_spec.mode
     params = list(flatten_space(tune_spec.search_space))
-    analysis = ExperimentAnalysis(str(path))
+    analysis = analysis or ExperimentAnalysis(str(path))
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[tuple[int, float]]] = {}
     states: dict[str, str] = {}
@@ -812,6 +826,27 @@ def _mirror_results(root: StorageRoot, sweep_id: str, path: Path) -> None:
             root.mirror(f"sweeps/{sweep_id}/{name}")
 
 
+def _already_published(
+    kind: str, name: str, sweep_id: str, best: dict[str, Any], root: StorageRoot
+) -> Path | None:
+    """``name``'s path when an earlier run of this sweep published this same best trial.
+
+    A resumed sweep whose best trial is unchanged finds that trial's own artifact already
+    retired (only the best stays, under ``name``): there is nothing to publish again.
+    """
+    from rayft.trainers.registry import read_manifest, sync_artifact
+
+    if sync_artifact(kind, trial_artifact_name(name, best["trial"]), root).is_dir():
+        return None
+    current = sync_artifact(kind, name, root)
+    if not current.is_dir():
+        return None
+    note = read_manifest(current).get("sweep") or {}
+    if note.get("id") == sweep_id and note.get("trial") == best["trial"]:
+        return current
+    return None
+
+
 def _publish(
     spec: JobSpec,
     root: StorageRoot,
@@ -846,14 +881,16 @@ def _publish(
             "best_trial": best["trial"],
         }
 
-    source = sync_artifact(kind, trial_artifact_name(name, best["trial"]), root)
-    manifest = read_manifest(source)
-    for key in ("kind", "name", "published_at", "version"):
-        manifest.pop(key, None)
-    manifest["sweep"] = sweep_note(best)
-    # Overwriting was checked before the first trial started; publish_dir copies the
-    # trial's files once and writes the new manifest in place of the trial's.
-    artifact = publish_dir(source, kind, name, manifest, True, root)
+    artifact = _already_published(kind, name, sweep_id, best, root)
+    if artifact is None:
+        source = sync_artifact(kind, trial_artifact_name(name, best["trial"]), root)
+        manifest = read_manifest(source)
+        for key in ("kind", "name", "published_at", "version"):
+            manifest.pop(key, None)
+        manifest["sweep"] = sweep_note(best)
+        # Overwriting was checked before the first trial started; publish_dir copies the
+        # trial's files once and writes the new manifest in place of the trial's.
+        artifact = publish_dir(source, kind, name, manifest, True, root)
     kept: list[Path] = []
     for row in finished:
         trial_name = trial_artifact_name(name, row["trial"])
