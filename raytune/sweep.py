@@ -693,10 +693,11 @@ def run_sweep(
             run_config=run_config,
         )
     grid = tuner.fit()
-    # The trials as the Tune controller ended them; the experiment state on disk can lag
-    # behind them (a resumed trial still reads ERROR there for a moment).
-    analysis = getattr(grid, "_experiment_analysis", None)
-    return _finish(spec, root, sweep_id, path, kind, name, say, analysis)
+    # The experiment state on disk can still read ERROR for a trial this (resumed) run
+    # retried and finished; the controller's own view says how it ended.
+    ended = getattr(grid, "_experiment_analysis", None)
+    finished_now = {t.trial_id for t in (ended.trials if ended else []) if t.status == "TERMINATED"}
+    return _finish(spec, root, sweep_id, path, kind, name, say, finished_now)
 
 
 def _finish(
@@ -707,21 +708,24 @@ def _finish(
     kind: str,
     name: str,
     say,
-    analysis: Any = None,
+    finished_now: set[str] | None = None,
 ) -> SweepOutcome:
     from ray.tune import ExperimentAnalysis
 
     tune_spec = spec.tune
     metric, mode = tune_spec.metric, tune_spec.mode
     params = list(flatten_space(tune_spec.search_space))
-    analysis = analysis or ExperimentAnalysis(str(path))
+    analysis = ExperimentAnalysis(str(path))
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[tuple[int, float]]] = {}
     states: dict[str, str] = {}
     for trial in analysis.trials:
         index = trial_index(trial.trial_id, trial.config)
         last = trial.last_result or {}
-        state = res.trial_state(trial.status, last)
+        status = trial.status
+        if status == "ERROR" and trial.trial_id in (finished_now or set()):
+            status = "TERMINATED"
+        state = res.trial_state(status, last)
         frame = analysis.trial_dataframes.get(trial.trial_id)
         points = _curve(frame, metric)
         finite = [v for _, v in points if math.isfinite(v)]
