@@ -696,7 +696,11 @@ def run_sweep(
     # The experiment state on disk can still read ERROR for a trial this (resumed) run
     # retried and finished; the controller's own view says how it ended.
     ended = getattr(grid, "_experiment_analysis", None)
-    finished_now = {t.trial_id for t in (ended.trials if ended else []) if t.status == "TERMINATED"}
+    finished_now = {
+        t.trial_id: t.last_result or {}
+        for t in (ended.trials if ended else [])
+        if t.status == "TERMINATED"
+    }
     return _finish(spec, root, sweep_id, path, kind, name, say, finished_now)
 
 
@@ -708,7 +712,7 @@ def _finish(
     kind: str,
     name: str,
     say,
-    finished_now: set[str] | None = None,
+    finished_now: dict[str, dict[str, Any]] | None = None,
 ) -> SweepOutcome:
     from ray.tune import ExperimentAnalysis
 
@@ -723,8 +727,8 @@ def _finish(
         index = trial_index(trial.trial_id, trial.config)
         last = trial.last_result or {}
         status = trial.status
-        if status == "ERROR" and trial.trial_id in (finished_now or set()):
-            status = "TERMINATED"
+        if status == "ERROR" and trial.trial_id in (finished_now or {}):
+            status, last = "TERMINATED", finished_now[trial.trial_id]
         state = res.trial_state(status, last)
         frame = analysis.trial_dataframes.get(trial.trial_id)
         points = _curve(frame, metric)
