@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import s3_server
 
 from rayft.trainers import registry
 from rayft.trainers.registry import list_adapters, publish_dir, resolve_adapter
@@ -141,29 +142,8 @@ def test_local_publish_over_a_directory_published_before_versions(
 @pytest.fixture(scope="module")
 def s3_root() -> Iterator[str]:
     """A bucket on a real S3 API server on loopback (moto), reached through AWS_ENDPOINT_URL."""
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="faults")
-        try:
-            yield "s3://faults"
-        finally:
-            server.stop()
+    with s3_server("faults"):
+        yield "s3://faults"
 
 
 URI_FAULTS = [

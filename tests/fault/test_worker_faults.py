@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import ray.cloudpickle
+from harness import StopAfterCheckpoint
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
-from rayft.trainers.loop import InterruptedRun, LoopCallback, TrainerState
+from rayft.trainers.loop import LoopCallback, TrainerState
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -52,17 +53,6 @@ class PidAfterCheckpoint(LoopCallback):
         Path(tmp).write_text(str(os.getpid()))
         os.replace(tmp, self.pid_file)
         time.sleep(120)  # killed long before this ends
-
-
-class StopAfterCheckpoint(LoopCallback):
-    """Stops the run right after the checkpoint of ``step``, as a crash there would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_checkpoint(self, state: TrainerState) -> None:
-        if state.step >= self.step:
-            raise InterruptedRun(state.step)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import s3_server
 
 from rayft.trainers.config import validate_spec
 
@@ -25,34 +26,16 @@ ROOT = f"s3://{BUCKET}/team"
 @pytest.fixture(scope="module")
 def s3_root(rayft_home: Path) -> Iterator[str]:
     """An S3 endpoint on loopback with an empty bucket, and a Ray cluster that can reach it."""
-    import logging
-
-    import boto3
     import ray
-    from moto.server import ThreadedMotoServer
 
     from rayft.cluster.connect import connect
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+    with s3_server(BUCKET):
         connect(None)  # Ray's processes inherit the endpoint and credentials
         try:
             yield ROOT
         finally:
             ray.shutdown()
-            server.stop()
 
 
 def remote_files(prefix: str) -> dict[str, bytes]:

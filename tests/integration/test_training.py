@@ -9,26 +9,15 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 import torch
+from harness import StopAfterCheckpoint
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
-from rayft.trainers.loop import InterruptedRun, LoopCallback, TrainerState
 
 pytestmark = pytest.mark.slow
 
 # Workers unpickle this module's callbacks without importing the test module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-class StopAfterCheckpoint(LoopCallback):
-    """Stops the run right after the checkpoint of ``step``, as a crash there would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_checkpoint(self, state: TrainerState) -> None:
-        if state.step >= self.step:
-            raise InterruptedRun(state.step)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,59 @@
+"""Test pieces shared by several test modules (imported as ``harness``; ``tests/`` is on
+``sys.path`` because ``tests/conftest.py`` lives there)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+import ray.cloudpickle
+
+from rayft.trainers.loop import InterruptedRun, LoopCallback, TrainerState
+
+# Ray workers unpickle these callbacks without importing this module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class StopAfterCheckpoint(LoopCallback):
+    """Stops the run right after the checkpoint of ``step``, as a crash there would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_checkpoint(self, state: TrainerState) -> None:
+        if state.step >= self.step:
+            raise InterruptedRun(state.step)
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str) -> Iterator[dict[str, str]]:
+    """A real S3 API server (moto's standalone server) on 127.0.0.1 with an empty ``bucket``.
+
+    While the context is open, ``AWS_ENDPOINT_URL`` and test credentials are set in this
+    process's environment, so pyarrow, boto3 and Ray processes started inside reach it as
+    they would reach S3. Yields that environment.
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+            yield env
+    finally:
+        server.stop()
