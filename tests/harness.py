@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray.cloudpickle
+import torch
 
 from rayft.trainers.loop import InterruptedRun, LoopCallback, TrainerState
 
@@ -57,3 +60,25 @@ def s3_server(bucket: str) -> Iterator[dict[str, str]]:
             yield env
     finally:
         server.stop()
+
+
+def make_peft_adapter(home: Path, name: str, seed: int, base: str = "tiny-llama") -> Path:
+    """Publish a LoRA adapter for tiny-llama with random B matrices (fixed seed), so it
+    surely changes the model's greedy output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rayft.trainers.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama", home / "models"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    generator = torch.Generator().manual_seed(seed)
+    for param_name, param in peft_model.named_parameters():
+        if "lora_B" in param_name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.5
+    out = home / "adapters" / name
+    peft_model.save_pretrained(out)
+    (out / "rayft.json").write_text(json.dumps({"kind": "adapter", "base_model": base}))
+    return out

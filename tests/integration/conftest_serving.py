@@ -11,31 +11,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+from harness import make_peft_adapter  # noqa: F401 - re-exported to the serving tests
 
 COLORS = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow")]
-
-
-def make_peft_adapter(home: Path, name: str, seed: int, base: str = "tiny-llama") -> Path:
-    """Publish a LoRA adapter for tiny-llama with random B matrices (fixed seed), so it
-    surely changes the model's greedy output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from rayft.trainers.models import resolve_model
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama"))
-    peft_model = get_peft_model(
-        model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
-    )
-    generator = torch.Generator().manual_seed(seed)
-    for param_name, param in peft_model.named_parameters():
-        if "lora_B" in param_name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.5
-    out = home / "adapters" / name
-    peft_model.save_pretrained(out)
-    (out / "rayft.json").write_text(json.dumps({"kind": "adapter", "base_model": base}))
-    return out
 
 
 def train_adapter(data: Path, name: str, seed: int) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from harness import make_peft_adapter
 
 from rayft.serving.engine import (
     BASE_ADAPTER,
@@ -34,33 +35,12 @@ PROMPTS = [
 ]
 
 
-def make_adapter(home: Path, name: str, seed: int, base: str = "tiny-llama") -> Path:
-    """Publish a LoRA adapter for tiny-llama whose B matrices are random (so it matters)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from rayft.trainers.models import resolve_model
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama", home / "models"))
-    peft_model = get_peft_model(
-        model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
-    )
-    generator = torch.Generator().manual_seed(seed)
-    for param_name, param in peft_model.named_parameters():
-        if "lora_B" in param_name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.5
-    out = home / "adapters" / name
-    peft_model.save_pretrained(out)
-    (out / "rayft.json").write_text(json.dumps({"kind": "adapter", "base_model": base}))
-    return out
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rayft-serving")
     for name, seed in (("a1", 1), ("a2", 2), ("a3", 3)):
-        make_adapter(root, name, seed)
-    make_adapter(root, "other-base", 4, base="smollm2-135m-instruct")
+        make_peft_adapter(root, name, seed)
+    make_peft_adapter(root, "other-base", 4, base="smollm2-135m-instruct")
     return root
 
 
@@ -209,10 +189,10 @@ def _run_one(engine: ModelEngine, adapter: str):
 
 
 def test_republished_adapter_is_reloaded_without_restart(engine, home):
-    make_adapter(home, "fresh", 11)
+    make_peft_adapter(home, "fresh", 11)
     before = engine.generate([request(engine, "hello", "fresh", greedy(8))])[0].token_ids
     shutil.rmtree(home / "adapters" / "fresh")
-    make_adapter(home, "fresh", 12)
+    make_peft_adapter(home, "fresh", 12)
     after = engine.generate([request(engine, "hello", "fresh", greedy(8))])[0].token_ids
     expected = reference_greedy(
         engine, home, tuple(engine.tokenizer("hello")["input_ids"]), "fresh", 8
@@ -544,7 +524,7 @@ def test_corrupt_manifest_hides_that_adapter_only(home, engine):
     service = ModelService(engine, api_key="")
     app = create_api(service)
     for name, damage in (("torn", b'{"kind": "adap'), ("garbage", b"\xff\x00not json")):
-        make_adapter(home, name, 7)
+        make_peft_adapter(home, name, 7)
         (home / "adapters" / name / "rayft.json").write_bytes(damage)
     try:
         listed = [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
