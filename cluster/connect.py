@@ -22,13 +22,22 @@ def embedded_cpus() -> int:
     return max(4, 2 * (os.cpu_count() or 1))
 
 
-def connect(address: str | None = None, quiet: bool | None = None) -> str:
+def connect(
+    address: str | None = None,
+    quiet: bool | None = None,
+    metrics_export_port: int | None = None,
+    dashboard_port: int | None = None,
+) -> str:
     """Initialise Ray on ``address`` (or ``RAY_ADDRESS``); with neither, start a local cluster.
 
     Args:
         address: A Ray address; ``None``, ``"local"`` or ``"embedded"`` start a local cluster.
         quiet: Keep the output of Ray's workers and actors off this console (it stays in
             Ray's log files). Default: quiet unless ``--verbose`` / ``RAYFT_LOG_LEVEL``.
+        metrics_export_port: Port of the embedded cluster's Prometheus endpoint (on
+            127.0.0.1); ``None`` lets Ray pick a free one.
+        dashboard_port: Start the embedded cluster's Ray dashboard on 127.0.0.1 at this
+            port; ``None`` starts no dashboard.
 
     Returns:
         ``"embedded"``, ``"existing"`` (Ray was already initialised) or the address.
@@ -66,11 +75,22 @@ def connect(address: str | None = None, quiet: bool | None = None) -> str:
         # "local" always starts a new cluster, never attaching to one `ray start` left running.
         address="local",
         num_cpus=embedded_cpus(),
-        include_dashboard=False,
+        include_dashboard=dashboard_port is not None,
+        **_embedded_ports(metrics_export_port, dashboard_port),
         **options,
     )
     quiet_ray_libraries()
     return "embedded"
+
+
+def _embedded_ports(metrics_port: int | None, dashboard_port: int | None) -> dict[str, object]:
+    ports: dict[str, object] = {}
+    if metrics_port is not None:
+        ports["_metrics_export_port"] = metrics_port
+    if dashboard_port is not None:
+        # Loopback only: the dashboard serves the Jobs API, which runs arbitrary code.
+        ports.update(dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
+    return ports
 
 
 def _forwarded_env() -> dict[str, str]:

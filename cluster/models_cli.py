@@ -1,9 +1,10 @@
-"""``rayft models {list,pull,export}``: builtin, cached and published models."""
+"""``rayft models {list,pull,export,lineage}``: builtin, cached and published models."""
 
 from __future__ import annotations
 
 import argparse
 
+from rayft.cluster.cli import add_storage
 from rayft.cluster.errors import UserError
 
 
@@ -17,6 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     pe = msub.add_parser("export", help="merge an adapter into its base model")
     pe.add_argument("name", help="published adapter name")
     pe.add_argument("--merge", required=True, metavar="OUT", help="output HF model directory")
+    pl = msub.add_parser(
+        "lineage", help="the chain of adapters/models an artifact was trained from"
+    )
+    pl.add_argument("name", help="published adapter or model name")
+    pl.add_argument("--json", action="store_true", help="print the chain as JSON")
+    add_storage(pl, "artifact root (default $RAYFT_HOME)")
     p.set_defaults(func=cmd_models)
 
 
@@ -33,10 +40,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.models_cmd == "pull":
         print(pull_builtin(args.name))
         return 0
+    if args.models_cmd == "lineage":
+        return cmd_lineage(args)
     if args.models_cmd == "export":
         from rayft.trainers.export import export_merged
 
         out = export_merged(args.name, args.merge)
         print(f"merged model written to {out}")
         return 0
-    raise UserError("rayft models needs one of: list, pull NAME, export NAME --merge OUT")
+    raise UserError(
+        "rayft models needs one of: list, pull NAME, export NAME --merge OUT, lineage NAME"
+    )
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Print the chain from a published artifact back to its base model, one line each."""
+    import json
+
+    from rayft.trainers.lineage import format_lineage, lineage
+
+    chain = lineage(args.name, args.storage)
+    if args.json:
+        print(json.dumps(chain, indent=2, default=str))
+    else:
+        print("\n".join(format_lineage(chain)))
+    return 0

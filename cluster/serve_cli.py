@@ -1,11 +1,18 @@
 """``rayft serve`` and ``rayft eval``: the serving application and evaluation from the shell.
 
     rayft serve [--config SERVE.yaml] [key=value ...] [--address ADDR] [--host H] [--port P]
+                [--metrics-port P] [--dashboard [--dashboard-port P]]
     rayft eval --model NAME --data FILE [--metrics loss bleu ...] [--url URL | --in-process]
 
 ``SERVE.yaml`` is either a mapping of ``serving.app.ServeArgs`` fields or a Ray Serve
 config file (``applications: [{import_path: rayft.serving.app:build_app, args: {...}}]``);
 ``key=value`` arguments override it.
+
+``rayft serve`` prints the API's URL first, then where monitoring goes: one
+``metrics: http://<node>:<port>/metrics`` line per Ray node (the Prometheus scrape URL
+of Ray's metrics agent, which carries rayft's per-model metrics, see
+``serving.metrics``), ``request log: <dir>`` with ``request_log=true``, and
+``dashboard: <url>`` with ``--dashboard``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from rayft.cluster.cli import add_address, add_overrides, add_storage
 from rayft.cluster.errors import UserError
 
 IMPORT_PATH = "rayft.serving.app:build_app"
+DASHBOARD_PORT = 8265
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +44,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--insecure",
         action="store_true",
         help="serve on a non-loopback --host without RAYFT_API_KEY (anyone reaching it may use it)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus port of the embedded cluster on 127.0.0.1 (default: a free port)",
+    )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start the Ray dashboard of the embedded cluster on 127.0.0.1",
+    )
+    p.add_argument(
+        "--dashboard-port", type=int, default=DASHBOARD_PORT, help="dashboard port (default 8265)"
     )
     p.set_defaults(func=cmd_serve)
 
@@ -88,7 +110,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_exposure(args.host, args.insecure)  # before Ray starts: fail fast
     except InsecureServing as err:
         raise UserError(str(err)) from None
-    kind = connect(args.address)
+    embedded_only = args.metrics_port is not None or args.dashboard
+    if embedded_only and (args.address or os.environ.get("RAY_ADDRESS")):
+        raise UserError(
+            "--metrics-port and --dashboard set up the embedded cluster; a cluster at "
+            "--address keeps the ports it was started with (ray start --metrics-export-port "
+            "P --include-dashboard true)"
+        )
+    kind = connect(
+        args.address,
+        metrics_export_port=args.metrics_port,
+        dashboard_port=args.dashboard_port if args.dashboard else None,
+    )
     try:
         print(
             f"[rayft] starting {cfg.model} on {kind} Ray cluster ...", file=sys.stderr, flush=True
@@ -97,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cfg.model_dump(mode="json"), host=args.host, port=args.port, insecure=args.insecure
         )
         print(url, flush=True)
+        print_monitoring(cfg, args.dashboard_port if args.dashboard else None)
         print(
             f"[rayft] OpenAI-compatible API at {url}/v1 (models: {url}/v1/models); Ctrl-C stops it",
             file=sys.stderr,
@@ -108,6 +142,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         if kind == "embedded":
             ray.shutdown()
+
+
+def print_monitoring(cfg: Any, dashboard_port: int | None = None) -> None:
+    """Print where the metrics, the request log and the dashboard of the served app are."""
+    from rayft.serving.metrics import metrics_urls
+    from rayft.serving.request_log import LOG_DIR
+    from rayft.trainers.storage import StorageRoot
+
+    urls = metrics_urls()
+    for url in urls:
+        print(f"metrics: {url}", flush=True)
+    if not urls:
+        print(
+            "metrics: none (no Ray metrics agent runs; install ray[default] to export them)",
+            flush=True,
+        )
+    if cfg.request_log:
+        where = StorageRoot.resolve(cfg.storage).url(LOG_DIR)
+        payloads = "with prompts and outputs" if cfg.log_payloads else "without payloads"
+        print(f"request log: {where} ({payloads}; <day>/<replica>.jsonl)", flush=True)
+    if dashboard_port is not None:
+        print(f"dashboard: http://127.0.0.1:{dashboard_port}", flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -76,9 +76,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Validate, scan the data, train on Ray, print the eval summary and a JSON result line."""
     from rayft.cluster.connect import connected
     from rayft.trainers.driver import run_training
+    from rayft.trainers.lineage import resolve_parent
 
     spec = train_spec(args)
     scanned = check_data(spec)
+    resolve_parent(spec)  # model.adapter: refused here, before Ray starts
     with connected(args.address):
         try:
             run_id = args.resume or args.run_id

@@ -18,7 +18,14 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from ray import serve
 
 DEPLOYMENT_NAME = "rayft"
@@ -58,11 +65,24 @@ class ServeArgs(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1)
     max_prompt_tokens: int = Field(4096, ge=1)
     max_eval_rows: int = Field(2000, ge=1)
+    max_file_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    """Largest training file ``POST /v1/files`` accepts (413 past it)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs reserved per replica (``ray_actor_options``)."""
     num_gpus: float = Field(0.0, ge=0.0)
     """GPUs per replica; 0 runs on CPU."""
+    request_log: bool = False
+    """Write a JSON line per completion request to ``<storage>/request_logs/`` (per replica)."""
+    log_payloads: bool = False
+    """Also log prompts and outputs (needs ``request_log``); evaluations can then read them."""
+
+    @field_validator("log_payloads")
+    @classmethod
+    def _payloads_need_the_log(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("request_log"):
+            raise ValueError("log_payloads=true needs request_log=true (payloads go to that log)")
+        return value
 
 
 def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
@@ -85,6 +105,8 @@ class ModelServer:
 
     def __init__(self, args: dict[str, Any], api_key_sha256: str | None = None) -> None:
         from rayft.serving.engine import ModelEngine
+        from rayft.serving.metrics import replica_metrics
+        from rayft.serving.request_log import RequestLog
         from rayft.serving.service import Limits, ModelService
 
         cfg = ServeArgs.model_validate(args)
@@ -99,6 +121,7 @@ class ModelServer:
             max_tokens_limit=cfg.max_tokens_limit,
             max_prompt_tokens=cfg.max_prompt_tokens,
             max_eval_rows=cfg.max_eval_rows,
+            max_file_bytes=cfg.max_file_bytes,
         )
         self.service = ModelService(
             engine,
@@ -106,6 +129,12 @@ class ModelServer:
             cfg.batch_wait_timeout_s,
             api_key_sha256=api_key_sha256,
             request_timeout_s=cfg.request_timeout_s,
+            metrics=replica_metrics(),
+            request_log=(
+                RequestLog(engine.storage, log_payloads=cfg.log_payloads)
+                if cfg.request_log
+                else None
+            ),
         )
 
     def __serve_build_asgi_app__(self):

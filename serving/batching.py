@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 from rayft.serving.engine import GenerationRequest, ModelEngine, StepOutput, engine_error
 from rayft.serving.errors import Overloaded, RequestTimeout, ServingError
+from rayft.serving.metrics import NullMetrics
+from rayft.serving.request_log import note_first_token
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class DecodeLoop:
         batch_wait_timeout_s: After idling, how long to wait for more requests before
             the first step, so a burst of requests starts in one batch.
         max_queued_rows: Rows (queued + running) beyond which new requests get 429.
+        request_timeout_s: Deadline of every request.
+        metrics: Told the queued and running rows after every step.
     """
 
     def __init__(
@@ -40,8 +44,10 @@ class DecodeLoop:
         batch_wait_timeout_s: float = 0.005,
         max_queued_rows: int = 1024,
         request_timeout_s: float = 600.0,
+        metrics: NullMetrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics or NullMetrics()
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.max_queued_rows = max_queued_rows
         self.request_timeout_s = request_timeout_s
@@ -108,6 +114,7 @@ class DecodeLoop:
                 remaining[rid] = index
             assert self._wake is not None
             self._wake.set()
+            self._report_rows()
             while remaining:
                 try:
                     rid, index, out = await asyncio.wait_for(
@@ -120,6 +127,8 @@ class DecodeLoop:
                     return  # the rows still unfinished are cancelled below
                 if out.finished:
                     remaining.pop(rid, None)
+                if out.token is not None:
+                    note_first_token()
                 yield index, out
         finally:
             for rid in routed:
@@ -169,11 +178,16 @@ class DecodeLoop:
                 self._fail_routes(failure, {o.request_id for o in outputs})
             self.steps += 1
             self.rows_per_step_total += len(outputs)
+            self._report_rows()
             for out in outputs:
                 route = self._routes.get(out.request_id)
                 if route is not None:
                     queue, index = route
                     queue.put_nowait((out.request_id, index, out))
+
+    def _report_rows(self) -> None:
+        load = self.engine.load()
+        self.metrics.set_rows(load["queued_rows"], load["running_rows"])
 
     def _fail_routes(self, failure: ServingError, already: set[int]) -> None:
         for rid, (queue, index) in list(self._routes.items()):

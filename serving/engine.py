@@ -25,6 +25,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,8 @@ class ModelEngine:
         # Adapter name -> weights file mtime when loaded, oldest use first.
         self._loaded: OrderedDict[str, float] = OrderedDict()
         self.peak_loaded = 0
+        # Told of loads and evictions (serving.metrics: NullMetrics or ServingMetrics).
+        self.listener: Any = None
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._pending: deque[_Row] = deque()
@@ -248,7 +251,8 @@ class ModelEngine:
                 code="invalid_adapter",
                 param="model",
             )
-        trained_on = self._manifest(name, path).get("base_model")
+        manifest = self._manifest(name, path)
+        trained_on = manifest.get("base_model")
         if trained_on is not None and not self._is_this_base(str(trained_on)):
             raise Conflict(
                 f"adapter {name!r} was trained on base model {trained_on!r}, but this server "
@@ -256,7 +260,25 @@ class ModelEngine:
                 code="base_model_mismatch",
                 param="model",
             )
+        recorded = manifest.get("base_fingerprint")
+        # Adapters published before fingerprints were recorded carry none and still load.
+        if isinstance(recorded, str) and recorded and recorded != self.weights_fingerprint:
+            raise Conflict(
+                f"adapter {name!r} was trained on base weights {recorded[:12]} of "
+                f"{trained_on or self.model_name!r}, but this server holds {self.model_name!r} "
+                f"with weights {self.weights_fingerprint[:12]}: the base changed since; serve "
+                "it from a deployment of the base it was trained on, or train it again",
+                code="base_model_mismatch",
+                param="model",
+            )
         return path
+
+    @cached_property
+    def weights_fingerprint(self) -> str:
+        """sha256 of the served base model's safetensors weights (``trainers.servable``)."""
+        from rayft.trainers.servable import base_fingerprint
+
+        return base_fingerprint(self.model_dir, self.storage.models)
 
     @staticmethod
     def _manifest(name: str, path: Path) -> dict[str, Any]:
@@ -305,6 +327,7 @@ class ModelEngine:
     def _replace(self, old: str, new: str, path: Path, mtime: float) -> None:
         if len(self._loaded) > 1:
             self._unload(old)
+            self._evicted(old, new)
             self._load(new, path, mtime)
             return
         # PEFT cannot run a PeftModel with zero adapters, so the newcomer loads before the
@@ -312,6 +335,7 @@ class ModelEngine:
         staging = new if new != old else f"{new}.reloading"
         self._load(staging, path, mtime)
         self._unload(old)
+        self._evicted(old, new)
         if staging != new:
             self._load(new, path, mtime)
             self._unload(staging)
@@ -336,11 +360,20 @@ class ModelEngine:
         self._loaded[name] = mtime
         self.peak_loaded = max(self.peak_loaded, len(self._loaded))
         log.info("loaded adapter %s (%d held)", name, len(self._loaded))
+        if self.listener is not None:
+            self.listener.set_loaded_adapters(len(self._loaded))
 
     def _unload(self, name: str) -> None:
         self.model.delete_adapter(name)
         del self._loaded[name]
         log.info("evicted adapter %s", name)
+        if self.listener is not None:
+            self.listener.set_loaded_adapters(len(self._loaded))
+
+    def _evicted(self, old: str, new: str) -> None:
+        # Reloading a republished adapter under its own name is no eviction.
+        if old != new and self.listener is not None:
+            self.listener.adapter_evicted(old)
 
     # ------------------------------------------------------------- requests
 

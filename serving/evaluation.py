@@ -7,6 +7,9 @@ positions is divided by their count across all rows (token-weighted, like the
 training loop's eval loss). Generation metrics greedily generate an answer to each
 row's prompt (the conversation up to its last assistant turn) and compare it with
 that turn's text using ``trainers.metrics``.
+
+Rows come inline, from a registry dataset, or from the request log
+(``dataset_rows``): the prompts a served model was sent with the answers it gave.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rayft.serving.errors import BadRequest, NotFound, TooLarge
+from rayft.serving.request_log import LogDataset
 from rayft.trainers.metrics import GENERATION_METRICS
 
 LOSS_METRICS = ("loss", "perplexity")
@@ -82,6 +86,33 @@ def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     if limit is not None and len(rows) > limit:
         raise TooLarge(f"{path.name} has {len(rows)} rows; this server evaluates at most {limit}")
     return rows
+
+
+def dataset_rows(
+    dataset: str | LogDataset, model: str, storage: Any = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The rows of ``dataset``: a registry dataset by name, or requests from the request log.
+
+    A request-log dataset (``{"request_log": {"model", "since", "until", "limit"}}``)
+    reads the answered requests of ``request_log.model`` (default: ``model``, the model
+    being evaluated) and turns each generated choice into a row whose answer is what
+    was served: chat rows for chat completions, prompt/completion rows for completions.
+    The most recent ``request_log.limit`` rows are kept, and at most ``limit``.
+
+    Raises:
+        BadRequest: A bad name, a malformed file, or a log written without payloads.
+        NotFound: No such dataset, or no logged request in the range.
+        TooLarge: A registry dataset with more than ``limit`` rows.
+    """
+    from rayft.serving.request_log import log_rows, read_log
+
+    if isinstance(dataset, str):
+        return read_rows(dataset_path(dataset, storage), limit)
+    query = dataset.request_log
+    served = query.model or model
+    rows = log_rows(read_log(storage, served, query.since, query.until), served)
+    keep = min(query.limit or len(rows), limit or len(rows))
+    return rows[-keep:]
 
 
 def dataset_path(name: str, storage: str | None = None) -> Path:

@@ -8,7 +8,12 @@ around one ``ModelService``, which handlers reach through ``request.app.state``)
     GET  /v1/models/{model}
     POST /v1/completions          ``model`` = base or adapter name; ``stream`` → SSE
     POST /v1/chat/completions     rendered with the base model's chat template
-    POST /v1/evaluations          loss / perplexity / generation metrics over rows
+    POST /v1/evaluations          loss / perplexity / generation metrics over rows, a
+                                  registry dataset, or the request log's traffic
+    /v1/files, /v1/fine_tuning/jobs  OpenAI's fine-tuning API (``serving.jobs_api``)
+
+Every request passes ``serving.metrics.RequestMonitor`` (outermost), which counts it
+in the Prometheus metrics and writes its request-log line, whatever answered it.
 
 Completions and chat completions differ only in how a prompt is encoded and how a
 choice is shaped (``_COMPLETION`` / ``_CHAT``); both go through ``_generate``, which
@@ -51,6 +56,9 @@ from rayft.serving.errors import (
     Unauthorized,
     Unavailable,
 )
+from rayft.serving.jobs_api import router as jobs_router
+from rayft.serving.metrics import RequestMonitor
+from rayft.serving.request_log import LogDataset, note_error, note_usage
 from rayft.serving.service import ModelService
 from rayft.trainers.storage import StorageError
 
@@ -111,7 +119,8 @@ class EvaluationRequest(_Body):
 
     model: str
     rows: list[dict[str, Any]] | None = None
-    dataset: str | None = None
+    # A registry dataset name, or {"request_log": {...}}: requests this server answered.
+    dataset: str | LogDataset | None = None
     metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity"])
     format: Literal["auto", "chat", "prompt_completion", "alpaca", "text"] = "auto"
     max_tokens: int = Field(128, ge=1)
@@ -222,12 +231,15 @@ def create_api(service: ModelService) -> FastAPI:
     app = FastAPI(title="rayft", description="OpenAI-compatible base model + LoRA adapters")
     app.state.service = service
     app.add_middleware(RequestGuard)
+    # Added last, so outermost: it sees the answers RequestGuard gives too.
+    app.add_middleware(RequestMonitor)
     app.add_exception_handler(ServingError, serving_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(StorageError, storage_error)
     app.add_exception_handler(Exception, unexpected)
     app.include_router(router)
+    app.include_router(jobs_router)
     return app
 
 
@@ -250,7 +262,7 @@ class RequestGuard:
         service: ModelService = scope["app"].state.service
         refusal = _refusal(scope, service)
         if refusal is None:
-            body, refusal = await _read_body(receive, service.limits.max_request_bytes)
+            body, refusal = await _read_body(receive, body_limit(scope, service), _hint(scope))
         if refusal is not None:
             await error_response(refusal)(scope, receive, send)
             return
@@ -269,10 +281,10 @@ class RequestGuard:
 def _refusal(scope: dict[str, Any], service: ModelService) -> ServingError | None:
     """A declared body over the limit (413), or a missing or wrong API key (401)."""
     headers = dict(scope.get("headers") or [])
-    limit = service.limits.max_request_bytes
+    limit = body_limit(scope, service)
     length = headers.get(b"content-length", b"").decode("latin-1")
     if length.isdigit() and int(length) > limit:
-        return TooLarge(f"request body is {length} bytes; the limit is {limit}")
+        return TooLarge(f"request body is {length} bytes; the limit is {limit}{_hint(scope)}")
     if not service.requires_key or scope.get("path", "").rstrip("/") == "/health":
         return None
     # Header bytes are compared as sent: a non-ASCII or malformed token is just wrong.
@@ -285,7 +297,21 @@ def _refusal(scope: dict[str, Any], service: ModelService) -> ServingError | Non
     )
 
 
-async def _read_body(receive: Any, limit: int) -> tuple[bytes, ServingError | None]:
+def body_limit(scope: dict[str, Any], service: ModelService) -> int:
+    """The largest body a request may send: file uploads have their own, larger limit."""
+    if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/files":
+        return service.limits.max_file_bytes
+    return service.limits.max_request_bytes
+
+
+def _hint(scope: dict[str, Any]) -> str:
+    """What to change when a file upload is too large (the operator's setting)."""
+    if scope.get("path", "").rstrip("/") == "/v1/files":
+        return " (the server's max_file_bytes); split the file or raise max_file_bytes"
+    return ""
+
+
+async def _read_body(receive: Any, limit: int, hint: str = "") -> tuple[bytes, ServingError | None]:
     """The whole request body, or a 413 as soon as more than ``limit`` bytes arrived."""
     chunks: list[bytes] = []
     size = 0
@@ -296,7 +322,7 @@ async def _read_body(receive: Any, limit: int) -> tuple[bytes, ServingError | No
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return b"", TooLarge(f"request body is over the limit of {limit} bytes")
+            return b"", TooLarge(f"request body is over the limit of {limit} bytes{hint}")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks), None
@@ -432,10 +458,13 @@ async def _generate(
         )
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     results = await service.complete(requests)
+    completion_tokens = sum(r["completion_tokens"] for r in results)
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    note_usage(prompt_tokens, completion_tokens, [r["text"] for r in results], stream=False)
     return {
         **head,
         "choices": [shape.choice(i, r) for i, r in enumerate(results)],
-        "usage": _usage(encoded, sum(r["completion_tokens"] for r in results)),
+        "usage": _usage(encoded, completion_tokens),
     }
 
 
@@ -459,16 +488,23 @@ async def _events(
         for choice in shape.opening(index):
             yield chunk(choice)
     completion_tokens = 0
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    texts: list[list[str]] = [[] for _ in requests]
+    note_usage(prompt_tokens, 0, None, stream=True)
     # aclosing: an error (or a client gone) ends the rows now and frees their routes.
     async with aclosing(service.stream(requests)) as outputs:
         async for index, out in outputs:
             if out.error is not None:
+                note_error(out.error.code or out.error.type)
                 yield _sse(out.error.body())
                 break
+            texts[index].append(out.text)
             for choice in shape.deltas(index, out):
                 yield chunk(choice)
             if out.finished:
                 completion_tokens += out.completion_tokens
+                # Noted as rows finish, so a stream the client leaves still counts them.
+                note_usage(prompt_tokens, completion_tokens, ["".join(t) for t in texts], True)
     if include_usage:
         # The last chunk when ``stream_options.include_usage`` is set: no choices, only usage.
         yield _sse({**head, "choices": [], "usage": _usage(encoded, completion_tokens)})

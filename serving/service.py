@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -26,10 +27,20 @@ from rayft.serving.engine import (
     StepOutput,
 )
 from rayft.serving.errors import BadRequest, TooLarge
+from rayft.serving.metrics import NullMetrics
+from rayft.serving.request_log import (
+    GENERATION_ROUTES,
+    LogDataset,
+    RequestLog,
+    RequestRecord,
+    note_model,
+)
 
 MAX_NAME_CHARS = 256
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,8 @@ class Limits:
         max_eval_rows: Most rows one evaluation may hold.
         max_request_bytes: Largest request body.
         max_n: Largest ``n`` (choices per prompt).
+        max_file_bytes: Largest ``POST /v1/files`` upload (the other routes keep
+            ``max_request_bytes``).
     """
 
     max_tokens_limit: int = 1024
@@ -49,6 +62,7 @@ class Limits:
     max_eval_rows: int = 2000
     max_request_bytes: int = 16 * 1024 * 1024
     max_n: int = 16
+    max_file_bytes: int = 512 * 1024 * 1024
 
 
 class ModelService:
@@ -63,6 +77,9 @@ class ModelService:
         api_key_sha256: The key's SHA-256 hex digest instead of the key itself (what a
             Serve deployment receives, so the key is never stored in Ray's state).
         request_timeout_s: Deadline of every request; see ``DecodeLoop``.
+        metrics: Where requests, tokens, latencies and the adapter LRU are counted
+            (``serving.metrics``); default: nowhere.
+        request_log: Where a line per completion request is written; default: no log.
     """
 
     def __init__(
@@ -73,10 +90,17 @@ class ModelService:
         api_key: str | None = None,
         api_key_sha256: str | None = None,
         request_timeout_s: float = 600.0,
+        metrics: NullMetrics | None = None,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.engine = engine
         self.limits = limits or Limits()
-        self.loop = DecodeLoop(engine, batch_wait_timeout_s, request_timeout_s=request_timeout_s)
+        self.metrics = metrics or NullMetrics()
+        self.request_log = request_log
+        engine.listener = self.metrics
+        self.loop = DecodeLoop(
+            engine, batch_wait_timeout_s, request_timeout_s=request_timeout_s, metrics=self.metrics
+        )
         if api_key_sha256 is None:
             key = api_key if api_key is not None else os.environ.get("RAYFT_API_KEY")
             api_key_sha256 = key_digest(key) if key else None
@@ -125,8 +149,10 @@ class ModelService:
             raise BadRequest("model must be a non-empty string", param="model")
         checked_text(model, "model", MAX_NAME_CHARS)
         if model == self.model_name:
+            note_model(model)
             return BASE_ADAPTER
         self.engine.check_adapter(model)
+        note_model(model)
         return model
 
     def health(self) -> dict[str, Any]:
@@ -282,7 +308,7 @@ class ModelService:
         self,
         model: str,
         rows: list[Any] | None = None,
-        dataset: str | None = None,
+        dataset: str | LogDataset | None = None,
         metrics: list[str] | None = None,
         fmt: str = "auto",
         max_tokens: int = 128,
@@ -293,7 +319,8 @@ class ModelService:
         Args:
             model: Base model name or adapter name.
             rows: Inline rows (chat, prompt_completion, alpaca or text).
-            dataset: A dataset name in the registry instead of ``rows``.
+            dataset: A dataset name in the registry instead of ``rows``, or requests read
+                back from the request log (``serving.request_log.LogDataset``).
             metrics: Any of ``serving.evaluation.ALL_METRICS``; default loss and perplexity.
             fmt: Row format, or ``auto`` to detect it per row.
             max_tokens: Generation budget per row for the generation metrics.
@@ -307,9 +334,8 @@ class ModelService:
         from rayft.serving.evaluation import (
             GENERATION_METRICS,
             check_metrics,
-            dataset_path,
+            dataset_rows,
             prepare_rows,
-            read_rows,
             summarize,
         )
 
@@ -321,7 +347,7 @@ class ModelService:
                 "give exactly one of rows (inline) or dataset (a registry name)", param="rows"
             )
         if dataset is not None:
-            rows = read_rows(dataset_path(dataset, self.engine.storage), self.limits.max_eval_rows)
+            rows = dataset_rows(dataset, model, self.engine.storage, self.limits.max_eval_rows)
         assert rows is not None
         if not rows:
             raise BadRequest("rows is empty", param="rows")
@@ -380,9 +406,27 @@ class ModelService:
             )
         return max_seq_len
 
+    # ----------------------------------------------------------- monitoring
+
+    @property
+    def keeps_payloads(self) -> bool:
+        """True when prompts and outputs go to the request log."""
+        return self.request_log is not None and self.request_log.log_payloads
+
+    def observe(self, record: RequestRecord) -> None:
+        """Count a finished HTTP request and log it (completion routes only)."""
+        try:
+            self.metrics.observe_request(record)
+            if self.request_log is not None and record.route in GENERATION_ROUTES:
+                self.request_log.write(record)
+        except Exception:  # noqa: BLE001 - monitoring never fails a request
+            log.exception("cannot record request %s", record.request_id)
+
     def close(self) -> None:
-        """Stop the decode loop and its thread."""
+        """Stop the decode loop and its thread, and close the request log."""
         self.loop.close()
+        if self.request_log is not None:
+            self.request_log.close()
 
 
 def key_digest(key: str) -> str:

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# ':' is allowed after the first character for OpenAI-style names (``ft:<base>:<suffix>:<id>``);
+# it is an ordinary character in local paths and object-store keys, never a separator.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class ConfigError(ValueError):
@@ -43,6 +45,9 @@ class ModelSpec(_Section):
     """Builtin id (``rayft models list``), a local HF directory, or a hub id."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """``auto`` is bfloat16 on GPUs/CPUs with native bf16 and float32 elsewhere."""
+    adapter: str | None = None
+    """A published LoRA adapter for ``name`` to continue training (its weights and LoRA
+    shape); the new adapter records it as ``parent_adapter``."""
 
 
 class DataSpec(_Section):
@@ -89,7 +94,20 @@ class OptimSpec(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0)
     """0 disables gradient clipping."""
     seed: int = 42
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["selective"] = "selective"
+    """Activation checkpointing of the decoder layers: ``false`` keeps every activation,
+    ``true`` recomputes each layer in backward (least memory), ``selective`` (the default)
+    keeps the matmul and attention outputs and recomputes only the cheap elementwise ops:
+    one LoRA step at [4, 512] on SmolLM2-135M peaked at 4797 MiB against 6893 MiB without,
+    at about the same step time (``bench/checkpointing_step.py``)."""
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_mode(cls, value: Any) -> Any:
+        # Only these three: pydantic's lax bool would read "yes" or 1 as true.
+        if value is True or value is False or value == "selective":
+            return value
+        raise ValueError(f"must be false, true or 'selective', got {value!r}")
 
 
 class ScalingSpec(_Section):
@@ -241,9 +259,10 @@ def combination_problems(spec: JobSpec) -> list[tuple[str, str]]:
             (
                 "output.name",
                 f"{spec.output.name!r} is not a valid artifact name: use letters, digits, "
-                "'.', '_' and '-' (at most 128, not starting with '.' or '-')",
+                "'.', '_', ':' and '-' (at most 128, not starting with '.', ':' or '-')",
             )
         )
+    problems += adapter_problems(spec)
     if spec.method == "freeze" and spec.deepspeed.offload_params:
         problems.append(
             (
@@ -252,6 +271,24 @@ def combination_problems(spec: JobSpec) -> list[tuple[str, str]]:
             )
         )
     return problems
+
+
+def adapter_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What is wrong with ``model.adapter`` on its own (the registry is checked on the driver)."""
+    name = spec.model.adapter
+    if name is None:
+        return []
+    if not valid_name(name):
+        return [("model.adapter", f"{name!r} is not a valid adapter name; give a published name")]
+    if spec.method != "lora":
+        return [
+            (
+                "model.adapter",
+                f"continuing from adapter {name!r} needs method lora (got {spec.method}); "
+                "set method=lora, or leave model.adapter out to fine-tune the base model",
+            )
+        ]
+    return []
 
 
 def valid_name(name: str) -> bool:

@@ -143,6 +143,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     from rayft.trainers.data import build_datasets
+    from rayft.trainers.lineage import resolve_parent
     from rayft.trainers.loop import WorkerInputs, train_loop_per_worker
     from rayft.trainers.methods import resolve_dtype
     from rayft.trainers.models import resolve_model
@@ -164,6 +165,7 @@ def run_training(
         raise ConfigError([("model.dtype", str(err))]) from None
     model_dir = resolve_model(spec.model.name, root.models, root)
     check_model_fits(spec, model_dir)
+    parent = resolve_parent(spec, root, model_dir)
 
     say = _printer(show_progress)
     data_ctx = ray.data.DataContext.get_current()
@@ -173,6 +175,10 @@ def run_training(
         f"[rayft] run {run_id}: {spec.method} fine-tune of {spec.model.name} "
         f"on {spec.scaling.num_workers} worker(s), ZeRO-{spec.deepspeed.zero_stage}, {dtype}"
     )
+    if parent is not None:
+        say(f"[rayft] continuing adapter {parent.name} (version {parent.version})")
+        for line in parent.lora_notes(spec):
+            say(line)
     prepared = build_datasets(spec, str(model_dir), scanned)
     train_ds = prepared.train.materialize()
     train_rows = train_ds.count()
@@ -199,6 +205,7 @@ def run_training(
         # the run has no checkpoint of its own yet.
         start_from=start_from,
         callbacks=tuple(loop_callbacks or ()),
+        parent_adapter=parent,
     )
     resources = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}
     if use_gpu:
@@ -231,7 +238,12 @@ def run_training(
     )
     progress = ConsoleProgress(enabled=show_progress)
     result = _fit_with_progress(trainer, sink, progress, runlog)
-    artifact = _publish(spec, root, run_id, name, kind, result, prepared, model_dir)
+    try:
+        artifact = _publish(spec, root, run_id, name, kind, result, prepared, model_dir, parent)
+    except Exception as err:  # e.g. an artifact that would not serve: nothing was published
+        runlog.event("error", error=type(err).__name__, message=str(err)[:2000])
+        runlog.state(FAILED, failed_at=time.time())
+        raise
     metrics = dict(result.metrics or {})
     location = artifact_location(kind, name, root, artifact)
     runlog.event("artifact", kind=kind, name=name, location=location)
@@ -343,9 +355,21 @@ def checkpoint_events(sink: str) -> Any:
 
 
 def _publish(
-    spec: JobSpec, root: StorageRoot, run_id: str, name: str, kind: str, result, prepared, model_dir
+    spec: JobSpec,
+    root: StorageRoot,
+    run_id: str,
+    name: str,
+    kind: str,
+    result,
+    prepared,
+    model_dir,
+    parent=None,
 ) -> Path:
-    """Publish the final checkpoint's export: its files are copied once, into the registry."""
+    """Publish the final checkpoint's export: its files are copied once, into the registry.
+
+    ``publish_dir`` first checks the export serves on ``model_dir`` and records the base's
+    weights fingerprint; ``parent`` is the adapter a continued run started from.
+    """
     from rayft.trainers.loop import EXPORT_DIR, TRAINER_STATE
     from rayft.trainers.registry import publish_dir
 
@@ -368,10 +392,10 @@ def _publish(
             "steps": state["step"],
             "stopped_early": state["stopped_early"],
             "history": state["history"],
-            "parent_adapter": None,
+            "parent_adapter": parent.record() if parent is not None else None,
         }
         # Overwriting was checked before training started; a resumed run replaces its own.
-        return publish_dir(export, kind, name, manifest, True, root)
+        return publish_dir(export, kind, name, manifest, True, root, base_dir=model_dir)
 
 
 def _history_from(result) -> list[dict[str, Any]]:

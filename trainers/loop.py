@@ -122,6 +122,8 @@ class WorkerInputs:
         start_from: A ``ray.train.Checkpoint`` of another run, used when this run has none
             of its own yet (Train V2 has no ``resume_from_checkpoint``).
         callbacks: :class:`LoopCallback` objects, called in order.
+        parent_adapter: The published adapter a LoRA run continues (``model.adapter``),
+            a ``trainers.lineage.ParentAdapter`` checked by the driver.
     """
 
     model_dir: str
@@ -133,6 +135,7 @@ class WorkerInputs:
     local_run_dir: str | None = None
     start_from: Any = None
     callbacks: tuple[LoopCallback, ...] = ()
+    parent_adapter: Any = None
 
 
 @dataclass
@@ -204,7 +207,7 @@ def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
     model = AutoModelForCausalLM.from_pretrained(
         inputs.model_dir, dtype=getattr(torch, inputs.dtype), attn_implementation="sdpa"
     )
-    model = prepare_model(model, spec)
+    model = prepare_model(model, spec, inputs.parent_adapter)
     optimizer = torch.optim.AdamW(
         param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr, betas=(0.9, 0.999)
     )

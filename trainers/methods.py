@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,6 +23,20 @@ def apply_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def load_lora(model: nn.Module, parent: Any, lora: LoraSpec) -> nn.Module:
+    """Wrap ``model`` in the published adapter ``parent``, trainable, to continue training it.
+
+    The adapter keeps its own rank, alpha and target modules (its weights have that
+    shape); only ``lora.dropout`` comes from the spec.
+    """
+    from peft import PeftConfig, PeftModel
+
+    path = str(parent.local_dir())
+    config = PeftConfig.from_pretrained(path)
+    config.lora_dropout = lora.dropout
+    return PeftModel.from_pretrained(model, path, config=config, is_trainable=True)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -67,15 +83,21 @@ def apply_freeze(model: nn.Module, freeze: FreezeSpec) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def prepare_model(model: nn.Module, spec: JobSpec) -> nn.Module:
-    """Apply ``spec.method`` (and gradient checkpointing) to a freshly loaded model."""
-    if spec.optim.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+def prepare_model(model: nn.Module, spec: JobSpec, parent: Any = None) -> nn.Module:
+    """Apply ``spec.method`` (and ``optim.gradient_checkpointing``) to a freshly loaded model.
+
+    ``parent`` (a ``trainers.lineage.ParentAdapter``, for ``model.adapter``) is the
+    published adapter a LoRA run continues instead of starting a new one.
+    """
+    from rayft.trainers.checkpointing import enable_checkpointing
+
+    enable_checkpointing(model, spec.optim.gradient_checkpointing)
     if spec.method == "lora":
         if spec.optim.gradient_checkpointing:
             model.enable_input_require_grads()
-        return apply_lora(model, spec.lora)
+        return (
+            apply_lora(model, spec.lora) if parent is None else load_lora(model, parent, spec.lora)
+        )
     if spec.method == "freeze":
         apply_freeze(model, spec.freeze)
     return model

@@ -63,7 +63,7 @@ def checked_name(name: str) -> str:
     """Return ``name`` if it is one safe path component, else raise ``RegistryError``."""
     if not isinstance(name, str) or not valid_name(name):
         raise RegistryError(
-            f"invalid artifact name {name!r}: use letters, digits, '.', '_' and '-' "
+            f"invalid artifact name {name!r}: use letters, digits, '.', '_', ':' and '-' "
             "(no path separators, no '..')"
         )
     return name
@@ -131,6 +131,7 @@ def publish_dir(
     manifest: dict[str, Any],
     overwrite: bool,
     storage: StorageLike = None,
+    base_dir: Path | None = None,
 ) -> Path:
     """Publish the finished artifact files in ``src`` under ``name``, crash-safely.
 
@@ -146,12 +147,24 @@ def publish_dir(
         manifest: Written as ``rayft.json`` next to the weights.
         overwrite: Replace an existing artifact of that name.
         storage: The rayft root.
+        base_dir: The base model the artifact was trained from. When given, the
+            artifact must serve before anything is published (``trainers.servable``:
+            it loads and gives finite logits, an adapter on this base), and the base's
+            weights fingerprint is recorded as ``base_fingerprint``.
 
     Returns:
         The artifact's local path (``<folder>/<name>``).
+
+    Raises:
+        UnservableError: The servability check failed; nothing was published.
     """
     root = StorageRoot.resolve(storage)
     target = check_publishable(kind, name, overwrite, root)
+    if base_dir is not None:
+        from rayft.trainers.servable import base_fingerprint, check_servable
+
+        check_servable(Path(src), kind, Path(base_dir))
+        manifest = {**manifest, "base_fingerprint": base_fingerprint(base_dir, root.models)}
     version = new_version()
     manifest = {
         "kind": kind,

@@ -1,0 +1,786 @@
+"""Fine-tuning jobs: OpenAI's ``fine_tuning.job`` objects, each run as a rayft training run.
+
+* The record ``fine_tuning/jobs/<job id>.json`` in the rayft root is the job's source of
+  truth: the OpenAI job object, the job spec it runs and its status history, rewritten
+  atomically on every change. Any replica, and a restarted one, reads jobs back from it.
+* Each job runs in its own detached, named Ray actor (``JobRunner``, namespace
+  ``NAMESPACE``, no CPUs of its own) on the cluster that serves: it checks the files,
+  calls ``trainers.driver.run_training`` (Ray Train workers, owned by the actor) and the
+  driver publishes the adapter under the job's ``fine_tuned_model`` name, where the
+  serving engine finds it on the next request. A detached actor outlives the HTTP
+  replica that started it, and killing it takes the whole run with it (Ray Train's
+  controller and workers are its children), which is what cancel needs.
+* The run's ``runs/<job id>/events.jsonl`` (``trainers.records.RunLog``) holds the train
+  and eval losses and checkpoints that ``/events`` and ``/checkpoints`` report.
+
+Statuses move ``validating_files → queued → running → succeeded | failed | cancelled``;
+a terminal record is never changed again. A job whose actor is gone while it is not
+terminal (the cluster restarted, the node died) is marked failed when it is next read.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rayft.serving.errors import BadRequest, NotFound
+from rayft.serving.files import list_names, page, read_json
+from rayft.trainers.storage import StorageRoot
+
+JOBS_DIR = "fine_tuning/jobs"
+NAMESPACE = "rayft-fine-tuning"
+VALIDATING, QUEUED, RUNNING = "validating_files", "queued", "running"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+MAX_SUFFIX_CHARS = 40
+MAX_BASE_CHARS = 40
+# Job-spec keys the job sets itself; the ``rayft`` extension may not.
+RESERVED_KEYS = {
+    "storage": "jobs write to the server's storage root",
+    "output": "the job publishes under its fine_tuned_model name",
+    "tune": "a job is one training run; run sweeps with `rayft tune`",
+    "data.train": "set training_file",
+    "data.eval": "set validation_file",
+    "model.name": "set model",
+    "model.adapter": "set model to the adapter or fine_tuned_model to start from",
+}
+# The job-spec key each OpenAI hyperparameter sets.
+HYPERPARAMETER_KEYS = {
+    "optim.epochs": "n_epochs",
+    "optim.batch_size": "batch_size",
+    "optim.lr": "learning_rate_multiplier",
+}
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Hyperparameters(_Body):
+    """OpenAI's supervised hyperparameters; ``"auto"`` (or absent) takes rayft's default."""
+
+    n_epochs: Literal["auto"] | PositiveInt | None = None
+    batch_size: Literal["auto"] | PositiveInt | None = None
+    learning_rate_multiplier: Literal["auto"] | PositiveFloat | None = None
+
+
+class SupervisedMethod(_Body):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(_Body):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class JobRequest(_Body):
+    """``POST /v1/fine_tuning/jobs``: OpenAI's body plus rayft's ``rayft`` extension."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    training_file: str
+    validation_file: str | None = None
+    suffix: Annotated[str, Field(max_length=MAX_SUFFIX_CHARS)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    metadata: (
+        Annotated[
+            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+            Field(max_length=16),
+        ]
+        | None
+    ) = None
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None
+    integrations: list[Any] | None = None
+    rayft: dict[str, Any] | None = None
+    """Job-spec sections (``method``, ``lora``, ``deepspeed``, ``scaling``, ``optim``, ...)."""
+
+
+def parse_request(body: Any) -> JobRequest:
+    """The job request in ``body`` (parsed JSON).
+
+    Raises:
+        BadRequest: Naming the first field that is wrong (``param``) and every problem.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_request")
+    try:
+        request = JobRequest.model_validate(body)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors()[:5]:
+            where = ".".join(str(p) for p in e["loc"] if not _is_type_tag(p)) or "body"
+            what = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append((where, what))
+        message = "; ".join(f"{k}: {m}" for k, m in problems)
+        raise BadRequest(message, code="invalid_request", param=problems[0][0]) from None
+    if request.integrations:
+        raise BadRequest("integrations are not supported", param="integrations")
+    return request
+
+
+def _is_type_tag(part: Any) -> bool:
+    # Union members add their type to an error's location; the field path is what matters.
+    return isinstance(part, str) and (
+        part in {"str", "int", "float", "bool"}
+        or part.startswith(("literal[", "list[", "dict[", "function-", "constrained-"))
+    )
+
+
+# ----------------------------------------------------------- body → job spec
+
+
+def fine_tuned_name(base_model: str, suffix: str | None, job_id: str) -> str:
+    """The OpenAI-shaped registry name of a job's result: ``ft:<base>:<suffix>:<job id>``.
+
+    The base part is the model's last path component with anything outside the
+    registry's characters replaced, so a local directory or hub id makes a valid name.
+    """
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(base_model).name or base_model)
+    base = base.strip(".-")[:MAX_BASE_CHARS] or "model"
+    parts = ["ft", base, *([suffix] if suffix else []), job_id]
+    return ":".join(parts)
+
+
+def _hyperparameters(request: JobRequest) -> tuple[Hyperparameters, str]:
+    """The hyperparameters given and the body path they came from."""
+    method = request.method
+    if method is not None and method.type != "supervised":
+        raise BadRequest(
+            f"method.type {method.type!r} is not supported; use 'supervised' (choose LoRA, full "
+            "or freeze fine-tuning with rayft.method)",
+            param="method.type",
+        )
+    nested = method.supervised.hyperparameters if method and method.supervised else None
+    if nested is not None and request.hyperparameters is not None:
+        raise BadRequest(
+            "give hyperparameters once: in method.supervised.hyperparameters (preferred) or "
+            "the legacy top-level hyperparameters",
+            param="hyperparameters",
+        )
+    if nested is not None:
+        return nested, "method.supervised.hyperparameters"
+    return request.hyperparameters or Hyperparameters(), "hyperparameters"
+
+
+def _reserved(extension: dict[str, Any]) -> None:
+    for key, why in RESERVED_KEYS.items():
+        section, _, leaf = key.partition(".")
+        node = extension.get(section)
+        present = section in extension if not leaf else isinstance(node, dict) and leaf in node
+        if present:
+            raise BadRequest(f"rayft.{key} is set by the job: {why}", param=f"rayft.{key}")
+
+
+def build_spec(
+    request: JobRequest,
+    *,
+    base_model: str,
+    parent_adapter: str | None,
+    train_url: str,
+    eval_url: str | None,
+    storage: str,
+    output_name: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job spec (a plain dict, not yet validated) of a job request.
+
+    OpenAI's hyperparameters map onto ``optim``: ``n_epochs`` → ``optim.epochs``;
+    ``batch_size`` (examples per optimizer step, as OpenAI counts it) →
+    ``optim.batch_size`` per worker = batch_size / (workers × grad_accum);
+    ``learning_rate_multiplier`` scales ``optim.lr`` (rayft's, or the extension's). ``auto``
+    keeps rayft's defaults. The ``rayft`` extension supplies every other section.
+
+    Returns:
+        ``(spec, hyperparameters)``: the spec dict, and the hyperparameters as the job
+        object reports them (``auto`` resolved).
+
+    Raises:
+        BadRequest: A key the job sets itself, an unsupported method, or a batch size
+            the workers cannot share.
+    """
+    from rayft.trainers.config import OptimSpec, ScalingSpec
+
+    extension = copy.deepcopy(request.rayft or {})
+    _reserved(extension)
+    hyper, where = _hyperparameters(request)
+    spec = extension
+    spec["model"] = {**_section(spec, "model"), "name": base_model}
+    if parent_adapter is not None:
+        spec["model"]["adapter"] = parent_adapter
+    spec["data"] = {**_section(spec, "data"), "train": train_url}
+    if eval_url is not None:
+        spec["data"]["eval"] = eval_url
+    optim = spec["optim"] = _section(spec, "optim")
+    if isinstance(hyper.n_epochs, int):
+        optim["epochs"] = hyper.n_epochs
+    if isinstance(hyper.batch_size, int):
+        optim["batch_size"] = _per_worker_batch(hyper.batch_size, spec, where)
+    multiplier = hyper.learning_rate_multiplier
+    if isinstance(multiplier, (int, float)):
+        base_lr = optim.get("lr", OptimSpec.model_fields["lr"].default)
+        if isinstance(base_lr, (int, float)):
+            optim["lr"] = float(base_lr) * float(multiplier)
+    if request.seed is not None:
+        optim["seed"] = request.seed
+    spec["output"] = {"name": output_name}
+    spec["storage"] = storage
+    workers = _section(spec, "scaling").get("num_workers", ScalingSpec().num_workers)
+    reported = {
+        "n_epochs": optim.get("epochs", OptimSpec().epochs),
+        "batch_size": _global_batch(optim, workers),
+        "learning_rate_multiplier": float(multiplier) if isinstance(multiplier, float) else 1.0,
+    }
+    return spec, reported
+
+
+def _section(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    node = spec.get(name, {})
+    if not isinstance(node, dict):
+        raise BadRequest(f"rayft.{name} must be a mapping of keys", param=f"rayft.{name}")
+    return dict(node)
+
+
+def _per_worker_batch(batch_size: int, spec: dict[str, Any], where: str) -> int:
+    from rayft.trainers.config import OptimSpec, ScalingSpec
+
+    workers = _section(spec, "scaling").get("num_workers", ScalingSpec().num_workers)
+    accum = _section(spec, "optim").get("grad_accum", OptimSpec().grad_accum)
+    if not (isinstance(workers, int) and isinstance(accum, int) and workers > 0 and accum > 0):
+        return batch_size  # the spec's own validation names the bad key
+    share, rest = divmod(batch_size, workers * accum)
+    if share < 1 or rest:
+        raise BadRequest(
+            f"batch_size {batch_size} is not a multiple of {workers} worker(s) x grad_accum "
+            f"{accum}; choose a multiple of {workers * accum} or set rayft.scaling.num_workers",
+            param=f"{where}.batch_size",
+        )
+    return share
+
+
+def _global_batch(optim: dict[str, Any], workers: Any) -> Any:
+    from rayft.trainers.config import OptimSpec
+
+    per_worker = optim.get("batch_size", OptimSpec().batch_size)
+    accum = optim.get("grad_accum", OptimSpec().grad_accum)
+    if all(isinstance(v, int) for v in (per_worker, accum, workers)):
+        return per_worker * accum * workers
+    return per_worker
+
+
+def validate_job_spec(spec: dict[str, Any], request: JobRequest) -> Any:
+    """``trainers.config.validate_spec`` with its dotted keys named as the body names them.
+
+    Raises:
+        BadRequest: ``param`` is the body field to change (``rayft.<key>`` for the
+            extension, the hyperparameter for ``optim`` keys it set, ``model`` for the model).
+    """
+    from rayft.trainers.config import ConfigError, validate_spec
+
+    try:
+        return validate_spec(spec, source="of this fine-tuning job")
+    except ConfigError as err:
+        params = [body_param(key, request) for key, _ in err.problems]
+        message = "; ".join(f"{p}: {m}" for p, (_, m) in zip(params, err.problems, strict=True))
+        raise BadRequest(message, code="invalid_job_spec", param=params[0]) from None
+
+
+def body_param(key: str, request: JobRequest) -> str:
+    """The request field that set job-spec ``key``."""
+    if key.startswith("model."):
+        return "model"
+    if key in ("data.train", "data.eval"):
+        return "training_file" if key == "data.train" else "validation_file"
+    extension = request.rayft or {}
+    section, _, leaf = key.partition(".")
+    given = isinstance(extension.get(section), dict) and leaf.split(".")[0] in extension[section]
+    if key in HYPERPARAMETER_KEYS and not given:
+        _, where = _hyperparameters(request)
+        return f"{where}.{HYPERPARAMETER_KEYS[key]}"
+    if key == "optim.seed" and not given:
+        return "seed"
+    return f"rayft.{key}" if key else "rayft"
+
+
+# ------------------------------------------------------------------- records
+
+
+def new_job_id() -> str:
+    """A fresh job id in OpenAI's shape, ``ftjob-<24 hex digits>``."""
+    return f"ftjob-{secrets.token_hex(12)}"
+
+
+def job_relpath(job_id: str) -> str:
+    return f"{JOBS_DIR}/{job_id}.json"
+
+
+def _checked_job_id(job_id: str) -> str:
+    if not (job_id.startswith("ftjob-") and job_id[6:].isalnum() and len(job_id) <= 64):
+        raise NotFound(f"no fine-tuning job {job_id!r}", code="job_not_found", param="job_id")
+    return job_id
+
+
+def new_record(
+    job_id: str,
+    request: JobRequest,
+    spec: dict[str, Any],
+    hyperparameters: dict[str, Any],
+    labels: dict[str, str],
+) -> dict[str, Any]:
+    """A new job's record: the OpenAI job object (``validating_files``) and rayft's part.
+
+    Args:
+        labels: How messages name each data file: its URL → e.g. ``training_file file-… (a.jsonl)``.
+    """
+    now = time.time()
+    return {
+        "id": job_id,
+        "object": "fine_tuning.job",
+        "created_at": int(now),
+        "error": None,
+        "fine_tuned_model": None,
+        "finished_at": None,
+        "hyperparameters": hyperparameters,
+        "model": request.model,
+        "organization_id": "rayft",
+        "result_files": [],
+        "seed": spec["optim"].get("seed", 42),
+        "status": VALIDATING,
+        "trained_tokens": None,
+        "training_file": request.training_file,
+        "validation_file": request.validation_file,
+        "estimated_finish": None,
+        "integrations": [],
+        "metadata": request.metadata,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "user_provided_suffix": request.suffix,
+        "rayft": {
+            "run_id": job_id,
+            "output_name": spec["output"]["name"],
+            "method": spec.get("method", "lora"),
+            "parent_adapter": spec["model"].get("adapter"),
+            "spec": spec,
+            "labels": labels,
+        },
+        "history": [{"time": now, "status": VALIDATING, "message": "validating training files"}],
+    }
+
+
+def save_job(root: StorageRoot, record: dict[str, Any]) -> None:
+    """Write a job's record atomically (and to a URI root)."""
+    root.write(job_relpath(record["id"]), json.dumps(record, indent=2, default=str))
+
+
+def read_job(root: StorageRoot, job_id: str) -> dict[str, Any]:
+    """The record of ``job_id``.
+
+    Raises:
+        NotFound: No such job.
+    """
+    record = read_json(root, job_relpath(_checked_job_id(job_id)))
+    if record is None:
+        raise NotFound(
+            f"no fine-tuning job {job_id!r}; GET /v1/fine_tuning/jobs lists them",
+            code="job_not_found",
+            param="job_id",
+        )
+    return record
+
+
+def list_jobs(root: StorageRoot) -> list[dict[str, Any]]:
+    """Every job record, newest first."""
+    records = [read_json(root, job_relpath(n)) for n in list_names(root, JOBS_DIR, ".json")]
+    found = [r for r in records if r is not None]
+    return sorted(found, key=lambda r: (r.get("created_at", 0), r["id"]), reverse=True)
+
+
+def transition(
+    root: StorageRoot, job_id: str, status: str, message: str, **fields: Any
+) -> dict[str, Any]:
+    """Move a job to ``status`` (with ``fields``), unless it already ended.
+
+    Returns:
+        The record as it now stands (unchanged when it was terminal already).
+    """
+    record = read_job(root, job_id)
+    if record["status"] in TERMINAL:
+        return record
+    record.update(status=status, **fields)
+    record["history"].append({"time": time.time(), "status": status, "message": message})
+    save_job(root, record)
+    return record
+
+
+def fail(root: StorageRoot, job_id: str, code: str, message: str, param: str | None = None) -> dict:
+    """Mark a job failed with an error a person can act on."""
+    error = {"code": code, "message": message, "param": param}
+    return transition(root, job_id, FAILED, message, error=error, finished_at=int(time.time()))
+
+
+def job_object(record: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI ``fine_tuning.job`` object of a record (rayft's part kept as ``rayft``)."""
+    out = {k: v for k, v in record.items() if k not in ("history", "rayft")}
+    extra = record.get("rayft", {})
+    out["rayft"] = {k: extra.get(k) for k in ("run_id", "output_name", "method", "parent_adapter")}
+    out["rayft"]["spec"] = extra.get("spec")
+    return out
+
+
+# ------------------------------------------------------- events, checkpoints
+
+
+def _event_id(job_id: str, *parts: Any) -> str:
+    digest = hashlib.sha1(json.dumps([job_id, *parts], default=str).encode()).hexdigest()
+    return f"ftevent-{digest[:24]}"
+
+
+def _event(job_id: str, when: float, message: str, level: str = "info", **extra: Any) -> dict:
+    kind = extra.pop("type", "message")
+    return {
+        "id": _event_id(job_id, when, message),
+        "object": "fine_tuning.job.event",
+        "created_at": int(when),
+        "level": level,
+        "message": message,
+        "data": extra or None,
+        "type": kind,
+    }
+
+
+def _run_event(job_id: str, event: dict[str, Any]) -> dict[str, Any] | None:
+    """The job event of one line of the run's ``events.jsonl`` (``None``: not reported)."""
+    kind, when, step = event.get("type"), float(event.get("time", 0)), event.get("step")
+    total = event.get("total_steps")
+    at = f"Step {step}/{total}" if total else f"Step {step}"
+    if kind == "train" and isinstance(event.get("loss"), (int, float)):
+        data = {"step": step, "total_steps": total, "train_loss": event["loss"]}
+        data.update({k: event[k] for k in ("lr", "tokens_per_s", "tokens_seen") if k in event})
+        message = f"{at}: training loss={event['loss']:.4f}"
+        return _event(job_id, when, message, type="metrics", **data)
+    if kind == "eval" and isinstance(event.get("eval_loss"), (int, float)):
+        data = {"step": step, "total_steps": total, "valid_loss": event["eval_loss"]}
+        if "eval_perplexity" in event:
+            data["valid_perplexity"] = event["eval_perplexity"]
+        message = f"{at}: validation loss={event['eval_loss']:.4f}"
+        return _event(job_id, when, message, type="metrics", **data)
+    if kind == "checkpoint":
+        return _event(job_id, when, f"Checkpoint saved at step {step}", step=step)
+    if kind == "resumed":
+        return _event(job_id, when, f"Resumed from step {step}", step=step)
+    if kind == "artifact":
+        return _event(job_id, when, f"Published {event.get('name')} at {event.get('location')}")
+    if kind == "error":
+        text = f"{event.get('error')}: {event.get('message')}"
+        return _event(job_id, when, text, level="error")
+    return None  # the run's own state lines repeat the job's status changes
+
+
+def job_events(root: StorageRoot, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Status changes, train loss per logging step, eval loss per evaluation, checkpoints:
+    newest first, as OpenAI lists them."""
+    from rayft.trainers.records import read_events
+
+    job_id = record["id"]
+    timed: list[tuple[float, int, dict[str, Any]]] = []
+    for item in record.get("history", []):
+        level = "error" if item["status"] == FAILED else "info"
+        message = f"Job {item['status']}: {item['message']}"
+        event = _event(job_id, item["time"], message, level, status=item["status"])
+        timed.append((float(item["time"]), len(timed), event))
+    for line in read_events(root, record["rayft"]["run_id"]):
+        event = _run_event(job_id, line)
+        if event is not None:
+            timed.append((float(line.get("time", 0)), len(timed), event))
+    # Sorted by the exact time (created_at is whole seconds), written order within a tie.
+    timed.sort(key=lambda t: (t[0], t[1]))
+    return [event for _, _, event in reversed(timed)]
+
+
+def job_checkpoints(root: StorageRoot, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's checkpoints with the train and eval loss at their step, newest first."""
+    from rayft.trainers.records import read_events
+
+    train_loss: float | None = None
+    valid: dict[Any, float] = {}
+    out = []
+    for event in read_events(root, record["rayft"]["run_id"]):
+        kind = event.get("type")
+        if kind == "train" and isinstance(event.get("loss"), (int, float)):
+            train_loss = float(event["loss"])
+        elif kind == "eval" and isinstance(event.get("eval_loss"), (int, float)):
+            valid[event.get("step")] = float(event["eval_loss"])
+        elif kind == "checkpoint" and isinstance(event.get("step"), int):
+            step = event["step"]
+            out.append(
+                {
+                    "id": f"ftckpt-{_event_id(record['id'], 'ckpt', step)[8:]}",
+                    "object": "fine_tuning.job.checkpoint",
+                    "created_at": int(event.get("time", 0)),
+                    "fine_tuned_model_checkpoint": str(event.get("path")),
+                    "fine_tuning_job_id": record["id"],
+                    "metrics": {
+                        "step": step,
+                        "train_loss": train_loss,
+                        "valid_loss": valid.get(step),
+                    },
+                    "step_number": step,
+                }
+            )
+    return out[::-1]
+
+
+def listing(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """An OpenAI list object of one page of ``items``."""
+    data, more = page(items, after, limit)
+    return {"object": "list", "data": data, "has_more": more}
+
+
+# ------------------------------------------------------------ the runner
+
+
+def runner_name(job_id: str) -> str:
+    """The Ray actor name of a job's runner (in ``NAMESPACE``)."""
+    return f"rayft-job-{job_id}"
+
+
+def runner(job_id: str) -> Any | None:
+    """The live runner actor of ``job_id``, or ``None`` when there is none."""
+    import ray
+
+    try:
+        return ray.get_actor(runner_name(job_id), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def start_runner(root: StorageRoot, job_id: str, env: dict[str, str]) -> None:
+    """Start the job's detached runner actor on the connected Ray cluster.
+
+    Args:
+        env: Environment variables the run needs (model cache, offline mode, ...).
+    """
+    import ray
+
+    actor = ray.remote(JobRunner).options(
+        name=runner_name(job_id),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        num_cpus=0,
+        max_restarts=0,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    handle = actor.remote(root.location, job_id)
+    handle.run.remote()  # nobody waits: the record says how it went
+
+
+def refresh(root: StorageRoot, record: dict[str, Any]) -> dict[str, Any]:
+    """``record``, marked failed first when it is not terminal and its runner is gone."""
+    if record["status"] in TERMINAL or runner(record["id"]) is not None:
+        return record
+    # The runner may have written its last status and exited since ``record`` was read.
+    record = read_job(root, record["id"])
+    if record["status"] in TERMINAL:
+        return record
+    return fail(
+        root,
+        record["id"],
+        "runner_lost",
+        "the job's runner stopped before the job finished (the Ray cluster restarted or its "
+        "node died); create the job again",
+    )
+
+
+def cancel(root: StorageRoot, job_id: str) -> dict[str, Any]:
+    """Stop a job's Ray work and mark it cancelled; nothing of it stays published.
+
+    Raises:
+        BadRequest: The job already ended.
+    """
+    import ray
+
+    from rayft.trainers.registry import RegistryError, remove_artifact
+
+    record = read_job(root, job_id)
+    if record["status"] in TERMINAL:
+        raise BadRequest(
+            f"job {job_id} is already {record['status']}; only validating_files, queued or "
+            "running jobs can be cancelled",
+            code="job_not_cancellable",
+            param="job_id",
+        )
+    handle = runner(job_id)
+    if handle is not None:
+        # The run's Train controller and workers are the actor's children: they die with it.
+        ray.kill(handle, no_restart=True)
+    remove_placement_group(root, job_id)
+    record = transition(root, job_id, CANCELLED, "cancelled", finished_at=int(time.time()))
+    if record["status"] == CANCELLED:
+        kind = "adapter" if record["rayft"]["method"] == "lora" else "model"
+        try:
+            remove_artifact(kind, record["rayft"]["output_name"], root)
+        except RegistryError:
+            pass
+    return record
+
+
+def placement_group_relpath(job_id: str) -> str:
+    return f"{JOBS_DIR}/{job_id}.placement_group"
+
+
+def placement_group_recorder(storage: str, job_id: str) -> Any:
+    """A Ray Train callback (run in the Train controller) that records the id of the
+    workers' placement group each time a worker group starts, for ``cancel``.
+
+    Ray Train's own cleaner removes the group of a dead controller only when Ray's state
+    API (the dashboard) is up; a cancelled job must free its CPUs either way.
+    """
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class PlacementGroupRecorder(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group: Any) -> None:
+            state = worker_group.get_worker_group_state()
+            group = state.placement_group_handle.placement_group
+            StorageRoot.resolve(storage).write(placement_group_relpath(job_id), group.id.hex())
+
+    return PlacementGroupRecorder()
+
+
+def remove_placement_group(root: StorageRoot, job_id: str) -> None:
+    """Free the CPUs (GPUs) of a stopped job's Train workers: remove their placement group."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.placement_group import remove_placement_group as remove
+
+    raw = root.read(placement_group_relpath(job_id))
+    if not raw:
+        return
+    try:
+        remove(PlacementGroup(PlacementGroupID(bytes.fromhex(raw.decode()))))
+    except Exception:  # noqa: BLE001 - already removed (the run ended, or Train cleaned it)
+        pass
+
+
+class JobRunner:
+    """The body of a job's Ray actor: check the files, run the training, publish.
+
+    Args:
+        storage: The rayft root's location.
+        job_id: The job whose record this actor advances.
+    """
+
+    def __init__(self, storage: str, job_id: str) -> None:
+        self.root = StorageRoot.resolve(storage)
+        self.job_id = job_id
+
+    def run(self) -> str:
+        """Run the job to its end; the record holds the outcome. Returns the final status."""
+        import ray
+
+        try:
+            status = self._run()
+        finally:
+            ray.actor.exit_actor()  # a finished runner frees its process at once
+        return status
+
+    def _run(self) -> str:
+        from rayft.trainers.config import ConfigError, validate_spec
+        from rayft.trainers.data import DataError, scan_sources
+
+        record = read_job(self.root, self.job_id)
+        labels = record["rayft"].get("labels", {})
+        try:
+            spec = validate_spec(record["rayft"]["spec"])
+            scanned = scan_sources(spec)
+        except (DataError, ConfigError) as err:
+            return self._fail(err, labels)["status"]
+        rows = sum(r.rows for r in scanned.train)
+        transition(
+            self.root,
+            self.job_id,
+            QUEUED,
+            f"{rows} training rows ({scanned.format}) validated; waiting for Ray Train workers",
+        )
+        done = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(done,), daemon=True)
+        watcher.start()
+        try:
+            outcome = self._train(spec, scanned)
+        except Exception as err:  # noqa: BLE001 - every failure becomes the job's error
+            return self._fail(err, labels)["status"]
+        finally:
+            done.set()
+        return self._succeed(outcome)["status"]
+
+    def _train(self, spec: Any, scanned: Any) -> Any:
+        from rayft.trainers.driver import run_training
+
+        recorder = placement_group_recorder(self.root.location, self.job_id)
+        return run_training(
+            spec, run_id=self.job_id, show_progress=False, scanned=scanned, callbacks=[recorder]
+        )
+
+    def _watch(self, done: threading.Event) -> None:
+        """``running`` once the first training or evaluation step is recorded."""
+        from rayft.trainers.records import read_events
+
+        while not done.wait(1.0):
+            kinds = {e.get("type") for e in read_events(self.root, self.job_id)}
+            if kinds & {"train", "eval"}:
+                transition(self.root, self.job_id, RUNNING, "training started")
+                return
+
+    def _succeed(self, outcome: Any) -> dict[str, Any]:
+        record = read_job(self.root, self.job_id)
+        tokens = [h.get("tokens_seen") for h in outcome.history if h.get("kind") == "train"]
+        if record["status"] not in (RUNNING,):
+            transition(self.root, self.job_id, RUNNING, "training started")
+        name = record["rayft"]["output_name"]
+        return transition(
+            self.root,
+            self.job_id,
+            SUCCEEDED,
+            f"published {name}",
+            fine_tuned_model=name,
+            finished_at=int(time.time()),
+            trained_tokens=int(tokens[-1]) if tokens and tokens[-1] is not None else None,
+        )
+
+    def _fail(self, err: BaseException, labels: dict[str, str]) -> dict[str, Any]:
+        code, message, param = failure(err, labels, self.job_id)
+        return fail(self.root, self.job_id, code, message, param)
+
+
+def failure(err: BaseException, labels: dict[str, str], run_id: str) -> tuple[str, str, str | None]:
+    """``(code, message, param)`` of a job's failure, with data files named as the body names them."""
+    from rayft.trainers.config import ConfigError
+    from rayft.trainers.data import DataError
+    from rayft.trainers.registry import RegistryError
+
+    text = str(err)
+    for url, label in labels.items():
+        text = text.replace(url, label)
+    if isinstance(err, DataError):
+        param = "validation_file" if "validation_file" in text.split(":")[0] else "training_file"
+        return f"invalid_{param}", text, param
+    if isinstance(err, ConfigError):
+        key = err.problems[0][0] if err.problems else ""
+        return "invalid_job_spec", text, f"rayft.{key}" if key else None
+    if isinstance(err, RegistryError):
+        return "publish_refused", text, None
+    message = (
+        f"training failed: {type(err).__name__}: {text[:1500]}; the run's events are in "
+        f"runs/{run_id}/events.jsonl under the storage root"
+    )
+    return "training_failed", message, None

@@ -1,0 +1,228 @@
+"""OpenAI's files and fine-tuning jobs routes, on the same app as inference.
+
+    POST   /v1/files                              multipart ``file`` + ``purpose=fine-tune``
+    GET    /v1/files                              newest first (``purpose``, ``after``, ``limit``)
+    GET    /v1/files/{file_id}
+    GET    /v1/files/{file_id}/content
+    DELETE /v1/files/{file_id}
+    POST   /v1/fine_tuning/jobs                   OpenAI's body + the ``rayft`` extension
+    GET    /v1/fine_tuning/jobs                   newest first (``after``, ``limit``)
+    GET    /v1/fine_tuning/jobs/{job_id}
+    POST   /v1/fine_tuning/jobs/{job_id}/cancel
+    GET    /v1/fine_tuning/jobs/{job_id}/events   newest first (``after``, ``limit``)
+    GET    /v1/fine_tuning/jobs/{job_id}/checkpoints
+
+The app's ``RequestGuard`` checks the API key and the body size first (uploads have their
+own limit, ``max_file_bytes``); errors have the inference routes' shape. Handlers that
+touch storage or Ray are plain functions, which FastAPI runs off the event loop, so a
+slow storage root never stalls decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from rayft.serving import fine_tuning as jobs
+from rayft.serving.errors import BadRequest
+from rayft.serving.files import FileStore, page
+from rayft.serving.service import ModelService
+
+# What a job's runner needs from the server's environment to find models and data.
+RUNNER_ENV = ("RAYFT_HOME", "RAYFT_CACHE", "RAYFT_MODEL_CACHE", "HF_HUB_OFFLINE", "HF_HOME")
+
+router = APIRouter()
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+def _files(request: Request) -> FileStore:
+    service = _service(request)
+    return FileStore(service.engine.storage, service.limits.max_file_bytes)
+
+
+def _limit(request: Request, default: int) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise BadRequest(f"limit is {raw!r}; give a whole number from 1", param="limit")
+    return int(raw)
+
+
+# --------------------------------------------------------------------- files
+
+
+@router.post("/v1/files")
+async def create_file(request: Request) -> dict[str, Any]:
+    """Store an uploaded training file after checking every row as ``rayft train`` would."""
+    from starlette.datastructures import UploadFile
+
+    store = _files(request)
+    form = await request.form(max_files=1, max_fields=8)
+    try:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise BadRequest("send the file as the multipart form field 'file'", param="file")
+        if not isinstance(purpose, str):
+            raise BadRequest("purpose is required; send purpose=fine-tune", param="purpose")
+        return await run_in_threadpool(store.create, upload.filename or "", purpose, upload.file)
+    finally:
+        await form.close()
+
+
+@router.get("/v1/files")
+def list_files(request: Request) -> dict[str, Any]:
+    """Uploaded files, newest first (``order=asc`` for oldest first)."""
+    params = request.query_params
+    items = _files(request).list(params.get("purpose"))
+    if params.get("order") == "asc":
+        items = items[::-1]
+    data, more = page(items, params.get("after"), _limit(request, 10000))
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": more,
+    }
+
+
+@router.get("/v1/files/{file_id}")
+def retrieve_file(file_id: str, request: Request) -> dict[str, Any]:
+    return _files(request).get(file_id)
+
+
+@router.get("/v1/files/{file_id}/content")
+def file_content(file_id: str, request: Request) -> FileResponse:
+    store = _files(request)
+    record = store.get(file_id)
+    return FileResponse(
+        store.content(file_id), media_type="application/octet-stream", filename=record["filename"]
+    )
+
+
+@router.delete("/v1/files/{file_id}")
+def delete_file(file_id: str, request: Request) -> dict[str, Any]:
+    return _files(request).delete(file_id)
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(request: Request) -> dict[str, Any]:
+    """Check the body, the files and the job spec, record the job and start its runner."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
+    job = jobs.parse_request(body)
+    return await run_in_threadpool(start_job, _service(request), _files(request), job)
+
+
+def start_job(service: ModelService, store: FileStore, job: jobs.JobRequest) -> dict[str, Any]:
+    """Record a new job (``validating_files``) and start its runner on the Ray cluster.
+
+    Raises:
+        BadRequest / NotFound / Conflict: The model is not this server's base model or a
+            published adapter of it, a file is unknown, or the job spec is invalid.
+    """
+    from rayft.serving.engine import BASE_ADAPTER
+
+    adapter = service.adapter_for(job.model)
+    parent = None if adapter == BASE_ADAPTER else adapter
+    labels: dict[str, str] = {}
+    urls: dict[str, str | None] = {}
+    for field in ("training_file", "validation_file"):
+        file_id = getattr(job, field)
+        if file_id is None:
+            urls[field] = None
+            continue
+        urls[field] = _file_url(store, file_id, field)
+        labels[urls[field]] = f"{field} {file_id} ({store.get(file_id)['filename']})"
+    job_id = jobs.new_job_id()
+    output = jobs.fine_tuned_name(service.model_name, job.suffix, job_id)
+    spec, hyperparameters = jobs.build_spec(
+        job,
+        base_model=service.model_name,
+        parent_adapter=parent,
+        train_url=urls["training_file"] or "",
+        eval_url=urls["validation_file"],
+        storage=store.root.location,
+        output_name=output,
+    )
+    checked = jobs.validate_job_spec(spec, job).to_dict()  # every key, defaults filled in
+    record = jobs.new_record(job_id, job, checked, hyperparameters, labels)
+    jobs.save_job(store.root, record)
+    env = {k: os.environ[k] for k in RUNNER_ENV if os.environ.get(k)}
+    try:
+        jobs.start_runner(store.root, job_id, env)
+    except Exception as err:  # noqa: BLE001 - the job records why it could not start
+        record = jobs.fail(
+            store.root, job_id, "runner_not_started", f"the job could not start on Ray: {err}"
+        )
+    return jobs.job_object(record)
+
+
+def _file_url(store: FileStore, file_id: str, field: str) -> str:
+    from rayft.serving.errors import NotFound
+
+    try:
+        record = store.get(file_id)
+    except NotFound:
+        raise BadRequest(
+            f"{field} {file_id!r} is not an uploaded file; upload it with POST /v1/files "
+            "(purpose fine-tune) and pass the returned id",
+            code=f"invalid_{field}",
+            param=field,
+        ) from None
+    if record.get("purpose") != "fine-tune":
+        raise BadRequest(f"{field} {file_id!r} is not a fine-tune file", param=field)
+    return store.url(file_id)
+
+
+@router.get("/v1/fine_tuning/jobs")
+def list_jobs(request: Request) -> dict[str, Any]:
+    """Jobs, newest first; ``after`` is the id of the last job of the previous page."""
+    root = _service(request).engine.storage
+    records = [jobs.refresh(root, r) for r in jobs.list_jobs(root)]
+    items = [jobs.job_object(r) for r in records]
+    return jobs.listing(items, request.query_params.get("after"), _limit(request, 20))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+def retrieve_job(job_id: str, request: Request) -> dict[str, Any]:
+    root = _service(request).engine.storage
+    return jobs.job_object(jobs.refresh(root, jobs.read_job(root, job_id)))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+    """Stop the job's Ray work; a cancelled job publishes nothing."""
+    return jobs.job_object(jobs.cancel(_service(request).engine.storage, job_id))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+def job_events(job_id: str, request: Request) -> dict[str, Any]:
+    root = _service(request).engine.storage
+    record = jobs.refresh(root, jobs.read_job(root, job_id))
+    events = jobs.job_events(root, record)
+    return jobs.listing(events, request.query_params.get("after"), _limit(request, 20))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+def job_checkpoints(job_id: str, request: Request) -> dict[str, Any]:
+    root = _service(request).engine.storage
+    checkpoints = jobs.job_checkpoints(root, jobs.read_job(root, job_id))
+    listed = jobs.listing(checkpoints, request.query_params.get("after"), _limit(request, 10))
+    listed["first_id"] = listed["data"][0]["id"] if listed["data"] else None
+    listed["last_id"] = listed["data"][-1]["id"] if listed["data"] else None
+    return listed

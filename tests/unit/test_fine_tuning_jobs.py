@@ -1,0 +1,247 @@
+"""The pure parts of the fine-tuning jobs API: body → job spec, records, events, files."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from rayft.serving import fine_tuning as jobs
+from rayft.serving.errors import BadRequest, TooLarge
+from rayft.serving.files import FileStore
+from rayft.trainers.storage import StorageRoot
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+
+def spec_of(body: dict, **kw):
+    request = jobs.parse_request({"model": "tiny-llama", "training_file": "file-a", **body})
+    args = {
+        "base_model": "tiny-llama",
+        "parent_adapter": None,
+        "train_url": "/data/train.jsonl",
+        "eval_url": None,
+        "storage": "/root",
+        "output_name": "ft:tiny-llama:ftjob-1",
+        **kw,
+    }
+    spec, reported = jobs.build_spec(request, **args)
+    return jobs.validate_job_spec(spec, request), reported
+
+
+def bad_param(body: dict) -> str:
+    with pytest.raises(BadRequest) as caught:
+        spec_of(body)
+    assert caught.value.status == 400
+    return caught.value.param
+
+
+def test_openai_hyperparameters_map_onto_the_job_spec():
+    body = {
+        "seed": 7,
+        "suffix": "colors",
+        "method": {
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 2}
+            },
+        },
+        "rayft": {"scaling": {"num_workers": 2}, "lora": {"r": 4}, "optim": {"lr": 1e-3}},
+    }
+    spec, reported = spec_of(body, eval_url="/data/eval.jsonl")
+    assert spec.optim.epochs == 3
+    assert spec.optim.batch_size == 4  # 8 examples per step over 2 workers
+    assert spec.optim.lr == pytest.approx(2e-3)
+    assert spec.optim.seed == 7 and spec.lora.r == 4
+    assert (spec.data.train, spec.data.eval) == ("/data/train.jsonl", "/data/eval.jsonl")
+    assert spec.output.name == "ft:tiny-llama:ftjob-1" and spec.storage == "/root"
+    assert spec.model.name == "tiny-llama"
+    assert reported == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 2.0}
+
+
+def test_auto_and_legacy_hyperparameters_keep_rayfts_defaults():
+    auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    spec, reported = spec_of({"hyperparameters": auto})
+    assert (spec.optim.epochs, spec.optim.batch_size, spec.optim.lr) == (1, 8, 2e-4)
+    assert reported == {"n_epochs": 1, "batch_size": 16, "learning_rate_multiplier": 1.0}
+    legacy, _ = spec_of({"hyperparameters": {"n_epochs": 2}})
+    assert legacy.optim.epochs == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"training_file": 5}, "training_file"),
+        ({"hyperparameter": {}}, "hyperparameter"),
+        ({"hyperparameters": {"n_epochs": "3"}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"suffix": "x" * 41}, "suffix"),
+        ({"metadata": {"k": 1}}, "metadata.k"),
+        (
+            {
+                "hyperparameters": {"n_epochs": 1},
+                "method": {"type": "supervised", "supervised": {"hyperparameters": {}}},
+            },
+            "hyperparameters",
+        ),
+        (
+            {"hyperparameters": {"batch_size": 3}, "rayft": {"scaling": {"num_workers": 2}}},
+            "hyperparameters.batch_size",
+        ),
+        ({"rayft": {"lora": {"r": 0}}}, "rayft.lora.r"),
+        ({"rayft": {"optimm": {"lr": 1}}}, "rayft.optimm"),
+        ({"rayft": {"method": "sgd"}}, "rayft.method"),
+        ({"rayft": {"storage": "/elsewhere"}}, "rayft.storage"),
+        ({"rayft": {"data": {"train": "/etc/passwd"}}}, "rayft.data.train"),
+        (
+            {"rayft": {"deepspeed": {"zero_stage": 2, "offload_params": True}}},
+            "rayft.deepspeed.offload_params",
+        ),
+        (
+            {"hyperparameters": {"learning_rate_multiplier": 1e9}, "rayft": {"optim": {"lr": -1}}},
+            "rayft.optim.lr",
+        ),
+    ],
+)
+def test_bad_bodies_are_400_naming_the_field(body, param):
+    assert bad_param(body) == param
+
+
+def test_missing_fields_and_non_objects_are_named():
+    with pytest.raises(BadRequest) as caught:
+        jobs.parse_request({"model": "tiny-llama"})
+    assert caught.value.param == "training_file"
+    with pytest.raises(BadRequest):
+        jobs.parse_request(["model"])
+
+
+def test_fine_tuned_names_are_openai_shaped_and_path_safe():
+    from rayft.trainers.config import valid_name
+    from rayft.trainers.registry import RegistryError, checked_name
+
+    name = jobs.fine_tuned_name("tiny-llama", "colors", "ftjob-abc")
+    assert name == "ft:tiny-llama:colors:ftjob-abc"
+    assert checked_name(name) == name
+    assert jobs.fine_tuned_name("tiny-llama", None, "ftjob-abc") == "ft:tiny-llama:ftjob-abc"
+    odd = jobs.fine_tuned_name("/models/Org/Smol LM 2", None, "ftjob-" + "a" * 24)
+    assert odd.startswith("ft:Smol-LM-2:") and valid_name(odd)
+    for unsafe in ("ft:../x", "a/b:c", ":x", "ft:..", "x" * 129):
+        assert not valid_name(unsafe)
+        with pytest.raises(RegistryError):
+            checked_name(unsafe)
+
+
+def _record(root: StorageRoot, job_id: str = "ftjob-0001") -> dict:
+    request = jobs.parse_request({"model": "tiny-llama", "training_file": "file-a"})
+    spec, reported = jobs.build_spec(
+        request,
+        base_model="tiny-llama",
+        parent_adapter=None,
+        train_url="/t.jsonl",
+        eval_url=None,
+        storage=root.location,
+        output_name=f"ft:tiny-llama:{job_id}",
+    )
+    record = jobs.new_record(job_id, request, spec, reported, {})
+    jobs.save_job(root, record)
+    return record
+
+
+def test_records_round_trip_and_terminal_states_stick(tmp_path):
+    from openai.types.fine_tuning import FineTuningJob
+
+    root = StorageRoot.resolve(str(tmp_path))
+    first = _record(root, "ftjob-0001")
+    first["created_at"] -= 10
+    jobs.save_job(root, first)
+    _record(root, "ftjob-0002")
+    assert [r["id"] for r in jobs.list_jobs(root)] == ["ftjob-0002", "ftjob-0001"]
+    assert jobs.read_job(root, "ftjob-0001") == first
+    jobs.transition(root, "ftjob-0001", jobs.QUEUED, "validated")
+    jobs.fail(root, "ftjob-0001", "invalid_training_file", "t.jsonl:3: bad", "training_file")
+    after = jobs.transition(root, "ftjob-0001", jobs.RUNNING, "too late")
+    assert after["status"] == "failed"
+    assert [h["status"] for h in after["history"]] == ["validating_files", "queued", "failed"]
+    parsed = FineTuningJob.model_validate(jobs.job_object(after))
+    assert parsed.error.param == "training_file" and parsed.status == "failed"
+    with pytest.raises(Exception) as missing:
+        jobs.read_job(root, "ftjob-nothere")
+    assert getattr(missing.value, "status", None) == 404
+    with pytest.raises(Exception) as unsafe:
+        jobs.read_job(root, "../../etc/passwd")
+    assert getattr(unsafe.value, "status", None) == 404
+
+
+def test_events_and_checkpoints_come_from_the_run_log(tmp_path):
+    from openai.types.fine_tuning import FineTuningJobEvent
+    from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+
+    from rayft.trainers.records import RunLog
+
+    root = StorageRoot.resolve(str(tmp_path))
+    record = _record(root)
+    log = RunLog(root, record["id"])
+    log.state("running")
+    for step, loss in ((1, 2.5), (2, 2.0)):
+        log.progress({"kind": "train", "step": step, "total_steps": 2, "loss": loss})
+    log.progress({"kind": "eval", "step": 2, "total_steps": 2, "eval_loss": 1.75})
+    log.progress({"kind": "checkpoint", "step": 2, "path": "/ckpt/2"})
+    events = jobs.job_events(root, record)
+    for event in events:
+        FineTuningJobEvent.model_validate(event)
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    assert [m.get("train_loss") for m in metrics if "train_loss" in m] == [2.0, 2.5]
+    assert [m["valid_loss"] for m in metrics if "valid_loss" in m] == [1.75]
+    assert events[-1]["data"]["status"] == "validating_files"
+    assert len({e["id"] for e in events}) == len(events)
+    page = jobs.listing(events, events[1]["id"], 2)
+    assert page["data"] == events[2:4] and page["has_more"] == (len(events) > 4)
+    (checkpoint,) = jobs.job_checkpoints(root, record)
+    parsed = FineTuningJobCheckpoint.model_validate(checkpoint)
+    assert parsed.step_number == 2 and parsed.metrics.train_loss == 2.0
+    assert parsed.metrics.valid_loss == 1.75
+
+
+def test_files_are_checked_on_upload_and_errors_name_the_line(tmp_path):
+    from openai.types import FileObject
+
+    store = FileStore(StorageRoot.resolve(str(tmp_path)), max_bytes=10_000)
+    good = (json.dumps(CHAT) + "\n") * 3
+    record = store.create("train.jsonl", "fine-tune", io.BytesIO(good.encode()))
+    assert FileObject.model_validate(record).bytes == len(good)
+    assert record["rayft"]["rows"] == 3 and record["rayft"]["format"] == "chat"
+    assert store.content(record["id"]).read_text() == good
+    assert [f["id"] for f in store.list()] == [record["id"]]
+    bad = json.dumps(CHAT) + "\n" + '{"messages": [{"role": "user"}]}\n'
+    with pytest.raises(BadRequest) as caught:
+        store.create("bad.jsonl", "fine-tune", io.BytesIO(bad.encode()))
+    assert caught.value.message.startswith("bad.jsonl:2: ") and caught.value.param == "file"
+    with pytest.raises(BadRequest) as caught:
+        store.create("t.jsonl", "assistants", io.BytesIO(good.encode()))
+    assert caught.value.param == "purpose"
+    with pytest.raises(TooLarge):
+        store.create("big.jsonl", "fine-tune", io.BytesIO(good.encode() * 100))
+    with pytest.raises(BadRequest):
+        store.create("t.csv", "fine-tune", io.BytesIO(b"a,b\n"))
+    assert [f["id"] for f in store.list()] == [record["id"]]  # refused files leave nothing
+    assert store.delete(record["id"])["deleted"] is True
+    assert store.list() == [] and list((tmp_path / "datasets").glob("file-*")) == []
+
+
+def test_failures_name_the_file_as_the_body_does():
+    from rayft.trainers.config import ConfigError
+    from rayft.trainers.data import DataError
+
+    labels = {"/r/datasets/file-1.jsonl": "training_file file-1 (t.jsonl)"}
+    err = DataError(
+        "/r/datasets/file-1.jsonl:4: row has no 'prompt' (data.format=prompt_completion)"
+    )
+    code, message, param = jobs.failure(err, labels, "ftjob-1")
+    assert (code, param) == ("invalid_training_file", "training_file")
+    assert message.startswith("training_file file-1 (t.jsonl):4: ")
+    code, _, param = jobs.failure(ConfigError([("scaling.num_workers", "x")]), labels, "r")
+    assert (code, param) == ("invalid_job_spec", "rayft.scaling.num_workers")
+    code, message, _ = jobs.failure(RuntimeError("boom"), labels, "ftjob-1")
+    assert code == "training_failed" and "runs/ftjob-1/events.jsonl" in message
