@@ -2,7 +2,8 @@
 
     RAYFT_HOME=/tmp/rfhome .venv/bin/python bench/train_throughput.py [--tokens 24000]
         [--max-seq-len 512] [--batch-size 4] [--workers 1] [--skip-peers | --skip-trl]
-        [--gradient-checkpointing {default,false,true,selective}] [--json OUT]
+        [--gradient-checkpointing {default,false,true,selective}]
+        [--allocator {system,jemalloc}] [--json OUT]
 
 Fine-tunes ``smollm2-135m-instruct`` on the same rows of ``bench/data/chat_varlen.jsonl``
 (variable-length chats, 38-381 tokens) four ways, one after another on this machine:
@@ -232,6 +233,7 @@ def run_rayft(
     max_seq_len: int,
     work: Path,
     checkpointing: str = "default",
+    allocator: str = "system",
 ) -> PathResult:
     """Train with ``run_training`` on the embedded local Ray cluster.
 
@@ -277,7 +279,12 @@ def run_rayft(
                 "seed": SEED,
                 **optim_extra,
             },
-            "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": False},
+            "scaling": {
+                "num_workers": workers,
+                "cpus_per_worker": cpus,
+                "use_gpu": False,
+                "allocator": allocator,
+            },
             "logging": {"every_steps": 1},
             "output": {"name": "bench-train-throughput", "overwrite": True},
             "storage": str(work / "rayft"),
@@ -304,7 +311,8 @@ def run_rayft(
     setup = (
         f"{workers} worker(s) x {cpus} CPU (torch threads {cpus}), ZeRO-2, packed, "
         f"optim.gradient_checkpointing={spec.optim.gradient_checkpointing}"
-        f"{' (config default)' if checkpointing == 'default' else ''}, embedded Ray"
+        f"{' (config default)' if checkpointing == 'default' else ''}, "
+        f"scaling.allocator={allocator}, embedded Ray"
     )
     result = steady_state("rayft", setup, step_tokens, step_s)
     result.peak_rss_mb = max(json.loads(p.read_text())["mb"] for p in peaks.glob("rank*.json"))
@@ -567,6 +575,12 @@ def main() -> None:
         help="rayft's optim.gradient_checkpointing (default: the config default, selective)",
     )
     parser.add_argument(
+        "--allocator",
+        choices=["system", "jemalloc"],
+        default="system",
+        help="rayft's scaling.allocator; jemalloc also preloads it into the peers' processes",
+    )
+    parser.add_argument(
         "--skip-trl", action="store_true", help="run rayft and the HF Trainer only (no TRL)"
     )
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
@@ -612,7 +626,14 @@ def main() -> None:
             args.max_seq_len,
             work,
             args.gradient_checkpointing,
+            args.allocator,
         )
+        if args.allocator == "jemalloc":
+            # The peers' processes get the same allocator (a preload must be in place
+            # before a process starts, so it goes into the environment they inherit).
+            from rayft.trainers.driver import worker_runtime_env
+
+            os.environ.update(worker_runtime_env("jemalloc")["env_vars"])
         if not args.skip_peers and not args.skip_trl:
             print("\n[b] TRL SFTTrainer ...", flush=True)
             results["trl"] = in_fresh_process(

@@ -109,6 +109,36 @@ def check_model_fits(spec: JobSpec, model_dir: Path) -> None:
         )
 
 
+def worker_runtime_env(allocator: str) -> dict[str, Any]:
+    """The runtime environment of the training workers for ``scaling.allocator``.
+
+    ``jemalloc`` preloads the libjemalloc that Ray's own wheel ships (``ray/core``), so no
+    system package is needed. Its path is this machine's; workers on nodes where Ray is
+    installed elsewhere print the loader's "cannot be preloaded" warning and run with the
+    system allocator.
+
+    Raises:
+        ConfigError: ``jemalloc`` was asked for and this Ray installation has none.
+    """
+    if allocator == "system":
+        return {}
+    import ray
+
+    library = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    if not library.is_file():
+        raise ConfigError(
+            [
+                (
+                    "scaling.allocator",
+                    f"jemalloc needs Ray's bundled {library}, which this Ray installation "
+                    "lacks; use scaling.allocator=system",
+                )
+            ]
+        )
+    preload = " ".join(filter(None, [str(library), os.environ.get("LD_PRELOAD")]))
+    return {"env_vars": {"LD_PRELOAD": preload}}
+
+
 def run_training(
     spec: JobSpec,
     run_id: str | None = None,
@@ -227,6 +257,7 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             # A lost worker restarts the group from the newest verified checkpoint.
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            worker_runtime_env=worker_runtime_env(spec.scaling.allocator),
             callbacks=[
                 *(callbacks or []),
                 checkpoint_events(sink_name(run_id)),

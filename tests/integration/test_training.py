@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from harness import StopAfterCheckpoint
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
+from rayft.trainers.loop import LoopCallback, TrainerState
 
 pytestmark = pytest.mark.slow
 
@@ -149,6 +151,36 @@ def test_full_zero3_offload_two_workers_publishes_an_hf_model(ray_cluster, chat_
     assert model.config.num_hidden_layers == 2
     assert (outcome.artifact / "model.safetensors").is_file()
     assert (outcome.artifact / "tokenizer_config.json").is_file()
+
+
+class LibrariesMapped(LoopCallback):
+    """Writes whether each worker process has libjemalloc mapped to ``out/rank<r>.json``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, state: TrainerState) -> None:
+        import ray.train
+
+        maps = Path("/proc/self/maps").read_text()
+        rank = ray.train.get_context().get_world_rank()
+        Path(self.out, f"rank{rank}.json").write_text(json.dumps("libjemalloc" in maps))
+
+
+def test_jemalloc_allocator_is_preloaded_into_the_workers(ray_cluster, chat_file, tmp_path):
+    spec = make_spec(
+        chat_file,
+        "colors-jemalloc",
+        optim={"max_steps": 4},
+        eval={"every_steps": None},
+        scaling={"allocator": "jemalloc"},
+    )
+    outcome = run_training(
+        spec, show_progress=False, loop_callbacks=[LibrariesMapped(str(tmp_path))]
+    )
+    assert all(map(math.isfinite, train_losses(outcome)))
+    assert sorted(p.name for p in tmp_path.glob("rank*.json")) == ["rank0.json", "rank1.json"]
+    assert all(json.loads(p.read_text()) for p in tmp_path.glob("rank*.json"))
 
 
 def test_freeze_keeps_early_layers_bit_identical(ray_cluster, chat_file, tiny_model_dir):

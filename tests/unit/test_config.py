@@ -165,3 +165,18 @@ def test_config_error_survives_pickling_with_its_problems() -> None:
     back = pickle.loads(pickle.dumps(err))
     assert back.problems == [("optim.lr", "must be > 0")] and back.source == "job.yaml"
     assert str(back) == str(err)
+
+
+def test_allocator_takes_system_or_jemalloc_and_jemalloc_preloads_rays_library(monkeypatch):
+    from rayft.trainers.driver import worker_runtime_env
+
+    assert validate_spec(base()).scaling.allocator == "system"
+    assert worker_runtime_env("system") == {}
+    monkeypatch.setenv("LD_PRELOAD", "/opt/other.so")
+    spec = validate_spec({**base(), "scaling": {"allocator": "jemalloc"}})
+    preload = worker_runtime_env(spec.scaling.allocator)["env_vars"]["LD_PRELOAD"].split()
+    assert Path(preload[0]).name == "libjemalloc.so" and Path(preload[0]).is_file()
+    assert preload[1:] == ["/opt/other.so"]  # a preload already asked for is kept
+    with pytest.raises(ConfigError) as err:
+        validate_spec({**base(), "scaling": {"allocator": "tcmalloc"}})
+    assert keys_of(err.value) == ["scaling.allocator"]
