@@ -45,9 +45,12 @@ COLOR_THINGS = [
 ]
 
 
-def write_color_chats(path: Path, rows: int, colors: int = len(COLOR_THINGS)) -> Path:
-    """A chat JSONL file of ``rows`` "name a <color> thing" exchanges over ``colors`` colours."""
-    pairs = COLOR_THINGS[:colors]
+def write_color_chats(
+    path: Path, rows: int, colors: int = len(COLOR_THINGS), first: int = 0
+) -> Path:
+    """A chat JSONL file of ``rows`` "name a <color> thing" exchanges over ``colors`` colours,
+    starting at colour ``first`` of ``COLOR_THINGS``."""
+    pairs = COLOR_THINGS[first : first + colors]
     with open(path, "w") as handle:
         for i in range(rows):
             color, thing = pairs[i % len(pairs)]

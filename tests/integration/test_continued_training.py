@@ -15,30 +15,15 @@ from rayft.trainers.driver import run_training
 
 pytestmark = pytest.mark.slow
 
-DATA_A = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow")]
-DATA_B = [("black", "night"), ("yellow", "sun"), ("gray", "stone"), ("pink", "rose")]
-
-
-def write_chats(path: Path, pairs: list[tuple[str, str]], rows: int) -> Path:
-    with open(path, "w") as handle:
-        for i in range(rows):
-            color, thing = pairs[i % len(pairs)]
-            messages = [
-                {"role": "user", "content": f"name a {color} thing"},
-                {"role": "assistant", "content": f"the {thing} is {color}"},
-            ]
-            handle.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory, color_chats) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("continued")
     return {
-        "a": write_chats(folder / "a.jsonl", DATA_A, 32),
-        "b": write_chats(folder / "b.jsonl", DATA_B, 32),
+        "a": color_chats(folder / "a.jsonl", 32, colors=4),
+        "b": color_chats(folder / "b.jsonl", 32, colors=4, first=4),
         # One eval set for every run, so one run's final loss is the next one's start.
-        "eval": write_chats(folder / "eval.jsonl", DATA_A + DATA_B, 16),
+        "eval": color_chats(folder / "eval.jsonl", 16),
     }
 
 
