@@ -409,6 +409,26 @@ def _load_model(model_dir: Path):
     )
 
 
+def _train_with_peft(
+    dataset: Any, collator: Any, model_dir: Path, batch_size: int, out: Path
+) -> tuple[Any, Any]:
+    """HF ``Trainer`` + PEFT LoRA on ``dataset``, timed per step; returns (trainer, clock)."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(_load_model(model_dir), _lora_config())
+    trainer = _timed_trainer(Trainer)(
+        model=model,
+        args=TrainingArguments(**_common_args(batch_size, out)),
+        train_dataset=dataset,
+        data_collator=collator,
+    )
+    clock = _clock()
+    trainer.add_callback(clock)
+    trainer.train()
+    return trainer, clock
+
+
 def _result_from(trainer, clock, name: str, setup: str) -> PathResult:
     ends = [clock.start] + clock.ends
     step_s = [ends[i + 1] - ends[i] for i in range(len(clock.ends))]
@@ -450,8 +470,7 @@ def run_hf(examples: list[dict], model_dir: Path, batch_size: int, work: Path) -
     """HF ``Trainer`` + PEFT, batches padded to their longest row."""
     import torch
     from datasets import Dataset
-    from peft import get_peft_model
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -467,16 +486,8 @@ def run_hf(examples: list[dict], model_dir: Path, batch_size: int, work: Path) -
             for e in examples
         ]
     )
-    model = get_peft_model(_load_model(model_dir), _lora_config())
-    trainer = _timed_trainer(Trainer)(
-        model=model,
-        args=TrainingArguments(**_common_args(batch_size, work / "hf")),
-        train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-    )
-    clock = _clock()
-    trainer.add_callback(clock)
-    trainer.train()
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer, clock = _train_with_peft(dataset, collator, model_dir, batch_size, work / "hf")
     setup = (
         f"Trainer + PEFT, per-batch padding (DataCollatorForSeq2Seq), bf16=False, "
         f"gradient_checkpointing=False, torch threads {torch.get_num_threads()}"
@@ -494,8 +505,7 @@ def run_hf_blocks(
     """
     import torch
     from datasets import Dataset
-    from peft import get_peft_model
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+    from transformers import AutoTokenizer, default_data_collator
 
     from rayft.trainers.loss import IGNORE_INDEX
     from rayft.trainers.packing import pack_examples
@@ -520,16 +530,9 @@ def run_hf_blocks(
             for r in packed
         ]
     )
-    model = get_peft_model(_load_model(model_dir), _lora_config())
-    trainer = _timed_trainer(Trainer)(
-        model=model,
-        args=TrainingArguments(**_common_args(batch_size, work / "hf_blocks")),
-        train_dataset=dataset,
-        data_collator=default_data_collator,
+    trainer, clock = _train_with_peft(
+        dataset, default_data_collator, model_dir, batch_size, work / "hf_blocks"
     )
-    clock = _clock()
-    trainer.add_callback(clock)
-    trainer.train()
     setup = (
         f"Trainer + PEFT, rayft's {len(packed)} packed rows padded to [{batch_size}, "
         f"{max_seq_len}] (same labels, causal mask), bf16=False, gradient_checkpointing=False, "
