@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,3 +79,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     process would be refused. Sorting is stable, so every other order is kept.
     """
     items.sort(key=lambda item: "integration/test_cluster.py" in item.nodeid)
+
+
+_SESSION: list[pytest.Session] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SESSION.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with pytest's own exit status once every result is reported.
+
+    Native threads that Ray's core worker, gRPC and torch leave in this process can crash
+    while the interpreter tears itself down (a SIGSEGV after the summary line, seen on
+    2-core machines), which would turn a finished run's status into 139. Every test stops
+    the clusters and servers it started, so nothing is left for that teardown to do.
+    """
+    if not _SESSION:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(_SESSION[0].exitstatus))
