@@ -87,7 +87,7 @@ def sweep_path(sweep_id: str, storage: StorageRoot | str | None = None) -> Path:
 
 
 def artifact_kind(spec: JobSpec) -> str:
-    return "adapter" if spec.method == "lora" else "model"
+    return "adapter" if spec.weights == "lora" else "model"
 
 
 def trial_index(trial_id: str, config: dict[str, Any]) -> int:

@@ -67,6 +67,30 @@ class LoraSpec(_Section):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA, Liu et al. 2024): PEFT's ``use_dora``."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``."""
+
+
+class DpoSpec(_Section):
+    """Direct preference optimisation (Rafailov et al. 2023), ``method: dpo``."""
+
+    beta: float = Field(0.1, gt=0)
+    """Strength of the KL penalty towards the reference model."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    weights: Literal["lora", "full"] = "lora"
+    """What trains: a LoRA adapter (the reference is the base with the adapter disabled)
+    or every weight (the reference is a frozen copy, sharded like the policy)."""
+
+
+class ClassificationSpec(_Section):
+    """Sequence classification (``task: classification``): a new head on the base model."""
+
+    labels: list[str] | None = None
+    """Label names, in class-id order; by default the sorted distinct labels of the data."""
+    text_column: str = "text"
+    label_column: str = "label"
 
 
 class FreezeSpec(_Section):
@@ -175,8 +199,11 @@ class TuneSpec(_Section):
 class JobSpec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec
-    method: Literal["lora", "full", "freeze"] = "lora"
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    method: Literal["lora", "full", "freeze", "qlora", "dpo"] = "lora"
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    dpo: DpoSpec = Field(default_factory=DpoSpec)
+    classification: ClassificationSpec = Field(default_factory=ClassificationSpec)
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
@@ -200,6 +227,23 @@ class JobSpec(_Section):
     def has_eval(self) -> bool:
         return self.data.eval is not None or self.data.eval_fraction > 0
 
+    @property
+    def weights(self) -> Literal["lora", "full", "freeze"]:
+        """What the run trains: a LoRA adapter (``lora``, ``qlora``, DPO on LoRA), every
+        weight (``full``, DPO on full weights) or the last layers (``freeze``)."""
+        if self.method == "qlora":
+            return "lora"
+        if self.method == "dpo":
+            return self.dpo.weights
+        return self.method
+
+    @property
+    def objective(self) -> Literal["sft", "dpo", "classification"]:
+        """What a step minimises: next-token loss, the DPO loss, or classification loss."""
+        if self.method == "dpo":
+            return "dpo"
+        return "classification" if self.task == "classification" else "sft"
+
 
 def combination_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """Cross-field checks that a per-field schema cannot express."""
@@ -220,7 +264,7 @@ def combination_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 "optimizer offload needs ZeRO stage 1, 2 or 3; set deepspeed.zero_stage>=1",
             )
         )
-    if spec.method == "lora" and ds.zero_stage == 3 and ds.offload_params:
+    if spec.weights == "lora" and ds.zero_stage == 3 and ds.offload_params:
         problems.append(
             (
                 "deepspeed.offload_params",
@@ -284,7 +328,7 @@ def adapter_problems(spec: JobSpec) -> list[tuple[str, str]]:
         return []
     if not valid_name(name):
         return [("model.adapter", f"{name!r} is not a valid adapter name; give a published name")]
-    if spec.method != "lora":
+    if spec.weights != "lora":
         return [
             (
                 "model.adapter",

@@ -184,7 +184,7 @@ def run_training(
     root = StorageRoot.resolve(spec.storage)
     run_id = run_id or new_run_id(spec.output.name or spec.method)
     name = spec.output.name or run_id
-    kind = "adapter" if spec.method == "lora" else "model"
+    kind = "adapter" if spec.weights == "lora" else "model"
     if not resume:
         check_publishable(kind, name, spec.output.overwrite, root)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)

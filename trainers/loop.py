@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from rayft.trainers.config import JobSpec
-from rayft.trainers.loss import IGNORE_INDEX, causal_lm_loss_sums, perplexity
+from rayft.trainers.loss import IGNORE_INDEX
+from rayft.trainers.objectives import Objective, objective_for
 
 TRAINER_STATE = "trainer_state.json"
 DS_TAG = "state"
@@ -148,6 +149,7 @@ class Worker:
     world: int
     device: torch.device
     engine: Any
+    objective: Objective
     optimizer: Any
     scheduler: Any
     tokenizer: Any
@@ -190,9 +192,8 @@ def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
     """Load the model and tokenizer, apply the method and build the DeepSpeed engine."""
     import deepspeed
     import ray.train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from rayft.trainers.data import collate_fn
     from rayft.trainers.deepspeed_config import zero_config
     from rayft.trainers.methods import param_groups, prepare_model
 
@@ -204,10 +205,8 @@ def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
     torch.manual_seed(spec.optim.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        inputs.model_dir, dtype=getattr(torch, inputs.dtype), attn_implementation="sdpa"
-    )
-    model = prepare_model(model, spec, inputs.parent_adapter)
+    objective = objective_for(spec)
+    model = prepare_model(objective.load_model(spec, inputs), spec, inputs.parent_adapter)
     optimizer = torch.optim.AdamW(
         param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr, betas=(0.9, 0.999)
     )
@@ -223,21 +222,24 @@ def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return Worker(
+    worker = Worker(
         spec=spec,
         inputs=inputs,
         rank=rank,
         world=world,
         device=device,
         engine=engine,
+        objective=objective,
         optimizer=optimizer,
         scheduler=scheduler,
         tokenizer=tokenizer,
         pad_id=pad_id,
-        collate=collate_fn(pad_id, spec.data.packing),
+        collate=objective.collate(pad_id, spec),
         sink=progress_sink(inputs.progress_actor) if rank == 0 else None,
         writer=tensorboard(inputs.local_run_dir) if rank == 0 else None,
     )
+    objective.prepare(worker)
+    return worker
 
 
 def restore(worker: Worker) -> TrainerState:
@@ -295,7 +297,7 @@ def _run_storage() -> tuple[Any, str] | None:
 def load_checkpoint(worker: Worker, ckpt_dir: Path) -> TrainerState:
     """Load a verified checkpoint directory into the engine and return its trainer state."""
     spec = worker.spec
-    worker.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=spec.method == "full")
+    worker.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=spec.weights == "full")
     state = TrainerState(**json.loads((ckpt_dir / TRAINER_STATE).read_text()))
     apply_optim_settings(worker.optimizer, worker.scheduler, spec)
     if worker.rank == 0:
@@ -345,7 +347,7 @@ def train_step(
     """Forward, backward and DeepSpeed step on one micro-batch; True when the optimizer stepped."""
     engine = worker.engine
     tensors = to_device(nonempty(batch, worker.pad_id), worker.device)
-    total, count = causal_lm_loss_sums(engine, engine.module.get_output_embeddings(), tensors)
+    total, count = worker.objective.train_loss(worker, tensors)
     engine.backward(total / max(count, 1))
     steps_before = engine.global_steps
     engine.step()
@@ -387,19 +389,19 @@ def run_eval(worker: Worker, state: TrainerState, checkpoint_follows: bool) -> d
 
 
 def evaluate(worker: Worker) -> dict[str, float]:
-    """Token-weighted eval loss and perplexity over the whole eval set, across all workers.
+    """The objective's metrics over the whole eval set, across all workers.
 
-    Every worker sees the full eval set and takes every ``world``-th batch; workers
-    with no batch left run a zero-weight forward so ZeRO-3's collective parameter
-    gathers stay in lockstep. ``{}`` when the run has no eval set.
+    For supervised fine-tuning: token-weighted eval loss and perplexity. Every worker
+    sees the full eval set and takes every ``world``-th batch; workers with no batch left
+    run a forward whose result is dropped, so ZeRO-3's collective parameter gathers stay
+    in lockstep. ``{}`` when the run has no eval set.
     """
     if not worker.inputs.has_eval:
         return {}
-    engine, rank, world = worker.engine, worker.rank, worker.world
-    head = engine.module.get_output_embeddings()
+    engine, rank, world, objective = worker.engine, worker.rank, worker.world, worker.objective
     batches = eval_batches(worker)
     rounds = math.ceil(len(batches) / world) if batches else 0
-    loss_sum, count = 0.0, 0
+    sums = dict.fromkeys(objective.eval_keys, 0.0)
     engine.eval()
     with torch.no_grad():
         for r in range(rounds):
@@ -408,14 +410,13 @@ def evaluate(worker: Worker) -> dict[str, float]:
             batch = to_device(
                 nonempty(batches[index if real else -1], worker.pad_id), worker.device
             )
-            total, n = causal_lm_loss_sums(engine, head, batch)
+            part = objective.eval_sums(worker, batch)
             if real:
-                loss_sum += float(total)
-                count += n
+                for key in objective.eval_keys:
+                    sums[key] += part[key]
     engine.train()
-    loss_sum, count = all_sum([loss_sum, float(count)])
-    loss = loss_sum / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": perplexity(loss), "eval_tokens": int(count)}
+    totals = all_sum([sums[key] for key in objective.eval_keys])
+    return objective.eval_metrics(dict(zip(objective.eval_keys, totals, strict=True)))
 
 
 def save_checkpoint(
@@ -431,7 +432,7 @@ def save_checkpoint(
 
     engine, spec = worker.engine, worker.spec
     with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=spec.method != "full")
+        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=spec.weights != "full")
         if worker.rank == 0:
             Path(tmp, TRAINER_STATE).write_text(json.dumps(asdict(state)))
         if final:
@@ -453,7 +454,7 @@ def export(worker: Worker, out: Path) -> None:
     if worker.rank != 0:
         return
     out.mkdir(parents=True, exist_ok=True)
-    if spec.method == "lora":
+    if spec.weights == "lora":
         if state_dict is not None:
             from peft import get_peft_model_state_dict
 
@@ -593,9 +594,8 @@ def update_early_stopping(state: TrainerState, metrics: dict[str, float], spec: 
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The model inputs and labels of a collated batch, on ``device``."""
-    keys = ("input_ids", "attention_mask", "position_ids", "labels")
-    return {k: batch[k].to(device) for k in keys if k in batch}
+    """The tensors of a collated batch (model inputs, labels, objective extras), on ``device``."""
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def nonempty(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def prepare_model(model: nn.Module, spec: JobSpec, parent: Any = None) -> nn.Mod
     from rayft.trainers.checkpointing import enable_checkpointing
 
     enable_checkpointing(model, spec.optim.gradient_checkpointing)
-    if spec.method == "lora":
+    if spec.weights == "lora":
         if spec.optim.gradient_checkpointing:
             model.enable_input_require_grads()
         return (

@@ -114,7 +114,7 @@ def test_values_the_schema_rejects_are_errors_before_any_trial():
         "deepspeed.zero_stage": {"grid": [2, 4]},
         "optim.warmup_ratio": {"uniform": [0.5, 1.5]},
         "lora.r": {"uniform": [4, 16]},  # a float rank: the interior value is not an int
-        "method": {"choice": ["lora", "qlora"]},
+        "method": {"choice": ["lora", "prefix-tuning"]},
     }
     for key, entry in cases.items():
         with pytest.raises(ConfigError) as err:
