@@ -535,24 +535,33 @@ def _shuffle_key(seed: int, sample_id: str) -> str:
     return hashlib.sha1(f"{seed}:{sample_id}".encode()).hexdigest()
 
 
+BASE_EXAMPLE_KEYS = ("input_ids", "labels", "truncated")
+"""Keys every tokenized example has; an objective's row tokenizer may add its own columns
+(e.g. the rejected completion of a DPO pair), which travel with the row to its collate."""
+
+
 def _tokenize(
     batch: pa.Table,
     fmt: str,
     tokenizer_dir: str,
-    max_seq_len: int,
-    train_on_prompt: bool,
+    spec: dict[str, Any],
     seed: int | None,
     pack_groups: int,
 ) -> pa.Table:
     import pyarrow as pa
 
+    from rayft.trainers.config import JobSpec
+    from rayft.trainers.objectives import objective_for
+
     tokenizer = load_tokenizer(tokenizer_dir)
+    job = JobSpec.from_dict(spec)
+    tokenize = objective_for(job).row_tokenizer(job)
     kept: list[tuple[str, dict[str, Any]]] = []
     dropped: list[str] = []
     for sample_id, text in zip(
         batch.column("sample_id").to_pylist(), batch.column("row").to_pylist(), strict=True
     ):
-        example = tokenize_example(json.loads(text), fmt, tokenizer, max_seq_len, train_on_prompt)
+        example = tokenize(json.loads(text), fmt, tokenizer)
         if example is None:
             dropped.append(sample_id)
         else:
@@ -572,6 +581,9 @@ def _tokenize(
         "truncated": pa.array([e["truncated"] for _, e in kept], pa.bool_()),
         "num_dropped": pa.array(counts, pa.int64()),
     }
+    extra = [key for key in (kept[0][1] if kept else {}) if key not in BASE_EXAMPLE_KEYS]
+    for key in extra:
+        columns[key] = pa.array([e.get(key) for _, e in kept])
     if seed is not None:
         # A carrier row takes its key from a dropped sample so it lands anywhere.
         keys = [_shuffle_key(seed, s or f"dropped:{dropped[0]}") for s in ids]
@@ -587,15 +599,17 @@ def _unpacked(batch: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
     ids = batch.column("sample_id").to_pylist()
-    return pa.table(
-        {
-            "input_ids": batch.column("input_ids"),
-            "labels": batch.column("labels"),
-            "sample_ids": pa.array([[s] if s else [] for s in ids], pa.list_(pa.string())),
-            "num_truncated": pc.cast(batch.column("truncated"), pa.int64()),
-            "num_dropped": batch.column("num_dropped"),
-        }
-    )
+    columns = {
+        "input_ids": batch.column("input_ids"),
+        "labels": batch.column("labels"),
+        "sample_ids": pa.array([[s] if s else [] for s in ids], pa.list_(pa.string())),
+        "num_truncated": pc.cast(batch.column("truncated"), pa.int64()),
+        "num_dropped": batch.column("num_dropped"),
+    }
+    internal = {"sample_id", "truncated", "shuffle_key", "pack_group", *columns}
+    # An objective's own columns (see BASE_EXAMPLE_KEYS) pass through unchanged.
+    columns |= {name: batch.column(name) for name in batch.column_names if name not in internal}
+    return pa.table(columns)
 
 
 PACKED_COLUMNS = (
@@ -665,8 +679,7 @@ def _tokenized(
     kwargs = {
         "fmt": fmt,
         "tokenizer_dir": tokenizer_dir,
-        "max_seq_len": spec.data.max_seq_len,
-        "train_on_prompt": spec.data.train_on_prompt,
+        "spec": spec.to_dict(),
         "seed": seed,
         "pack_groups": pack_groups,
     }

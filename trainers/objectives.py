@@ -9,11 +9,13 @@ classification in ``trainers.classification``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from rayft.trainers.formats import tokenize_example
 from rayft.trainers.loss import causal_lm_loss_sums, perplexity
 
 if TYPE_CHECKING:
@@ -34,6 +36,20 @@ class Objective:
         return AutoModelForCausalLM.from_pretrained(
             inputs.model_dir, dtype=getattr(torch, inputs.dtype), attn_implementation="sdpa"
         )
+
+    def row_tokenizer(self, spec: JobSpec) -> Callable[[dict[str, Any], str, Any], dict | None]:
+        """``tokenize(row, fmt, tokenizer)`` for this objective's rows, run in Ray Data tasks.
+
+        It returns ``input_ids``, ``labels`` and ``truncated`` (and any columns of the
+        objective's own), or ``None`` for a row with nothing to learn from (counted as
+        dropped); see ``trainers.formats.tokenize_example``.
+        """
+        max_seq_len, train_on_prompt = spec.data.max_seq_len, spec.data.train_on_prompt
+
+        def tokenize(row: dict[str, Any], fmt: str, tokenizer: Any) -> dict[str, Any] | None:
+            return tokenize_example(row, fmt, tokenizer, max_seq_len, train_on_prompt)
+
+        return tokenize
 
     def prepare(self, worker: Worker) -> None:
         """Called once the DeepSpeed engine exists (e.g. to build a reference model)."""

@@ -211,8 +211,7 @@ def test_tokenize_batch_carries_dropped_counts(tiny_model_dir: Path) -> None:
     kwargs = {
         "fmt": "prompt_completion",
         "tokenizer_dir": str(tiny_model_dir),
-        "max_seq_len": 16,
-        "train_on_prompt": False,
+        "spec": {"data": {"train": "unused.jsonl", "max_seq_len": 16}},
         "seed": 1,
         "pack_groups": 4,
     }
