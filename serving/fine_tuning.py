@@ -58,6 +58,7 @@ HYPERPARAMETER_KEYS = {
     "optim.epochs": "n_epochs",
     "optim.batch_size": "batch_size",
     "optim.lr": "learning_rate_multiplier",
+    "dpo.beta": "beta",
 }
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -76,14 +77,24 @@ class Hyperparameters(_Body):
     learning_rate_multiplier: Literal["auto"] | PositiveFloat | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones and ``beta`` (``dpo.beta``)."""
+
+    beta: Literal["auto"] | PositiveFloat | None = None
+
+
 class SupervisedMethod(_Body):
     hyperparameters: Hyperparameters | None = None
+
+
+class DpoMethod(_Body):
+    hyperparameters: DpoHyperparameters | None = None
 
 
 class Method(_Body):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
     reinforcement: dict[str, Any] | None = None
 
 
@@ -155,25 +166,71 @@ def fine_tuned_name(base_model: str, suffix: str | None, job_id: str) -> str:
     return ":".join(parts)
 
 
-def _hyperparameters(request: JobRequest) -> tuple[Hyperparameters, str]:
-    """The hyperparameters given and the body path they came from."""
+def method_type(request: JobRequest) -> str:
+    """``supervised`` or ``dpo``: what ``method.type`` asks for (``supervised`` when absent)."""
     method = request.method
-    if method is not None and method.type != "supervised":
+    if method is None:
+        return "supervised"
+    if method.type == "reinforcement":
         raise BadRequest(
-            f"method.type {method.type!r} is not supported; use 'supervised' (choose LoRA, full "
-            "or freeze fine-tuning with rayft.method)",
+            "method.type 'reinforcement' is not supported; use 'supervised' or 'dpo' "
+            "(choose LoRA, full or freeze fine-tuning with rayft.method)",
             param="method.type",
         )
-    nested = method.supervised.hyperparameters if method and method.supervised else None
+    other = "dpo" if method.type == "supervised" else "supervised"
+    if getattr(method, other) is not None:
+        raise BadRequest(
+            f"method.{other} is given but method.type is {method.type!r}; give the "
+            f"hyperparameters under method.{method.type}",
+            param=f"method.{other}",
+        )
+    return method.type
+
+
+def _hyperparameters(request: JobRequest) -> tuple[Hyperparameters, str]:
+    """The hyperparameters given and the body path they came from."""
+    kind = method_type(request)
+    section = getattr(request.method, kind, None) if request.method else None
+    nested = section.hyperparameters if section is not None else None
     if nested is not None and request.hyperparameters is not None:
         raise BadRequest(
-            "give hyperparameters once: in method.supervised.hyperparameters (preferred) or "
+            f"give hyperparameters once: in method.{kind}.hyperparameters (preferred) or "
             "the legacy top-level hyperparameters",
             param="hyperparameters",
         )
     if nested is not None:
-        return nested, "method.supervised.hyperparameters"
-    return request.hyperparameters or Hyperparameters(), "hyperparameters"
+        return nested, f"method.{kind}.hyperparameters"
+    empty = DpoHyperparameters() if kind == "dpo" else Hyperparameters()
+    return request.hyperparameters or empty, "hyperparameters"
+
+
+def _method(spec: dict[str, Any], request: JobRequest, hyper: Hyperparameters) -> None:
+    """Set ``method`` (and ``dpo``) of ``spec`` from ``method.type`` and ``rayft.method``.
+
+    A DPO job trains LoRA weights unless ``rayft.method`` (or ``rayft.dpo.weights``) says
+    ``full``; ``beta`` sets ``dpo.beta``.
+    """
+    given = spec.get("method")
+    if method_type(request) == "supervised":
+        if given == "dpo":
+            raise BadRequest(
+                "rayft.method 'dpo' is chosen with method.type 'dpo' (and preference data)",
+                param="rayft.method",
+            )
+        return
+    if given not in (None, "dpo", "lora", "full"):
+        raise BadRequest(
+            f"a DPO job trains LoRA or full weights, not {given!r}; set rayft.method to "
+            "'lora' or 'full', or leave it out",
+            param="rayft.method",
+        )
+    dpo = spec["dpo"] = _section(spec, "dpo")
+    if given in ("lora", "full"):
+        dpo["weights"] = given
+    spec["method"] = "dpo"
+    beta = getattr(hyper, "beta", None)
+    if isinstance(beta, (int, float)):
+        dpo["beta"] = float(beta)
 
 
 def _reserved(extension: dict[str, Any]) -> None:
@@ -217,6 +274,7 @@ def build_spec(
     _reserved(extension)
     hyper, where = _hyperparameters(request)
     spec = extension
+    _method(spec, request, hyper)
     spec["model"] = {**_section(spec, "model"), "name": base_model}
     if parent_adapter is not None:
         spec["model"]["adapter"] = parent_adapter
@@ -243,6 +301,10 @@ def build_spec(
         "batch_size": _global_batch(optim, workers),
         "learning_rate_multiplier": float(multiplier) if isinstance(multiplier, float) else 1.0,
     }
+    if spec.get("method") == "dpo":
+        from rayft.trainers.config import DpoSpec
+
+        reported["beta"] = spec["dpo"].get("beta", DpoSpec().beta)
     return spec, reported
 
 
@@ -332,6 +394,13 @@ def _checked_job_id(job_id: str) -> str:
     return job_id
 
 
+def artifact_kind(spec: dict[str, Any]) -> str:
+    """``adapter`` or ``model``: what a job with this (validated) spec publishes."""
+    from rayft.trainers.config import JobSpec
+
+    return "adapter" if JobSpec.from_dict(spec).weights == "lora" else "model"
+
+
 def new_record(
     job_id: str,
     request: JobRequest,
@@ -364,12 +433,16 @@ def new_record(
         "estimated_finish": None,
         "integrations": [],
         "metadata": request.metadata,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": {
+            "type": method_type(request),
+            method_type(request): {"hyperparameters": hyperparameters},
+        },
         "user_provided_suffix": request.suffix,
         "rayft": {
             "run_id": job_id,
             "output_name": spec["output"]["name"],
             "method": spec.get("method", "lora"),
+            "kind": artifact_kind(spec),
             "parent_adapter": spec["model"].get("adapter"),
             "spec": spec,
             "labels": labels,
@@ -627,7 +700,7 @@ def cancel(root: StorageRoot, job_id: str) -> dict[str, Any]:
     remove_placement_group(root, job_id)
     record = transition(root, job_id, CANCELLED, "cancelled", finished_at=int(time.time()))
     if record["status"] == CANCELLED:
-        kind = "adapter" if record["rayft"]["method"] == "lora" else "model"
+        kind = record["rayft"].get("kind") or artifact_kind(record["rayft"]["spec"])
         try:
             remove_artifact(kind, record["rayft"]["output_name"], root)
         except RegistryError:

@@ -185,7 +185,7 @@ def test_a_job_on_a_file_that_does_not_fit_fails_in_validating_files(client, upl
         ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs"),
         ({"extra_body": {"rayft": {"lora": {"r": 0}}}}, 400, "rayft.lora.r"),
         ({"extra_body": {"rayft": {"scaling": {"num_gpus": 1}}}}, 400, "rayft.scaling.num_gpus"),
-        ({"method": {"type": "dpo"}}, 400, "method.type"),
+        ({"method": {"type": "reinforcement"}}, 400, "method.type"),
         ({"model": "no-such-adapter"}, 404, "model"),
     ],
 )

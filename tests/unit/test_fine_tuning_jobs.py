@@ -60,6 +60,30 @@ def test_openai_hyperparameters_map_onto_the_job_spec():
     assert reported == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 2.0}
 
 
+def test_dpo_jobs_map_onto_method_dpo_with_beta_and_weights():
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}
+    spec, reported = spec_of({"method": dpo})
+    assert (spec.method, spec.dpo.beta, spec.dpo.weights, spec.optim.epochs) == (
+        "dpo",
+        0.25,
+        "lora",
+        2,
+    )
+    assert reported["beta"] == 0.25 and reported["n_epochs"] == 2
+    full, reported = spec_of({"method": {"type": "dpo"}, "rayft": {"method": "full"}})
+    assert (full.method, full.dpo.weights, full.weights) == ("dpo", "full", "full")
+    assert reported["beta"] == 0.1  # rayft's default, as "auto" would give
+    record = jobs.new_record(
+        "ftjob-1",
+        jobs.parse_request({"model": "tiny-llama", "training_file": "file-a", "method": dpo}),
+        spec.to_dict(),
+        reported,
+        {},
+    )
+    assert record["method"] == {"type": "dpo", "dpo": {"hyperparameters": reported}}
+    assert record["rayft"]["kind"] == "adapter"
+
+
 def test_auto_and_legacy_hyperparameters_keep_rayfts_defaults():
     auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     spec, reported = spec_of({"hyperparameters": auto})
@@ -76,7 +100,14 @@ def test_auto_and_legacy_hyperparameters_keep_rayfts_defaults():
         ({"hyperparameter": {}}, "hyperparameter"),
         ({"hyperparameters": {"n_epochs": "3"}}, "hyperparameters.n_epochs"),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
-        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": {"type": "reinforcement"}}, "method.type"),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+            "method.dpo.hyperparameters.beta",
+        ),
+        ({"method": {"type": "dpo"}, "rayft": {"method": "freeze"}}, "rayft.method"),
+        ({"rayft": {"method": "dpo"}}, "rayft.method"),
+        ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised"),
         ({"suffix": "x" * 41}, "suffix"),
         ({"metadata": {"k": 1}}, "metadata.k"),
         (
