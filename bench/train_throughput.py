@@ -51,6 +51,16 @@ the frozen base 2N; the LoRA weight gradients and attention are ignored), N the 
 model's parameter count, against this machine's fp32 matmul peak (best of several
 2048^3 products, all threads). Targets: a/b >= 1.0 and a/c >= 1.3. The last line is
 ``speedup_vs_trl=<a/b>``.
+
+The DPO row (``--dpo-pairs N``, 0 skips it; ``--only-dpo`` runs only it): rayft
+``method: dpo`` (LoRA, ZeRO-2, unpacked, reference = the adapter disabled) against TRL
+``DPOTrainer`` (``peft_config``, so its reference is the adapter disabled too) on the same
+N conversational pairs built from the data file (prompt = a chat's turns before its last
+answer, chosen = that answer, rejected = the next chat's last answer), same LoRA, lr,
+``dpo.beta`` 0.1 sigmoid, micro-batch ``--batch-size`` pairs, ``--max-seq-len`` per
+sequence, float32, one epoch. Timed as above: pairs per second over optimizer steps 2..N
+(rayft: each step's pairs over its wall time, from the step's tokens and tokens/s). The
+line is ``dpo_speedup_vs_trl=<rayft / TRL pairs/s>`` (target >= 1.0).
 """
 
 from __future__ import annotations
@@ -541,6 +551,189 @@ def run_hf_blocks(
     return _result_from(trainer, clock, "hf_blocks", setup)
 
 
+# ---------------------------------------------------------------- DPO: rayft against TRL DPOTrainer
+
+
+def preference_pairs(count: int) -> list[dict]:
+    """``count`` conversational pairs from the data file: a chat's last answer is chosen,
+    the next chat's last answer rejected (answers of varied length, as real pairs have)."""
+    chats = [json.loads(line)["messages"] for line in DATA.read_text().splitlines()]
+    if count > len(chats):
+        raise SystemExit(f"{DATA} has {len(chats)} chats; --dpo-pairs {count} is too many")
+    return [
+        {
+            "prompt": chats[i][:-1],
+            "chosen": chats[i][-1:],
+            "rejected": chats[(i + 1) % len(chats)][-1:],
+        }
+        for i in range(count)
+    ]
+
+
+def run_rayft_dpo(
+    pairs: list[dict],
+    model_dir: Path,
+    workers: int,
+    batch_size: int,
+    max_seq_len: int,
+    work: Path,
+    checkpointing: str = "default",
+) -> PathResult:
+    """rayft ``method: dpo`` with LoRA on the embedded local Ray cluster; pairs per second."""
+    import ray
+
+    from rayft.cluster.connect import connect
+    from rayft.trainers.config import validate_spec
+    from rayft.trainers.driver import run_training
+
+    cpus = max(1, (os.cpu_count() or 1) // workers)
+    train_file = work / "pairs.jsonl"
+    train_file.write_text("\n".join(json.dumps(p) for p in pairs) + "\n", encoding="utf-8")
+    optim_extra = (
+        {}
+        if checkpointing == "default"
+        else {"gradient_checkpointing": CHECKPOINTING[checkpointing]}
+    )
+    spec = validate_spec(
+        {
+            "model": {"name": str(model_dir), "dtype": "float32"},
+            "data": {"train": str(train_file), "max_seq_len": max_seq_len, "shuffle": False},
+            "method": "dpo",
+            "dpo": {"beta": 0.1, "loss": "sigmoid", "weights": "lora"},
+            "lora": LORA,
+            "deepspeed": {"zero_stage": 2},
+            "optim": {
+                "lr": LR,
+                "epochs": 1,
+                "batch_size": batch_size,
+                "grad_accum": 1,
+                "scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+                "seed": SEED,
+                **optim_extra,
+            },
+            "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": False},
+            "logging": {"every_steps": 1},
+            "output": {"name": "bench-train-dpo", "overwrite": True},
+            "storage": str(work / "rayft-dpo"),
+        }
+    )
+    os.environ["RAY_ADDRESS"] = "local"
+    connect(None)
+    try:
+        outcome = run_training(spec, show_progress=False)
+    finally:
+        ray.shutdown()
+    records = [r for r in outcome.history if r.get("kind") == "train"]
+    seen = [0] + [int(r["tokens_seen"]) for r in records]
+    step_s = [(seen[i + 1] - seen[i]) / r["tokens_per_s"] for i, r in enumerate(records)]
+    # Every step but the last trains batch_size pairs on each worker.
+    per_step = batch_size * workers
+    step_pairs = [min(per_step, len(pairs) - i * per_step) for i in range(len(records))]
+    setup = (
+        f"{workers} worker(s) x {cpus} CPU, ZeRO-2, LoRA, unpacked [2B, T] batches, "
+        f"optim.gradient_checkpointing={spec.optim.gradient_checkpointing}, embedded Ray"
+    )
+    return steady_state("rayft_dpo", setup, step_pairs, step_s)
+
+
+def run_trl_dpo(pairs: list[dict], model_dir: Path, batch_size: int, max_seq_len: int, work: Path):
+    """TRL ``DPOTrainer`` with a PEFT LoRA config on the same pairs; pairs per second."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    class Timed(DPOTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.step_tokens: list[int] = []  # pairs per step (steady_state's unit)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.step_tokens.append(inputs["input_ids"].shape[0] // 2)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    args = DPOConfig(
+        **_common_args(batch_size, work / "trl-dpo"),
+        beta=0.1,
+        loss_type=["sigmoid"],
+        max_length=max_seq_len,
+        precompute_ref_log_probs=False,
+    )
+    trainer = Timed(
+        model=_load_model(model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        peft_config=_lora_config(),
+    )
+    clock = _clock()
+    trainer.add_callback(clock)
+    trainer.train()
+    setup = (
+        f"DPOTrainer + peft_config (reference = adapter disabled), bf16=False, "
+        f"gradient_checkpointing=False, torch threads {torch.get_num_threads()}"
+    )
+    return _result_from(trainer, clock, "trl_dpo", setup)
+
+
+def dpo_row(args: argparse.Namespace, model_dir: Path, figures: dict[str, Any]) -> None:
+    """Run and print the DPO row; adds its figures to ``figures``."""
+    pairs = preference_pairs(args.dpo_pairs)
+    work = Path(tempfile.mkdtemp(prefix="rayft-bench-dpo-"))
+    try:
+        print(f"\n[dpo] rayft method dpo, {len(pairs)} pairs ...", flush=True)
+        ours = run_rayft_dpo(
+            pairs,
+            model_dir,
+            args.workers,
+            args.batch_size,
+            args.max_seq_len,
+            work,
+            args.gradient_checkpointing,
+        )
+        print("[dpo] TRL DPOTrainer ...", flush=True)
+        trl = in_fresh_process(
+            "run_trl_dpo", pairs, model_dir, args.batch_size, args.max_seq_len, work
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    for label, res in (("(dpo) rayft", ours), ("(dpo) TRL DPOTrainer", trl)):
+        print(
+            f"{label:<22} {res.tokens_per_s:8.3f} pairs/s  ({res.timed_tokens} pairs in "
+            f"{res.timed_s:.1f} s over steps 2..{res.steps})"
+        )
+        print(f"{'':<22} {res.setup}")
+    ratio = ours.tokens_per_s / trl.tokens_per_s
+    figures["dpo"] = {
+        "pairs": len(pairs),
+        "rayft_pairs_per_s": ours.tokens_per_s,
+        "trl_pairs_per_s": trl.tokens_per_s,
+        "speedup_vs_trl": ratio,
+        "results": {"rayft": asdict(ours), "trl": asdict(trl)},
+    }
+    print(
+        f"dpo_speedup_vs_trl={ratio:.3f}  (rayft / TRL DPOTrainer pairs/s; target >= 1.0: "
+        f"{'met' if ratio >= 1.0 else 'NOT met'})",
+        flush=True,
+    )
+
+
+def only_dpo(args: argparse.Namespace) -> None:
+    """``--only-dpo``: the DPO row alone."""
+    from rayft.trainers.models import resolve_model
+
+    figures: dict[str, Any] = {"batch_size": args.batch_size, "max_seq_len": args.max_seq_len}
+    dpo_row(args, resolve_model(MODEL), figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -587,7 +780,14 @@ def main() -> None:
         "--skip-trl", action="store_true", help="run rayft and the HF Trainer only (no TRL)"
     )
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    parser.add_argument(
+        "--dpo-pairs", type=int, default=64, help="pairs of the DPO row (0 skips the row)"
+    )
+    parser.add_argument("--only-dpo", action="store_true", help="run only the DPO row")
     args = parser.parse_args()
+    if args.only_dpo:
+        only_dpo(args)
+        return
 
     from rayft.trainers.models import resolve_model
 
@@ -725,6 +925,8 @@ def main() -> None:
             f"tokens_ratio={tokens_ratio:.3f}  (rayft / (c) HF Trainer per-batch padding "
             f"tokens/s; target >= 1.3: {'met' if tokens_ratio >= 1.3 else 'NOT met'})"
         )
+    if args.dpo_pairs:
+        dpo_row(args, model_dir, figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
         print(f"figures written to {args.json}")

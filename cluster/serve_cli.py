@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--metrics",
         nargs="+",
         default=["loss", "perplexity"],
-        help="loss perplexity exact_match token_f1 rouge_l bleu",
+        help="loss perplexity exact_match token_f1 rouge_1 rouge_2 rouge_l bleu",
     )
     e.add_argument("--format", default="auto", help="row format (default: detect per row)")
     e.add_argument("--max-tokens", type=int, default=128, help="generation budget per row")

@@ -182,6 +182,8 @@ class ModelEngine:
 
         # Adapter name -> weights file mtime when loaded, oldest use first.
         self._loaded: OrderedDict[str, float] = OrderedDict()
+        # Loaded DoRA adapters: PEFT's mixed-adapter forward refuses them (see _run_model).
+        self._dora: set[str] = set()
         self.peak_loaded = 0
         # Told of loads and evictions (serving.metrics: NullMetrics or ServingMetrics).
         self.listener: Any = None
@@ -358,6 +360,8 @@ class ModelEngine:
         # load_adapter leaves new modules in train mode; PEFT refuses adapter_names then.
         self.model.eval()
         self._loaded[name] = mtime
+        if getattr(self.model.peft_config[name], "use_dora", False):
+            self._dora.add(name)
         self.peak_loaded = max(self.peak_loaded, len(self._loaded))
         log.info("loaded adapter %s (%d held)", name, len(self._loaded))
         if self.listener is not None:
@@ -366,6 +370,7 @@ class ModelEngine:
     def _unload(self, name: str) -> None:
         self.model.delete_adapter(name)
         del self._loaded[name]
+        self._dora.discard(name)
         log.info("evicted adapter %s", name)
         if self.listener is not None:
             self.listener.set_loaded_adapters(len(self._loaded))
@@ -556,11 +561,15 @@ class ModelEngine:
         PEFT's mixed-adapter path splits every LoRA layer's input by adapter in Python;
         when the whole batch uses one adapter (or only the base), the plain path with
         that adapter active computes the same thing without the per-layer bookkeeping.
+        PEFT refuses DoRA adapters in a mixed batch, so rows of a DoRA adapter run in a
+        pass of their own (:meth:`_grouped_forward`).
         """
         if self.model is self.base:
             return self.model(**inputs)
         names = set(adapters)
         if len(names) > 1:
+            if names & self._dora:
+                return self._grouped_forward(adapters, **inputs)
             return self.model(**inputs, adapter_names=adapters)
         (name,) = names
         if name == BASE_ADAPTER:
@@ -568,6 +577,56 @@ class ModelEngine:
                 return self.model(**inputs)
         self.model.base_model.set_adapter(name)
         return self.model(**inputs)
+
+    def _grouped_forward(self, adapters: list[str], **inputs: Any) -> Any:
+        """One forward per DoRA adapter's rows and one for all other rows (mixed as usual).
+
+        Each group gets its rows of every batched input and of the KV cache; logits and
+        cache are put back together in row order, so callers see one batched pass.
+        """
+        from transformers import DynamicCache
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(adapters):
+            groups.setdefault(name if name in self._dora else "", []).append(i)
+        cache = inputs.pop("past_key_values", None)
+        rows = len(adapters)
+        logits: torch.Tensor | None = None
+        keys: list[torch.Tensor | None] = []
+        values: list[torch.Tensor | None] = []
+        for indices in groups.values():
+            index = torch.tensor(indices, dtype=torch.long, device=self.device)
+            part = {
+                k: v.index_select(0, index)
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows
+                else v
+                for k, v in inputs.items()
+            }
+            sub_cache = DynamicCache(config=self.base.config)
+            if cache is not None and cache.get_seq_length() > 0:
+                for layer_idx, layer in enumerate(cache.layers):
+                    sub_cache.update(
+                        layer.keys.index_select(0, index),
+                        layer.values.index_select(0, index),
+                        layer_idx,
+                    )
+            out = self._run_model([adapters[i] for i in indices], past_key_values=sub_cache, **part)
+            if logits is None:
+                logits = out.logits.new_empty((rows, *out.logits.shape[1:]))
+                keys = [None] * len(out.past_key_values.layers)
+                values = [None] * len(out.past_key_values.layers)
+            logits[index] = out.logits
+            for layer_idx, layer in enumerate(out.past_key_values.layers):
+                if keys[layer_idx] is None:
+                    keys[layer_idx] = layer.keys.new_empty((rows, *layer.keys.shape[1:]))
+                    values[layer_idx] = layer.values.new_empty((rows, *layer.values.shape[1:]))
+                keys[layer_idx][index] = layer.keys
+                values[layer_idx][index] = layer.values
+        merged = DynamicCache(config=self.base.config)
+        for layer_idx, (k, v) in enumerate(zip(keys, values, strict=True)):
+            merged.update(k, v, layer_idx)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=merged)
 
     def _prefill(self, rows: list[_Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
         from transformers import DynamicCache

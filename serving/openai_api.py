@@ -10,6 +10,8 @@ around one ``ModelService``, which handlers reach through ``request.app.state``)
     POST /v1/chat/completions     rendered with the base model's chat template
     POST /v1/evaluations          loss / perplexity / generation metrics over rows, a
                                   registry dataset, or the request log's traffic
+    POST /v1/classifications      labels with probabilities from a classification
+                                  adapter (``serving.classify``)
     /v1/files, /v1/fine_tuning/jobs  OpenAI's fine-tuning API (``serving.jobs_api``)
 
 Every request passes ``serving.metrics.RequestMonitor`` (outermost), which counts it
@@ -127,6 +129,13 @@ class EvaluationRequest(_Body):
     max_seq_len: int | None = Field(None, ge=8)
 
 
+class ClassificationRequest(_Body):
+    """``POST /v1/classifications`` body: one text or a list of texts."""
+
+    model: str
+    input: str | list[str]
+
+
 def error_response(err: ServingError) -> JSONResponse:
     """``err`` as an HTTP response in OpenAI's error shape (429s say when to retry)."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
@@ -221,6 +230,14 @@ async def evaluations(
         max_tokens=min(body.max_tokens, service.limits.max_tokens_limit),
         max_seq_len=body.max_seq_len,
     )
+
+
+@router.post("/v1/classifications")
+async def classifications(
+    body: ClassificationRequest, service: ModelService = Depends(get_service)
+) -> dict[str, Any]:
+    """Labels and label probabilities of each input text from a classification adapter."""
+    return await service.classify(body.model, body.input)
 
 
 # ------------------------------------------------------------ the app

@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayft.serving.batching import DecodeLoop
+from rayft.serving.classify import TASK as CLASSIFICATION
+from rayft.serving.classify import (
+    Classifiers,
+    adapter_task,
+    classifier_refusal,
+    generator_refusal,
+)
 from rayft.serving.engine import (
     BASE_ADAPTER,
     GenerationRequest,
@@ -95,6 +102,7 @@ class ModelService:
     ) -> None:
         self.engine = engine
         self.limits = limits or Limits()
+        self.classifiers = Classifiers(engine)
         self.metrics = metrics or NullMetrics()
         self.request_log = request_log
         engine.listener = self.metrics
@@ -151,7 +159,9 @@ class ModelService:
         if model == self.model_name:
             note_model(model)
             return BASE_ADAPTER
-        self.engine.check_adapter(model)
+        path = self.engine.check_adapter(model)
+        if adapter_task(path, self.engine._manifest(model, path)) == CLASSIFICATION:
+            raise classifier_refusal(model)
         note_model(model)
         return model
 
@@ -301,6 +311,66 @@ class ModelService:
             }
             for i in range(len(requests))
         ]
+
+    # ------------------------------------------------------- classification
+
+    async def classify(self, model: str, inputs: str | list[str]) -> dict[str, Any]:
+        """Label each text with the classifier ``model`` (``POST /v1/classifications``).
+
+        Returns:
+            ``{"object": "list", "model", "data": [{index, label, score,
+            probabilities}], "usage": {prompt_tokens, total_tokens}}``.
+
+        Raises:
+            BadRequest: Empty input, a text over the prompt limit, or ``model`` is the
+                base or an adapter that is not a classifier (the message names the
+                endpoint to use).
+            NotFound / Conflict: As for generation adapters.
+        """
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not texts:
+            raise BadRequest("input is empty; send a text or a list of texts", param="input")
+        if len(texts) > self.limits.max_eval_rows:
+            raise TooLarge(
+                f"{len(texts)} texts; this server classifies at most "
+                f"{self.limits.max_eval_rows} per request",
+                param="input",
+            )
+        if not isinstance(model, str) or not model:
+            raise BadRequest("model must be a non-empty string", param="model")
+        checked_text(model, "model", MAX_NAME_CHARS)
+        if model == self.model_name:
+            raise generator_refusal(model)
+        path = self.engine.check_adapter(model)
+        manifest = self.engine._manifest(model, path)
+        if adapter_task(path, manifest) != CLASSIFICATION:
+            raise generator_refusal(model)
+        note_model(model)
+        encoded = [self._classified_text(text, i) for i, text in enumerate(texts)]
+        data = await self.loop.run_exclusive(
+            self.classifiers.classify, model, path, manifest, encoded
+        )
+        tokens = sum(len(ids) for ids in encoded)
+        return {
+            "object": "list",
+            "model": model,
+            "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    def _classified_text(self, text: str, index: int) -> list[int]:
+        where = f"input[{index}]"
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest(f"{where} is empty; send non-empty texts", param="input")
+        ids = list(self.engine.tokenizer(text)["input_ids"])
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise BadRequest(
+                f"{where} is {len(ids)} tokens; this server accepts at most "
+                f"{self.limits.max_prompt_tokens}",
+                code="context_length_exceeded",
+                param="input",
+            )
+        return ids
 
     # ----------------------------------------------------------- evaluation
 

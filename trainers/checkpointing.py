@@ -81,6 +81,17 @@ def checkpoint_kwargs(mode: CheckpointingMode) -> dict[str, Any]:
     return kwargs
 
 
+def effective_mode(mode: CheckpointingMode, zero_stage: int) -> CheckpointingMode:
+    """The mode a run uses: ``"selective"`` becomes full recompute under ZeRO-3.
+
+    ZeRO-3 gathers each layer's parameters inside the checkpointed region, and whether a
+    gather runs in the forward or only in the recompute depends on DeepSpeed's prefetch
+    state (a resumed run differs from a fresh one); selective checkpointing requires the
+    recompute to replay exactly the operations it recorded, and fails otherwise.
+    """
+    return True if mode == "selective" and zero_stage == 3 else mode
+
+
 def enable_checkpointing(model: nn.Module, mode: CheckpointingMode) -> None:
     """Turn on activation checkpointing of ``model``'s decoder layers (nothing for ``False``).
 

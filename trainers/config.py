@@ -53,7 +53,7 @@ class ModelSpec(_Section):
 class DataSpec(_Section):
     train: str | list[str]
     eval: str | list[str] | None = None
-    format: Literal["auto", "chat", "prompt_completion", "alpaca", "text"] = "auto"
+    format: Literal["auto", "chat", "prompt_completion", "alpaca", "text", "preference"] = "auto"
     max_seq_len: int = Field(512, ge=8, le=131072)
     packing: bool = False
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -123,7 +123,9 @@ class OptimSpec(_Section):
     ``true`` recomputes each layer in backward (least memory), ``selective`` (the default)
     keeps the matmul and attention outputs and recomputes only the cheap elementwise ops:
     one LoRA step at [4, 512] on SmolLM2-135M peaked at 4797 MiB against 6893 MiB without,
-    at about the same step time (``bench/checkpointing_step.py``)."""
+    at about the same step time (``bench/checkpointing_step.py``). Under ZeRO-3
+    ``selective`` runs as ``true``: its parameter gathers inside a layer cannot be replayed
+    exactly (``trainers.checkpointing.effective_mode``)."""
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -160,6 +162,17 @@ class EvalSpec(_Section):
     early_stopping_patience: int | None = Field(None, ge=1)
     at_start: bool = True
     """Evaluate the untrained model first, so the report shows before and after."""
+    metrics: list[str] = Field(default_factory=list)
+    """Generation metrics scored at every evaluation of supervised fine-tuning: each eval
+    row's prompt is answered greedily and scored against its labelled answer
+    (``exact_match``, ``token_f1``, ``rouge_1``, ``rouge_2``, ``rouge_l``, ``bleu``);
+    reported as ``eval_<metric>``."""
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    """Longest generated answer for ``eval.metrics`` and ``eval.general``."""
+    general: str | None = None
+    """A general-knowledge set evaluated before and after training (loss, perplexity and
+    exact match of greedy answers), so the artifact records what the fine-tune cost:
+    ``builtin:general`` (shipped with rayft) or a data file of chat/prompt-completion rows."""
 
 
 class LoggingSpec(_Section):
@@ -311,11 +324,169 @@ def combination_problems(spec: JobSpec) -> list[tuple[str, str]]:
             )
         )
     problems += adapter_problems(spec)
+    problems += task_problems(spec)
+    problems += dpo_problems(spec)
+    problems += eval_problems(spec)
+    problems += qlora_problems(spec)
     if spec.method == "freeze" and spec.deepspeed.offload_params:
         problems.append(
             (
                 "deepspeed.offload_params",
                 "method freeze keeps frozen layers in place; parameter offload is for method full",
+            )
+        )
+    return problems
+
+
+def eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What ``eval.metrics`` and ``eval.general`` need."""
+    from rayft.trainers.metrics import GENERATION_METRICS
+
+    problems: list[tuple[str, str]] = []
+    names = spec.eval.metrics
+    unknown = [n for n in names if n not in GENERATION_METRICS]
+    if unknown:
+        problems.append(
+            (
+                "eval.metrics",
+                f"unknown metric {unknown[0]!r}; choose from {', '.join(GENERATION_METRICS)}",
+            )
+        )
+    if names and spec.objective != "sft":
+        what = "method dpo" if spec.objective == "dpo" else "task classification"
+        problems.append(
+            (
+                "eval.metrics",
+                f"generation metrics score generated answers of supervised fine-tuning; {what} "
+                "reports its own evaluation metrics: leave eval.metrics out",
+            )
+        )
+    if names and not spec.has_eval():
+        problems.append(
+            (
+                "eval.metrics",
+                "generation metrics need evaluation data: set data.eval or data.eval_fraction",
+            )
+        )
+    general = spec.eval.general
+    if (names or general) and spec.deepspeed.zero_stage == 3:
+        key = "eval.metrics" if names else "eval.general"
+        problems.append(
+            (
+                key,
+                "generating answers during training is not supported with ZeRO stage 3 yet "
+                "(its parameter prefetch breaks the next step's activation recompute); set "
+                "deepspeed.zero_stage=2, or score a published model with `rayft eval`",
+            )
+        )
+    if general is not None:
+        if spec.task == "classification":
+            problems.append(
+                (
+                    "eval.general",
+                    "the general-knowledge check scores a language model's answers; a "
+                    "classification model has none: leave eval.general out",
+                )
+            )
+        if general.startswith("builtin:") and general not in BUILTIN_EVAL_SETS:
+            problems.append(
+                (
+                    "eval.general",
+                    f"no builtin set {general!r}; use {', '.join(BUILTIN_EVAL_SETS)} or a data file",
+                )
+            )
+    return problems
+
+
+BUILTIN_EVAL_SETS = ("builtin:general",)
+
+
+def qlora_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """``method: qlora`` quantizes the base with bitsandbytes, which needs CUDA.
+
+    With ``scaling.use_gpu: true`` the workers are promised GPUs elsewhere (a driver on a
+    CPU head node), so only ``false``, or ``auto`` where no CUDA device is visible, is
+    refused here; the workers check again when they load the model.
+    """
+    if spec.method != "qlora" or spec.scaling.use_gpu is True:
+        return []
+    if spec.scaling.use_gpu == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return []
+        where = "no CUDA device is visible on this machine"
+    else:
+        where = "scaling.use_gpu is false"
+    return [
+        (
+            "method",
+            f"method: qlora needs a CUDA GPU (bitsandbytes 4-bit NF4 weights), but {where}; "
+            "use method lora, or run on a machine with a CUDA GPU (scaling.use_gpu=true)",
+        )
+    ]
+
+
+def dpo_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What ``method: dpo`` cannot be combined with (``task`` is in :func:`task_problems`)."""
+    problems: list[tuple[str, str]] = []
+    if spec.method != "dpo":
+        if spec.data.format == "preference":
+            problems.append(
+                ("data.format", "preference rows (chosen/rejected) train with method dpo")
+            )
+        return problems
+    if spec.data.packing:
+        problems.append(
+            (
+                "data.packing",
+                "method dpo compares whole chosen and rejected answers; set data.packing=false",
+            )
+        )
+    if spec.data.format not in ("auto", "preference"):
+        problems.append(
+            (
+                "data.format",
+                f"method dpo trains on preference rows, not {spec.data.format}; set "
+                "data.format=preference or auto",
+            )
+        )
+    return problems
+
+
+def task_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What ``task: classification`` cannot be combined with."""
+    if spec.task != "classification":
+        return []
+    problems: list[tuple[str, str]] = []
+    if spec.data.packing:
+        problems.append(
+            (
+                "data.packing",
+                "task classification classifies each row on its own; set data.packing=false",
+            )
+        )
+    if spec.method == "dpo":
+        problems.append(
+            (
+                "method",
+                "method dpo trains a language model on preference pairs; task classification "
+                "takes method lora, full or freeze",
+            )
+        )
+    if spec.model.adapter is not None:
+        problems.append(
+            (
+                "model.adapter",
+                "task classification starts a new head on the base model; leave model.adapter out",
+            )
+        )
+    labels = spec.classification.labels
+    if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
+        problems.append(
+            (
+                "classification.labels",
+                f"give at least 2 distinct label names, got {labels}",
             )
         )
     return problems

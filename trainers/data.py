@@ -28,10 +28,17 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rayft.trainers.formats import FORMATS, RowError, check_row, detect_format, tokenize_example
+from rayft.trainers.formats import (
+    FORMATS,
+    PREFERENCE_FIELDS,
+    RowError,
+    check_row,
+    detect_format,
+    tokenize_example,
+)
 from rayft.trainers.packing import collate, pack_examples
 from rayft.trainers.storage import filesystem as _filesystem
 from rayft.trainers.storage import is_uri, local_path
@@ -40,7 +47,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from rayft.trainers.config import JobSpec
+    from rayft.trainers.config import ClassificationSpec, JobSpec
 
 # Fields each format reads; everything else in a row is ignored (and not hashed).
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -48,12 +55,15 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
     "text": ("text",),
+    "preference": PREFERENCE_FIELDS,
 }
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
+    # TRL's and OpenAI's preference shapes share no column; rows are checked one by one.
+    "preference": (),
 }
 HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 SCAN_BATCH_ROWS = 1024
@@ -197,12 +207,21 @@ def _hash_files(path: str) -> str:
 class _FormatChecker:
     """Detects the format on the first row (``auto``) and checks every row against it."""
 
-    def __init__(self, path: str, fmt: str) -> None:
-        if fmt != "auto" and fmt not in FORMATS:
+    def __init__(
+        self,
+        path: str,
+        fmt: str,
+        classification: ClassificationSpec | None = None,
+        labels_found: set[str] | None = None,
+    ) -> None:
+        if fmt != "auto" and fmt not in FORMATS and fmt != "classification":
             raise ValueError(f"unknown format {fmt!r}")
         self.path = path
         self.fmt = fmt
         self.detected_at: str | None = None
+        # task classification: rows are checked by its own columns, their labels collected.
+        self.classification = classification
+        self.labels_found = labels_found if labels_found is not None else set()
 
     def check(self, row: Any, where: str) -> None:
         if not isinstance(row, dict):
@@ -210,6 +229,9 @@ class _FormatChecker:
                 f"{where}: a row must be a JSON object, got {type(row).__name__}; "
                 "write one object per line"
             )
+        if self.fmt == "classification":
+            self._check_classification(row, where)
+            return
         if self.fmt == "auto":
             try:
                 self.fmt = detect_format(row)
@@ -228,8 +250,22 @@ class _FormatChecker:
                 f"{where}: {err} ({how}); fix the row, or set data.format if the format is wrong"
             ) from None
 
+    def _check_classification(self, row: dict[str, Any], where: str) -> None:
+        from rayft.trainers.classification import check_row as check_classification_row
 
-def scan_source(path: str, fmt: str = "auto") -> SourceReport:
+        assert self.classification is not None
+        try:
+            self.labels_found.add(check_classification_row(row, self.classification))
+        except RowError as err:
+            raise DataError(f"{where}: {err} (task classification); fix the row") from None
+
+
+def scan_source(
+    path: str,
+    fmt: str = "auto",
+    classification: ClassificationSpec | None = None,
+    labels_found: set[str] | None = None,
+) -> SourceReport:
     """Check a data source on the driver, before any Ray work.
 
     JSON lines are streamed line by line; parquet, csv and saved Hugging Face datasets
@@ -240,7 +276,10 @@ def scan_source(path: str, fmt: str = "auto") -> SourceReport:
         path: A ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a directory written
             by ``datasets.Dataset.save_to_disk`` (local path or pyarrow URI).
         fmt: ``auto`` (detect on the first row, then require every row to fit) or one
-            of ``trainers.formats.FORMATS``.
+            of ``trainers.formats.FORMATS``, or ``classification`` (rows of
+            ``trainers.classification``, checked by ``classification``'s columns).
+        classification: The job's classification settings (format ``classification``).
+        labels_found: Where the label names of classification rows are added.
 
     Returns:
         The source's format, row count, blank lines skipped and sha256 (of the file's
@@ -252,7 +291,7 @@ def scan_source(path: str, fmt: str = "auto") -> SourceReport:
             missing a field of the format.
     """
     kind = _source_kind(path)
-    checker = _FormatChecker(path, fmt)
+    checker = _FormatChecker(path, fmt, classification, labels_found)
     if kind == "jsonl" or (kind == "json" and not _json_is_array(path)):
         hasher = hashlib.sha256()
         rows, blank = _scan_json_lines(path, checker, hasher)
@@ -327,7 +366,7 @@ def _scan_batches(path: str, batches: Iterator[pa.RecordBatch], checker: _Format
 def _check_columns(path: str, names: list[str], fmt: str) -> None:
     if fmt == "auto":
         return
-    missing = [c for c in REQUIRED_FIELDS[fmt] if c not in names]
+    missing = [c for c in REQUIRED_FIELDS.get(fmt, ()) if c not in names]
     if missing:
         raise DataError(
             f"{path}: no column {missing[0]!r} for data.format={fmt} (columns: "
@@ -763,12 +802,20 @@ def _check_tokenizer(path: str, fmt: str, tokenizer_dir: str, max_seq_len: int) 
     reported here rather than from inside a Ray task."""
     from rayft.trainers.formats import ChatTemplateError
 
+    if fmt == "classification":
+        return  # its rows are plain text or a rendered conversation (no label masks)
+
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
     except Exception as err:  # noqa: BLE001 - any loader failure means the same thing
         raise DataError(f"cannot load a tokenizer from {tokenizer_dir} ({err})") from None
     try:
-        tokenize_example(_first_row(path), fmt, tokenizer, max_seq_len)
+        if fmt == "preference":
+            from rayft.trainers.dpo import preference_tokens
+
+            preference_tokens(_first_row(path), tokenizer, max_seq_len)
+        else:
+            tokenize_example(_first_row(path), fmt, tokenizer, max_seq_len)
     except ChatTemplateError as err:
         raise DataError(f"{path}: cannot tokenize {fmt} rows with {tokenizer_dir}: {err}") from None
 
@@ -789,6 +836,35 @@ class SourceScan:
     train: list[SourceReport]
     eval: list[SourceReport]
     format: str
+    labels: list[str] = field(default_factory=list)
+    """task classification: the distinct labels of every row, in class-id order."""
+
+
+def _first_row_at(path: str) -> str:
+    """Where a source's first row is, as ``file:line`` (JSON lines) or ``file: row index 0``."""
+    kind = _source_kind(path)
+    if kind == "jsonl" or (kind == "json" and not _json_is_array(path)):
+        for lineno, raw in enumerate(_iter_lines(path, hashlib.sha256()), start=1):
+            if raw.strip():
+                return f"{path}:{lineno}"
+    return f"{path}: row index 0"
+
+
+def _check_objective_format(objective: str, reports: list[SourceReport]) -> None:
+    """Preference rows train with ``method: dpo``, and ``method: dpo`` only with them."""
+    for report in reports:
+        if objective == "dpo" and report.format != "preference":
+            raise DataError(
+                f"{_first_row_at(report.path)}: method dpo needs preference rows ('prompt', "
+                "'chosen', 'rejected', or OpenAI's 'input', 'preferred_output', "
+                f"'non_preferred_output'), got a {report.format} row; give preference data "
+                "or choose another method"
+            )
+        if objective != "dpo" and report.format == "preference":
+            raise DataError(
+                f"{_first_row_at(report.path)}: a preference row (chosen/rejected) trains with "
+                "method: dpo; set method=dpo, or give rows with one answer each"
+            )
 
 
 def scan_sources(spec: JobSpec) -> SourceScan:
@@ -802,15 +878,29 @@ def scan_sources(spec: JobSpec) -> SourceScan:
     train_paths, eval_paths = _as_list(data.train), _as_list(data.eval)
     if not train_paths:
         raise DataError("data.train lists no files; give at least one")
-    train_reports = [scan_source(p, data.format) for p in train_paths]
-    eval_reports = [scan_source(p, data.format) for p in eval_paths]
+    classifying = spec.task == "classification"
+    found: set[str] = set()
+
+    def scan(path: str) -> SourceReport:
+        if classifying:
+            # task classification reads its own columns whatever data.format says.
+            return scan_source(path, "classification", spec.classification, found)
+        return scan_source(path, data.format)
+
+    train_reports = [scan(p) for p in train_paths]
+    eval_reports = [scan(p) for p in eval_paths]
     reports = train_reports + eval_reports
+    _check_objective_format(spec.objective, reports)
     formats = {r.format for r in reports}
     if len(formats) > 1:
         listing = ", ".join(f"{r.path} ({r.format})" for r in reports)
         raise DataError(
             f"data sources are in different formats: {listing}; convert them to one format"
         )
+    if classifying:
+        from rayft.trainers.classification import sorted_labels
+
+        return SourceScan(train_reports, eval_reports, formats.pop(), sorted_labels(found))
     return SourceScan(train_reports, eval_reports, formats.pop())
 
 

@@ -209,6 +209,15 @@ def run_training(
         say(f"[rayft] continuing adapter {parent.name} (version {parent.version})")
         for line in parent.lora_notes(spec):
             say(line)
+    if spec.task == "classification":
+        from rayft.trainers.classification import with_labels
+        from rayft.trainers.data import scan_sources
+
+        # The scan finds the labels; the run's spec carries them from here on, so the
+        # workers, checkpoints and rayft.json share one id -> label map.
+        scanned = scanned or scan_sources(spec)
+        spec = with_labels(spec, scanned.labels)
+        say(f"[rayft] classification labels: {', '.join(spec.classification.labels or [])}")
     prepared = build_datasets(spec, str(model_dir), scanned)
     train_ds = prepared.train.materialize()
     train_rows = train_ds.count()
@@ -219,6 +228,7 @@ def run_training(
         f"{eval_ds.count() if eval_ds is not None else 0} eval rows; {prepared.summary}"
     )
     total_steps = plan_steps(spec, train_rows, spec.scaling.num_workers)
+    general = general_examples(spec, model_dir)
 
     runlog = _start_record(root, run_id, spec, resume, model_dir, prepared.fingerprint, total_steps)
 
@@ -236,6 +246,7 @@ def run_training(
         start_from=start_from,
         callbacks=tuple(loop_callbacks or ()),
         parent_adapter=parent,
+        general=general,
     )
     resources = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}
     if use_gpu:
@@ -280,6 +291,7 @@ def run_training(
     runlog.event("artifact", kind=kind, name=name, location=location)
     runlog.state(FINISHED, finished_at=time.time(), metrics=metrics, artifact=location)
     history = _history_from(result)
+    _say_general(say, result)
     say(f"[rayft] {kind} published: {location}  (checkpoints: {result.checkpoint.path})")
     return TrainOutcome(run_id, metrics, artifact, result.checkpoint.path, history)
 
@@ -413,6 +425,7 @@ def _publish(
             "base_model": spec.model.name,
             "base_model_path": str(model_dir),
             "method": spec.method,
+            "task": spec.task,
             "run_id": run_id,
             "spec": spec.to_dict(),
             "dataset_sha256": prepared.fingerprint,
@@ -425,8 +438,44 @@ def _publish(
             "history": state["history"],
             "parent_adapter": parent.record() if parent is not None else None,
         }
+        if state.get("general"):
+            manifest["general"] = state["general"]  # eval.general: before, after, delta
+        if spec.task == "classification":
+            manifest["labels"] = spec.classification.labels
         # Overwriting was checked before training started; a resumed run replaces its own.
         return publish_dir(export, kind, name, manifest, True, root, base_dir=model_dir)
+
+
+GENERAL_MAX_SEQ_LEN = 512
+
+
+def general_examples(spec: JobSpec, model_dir: Path) -> tuple:
+    """``eval.general``'s rows, tokenized for the workers (``()`` without the check).
+
+    Raises:
+        ConfigError: The set cannot be read or has no usable row (key ``eval.general``).
+    """
+    if spec.eval.general is None:
+        return ()
+    from rayft.trainers.data import load_tokenizer
+    from rayft.trainers.generation_eval import general_examples as tokenized
+
+    try:
+        # Its own length bound: the general set's rows are short whatever data.max_seq_len is.
+        return tokenized(spec.eval.general, load_tokenizer(str(model_dir)), GENERAL_MAX_SEQ_LEN)
+    except Exception as err:  # noqa: BLE001 - a missing or malformed file, said with its key
+        raise ConfigError([("eval.general", f"cannot read {spec.eval.general!r}: {err}")]) from None
+
+
+def _say_general(say: Any, result: Any) -> None:
+    """Print what the fine-tune cost on ``eval.general``, in one line."""
+    from rayft.trainers.generation_eval import general_line
+    from rayft.trainers.loop import TRAINER_STATE
+
+    with result.checkpoint.as_directory() as ckpt:
+        record = json.loads((Path(ckpt) / TRAINER_STATE).read_text()).get("general")
+    if record and "after" in record:
+        say(general_line(record))
 
 
 def _history_from(result) -> list[dict[str, Any]]:

@@ -7,6 +7,10 @@ Four row formats are understood, each as a JSON object:
 * ``prompt_completion``: ``{"prompt": ..., "completion": ...}``.
 * ``alpaca``: ``{"instruction": ..., "input": ... (optional), "output": ...}``.
 * ``text``: ``{"text": ...}`` (plain language-model text, every token is a target).
+* ``preference`` (``method: dpo``): a prompt with a chosen and a rejected answer, as TRL
+  writes them (``{"prompt", "chosen", "rejected"}`` as strings or as message lists, or
+  ``{"chosen", "rejected"}`` conversations sharing their prompt turns) or as OpenAI's DPO
+  JSONL (``{"input": {"messages"}, "preferred_output", "non_preferred_output"}``).
 
 Everything here is a pure function of the row and the tokenizer, so it is unit
 tested without Ray and runs unchanged inside Ray Data tasks.
@@ -18,7 +22,7 @@ from typing import Any
 
 from rayft.trainers.loss import IGNORE_INDEX
 
-FORMATS = ("chat", "prompt_completion", "alpaca", "text")
+FORMATS = ("chat", "prompt_completion", "alpaca", "text", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 
 # Alpaca's own prompt (Taori et al., 2023), used only for tokenizers without a chat template.
@@ -72,6 +76,8 @@ def detect_format(row: dict[str, Any]) -> str:
     """
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    if is_preference_row(row):
+        return "preference"
     if _present(row, "messages"):
         return "chat"
     if _present(row, "prompt") and _present(row, "completion"):
@@ -84,7 +90,7 @@ def detect_format(row: dict[str, Any]) -> str:
     raise RowError(
         "row fits no known format (fields: "
         f"{keys}); expected 'messages' (chat), 'prompt'+'completion', "
-        "'instruction'+'output' (alpaca) or 'text'"
+        "'instruction'+'output' (alpaca), 'text', or 'chosen'+'rejected' (preference)"
     )
 
 
@@ -144,6 +150,8 @@ def check_row(row: dict[str, Any], fmt: str) -> None:
         _check_string(row, "text")
         if not row["text"]:
             raise RowError("field 'text' is empty")
+    elif fmt == "preference":
+        preference_pair(row)
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
@@ -394,3 +402,122 @@ def tokenize_example(
     if all(label == IGNORE_INDEX for label in labels[1:]):
         return None
     return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+
+
+# ---------------------------------------------------------------- preference pairs
+
+PREFERENCE_FIELDS = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "input",
+    "preferred_output",
+    "non_preferred_output",
+)
+"""Fields a preference row may carry (TRL's and OpenAI's DPO shapes)."""
+
+
+def is_preference_row(row: dict[str, Any]) -> bool:
+    """Whether a row holds a preference pair (TRL's ``chosen``/``rejected`` or OpenAI's
+    ``preferred_output``/``non_preferred_output``)."""
+    return (_present(row, "chosen") and _present(row, "rejected")) or (
+        _present(row, "preferred_output") and _present(row, "non_preferred_output")
+    )
+
+
+def _message_list(value: Any, where: str, need_assistant: bool) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise RowError(f"field {where!r} must be a non-empty list of messages")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise RowError(f"{where}[{i}].role must be one of {'/'.join(ROLES)}")
+        if message.get("content") is None and not message.get("tool_calls"):
+            raise RowError(f"{where}[{i}].content is missing")
+        _content_text(message.get("content") or "", f"{where}[{i}].content")
+        out.append(_normalise_message(message))
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise RowError(f"field {where!r} has no assistant turn")
+    return out
+
+
+def _shared_prefix(chosen: list[dict], rejected: list[dict]) -> int:
+    """Messages both conversations open with (TRL's implicit prompt)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def _trl_pair(row: dict[str, Any]) -> tuple[Any, Any, Any]:
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        for key in ("prompt", "chosen", "rejected"):
+            _check_string(row, key)
+        return row["prompt"], chosen, rejected
+    if _present(row, "prompt"):
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        prompt = _message_list(prompt, "prompt", need_assistant=False)
+        return (
+            prompt,
+            _message_list(chosen, "chosen", need_assistant=True),
+            _message_list(rejected, "rejected", need_assistant=True),
+        )
+    # Implicit prompt: whole conversations whose shared opening turns are the prompt.
+    chosen = _message_list(chosen, "chosen", need_assistant=True)
+    rejected = _message_list(rejected, "rejected", need_assistant=True)
+    n = _shared_prefix(chosen, rejected)
+    if n == 0:
+        raise RowError(
+            "'chosen' and 'rejected' share no opening turns and there is no 'prompt'; "
+            "give the prompt as its own field"
+        )
+    if n == min(len(chosen), len(rejected)):
+        raise RowError("'chosen' and 'rejected' have no differing turns after the prompt")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _openai_pair(row: dict[str, Any]) -> tuple[Any, Any, Any]:
+    given = row.get("input")
+    if not isinstance(given, dict) or not _present(given, "messages"):
+        raise RowError("field 'input' must be an object with 'messages' (OpenAI DPO format)")
+    prompt = _message_list(given["messages"], "input.messages", need_assistant=False)
+    return (
+        prompt,
+        _message_list(row["preferred_output"], "preferred_output", need_assistant=True),
+        _message_list(row["non_preferred_output"], "non_preferred_output", need_assistant=True),
+    )
+
+
+def preference_pair(row: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` of a preference row, checked.
+
+    Args:
+        row: A row in one of the preference shapes (see the module docstring).
+
+    Returns:
+        Three strings (TRL's standard shape) or three message lists with string
+        contents (conversational shapes; a string prompt becomes one user turn). For
+        rows without ``prompt`` the messages ``chosen`` and ``rejected`` open with
+        become the prompt.
+
+    Raises:
+        RowError: Naming the missing or ill-typed field.
+    """
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    if _present(row, "chosen") or _present(row, "rejected"):
+        for key in ("chosen", "rejected"):
+            if not _present(row, key):
+                raise RowError(f"missing field {key!r}")
+        return _trl_pair(row)
+    for key in ("input", "preferred_output", "non_preferred_output"):
+        if not _present(row, key):
+            raise RowError(
+                f"missing field {key!r}; a preference row has 'prompt', 'chosen' and "
+                "'rejected' (TRL) or 'input', 'preferred_output' and 'non_preferred_output' "
+                "(OpenAI)"
+            )
+    return _openai_pair(row)

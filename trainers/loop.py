@@ -54,6 +54,8 @@ class TrainerState:
     finished: bool = False
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    general: dict[str, Any] | None = None
+    """``eval.general``: the untrained model's scores, then ``trainers.generation_eval.general_record``."""
 
 
 class LoopCallback:
@@ -137,6 +139,8 @@ class WorkerInputs:
     start_from: Any = None
     callbacks: tuple[LoopCallback, ...] = ()
     parent_adapter: Any = None
+    general: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    """``eval.general``'s tokenized rows, ``(input_ids, labels)`` pairs."""
 
 
 @dataclass
@@ -171,6 +175,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = restore(worker)
     order_log = open_order_log(inputs.local_run_dir, worker.rank, state.step)
     latest_eval: dict[str, float] = {}
+    if state.step == 0 and inputs.general:
+        from rayft.trainers.generation_eval import general_scores
+
+        state.general = {"before": general_scores(worker)}
     if state.step == 0 and spec.eval.at_start:
         latest_eval = run_eval(worker, state, checkpoint_follows=False)
         # The untrained model is the first reference for early stopping.
@@ -178,6 +186,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     latest_eval = train(worker, state, order_log, latest_eval)
     if not state.stopped_early or not latest_eval:
         latest_eval = run_eval(worker, state, checkpoint_follows=True) or latest_eval
+    if inputs.general and state.general is not None and "after" not in state.general:
+        from rayft.trainers.generation_eval import general_record, general_scores
+
+        state.general = general_record(
+            spec.eval.general, len(inputs.general), state.general["before"], general_scores(worker)
+        )
     state.finished = True
     if order_log is not None:
         order_log.close()
@@ -416,7 +430,12 @@ def evaluate(worker: Worker) -> dict[str, float]:
                     sums[key] += part[key]
     engine.train()
     totals = all_sum([sums[key] for key in objective.eval_keys])
-    return objective.eval_metrics(dict(zip(objective.eval_keys, totals, strict=True)))
+    metrics = objective.eval_metrics(dict(zip(objective.eval_keys, totals, strict=True)))
+    if worker.spec.eval.metrics:
+        from rayft.trainers.generation_eval import generation_scores
+
+        metrics.update(generation_scores(worker, batches))
+    return metrics
 
 
 def save_checkpoint(
@@ -459,9 +478,12 @@ def export(worker: Worker, out: Path) -> None:
             from peft import get_peft_model_state_dict
 
             adapter = get_peft_model_state_dict(module, state_dict=state_dict)
-            module.save_pretrained(out, state_dict=adapter, safe_serialization=True)
+            module.save_pretrained(
+                out, state_dict=adapter, safe_serialization=True, selected_adapters=["default"]
+            )
         else:
-            module.save_pretrained(out, safe_serialization=True)
+            # Only the trained adapter (a DPO reference adapter stays out of the artifact).
+            module.save_pretrained(out, safe_serialization=True, selected_adapters=["default"])
     else:
         module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     worker.tokenizer.save_pretrained(out)

@@ -142,3 +142,60 @@ def causal_lm_loss_sums(
     # The last-position logits join the graph at zero weight, so the head's forward inside
     # the model has a backward too (ZeRO-3 releases what it gathered there).
     return total + out.logits[..., :1].float().sum() * 0.0, count
+
+
+def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def sequence_logps(
+    forward: Callable[..., Any],
+    head: nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_positions: int = CHUNK_POSITIONS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence log-probability of the labelled tokens, ``sum_t log p(labels[t] | <t)``.
+
+    The same lean head as :func:`causal_lm_loss_sums`: the head runs on labelled
+    positions only, a chunk at a time, recomputed in backward; no ``[batch, seq, vocab]``
+    logits are built. DPO compares these sums between a policy and its reference.
+
+    Args:
+        forward: Calls the model (HF causal LM, PEFT model or DeepSpeed engine).
+        head: The model's output projection (``get_output_embeddings()``).
+        batch: ``input_ids``, ``labels`` ``[batch, seq]``, optionally ``attention_mask``
+            and ``position_ids``.
+        chunk_positions: Labelled positions per head call.
+
+    Returns:
+        ``logps`` ``[batch]`` float32 (differentiable when autograd is on; 0 for a row
+        without labels) and ``counts`` ``[batch]`` long, the labelled positions per row.
+    """
+    out = forward(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    hidden = out.hidden_states[-1]
+    targets = shifted_targets(batch["labels"].to(hidden.device))
+    keep = targets != IGNORE_INDEX
+    rows = torch.arange(hidden.size(0), device=hidden.device)[:, None].expand_as(targets)[keep]
+    picked, wanted = hidden[keep], targets[keep]
+    # Zero-weight terms keep the head and the model's own last-position logits in the
+    # graph with nothing labelled (ZeRO's hooks need every rank to reduce the same grads).
+    zero = hidden[:, :1, :1].float().sum() * 0.0 + out.logits[..., :1].float().sum() * 0.0
+    logps = torch.zeros(hidden.size(0), dtype=torch.float32, device=hidden.device) + zero
+    remember = torch.is_grad_enabled() and hidden.requires_grad
+    for start in range(0, int(wanted.numel()), chunk_positions):
+        end = start + chunk_positions
+        h, t = picked[start:end], wanted[start:end]
+        if remember:
+            part = checkpoint(_chunk_logps, head, h, t, use_reentrant=False)
+        else:
+            part = _chunk_logps(head, h, t)
+        logps = logps.index_add(0, rows[start:end], part)
+    return logps, keep.sum(dim=1)

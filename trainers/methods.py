@@ -10,8 +10,15 @@ from torch import nn
 from rayft.trainers.config import FreezeSpec, JobSpec, LoraSpec
 
 
-def apply_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
-    """Wrap ``model`` in a PEFT LoRA model; only the adapter weights require grad."""
+def apply_lora(model: nn.Module, lora: LoraSpec, task: str = "causal_lm") -> nn.Module:
+    """Wrap ``model`` in a PEFT LoRA model; only the adapter weights require grad.
+
+    For ``task`` classification PEFT's ``SEQ_CLS`` task type also trains (and saves)
+    the new classification head whole, as ``modules_to_save``.
+
+    ``lora.use_dora`` adds DoRA's per-output magnitude vector (``lora_magnitude_vector``);
+    ``lora.use_rslora`` scales the update by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -19,17 +26,63 @@ def apply_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
         bias="none",
     )
     return get_peft_model(model, config)
 
 
+def qlora_quantization(compute_dtype: str) -> Any:
+    """The ``BitsAndBytesConfig`` of ``method: qlora``: a 4-bit NF4 base (Dettmers et al. 2023).
+
+    Double quantization also quantizes the per-block scales; matmuls run in
+    ``compute_dtype`` (bfloat16 on GPUs that have it). The packed 4-bit weights are
+    stored in that same dtype so ZeRO-3 can partition them with every other parameter.
+    """
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def qlora_load_kwargs(compute_dtype: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base in 4-bit on this worker's GPU.
+
+    Raises:
+        RuntimeError: No CUDA device, or bitsandbytes is not installed.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "method: qlora needs a CUDA GPU on every training worker and this one has none; "
+            "use method lora, or give the workers GPUs (scaling.use_gpu=true)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401 - transformers imports it by name
+    except ImportError:
+        raise RuntimeError(
+            "method: qlora needs bitsandbytes on the training workers: "
+            "pip install 'rayft[gpu]' (or pip install bitsandbytes)"
+        ) from None
+    # Ray Train gives each worker one visible GPU: its current device.
+    return {
+        "quantization_config": qlora_quantization(compute_dtype),
+        "device_map": {"": torch.cuda.current_device()},
+    }
+
+
 def load_lora(model: nn.Module, parent: Any, lora: LoraSpec) -> nn.Module:
     """Wrap ``model`` in the published adapter ``parent``, trainable, to continue training it.
 
-    The adapter keeps its own rank, alpha and target modules (its weights have that
-    shape); only ``lora.dropout`` comes from the spec.
+    The adapter keeps its own rank, alpha, target modules, DoRA and rsLoRA settings (its
+    weights have that shape and scale); only ``lora.dropout`` comes from the spec.
     """
     from peft import PeftConfig, PeftModel
 
@@ -89,17 +142,32 @@ def prepare_model(model: nn.Module, spec: JobSpec, parent: Any = None) -> nn.Mod
     ``parent`` (a ``trainers.lineage.ParentAdapter``, for ``model.adapter``) is the
     published adapter a LoRA run continues instead of starting a new one.
     """
-    from rayft.trainers.checkpointing import enable_checkpointing
+    from rayft.trainers.checkpointing import effective_mode, enable_checkpointing
 
-    enable_checkpointing(model, spec.optim.gradient_checkpointing)
+    if spec.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the 4-bit base and keeps norms and the head in float32 for stable
+        # training; activation checkpointing is rayft's own (below), not PEFT's.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    mode = effective_mode(spec.optim.gradient_checkpointing, spec.deepspeed.zero_stage)
+    enable_checkpointing(model, mode)
     if spec.weights == "lora":
-        if spec.optim.gradient_checkpointing:
+        if mode:
             model.enable_input_require_grads()
         return (
-            apply_lora(model, spec.lora) if parent is None else load_lora(model, parent, spec.lora)
+            apply_lora(model, spec.lora, spec.task)
+            if parent is None
+            else load_lora(model, parent, spec.lora)
         )
     if spec.method == "freeze":
         apply_freeze(model, spec.freeze)
+        if spec.task == "classification":
+            from rayft.trainers.classification import head_parameters
+
+            # The new head starts random: it must train whatever else is frozen.
+            for param in head_parameters(model):
+                param.requires_grad_(True)
     return model
 
 

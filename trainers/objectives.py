@@ -33,8 +33,16 @@ class Objective:
         """The base model, before ``trainers.methods.prepare_model`` applies the method."""
         from transformers import AutoModelForCausalLM
 
+        extra: dict[str, Any] = {}
+        if spec.method == "qlora":
+            from rayft.trainers.methods import qlora_load_kwargs
+
+            extra = qlora_load_kwargs(inputs.dtype)  # a 4-bit NF4 base on this worker's GPU
         return AutoModelForCausalLM.from_pretrained(
-            inputs.model_dir, dtype=getattr(torch, inputs.dtype), attn_implementation="sdpa"
+            inputs.model_dir,
+            dtype=getattr(torch, inputs.dtype),
+            attn_implementation="sdpa",
+            **extra,
         )
 
     def row_tokenizer(self, spec: JobSpec) -> Callable[[dict[str, Any], str, Any], dict | None]:

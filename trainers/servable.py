@@ -7,7 +7,9 @@ Two pieces, used at publish time and by the serving engine:
   same fingerprint however they are sharded or whatever metadata the files carry.
   :func:`base_fingerprint` computes it once per model directory and caches it.
 * :func:`check_servable`: an adapter loads on its base with plain PEFT, or a full model
-  with ``AutoModelForCausalLM``, and a short input gives finite logits.
+  with ``AutoModelForCausalLM``, and a short input gives finite logits. A classifier
+  (a ``SEQ_CLS`` adapter, or a ``*ForSequenceClassification`` model) loads with
+  ``AutoModelForSequenceClassification`` instead.
 """
 
 from __future__ import annotations
@@ -107,20 +109,28 @@ def check_servable(artifact_dir: Path, kind: str, base_dir: Path | None = None) 
             infinite logits; the message says which and what to do.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     artifact_dir = Path(artifact_dir)
     what = f"the {kind} in {artifact_dir}"
+    head = classifier_labels(artifact_dir, kind)
     try:
         if kind == "adapter":
             from peft import PeftModel
 
             if base_dir is None:
                 raise UnservableError(f"{what} cannot be checked: no base model was given")
-            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+            if head is None:
+                base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+            else:
+                base = AutoModelForSequenceClassification.from_pretrained(
+                    base_dir, dtype="auto", num_labels=head
+                )
             model = PeftModel.from_pretrained(base, str(artifact_dir))
-        else:
+        elif head is None:
             model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype="auto")
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(artifact_dir, dtype="auto")
     except UnservableError:
         raise
     except Exception as err:  # noqa: BLE001 - any load failure is the artifact's fault
@@ -141,6 +151,37 @@ def check_servable(artifact_dir: Path, kind: str, base_dir: Path | None = None) 
             "input); nothing was published: the weights diverged, so lower optim.lr or set "
             "optim.max_grad_norm and train again"
         )
+
+
+def classifier_labels(artifact_dir: Path, kind: str) -> int | None:
+    """How many labels a classifier artifact has; ``None`` for a causal LM.
+
+    An adapter is a classifier when its PEFT ``task_type`` is ``SEQ_CLS`` (the label
+    count is the saved head's first dimension); a full model when its config's
+    architecture is a ``*ForSequenceClassification``.
+    """
+    artifact_dir = Path(artifact_dir)
+    if kind == "adapter":
+        try:
+            config = json.loads((artifact_dir / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if config.get("task_type") != "SEQ_CLS":
+            return None
+        for file in _weight_files(artifact_dir):
+            header, _ = _read_header(file)
+            for name, info in header.items():
+                # PEFT saves modules_to_save under their own names (".score.weight").
+                if name.rsplit(".", 2)[-2:] in (["score", "weight"], ["classifier", "weight"]):
+                    return int(info["shape"][0])
+        return None
+    try:
+        config = json.loads((artifact_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return len(config.get("id2label") or {}) or None
+    return None
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

@@ -57,3 +57,42 @@ def test_lora_zero2_on_gpu_uses_bf16_and_publishes(ray_cluster, tmp_path, tiny_m
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), outcome.artifact
     )
     assert model.peft_config["default"].r == 16
+
+
+def test_qlora_trains_and_publishes_a_plain_peft_adapter(ray_cluster, tmp_path, tiny_model_dir):
+    pytest.importorskip("bitsandbytes", reason="method qlora needs the gpu extra")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rayft.trainers.config import validate_spec
+    from rayft.trainers.driver import run_training
+
+    data = tmp_path / "t.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"say {i}", "completion": f"number {i}"}) + "\n"
+            for i in range(64)
+        )
+    )
+    spec = validate_spec(
+        {
+            "model": {"name": "tiny-llama"},
+            "method": "qlora",
+            "lora": {"r": 8},
+            "data": {"train": str(data), "eval_fraction": 0.2, "max_seq_len": 64},
+            "optim": {"max_steps": 6, "batch_size": 4, "lr": 3e-3},
+            "scaling": {"num_workers": 1, "use_gpu": True},
+            "output": {"name": "gpu-qlora"},
+        }
+    )
+    outcome = run_training(spec, show_progress=False)
+    evals = outcome.evals()
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    config = json.loads((outcome.artifact / "rayft.json").read_text())
+    assert config["method"] == "qlora"
+    # The adapter loads on the plain (unquantized) base with PEFT alone.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, outcome.artifact)
+    assert model.peft_config["default"].r == 8
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()

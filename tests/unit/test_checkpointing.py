@@ -142,3 +142,11 @@ def test_gradient_checkpointing_rejects_other_values_naming_the_choices(value):
     assert [key for key, _ in err.value.problems] == ["optim.gradient_checkpointing"]
     message = str(err.value)
     assert "false" in message and "true" in message and "'selective'" in message
+
+
+def test_selective_runs_as_full_recompute_under_zero3():
+    from rayft.trainers.checkpointing import effective_mode
+
+    assert effective_mode("selective", 3) is True
+    assert [effective_mode("selective", s) for s in (0, 1, 2)] == ["selective"] * 3
+    assert effective_mode(False, 3) is False and effective_mode(True, 2) is True

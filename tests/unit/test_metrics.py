@@ -1,4 +1,4 @@
-"""Generation metrics against values computed by hand."""
+"""Generation metrics against hand-computed values and the libraries that define them."""
 
 import math
 
@@ -8,11 +8,18 @@ from rayft.trainers.metrics import (
     bleu,
     exact_match,
     generation_metrics,
-    lcs_length,
     normalize_answer,
+    rouge,
     rouge_l,
     token_f1,
 )
+
+PAIRS = [
+    ("The capital of France is Paris.", "Paris is the capital of France."),
+    ("the cat sat on the mat", "the cat was sitting on a mat"),
+    ("Water boils at 100 degrees Celsius at sea level.", "At sea level water boils at 100 C."),
+    ("four", "4"),
+]
 
 
 def test_normalize_answer_drops_case_punctuation_and_articles():
@@ -36,12 +43,29 @@ def test_token_f1_hand_computed():
     assert token_f1("cat", "") == 0.0
 
 
-def test_lcs_and_rouge_l_hand_computed():
-    assert lcs_length("a b c d".split(), "a c d b".split()) == 3
+def test_rouge_hand_computed():
     # LCS("the cat sat on the mat", "the cat on the mat") = 5; P=5/6, R=1, F=10/11.
     assert rouge_l("the cat sat on the mat", "The cat, on the mat.") == pytest.approx(10 / 11)
+    # Bigrams: pred has 5, ref has 4, shared 3 (the cat, on the, the mat): F = 2*3/(5+4).
+    scores = rouge("the cat sat on the mat", "The cat, on the mat.")
+    assert scores["rouge_2"] == pytest.approx(6 / 9)
+    assert scores["rouge_1"] == pytest.approx(2 * 5 / (6 + 5))
     assert rouge_l("x y", "a b") == 0.0
-    assert rouge_l("", "") == 1.0
+
+
+def test_rouge_matches_rouge_score_package():
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    for pred, ref in PAIRS:
+        expected = scorer.score(ref, pred)
+        got = rouge(pred, ref)
+        assert got["rouge_1"] == pytest.approx(expected["rouge1"].fmeasure)
+        assert got["rouge_2"] == pytest.approx(expected["rouge2"].fmeasure)
+        assert got["rouge_l"] == pytest.approx(expected["rougeL"].fmeasure)
+    out = generation_metrics([p for p, _ in PAIRS], [r for _, r in PAIRS], ["rouge_l"])
+    mean = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in PAIRS) / len(PAIRS)
+    assert out["rouge_l"] == pytest.approx(mean)
 
 
 def test_bleu_identical_is_one():
@@ -52,20 +76,27 @@ def test_bleu_hand_computed_with_brevity_penalty():
     pred, ref = "the cat sat on mat", "the cat sat on the mat"
     # n-gram matches/totals: 1: 5/5, 2: 3/4, 3: 2/3, 4: 1/2; c=5, r=6.
     bp = math.exp(1 - 6 / 5)
-    smoothed = bp * (1.0 * (4 / 5) * (3 / 4) * (2 / 3)) ** 0.25
     plain = bp * (1.0 * (3 / 4) * (2 / 3) * (1 / 2)) ** 0.25
-    assert bleu([pred], [ref]) == pytest.approx(smoothed)
     assert bleu([pred], [ref], smooth=False) == pytest.approx(plain)
 
 
 def test_bleu_is_corpus_level_not_mean_of_sentences():
     preds, refs = ["a b c d", "x"], ["a b c d", "y"]
     # Summed counts: 1-gram 4/5, 2-gram 3/3, 3-gram 2/2, 4-gram 1/1 (x has no n>1 grams).
-    expected = ((5 / 6) * (4 / 4) * (3 / 3) * (2 / 2)) ** 0.25
-    assert bleu(preds, refs) == pytest.approx(expected)
+    assert bleu(preds, refs, smooth=False) == pytest.approx((4 / 5) ** 0.25)
     assert bleu(["a b c d"], ["x y z w"], smooth=False) == 0.0
     with pytest.raises(ValueError):
         bleu(["a"], [])
+
+
+def test_bleu_matches_sacrebleu_corpus_bleu():
+    import sacrebleu
+
+    preds, refs = [p for p, _ in PAIRS], [r for _, r in PAIRS]
+    expected = sacrebleu.corpus_bleu(preds, [refs]).score / 100
+    assert 0.0 < expected < 1.0
+    assert bleu(preds, refs) == pytest.approx(expected)
+    assert generation_metrics(preds, refs, ["bleu"])["bleu"] == pytest.approx(expected)
 
 
 def test_generation_metrics_means_and_unknown_name():
