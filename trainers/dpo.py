@@ -40,6 +40,7 @@ from rayft.trainers.formats import (
 )
 from rayft.trainers.loss import IGNORE_INDEX, sequence_logps
 from rayft.trainers.objectives import Objective
+from rayft.trainers.packing import pad_rows, row_arrays
 
 if TYPE_CHECKING:
     from rayft.trainers.config import JobSpec
@@ -152,17 +153,6 @@ def preference_tokens(
 # --------------------------------------------------------------------------- batching
 
 
-def _rows(column: Any) -> list[np.ndarray]:
-    return [np.asarray(row) for row in column] if column is not None else []
-
-
-def _pad(rows: list[np.ndarray], width: int, value: int) -> torch.Tensor:
-    out = np.full((len(rows), width), value, dtype=np.int64)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return torch.from_numpy(out)
-
-
 def collate_pairs(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
     """One ``[2B, T]`` batch from ``B`` tokenized pairs: the chosen rows, then the rejected.
 
@@ -174,16 +164,16 @@ def collate_pairs(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
         counts ``num_tokens`` (both sequences), ``num_label_tokens``, ``num_truncated``,
         ``num_dropped``.
     """
-    chosen = _rows(batch["input_ids"])
+    chosen = row_arrays(batch["input_ids"])
     keep = [i for i, row in enumerate(chosen) if len(row) > 0]
-    rejected, c_labels = _rows(batch.get("rejected_input_ids")), _rows(batch["labels"])
-    r_labels = _rows(batch.get("rejected_labels"))
+    rejected, c_labels = row_arrays(batch.get("rejected_input_ids")), row_arrays(batch["labels"])
+    r_labels = row_arrays(batch.get("rejected_labels"))
     inputs = [chosen[i] for i in keep] + [rejected[i] for i in keep]
     labels_rows = [c_labels[i] for i in keep] + [r_labels[i] for i in keep]
     lengths = [len(row) for row in inputs]
     width = max(lengths, default=0)
-    input_ids = _pad(inputs, width, pad_id)
-    labels = _pad(labels_rows, width, IGNORE_INDEX)
+    input_ids = pad_rows(inputs, width, pad_id)
+    labels = pad_rows(labels_rows, width, IGNORE_INDEX)
     lengths_t = torch.tensor(lengths, dtype=torch.long).reshape(-1, 1)
     dropped = batch.get("num_dropped")
     return {
@@ -191,7 +181,7 @@ def collate_pairs(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
         "labels": labels,
         "attention_mask": (torch.arange(width)[None, :] < lengths_t).long(),
         "position_ids": torch.arange(width, dtype=torch.long).expand(len(inputs), width).clone(),
-        "sample_ids": [[str(s) for s in _rows(batch["sample_ids"])[i]] for i in keep],
+        "sample_ids": [[str(s) for s in row_arrays(batch["sample_ids"])[i]] for i in keep],
         "num_tokens": int(sum(lengths)),
         "num_label_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "num_truncated": int(np.asarray(batch["num_truncated"]).sum()),

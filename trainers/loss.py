@@ -108,6 +108,19 @@ def head_loss_sums(
     return total, count
 
 
+def _hidden_states_forward(forward: Callable[..., Any], batch: dict[str, torch.Tensor]) -> Any:
+    """The model's output with every layer's hidden states; its own head runs on the last
+    position only (a ``[batch, 1, vocab]`` tensor), the lean head does the rest."""
+    return forward(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+
+
 def causal_lm_loss_sums(
     forward: Callable[..., Any],
     head: nn.Module,
@@ -129,15 +142,7 @@ def causal_lm_loss_sums(
         the number of labelled positions. ``total / count`` equals Hugging Face's own
         ``loss`` for the same ``labels``.
     """
-    out = forward(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-        output_hidden_states=True,
-        # The model's own head runs on the last position only (a [batch, 1, vocab] tensor).
-        logits_to_keep=1,
-    )
+    out = _hidden_states_forward(forward, batch)
     total, count = head_loss_sums(head, out.hidden_states[-1], batch["labels"], chunk_positions)
     # The last-position logits join the graph at zero weight, so the head's forward inside
     # the model has a backward too (ZeRO-3 releases what it gathered there).
@@ -172,14 +177,7 @@ def sequence_logps(
         ``logps`` ``[batch]`` float32 (differentiable when autograd is on; 0 for a row
         without labels) and ``counts`` ``[batch]`` long, the labelled positions per row.
     """
-    out = forward(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-        output_hidden_states=True,
-        logits_to_keep=1,
-    )
+    out = _hidden_states_forward(forward, batch)
     hidden = out.hidden_states[-1]
     targets = shifted_targets(batch["labels"].to(hidden.device))
     keep = targets != IGNORE_INDEX

@@ -130,13 +130,15 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return mask[:, None, :, :]
 
 
-def _rows(column: Any) -> list[np.ndarray]:
+def row_arrays(column: Any) -> list[np.ndarray]:
+    """The rows of a Ray Data list column as arrays (``[]`` for a missing column)."""
     # Ray hands list columns over as an object array of arrays, or as a 2-D array when
     # every row has the same length; iterating covers both.
-    return [np.asarray(row) for row in column]
+    return [np.asarray(row) for row in column] if column is not None else []
 
 
-def _pad(rows: list[np.ndarray], width: int, value: int) -> torch.Tensor:
+def pad_rows(rows: list[np.ndarray], width: int, value: int) -> torch.Tensor:
+    """``[len(rows), width]`` long tensor of the rows, right-padded with ``value``."""
     out = np.full((len(rows), width), value, dtype=np.int64)
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
@@ -164,25 +166,25 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed: bool) -> dict[str
         (non-padding tokens), ``num_label_tokens`` (tokens that contribute to the loss:
         ``labels[:, 1:] != -100``), ``num_truncated`` and ``num_dropped``.
     """
-    input_rows = _rows(batch["input_ids"])
+    input_rows = row_arrays(batch["input_ids"])
     keep = [i for i, row in enumerate(input_rows) if len(row) > 0]
     input_rows = [input_rows[i] for i in keep]
-    label_rows = [_rows(batch["labels"])[i] for i in keep]
+    label_rows = [row_arrays(batch["labels"])[i] for i in keep]
     lengths = [len(row) for row in input_rows]
     width = max(lengths, default=0)
 
-    input_ids = _pad(input_rows, width, pad_id)
-    labels = _pad(label_rows, width, IGNORE_INDEX)
+    input_ids = pad_rows(input_rows, width, pad_id)
+    labels = pad_rows(label_rows, width, IGNORE_INDEX)
     if packed:
-        position_ids = _pad([_rows(batch["position_ids"])[i] for i in keep], width, 0)
-        segment_ids = _pad([_rows(batch["segment_ids"])[i] for i in keep], width, 0)
+        position_ids = pad_rows([row_arrays(batch["position_ids"])[i] for i in keep], width, 0)
+        segment_ids = pad_rows([row_arrays(batch["segment_ids"])[i] for i in keep], width, 0)
         attention_mask = block_causal_mask(segment_ids, torch.float32)
     else:
         position_ids = torch.arange(width, dtype=torch.long).expand(len(keep), width).clone()
         lengths_t = torch.tensor(lengths, dtype=torch.long).reshape(-1, 1)
         attention_mask = (torch.arange(width)[None, :] < lengths_t).long()
 
-    sample_ids = [[str(s) for s in _rows(batch["sample_ids"])[i]] for i in keep]
+    sample_ids = [[str(s) for s in row_arrays(batch["sample_ids"])[i]] for i in keep]
     dropped = batch.get("num_dropped")
     return {
         "input_ids": input_ids,

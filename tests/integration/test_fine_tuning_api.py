@@ -164,6 +164,38 @@ def test_a_job_trains_publishes_and_serves_at_once(client, server, uploaded, tra
     assert losses[job.fine_tuned_model] < losses["tiny-llama"]
 
 
+def test_a_dpo_job_on_openai_preference_rows_trains_and_publishes(client, server):
+    import json
+
+    from rayft.trainers.registry import read_manifest, resolve_adapter
+
+    pairs = [("red", "apple", "sky"), ("blue", "sky", "grass"), ("green", "grass", "snow")]
+    rows = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"name a {color} thing"}]},
+            "preferred_output": [{"role": "assistant", "content": f"the {good} is {color}"}],
+            "non_preferred_output": [{"role": "assistant", "content": f"the {bad} is {color}"}],
+        }
+        for color, good, bad in pairs * 4
+    ]
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    file_id = client.files.create(file=("prefs.jsonl", data), purpose="fine-tune").id
+    options = {**NO_EVAL, "data": {"max_seq_len": 64}, "optim": {"max_steps": 2}}
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=file_id,
+        suffix="prefs",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 4}}},
+        extra_body={"rayft": options},
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    job = wait_for(client, job.id, {"succeeded", "failed", "cancelled"})
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model in [m.id for m in client.models.list().data]
+    recorded = read_manifest(resolve_adapter(job.fine_tuned_model, str(server["home"])))
+    assert recorded["method"] == "dpo" and recorded["spec"]["dpo"]["beta"] == 0.2
+
+
 def test_a_job_on_a_file_that_does_not_fit_fails_in_validating_files(client, uploaded):
     job = client.fine_tuning.jobs.create(
         model="tiny-llama",
