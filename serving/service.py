@@ -212,12 +212,16 @@ class ModelService:
     def _checked_prompt(self, ids: list[int]) -> list[int]:
         if not ids:
             raise BadRequest("the prompt is empty", code="empty_prompt", param="prompt")
+        return self._within_prompt_limit(ids, "the prompt", "prompt")
+
+    def _within_prompt_limit(self, ids: list[int], what: str, param: str) -> list[int]:
+        """``ids``, or a 400 naming ``what`` when they exceed ``max_prompt_tokens``."""
         if len(ids) > self.limits.max_prompt_tokens:
             raise BadRequest(
-                f"the prompt is {len(ids)} tokens; this server accepts at most "
+                f"{what} is {len(ids)} tokens; this server accepts at most "
                 f"{self.limits.max_prompt_tokens}",
                 code="context_length_exceeded",
-                param="prompt",
+                param=param,
             )
         return ids
 
@@ -363,14 +367,7 @@ class ModelService:
         if not isinstance(text, str) or not text.strip():
             raise BadRequest(f"{where} is empty; send non-empty texts", param="input")
         ids = list(self.engine.tokenizer(text)["input_ids"])
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise BadRequest(
-                f"{where} is {len(ids)} tokens; this server accepts at most "
-                f"{self.limits.max_prompt_tokens}",
-                code="context_length_exceeded",
-                param="input",
-            )
-        return ids
+        return self._within_prompt_limit(ids, where, "input")
 
     # ----------------------------------------------------------- evaluation
 
