@@ -235,6 +235,28 @@ def in_fresh_process(fn_name: str, *args: Any) -> PathResult:
 # ---------------------------------------------------------------- (a) rayft
 
 
+def rayft_optim(batch_size: int, checkpointing: str) -> dict[str, Any]:
+    """The ``optim`` section every rayft arm trains with: the HF arms' settings.
+
+    ``checkpointing`` is ``default`` (the config's ``optim.gradient_checkpointing``) or the
+    value to set: ``false``, ``true`` or ``selective``.
+    """
+    optim = {
+        "lr": LR,
+        "epochs": 1,
+        "batch_size": batch_size,
+        "grad_accum": 1,
+        "scheduler": "constant",
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": SEED,
+    }
+    if checkpointing != "default":
+        optim["gradient_checkpointing"] = CHECKPOINTING[checkpointing]
+    return optim
+
+
 def run_rayft(
     rows: list[str],
     model_dir: Path,
@@ -260,11 +282,6 @@ def run_rayft(
     cpus = max(1, cores // workers)
     train_file = work / "train.jsonl"
     train_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    optim_extra = (
-        {}
-        if checkpointing == "default"
-        else {"gradient_checkpointing": CHECKPOINTING[checkpointing]}
-    )
     spec = validate_spec(
         {
             "model": {"name": str(model_dir), "dtype": "float32"},
@@ -277,18 +294,7 @@ def run_rayft(
             "method": "lora",
             "lora": LORA,
             "deepspeed": {"zero_stage": 2},
-            "optim": {
-                "lr": LR,
-                "epochs": 1,
-                "batch_size": batch_size,
-                "grad_accum": 1,
-                "scheduler": "constant",
-                "warmup_ratio": 0.0,
-                "weight_decay": 0.0,
-                "max_grad_norm": 1.0,
-                "seed": SEED,
-                **optim_extra,
-            },
+            "optim": rayft_optim(batch_size, checkpointing),
             "scaling": {
                 "num_workers": workers,
                 "cpus_per_worker": cpus,
@@ -589,11 +595,6 @@ def run_rayft_dpo(
     cpus = max(1, (os.cpu_count() or 1) // workers)
     train_file = work / "pairs.jsonl"
     train_file.write_text("\n".join(json.dumps(p) for p in pairs) + "\n", encoding="utf-8")
-    optim_extra = (
-        {}
-        if checkpointing == "default"
-        else {"gradient_checkpointing": CHECKPOINTING[checkpointing]}
-    )
     spec = validate_spec(
         {
             "model": {"name": str(model_dir), "dtype": "float32"},
@@ -602,18 +603,7 @@ def run_rayft_dpo(
             "dpo": {"beta": 0.1, "loss": "sigmoid", "weights": "lora"},
             "lora": LORA,
             "deepspeed": {"zero_stage": 2},
-            "optim": {
-                "lr": LR,
-                "epochs": 1,
-                "batch_size": batch_size,
-                "grad_accum": 1,
-                "scheduler": "constant",
-                "warmup_ratio": 0.0,
-                "weight_decay": 0.0,
-                "max_grad_norm": 1.0,
-                "seed": SEED,
-                **optim_extra,
-            },
+            "optim": rayft_optim(batch_size, checkpointing),
             "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": False},
             "logging": {"every_steps": 1},
             "output": {"name": "bench-train-dpo", "overwrite": True},
