@@ -3,7 +3,8 @@
     RAYFT_HOME=/tmp/rfhome .venv/bin/python bench/train_throughput.py [--tokens 24000]
         [--max-seq-len 512] [--batch-size 4] [--workers 1] [--skip-peers | --skip-trl]
         [--gradient-checkpointing {default,false,true,selective}]
-        [--allocator {system,jemalloc}] [--json OUT]
+        [--allocator {default,auto,system,jemalloc}] [--peers-allocator {system,rayft}]
+        [--json OUT]
 
 Fine-tunes ``smollm2-135m-instruct`` on the same rows of ``bench/data/chat_varlen.jsonl``
 (variable-length chats, 38-381 tokens) four ways, one after another on this machine:
@@ -37,7 +38,11 @@ the step's wall time), averaged over steps 2..N weighted by tokens.
 Peak memory, per arm: the peak resident set (``VmHWM`` of ``/proc/<pid>/status``) of the
 process that trains: rayft's Ray Train worker (the largest over workers, read by a loop
 callback after training), and for (b), (c) and (d) a fresh child process running only
-that arm. The two targets, printed last but one, each against the HF arm it names:
+that arm. rayft's workers run with ``scaling.allocator`` at the config default (``auto``:
+Ray's bundled jemalloc, set not to purge, ``trainers.driver.JEMALLOC_CONF``) unless
+``--allocator`` says otherwise; the peers run with the system allocator, as HF and TRL do
+out of the box, unless ``--peers-allocator rayft`` gives them the very allocator and
+settings rayft's workers got (the like-for-like comparison). The two targets, printed last but one, each against the HF arm it names:
 
   ``peak_mem_ratio`` = rayft / (d) peak RSS, the same ``[batch, max_seq_len]`` batches
       (target <= 0.5);
@@ -265,12 +270,13 @@ def run_rayft(
     max_seq_len: int,
     work: Path,
     checkpointing: str = "default",
-    allocator: str = "system",
+    allocator: str = "default",
 ) -> PathResult:
     """Train with ``run_training`` on the embedded local Ray cluster.
 
     ``checkpointing`` is ``default`` (the config's ``optim.gradient_checkpointing``) or the
-    value to set: ``false``, ``true`` or ``selective``.
+    value to set: ``false``, ``true`` or ``selective``; ``allocator`` likewise for
+    ``scaling.allocator`` (``auto``, ``system`` or ``jemalloc``).
     """
     import ray
 
@@ -299,7 +305,7 @@ def run_rayft(
                 "num_workers": workers,
                 "cpus_per_worker": cpus,
                 "use_gpu": False,
-                "allocator": allocator,
+                **({} if allocator == "default" else {"allocator": allocator}),
             },
             "logging": {"every_steps": 1},
             "output": {"name": "bench-train-throughput", "overwrite": True},
@@ -328,11 +334,30 @@ def run_rayft(
         f"{workers} worker(s) x {cpus} CPU (torch threads {cpus}), ZeRO-2, packed, "
         f"optim.gradient_checkpointing={spec.optim.gradient_checkpointing}"
         f"{' (config default)' if checkpointing == 'default' else ''}, "
-        f"scaling.allocator={allocator}, embedded Ray"
+        f"scaling.allocator={spec.scaling.allocator}"
+        f"{' (config default)' if allocator == 'default' else ''} -> {worker_allocator(spec)}, "
+        "embedded Ray"
     )
     result = steady_state("rayft", setup, step_tokens, step_s)
     result.peak_rss_mb = max(json.loads(p.read_text())["mb"] for p in peaks.glob("rank*.json"))
     return result
+
+
+def rayft_worker_env(allocator: str) -> dict[str, str]:
+    """The environment variables rayft's training workers get for ``--allocator``."""
+    from rayft.trainers.config import ScalingSpec
+    from rayft.trainers.driver import worker_runtime_env
+
+    chosen = ScalingSpec().allocator if allocator == "default" else allocator
+    return worker_runtime_env(chosen).get("env_vars", {})
+
+
+def worker_allocator(spec: Any) -> str:
+    """What ``spec``'s workers allocate with: ``jemalloc (MALLOC_CONF=...)`` or ``system``."""
+    from rayft.trainers.driver import worker_runtime_env
+
+    env = worker_runtime_env(spec.scaling.allocator).get("env_vars", {})
+    return f"jemalloc (MALLOC_CONF={env['MALLOC_CONF']})" if env else "system"
 
 
 # ---------------------------------------------------------------- (b), (c) single-process peers
@@ -762,9 +787,16 @@ def main() -> None:
     )
     parser.add_argument(
         "--allocator",
-        choices=["system", "jemalloc"],
+        choices=["default", "auto", "system", "jemalloc"],
+        default="default",
+        help="rayft's scaling.allocator (default: the config default, auto)",
+    )
+    parser.add_argument(
+        "--peers-allocator",
+        choices=["system", "rayft"],
         default="system",
-        help="rayft's scaling.allocator; jemalloc also preloads it into the peers' processes",
+        help="the peers' C allocator: system (HF and TRL out of the box) or rayft (the "
+        "allocator and settings rayft's workers ran with)",
     )
     parser.add_argument(
         "--skip-trl", action="store_true", help="run rayft and the HF Trainer only (no TRL)"
@@ -821,12 +853,10 @@ def main() -> None:
             args.gradient_checkpointing,
             args.allocator,
         )
-        if args.allocator == "jemalloc":
-            # The peers' processes get the same allocator (a preload must be in place
-            # before a process starts, so it goes into the environment they inherit).
-            from rayft.trainers.driver import worker_runtime_env
-
-            os.environ.update(worker_runtime_env("jemalloc")["env_vars"])
+        if args.peers_allocator == "rayft":
+            # The peers' processes get rayft's worker allocator and settings (a preload
+            # must be in place before a process starts: it goes into their environment).
+            os.environ.update(rayft_worker_env(args.allocator))
         if not args.skip_peers and not args.skip_trl:
             print("\n[b] TRL SFTTrainer ...", flush=True)
             results["trl"] = in_fresh_process(
@@ -843,6 +873,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print()
+    peers_env = rayft_worker_env(args.allocator) if args.peers_allocator == "rayft" else {}
+    peers_allocator = (
+        f"jemalloc (MALLOC_CONF={peers_env['MALLOC_CONF']})" if peers_env else "system"
+    )
+    print(f"peers' allocator: {peers_allocator} (--peers-allocator {args.peers_allocator})")
     labels = {
         "rayft": "(a) rayft",
         "trl": "(b) TRL SFTTrainer",
@@ -869,6 +904,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "default_workers": DEFAULT_WORKERS,
+        "peers_allocator": peers_allocator,
         "results": {k: {**asdict(r), "tokens_per_s": r.tokens_per_s} for k, r in results.items()},
         "rayft_mfu": mfu,
     }

@@ -145,10 +145,13 @@ class ScalingSpec(_Section):
     max_failures: int = Field(3, ge=-1)
     """Worker-group failures Ray Train recovers from by restarting the workers from the
     newest verified checkpoint (``FailureConfig.max_failures``); ``-1`` = unlimited, 0 = none."""
-    allocator: Literal["system", "jemalloc"] = "system"
-    """The C allocator of the training workers: ``jemalloc`` (the one Ray's wheel ships,
-    preloaded into the worker processes) hands freed activation memory back to the OS
-    where glibc keeps it, lowering a CPU worker's peak resident set."""
+    allocator: Literal["auto", "system", "jemalloc"] = "auto"
+    """The C allocator of the training workers. ``jemalloc``: the one Ray's wheel ships,
+    preloaded into the worker processes and set to reuse freed pages without purging them
+    (``trainers.driver.JEMALLOC_CONF``): a CPU worker's peak resident set stays near the
+    memory it holds, where glibc's fragmentation adds ~60 %, and steps run faster.
+    ``auto`` (the default): jemalloc where Ray ships it, else the system allocator.
+    ``system``: glibc's malloc."""
 
 
 class CheckpointSpec(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def test_full_zero3_offload_two_workers_publishes_an_hf_model(ray_cluster, chat_
 
 
 class LibrariesMapped(LoopCallback):
-    """Writes whether each worker process has libjemalloc mapped to ``out/rank<r>.json``."""
+    """Writes each worker's allocator (libjemalloc mapped, ``MALLOC_CONF``) to ``out/rank<r>.json``."""
 
     def __init__(self, out: str) -> None:
         self.out = out
@@ -164,23 +165,24 @@ class LibrariesMapped(LoopCallback):
 
         maps = Path("/proc/self/maps").read_text()
         rank = ray.train.get_context().get_world_rank()
-        Path(self.out, f"rank{rank}.json").write_text(json.dumps("libjemalloc" in maps))
+        mapped = {"jemalloc": "libjemalloc" in maps, "conf": os.environ.get("MALLOC_CONF")}
+        Path(self.out, f"rank{rank}.json").write_text(json.dumps(mapped))
 
 
-def test_jemalloc_allocator_is_preloaded_into_the_workers(ray_cluster, chat_file, tmp_path):
+def test_workers_run_on_jemalloc_by_default(ray_cluster, chat_file, tmp_path):
+    from rayft.trainers.driver import JEMALLOC_CONF
+
     spec = make_spec(
-        chat_file,
-        "colors-jemalloc",
-        optim={"max_steps": 4},
-        eval={"every_steps": None},
-        scaling={"allocator": "jemalloc"},
+        chat_file, "colors-jemalloc", optim={"max_steps": 4}, eval={"every_steps": None}
     )
+    assert spec.scaling.allocator == "auto"
     outcome = run_training(
         spec, show_progress=False, loop_callbacks=[LibrariesMapped(str(tmp_path))]
     )
     assert all(map(math.isfinite, train_losses(outcome)))
     assert sorted(p.name for p in tmp_path.glob("rank*.json")) == ["rank0.json", "rank1.json"]
-    assert all(json.loads(p.read_text()) for p in tmp_path.glob("rank*.json"))
+    mapped = [json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")]
+    assert mapped == [{"jemalloc": True, "conf": JEMALLOC_CONF}] * 2
 
 
 def test_freeze_keeps_early_layers_bit_identical(ray_cluster, chat_file, tiny_model_dir):

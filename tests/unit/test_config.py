@@ -168,16 +168,27 @@ def test_config_error_survives_pickling_with_its_problems() -> None:
     assert str(back) == str(err)
 
 
-def test_allocator_takes_system_or_jemalloc_and_jemalloc_preloads_rays_library(monkeypatch):
-    from rayft.trainers.driver import worker_runtime_env
+def test_allocator_defaults_to_jemalloc_where_ray_ships_it_and_system_opts_out(monkeypatch):
+    from rayft.trainers import driver
+    from rayft.trainers.driver import JEMALLOC_CONF, worker_runtime_env
 
-    assert validate_spec(base()).scaling.allocator == "system"
+    assert validate_spec(base()).scaling.allocator == "auto"
     assert worker_runtime_env("system") == {}
     monkeypatch.setenv("LD_PRELOAD", "/opt/other.so")
-    spec = validate_spec({**base(), "scaling": {"allocator": "jemalloc"}})
-    preload = worker_runtime_env(spec.scaling.allocator)["env_vars"]["LD_PRELOAD"].split()
-    assert Path(preload[0]).name == "libjemalloc.so" and Path(preload[0]).is_file()
-    assert preload[1:] == ["/opt/other.so"]  # a preload already asked for is kept
+    for allocator in ("auto", "jemalloc"):
+        spec = validate_spec({**base(), "scaling": {"allocator": allocator}})
+        env = worker_runtime_env(spec.scaling.allocator)["env_vars"]
+        preload = env["LD_PRELOAD"].split()
+        assert Path(preload[0]).name == "libjemalloc.so" and Path(preload[0]).is_file()
+        assert preload[1:] == ["/opt/other.so"]  # a preload already asked for is kept
+        assert env["MALLOC_CONF"] == JEMALLOC_CONF == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    # A Ray without the library: auto falls back to the system allocator, jemalloc is an error.
+    monkeypatch.setattr(driver, "jemalloc_library", lambda: None)
+    assert worker_runtime_env("auto") == {}
+    with pytest.raises(ConfigError) as err:
+        worker_runtime_env("jemalloc")
+    assert keys_of(err.value) == ["scaling.allocator"]
+    assert "use scaling.allocator=system" in str(err.value)
     with pytest.raises(ConfigError) as err:
         validate_spec({**base(), "scaling": {"allocator": "tcmalloc"}})
     assert keys_of(err.value) == ["scaling.allocator"]
