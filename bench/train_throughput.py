@@ -89,9 +89,9 @@ LR = 2e-4
 SEED = 42
 # 1 worker x all cores as torch threads. 2 workers x 1 CPU measured faster on a busy
 # 2-core machine (56.6 against 36.7 tokens/s), but under contention two processes also
-# win a larger share of the CPU from other users, and at batch 4 x 512 each worker holds
-# ~7.7 GB, so two of them ran the shared 24 GB machine out of memory. --workers 2 runs
-# the other layout.
+# win a larger share of the CPU from other users. A worker at batch 4 x 512 peaks at
+# ~3.2 GB (it was ~7.7 GB before the lean loss, selective checkpointing and jemalloc).
+# --workers 2 runs the other layout.
 DEFAULT_WORKERS = 1
 CHECKPOINTING = {"false": False, "true": True, "selective": "selective"}
 
