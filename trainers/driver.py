@@ -115,8 +115,9 @@ JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 A training step frees and allocates the same activation sizes every step. jemalloc packs
 them without glibc's fragmentation (a worker's peak resident set stays close to the
 memory it actually holds); not purging means no page is handed back to the OS only to be
-faulted in again a step later (purging on jemalloc's default 10 s decay cost ~30 % of the
-tokens/s on CPU; ``bench/train_throughput.py`` measures both)."""
+faulted in again a step later. Measured on CPU, smollm2-135m LoRA steps at [4, 512]: glibc
+4.9 GB peak, jemalloc's default 10 s decay 2.8 GB but ~15 % slower than glibc, these
+settings 2.9 GB and ~15 % faster than glibc."""
 
 
 def jemalloc_library() -> Path | None:
