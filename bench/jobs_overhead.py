@@ -142,6 +142,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from rayft.cluster.service_app import ROUTERS
     from rayft.serving.client import run_app
 
     ray.init(
@@ -152,7 +153,9 @@ def main() -> None:
         runtime_env={"env_vars": {"RAYFT_HOME": str(home)}},
     )
     try:
-        url = run_app({"model": args.model, "storage": str(home), "dtype": "float32"})
+        url = run_app(
+            {"model": args.model, "storage": str(home), "dtype": "float32"}, routers=ROUTERS
+        )
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         address = ray.get_runtime_context().gcs_address
         if args.cli_first:

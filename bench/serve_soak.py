@@ -23,6 +23,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx
 
 PROMPTS = [
     "name a red thing",
@@ -57,6 +61,36 @@ def request_for(i: int, models: list[str], max_tokens: int) -> tuple[str, dict, 
     return "/v1/completions", {**body, "prompt": prompt}, stream
 
 
+def stream_problem(status: int, text: str) -> str | None:
+    """What is wrong with a streamed answer (status and SSE body), or None."""
+    if status != 200 or not text.rstrip().endswith("data: [DONE]"):
+        return f"stream {status}: {text[-200:]!r}"
+    if '"error"' in text:
+        return f"stream error event: {text[-200:]!r}"
+    return None
+
+
+async def send_request(
+    http: httpx.AsyncClient, url: str, route: str, body: dict, stream: bool
+) -> str | None:
+    """Send one request; None when it succeeded, else what went wrong."""
+    import httpx
+
+    try:
+        if not stream:
+            response = await http.post(f"{url}{route}", json=body)
+            return (
+                None
+                if response.status_code == 200
+                else f"{response.status_code} {response.text[:200]}"
+            )
+        async with http.stream("POST", f"{url}{route}", json=body) as response:
+            text = "".join([t async for t in response.aiter_text()])
+        return stream_problem(response.status_code, text)
+    except httpx.HTTPError as err:
+        return f"{type(err).__name__}: {err}"
+
+
 async def soak(url: str, models: list[str], args: argparse.Namespace) -> dict:
     import httpx
 
@@ -64,23 +98,7 @@ async def soak(url: str, models: list[str], args: argparse.Namespace) -> dict:
 
     async def send(http: httpx.AsyncClient, i: int) -> str | None:
         route, body, stream = request_for(i, models, args.max_tokens)
-        try:
-            if not stream:
-                response = await http.post(f"{url}{route}", json=body)
-                return (
-                    None
-                    if response.status_code == 200
-                    else f"{response.status_code} {response.text[:200]}"
-                )
-            async with http.stream("POST", f"{url}{route}", json=body) as response:
-                text = "".join([t async for t in response.aiter_text()])
-            if response.status_code != 200 or not text.rstrip().endswith("data: [DONE]"):
-                return f"stream {response.status_code}: {text[-200:]!r}"
-            if '"error"' in text:
-                return f"stream error event: {text[-200:]!r}"
-            return None
-        except httpx.HTTPError as err:
-            return f"{type(err).__name__}: {err}"
+        return await send_request(http, url, route, body, stream)
 
     async def client(http: httpx.AsyncClient) -> None:
         while state["next"] < args.requests:

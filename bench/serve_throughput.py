@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -46,6 +45,7 @@ def make_adapters(model: str, home: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from rayft.trainers.manifest import ArtifactManifest
     from rayft.trainers.models import resolve_model
     from rayft.trainers.storage import StorageRoot
 
@@ -63,7 +63,7 @@ def make_adapters(model: str, home: Path) -> None:
             if "lora_B" in param_name:
                 param.data = torch.randn(param.shape, generator=generator) * 0.02
         peft_model.save_pretrained(out)
-        (out / "rayft.json").write_text(json.dumps({"kind": "adapter", "base_model": model}))
+        ArtifactManifest(kind="adapter", base_model=model).write(out)
 
 
 def workload(model: str, clients: int, per_client: int, mixed: bool) -> list[list[tuple[str, str]]]:

@@ -624,8 +624,9 @@ def run_rayft_dpo(
         {
             "model": {"name": str(model_dir), "dtype": "float32"},
             "data": {"train": str(train_file), "max_seq_len": max_seq_len, "shuffle": False},
-            "method": "dpo",
-            "dpo": {"beta": 0.1, "loss": "sigmoid", "weights": "lora"},
+            "objective": "dpo",
+            "method": "lora",
+            "dpo": {"beta": 0.1, "loss": "sigmoid"},
             "lora": LORA,
             "deepspeed": {"zero_stage": 2},
             "optim": rayft_optim(batch_size, checkpointing),
@@ -762,7 +763,8 @@ def base_parameters(model_dir: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--tokens",
@@ -806,19 +808,13 @@ def main() -> None:
         "--dpo-pairs", type=int, default=64, help="pairs of the DPO row (0 skips the row)"
     )
     parser.add_argument("--only-dpo", action="store_true", help="run only the DPO row")
-    args = parser.parse_args()
-    if args.only_dpo:
-        only_dpo(args)
-        return
+    return parser
 
-    from rayft.trainers.models import resolve_model
 
-    cores = os.cpu_count() or 1
-    model_dir = resolve_model(MODEL)
-    peak = matmul_peak()
-    n_params = base_parameters(model_dir)
-    rows, examples = select_rows(model_dir, args.tokens, args.max_seq_len)
-    lengths = [len(e["input_ids"]) for e in examples]
+def print_setup(
+    args: argparse.Namespace, cores: int, peak: float, n_params: int, rows: list, lengths: list
+) -> None:
+    """What is measured, on what, before the runs start."""
     print(
         f"machine: {cores} cores, fp32 matmul peak {peak:.1f} GFLOP/s (best 2048^3 product, "
         f"{cores} threads)"
@@ -839,6 +835,11 @@ def main() -> None:
         flush=True,
     )
 
+
+def run_paths(
+    args: argparse.Namespace, rows: list, examples: list, model_dir: Path
+) -> dict[str, PathResult]:
+    """rayft, then each peer in a fresh process, on the same rows."""
     work = Path(tempfile.mkdtemp(prefix="rayft-bench-train-"))
     results: dict[str, PathResult] = {}
     try:
@@ -871,13 +872,11 @@ def main() -> None:
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return results
 
-    print()
-    peers_env = rayft_worker_env(args.allocator) if args.peers_allocator == "rayft" else {}
-    peers_allocator = (
-        f"jemalloc (MALLOC_CONF={peers_env['MALLOC_CONF']})" if peers_env else "system"
-    )
-    print(f"peers' allocator: {peers_allocator} (--peers-allocator {args.peers_allocator})")
+
+def print_paths(results: dict[str, PathResult], n_params: int, peak: float) -> None:
+    """One line of throughput, MFU and memory per path, then its setup."""
     labels = {
         "rayft": "(a) rayft",
         "trl": "(b) TRL SFTTrainer",
@@ -892,6 +891,64 @@ def main() -> None:
             f"{res.steps} steps)  MFU {100 * mfu:.1f}%  peak RSS {res.peak_rss_mb:.0f} MiB"
         )
         print(f"{'':<22} {res.setup}")
+
+
+def compare_with_hf(
+    args: argparse.Namespace, results: dict[str, PathResult], figures: dict[str, Any]
+) -> None:
+    """rayft against the HF Trainer: tokens/s against padding, peak memory against blocks."""
+    a = results["rayft"].tokens_per_s
+    vs_hf = a / results["hf"].tokens_per_s
+    figures.update(speedup_vs_hf=vs_hf)
+    print(
+        f"a/c (rayft / HF padding)     = {vs_hf:.3f}  (target >= 1.3: "
+        f"{'met' if vs_hf >= 1.3 else 'NOT met'})"
+    )
+    hf, blocks = results["hf"], results["hf_blocks"]
+    mine = results["rayft"].peak_rss_mb
+    mem_ratio = mine / blocks.peak_rss_mb
+    tokens_ratio = a / hf.tokens_per_s
+    figures.update(
+        peak_mem_ratio=mem_ratio,
+        tokens_ratio=tokens_ratio,
+        peak_mem_ratio_vs_padding=mine / hf.peak_rss_mb,
+    )
+    print(
+        f"peak_mem_ratio={mem_ratio:.3f}  (rayft {mine:.0f} MiB / (d) HF Trainer on the same "
+        f"[{args.batch_size}, {args.max_seq_len}] blocks {blocks.peak_rss_mb:.0f} MiB; "
+        f"target <= 0.5: {'met' if mem_ratio <= 0.5 else 'NOT met'}; against (c)'s padded "
+        f"batches {hf.peak_rss_mb:.0f} MiB it is {mine / hf.peak_rss_mb:.3f})"
+    )
+    print(
+        f"tokens_ratio={tokens_ratio:.3f}  (rayft / (c) HF Trainer per-batch padding "
+        f"tokens/s; target >= 1.3: {'met' if tokens_ratio >= 1.3 else 'NOT met'})"
+    )
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.only_dpo:
+        only_dpo(args)
+        return
+
+    from rayft.trainers.models import resolve_model
+
+    cores = os.cpu_count() or 1
+    model_dir = resolve_model(MODEL)
+    peak = matmul_peak()
+    n_params = base_parameters(model_dir)
+    rows, examples = select_rows(model_dir, args.tokens, args.max_seq_len)
+    lengths = [len(e["input_ids"]) for e in examples]
+    print_setup(args, cores, peak, n_params, rows, lengths)
+    results = run_paths(args, rows, examples, model_dir)
+
+    print()
+    peers_env = rayft_worker_env(args.allocator) if args.peers_allocator == "rayft" else {}
+    peers_allocator = (
+        f"jemalloc (MALLOC_CONF={peers_env['MALLOC_CONF']})" if peers_env else "system"
+    )
+    print(f"peers' allocator: {peers_allocator} (--peers-allocator {args.peers_allocator})")
+    print_paths(results, n_params, peak)
     a = results["rayft"].tokens_per_s
     mfu = a * 4 * n_params / (peak * 1e9)
     figures: dict[str, Any] = {
@@ -926,31 +983,7 @@ def main() -> None:
             f"{'met' if speedup >= 1.0 else 'NOT met'})"
         )
     if "hf" in results:
-        vs_hf = a / results["hf"].tokens_per_s
-        figures.update(speedup_vs_hf=vs_hf)
-        print(
-            f"a/c (rayft / HF padding)     = {vs_hf:.3f}  (target >= 1.3: "
-            f"{'met' if vs_hf >= 1.3 else 'NOT met'})"
-        )
-        hf, blocks = results["hf"], results["hf_blocks"]
-        mine = results["rayft"].peak_rss_mb
-        mem_ratio = mine / blocks.peak_rss_mb
-        tokens_ratio = a / hf.tokens_per_s
-        figures.update(
-            peak_mem_ratio=mem_ratio,
-            tokens_ratio=tokens_ratio,
-            peak_mem_ratio_vs_padding=mine / hf.peak_rss_mb,
-        )
-        print(
-            f"peak_mem_ratio={mem_ratio:.3f}  (rayft {mine:.0f} MiB / (d) HF Trainer on the same "
-            f"[{args.batch_size}, {args.max_seq_len}] blocks {blocks.peak_rss_mb:.0f} MiB; "
-            f"target <= 0.5: {'met' if mem_ratio <= 0.5 else 'NOT met'}; against (c)'s padded "
-            f"batches {hf.peak_rss_mb:.0f} MiB it is {mine / hf.peak_rss_mb:.3f})"
-        )
-        print(
-            f"tokens_ratio={tokens_ratio:.3f}  (rayft / (c) HF Trainer per-batch padding "
-            f"tokens/s; target >= 1.3: {'met' if tokens_ratio >= 1.3 else 'NOT met'})"
-        )
+        compare_with_hf(args, results, figures)
     if args.dpo_pairs:
         dpo_row(args, model_dir, figures)
     if args.json:

@@ -26,9 +26,19 @@ from rayft.cluster.errors import (
     EXIT_INTERRUPTED,
     ClusterError,
     UserError,
+    is_bad_input,
 )
+from rayft.cluster.errors import root_cause as _root_cause
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "UserError", "build_parser", "main", "parse_args"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "UserError",
+    "build_parser",
+    "is_bad_input",
+    "main",
+    "parse_args",
+]
 
 COMMAND_MODULES = (
     "rayft.cluster.train_cli",
@@ -91,34 +101,6 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------- errors
-
-
-def _bad_input_types() -> tuple[type[BaseException], ...]:
-    """Exception types that always mean the user's input is wrong (exit code 2)."""
-    from rayft.trainers.config import ConfigError
-    from rayft.trainers.data import DataError
-    from rayft.trainers.models import ModelError
-    from rayft.trainers.registry import RegistryError
-
-    return (ConfigError, UserError, DataError, ModelError, RegistryError)
-
-
-def is_bad_input(err: BaseException) -> bool:
-    """True when ``err`` is the user's to fix and its message says what to fix.
-
-    A ``FileNotFoundError`` counts only when it names its file: one without a name (such
-    as ``os.getcwd()`` in a directory that was removed) is rayft's problem, not the user's.
-    """
-    if isinstance(err, _bad_input_types()):
-        return True
-    return isinstance(err, FileNotFoundError) and bool(err.filename)
-
-
-def _root_cause(err: BaseException) -> str:
-    """``Type: message`` of the innermost explicitly chained cause (``raise ... from``)."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return f"{type(err).__name__}: {err}"
 
 
 def log_dir() -> Path:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from rayft.cluster.console import is_verbose, quiet_ray_libraries
 from rayft.cluster.errors import UserError
 from rayft.cluster.job_start import COPY_ENV, WORKER_SETUP_HOOK
+from rayft.trainers.compat import metrics_export_port_option
 
 
 def embedded_cpus() -> int:
@@ -86,7 +87,7 @@ def connect(
 def _embedded_ports(metrics_port: int | None, dashboard_port: int | None) -> dict[str, object]:
     ports: dict[str, object] = {}
     if metrics_port is not None:
-        ports["_metrics_export_port"] = metrics_port
+        ports.update(metrics_export_port_option(metrics_port))
     if dashboard_port is not None:
         # Loopback only: the dashboard serves the Jobs API, which runs arbitrary code.
         ports.update(dashboard_host="127.0.0.1", dashboard_port=dashboard_port)

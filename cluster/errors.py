@@ -27,3 +27,50 @@ class ClusterError(Exception):
 
     Not the user's input and not a bug in rayft: printed as one line, exit code 1.
     """
+
+
+class TrainingFailed(ClusterError):
+    """A run that failed while it ran (not because of its input); exit code 1.
+
+    Its checkpoints stay in storage: ``rayft.train(resume=err.run_id)`` (``rayft train
+    --resume RUN_ID``) continues from the newest one. The error that stopped the run is
+    chained as ``__cause__``.
+
+    Attributes:
+        run_id: The run that failed.
+    """
+
+    def __init__(self, run_id: str, message: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return type(self), (self.run_id, str(self))
+
+
+def bad_input_types() -> tuple[type[BaseException], ...]:
+    """Exception types that always mean the user's input is wrong (exit code 2)."""
+    from rayft.trainers.config import ConfigError
+    from rayft.trainers.data import DataError
+    from rayft.trainers.models import ModelError
+    from rayft.trainers.registry import RegistryError
+
+    return (ConfigError, UserError, DataError, ModelError, RegistryError)
+
+
+def is_bad_input(err: BaseException) -> bool:
+    """True when ``err`` is the user's to fix and its message says what to fix.
+
+    A ``FileNotFoundError`` counts only when it names its file: one without a name (such
+    as ``os.getcwd()`` in a directory that was removed) is rayft's problem, not the user's.
+    """
+    if isinstance(err, bad_input_types()):
+        return True
+    return isinstance(err, FileNotFoundError) and bool(err.filename)
+
+
+def root_cause(err: BaseException) -> str:
+    """``Type: message`` of the innermost explicitly chained cause (``raise ... from``)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"

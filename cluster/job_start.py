@@ -33,13 +33,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rayft.trainers.storage import JOB_DATASETS_DIR, job_dataset_relpath
+
 JOB_ENV = "RAYFT_SUBMITTED_JOB"
 """Set to ``1`` in a submitted job's runtime environment."""
 COPY_ENV = "RAYFT_JOB_COPY"
 """The private copy a job's driver runs from, once it has left Ray's working directory."""
 SPEC_NAME = "spec.yaml"
 SHIPPED_DATA_DIR = "data"
-DATASETS_PREFIX = "datasets/jobs"
+DATASETS_PREFIX = JOB_DATASETS_DIR
 
 
 def is_submitted_job() -> bool:
@@ -112,7 +114,7 @@ def _to_storage(root: Any, private: Path, path: str, key: str) -> str:
         return path  # a URI or a path on shared storage: every node reads it already
     local = private / path
     safe_key = re.sub(r"[^A-Za-z0-9._-]", "_", key)
-    relpath = f"{DATASETS_PREFIX}/{safe_key}/{local.name}"
+    relpath = job_dataset_relpath(safe_key, local.name)
     target = root.path(relpath)
     if local.is_dir():
         shutil.copytree(local, target, dirs_exist_ok=True)

@@ -23,7 +23,7 @@ from rayft.trainers.records import (
     read_record,
     summarize,
 )
-from rayft.trainers.storage import StorageError, StorageRoot
+from rayft.trainers.storage import StorageError, StorageRoot, sweep_relpath
 
 RESULTS_JSON = "results.json"  # a sweep's table (raytune.results)
 
@@ -94,7 +94,7 @@ def read_sweep(storage: str | StorageRoot, sweep_id: str) -> dict[str, Any]:
     import json
 
     try:
-        raw = StorageRoot.resolve(storage).read(f"sweeps/{sweep_id}/{RESULTS_JSON}")
+        raw = StorageRoot.resolve(storage).read(sweep_relpath(sweep_id, RESULTS_JSON))
         return json.loads(raw) if raw else {}
     except (OSError, StorageError, ValueError):
         return {}
@@ -247,6 +247,21 @@ def format_view(view: JobView) -> str:
         lines.append(f"kind      {view.kind}")
     if view.run_id:
         lines.append(f"run       {view.run_id}")
+    lines += _progress_lines(view)
+    lines.append(f"artifact  {view.artifact or '-'}")
+    if view.storage:
+        lines.append(f"storage   {view.storage}")
+    resume = _resume_hint(view)
+    if resume:
+        lines.append(f"resume    {resume}")
+    if view.state == "failed" and view.message:
+        lines.append(f"message   {view.message.strip().splitlines()[-1]}")
+    return "\n".join(lines)
+
+
+def _progress_lines(view: JobView) -> list[str]:
+    """How far the job got: step, metrics, newest checkpoint, trial states, best trial."""
+    lines = []
     if view.step is not None:
         total = f"/{view.total_steps}" if view.total_steps else ""
         resumed = f"  (resumed from step {view.resumed_from})" if view.resumed_from else ""
@@ -260,15 +275,7 @@ def format_view(view: JobView) -> str:
         lines.append("trials    " + ", ".join(f"{n} {s}" for s, n in sorted(view.trials.items())))
     if view.best:
         lines.append(f"best      trial {view.best.get('trial')} (run {view.best.get('run_id')})")
-    lines.append(f"artifact  {view.artifact or '-'}")
-    if view.storage:
-        lines.append(f"storage   {view.storage}")
-    resume = _resume_hint(view)
-    if resume:
-        lines.append(f"resume    {resume}")
-    if view.state == "failed" and view.message:
-        lines.append(f"message   {view.message.strip().splitlines()[-1]}")
-    return "\n".join(lines)
+    return lines
 
 
 def _resume_hint(view: JobView) -> str | None:

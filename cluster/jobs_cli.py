@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 
 from rayft.cluster.cli import add_address, add_overrides, add_storage
@@ -13,19 +12,17 @@ from rayft.cluster.submit import DEFAULT_MAX_UPLOAD_MB
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from rayft.cluster.jobs import exit_code_for, follow_logs
-    from rayft.cluster.submit import (
-        build_package,
-        jobs_address,
-        jobs_client,
-        load_submit_spec,
-        submit_package,
-    )
+    """Submit through ``api.submit``; print the job id, then follow its log if asked."""
+    from rayft.cluster.api import submit
+    from rayft.cluster.jobs import exit_code_for
+    from rayft.cluster.submit import jobs_address
 
-    jobs_address(args.address)  # no address: fail before staging anything
-    spec = load_submit_spec(args.config, args.overrides)
-    package = build_package(
-        spec,
+    jobs_address(args.address)  # no address: fail before anything else
+    handle = submit(
+        args.config,
+        address=args.address,
+        overrides=args.overrides,
+        token_file=args.token_file,
         storage=args.storage,
         kind=args.kind,
         code=args.code,
@@ -34,24 +31,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         python=args.python,
     )
-    try:
-        with jobs_client(args.address, args.token_file) as client:
-            job_id = submit_package(client, package)
-            print(
-                f"rayft: submitted {package.kind} job {job_id} (run {package.run_id}, "
-                f"{package.upload_bytes / 1024:.0f} KiB uploaded)",
-                file=sys.stderr,
-            )
-            print(job_id, flush=True)
-            if not args.follow:
-                print(f"rayft: watch it with: rayft jobs logs {job_id} --follow", file=sys.stderr)
-                return 0
-            status = follow_logs(client, job_id, sys.stdout)
-            message = client.get_job_info(job_id).message if status != "SUCCEEDED" else None
-    finally:
-        shutil.rmtree(package.workdir, ignore_errors=True)
     print(
-        f"rayft: job {job_id} {status.lower()}" + (f": {message}" if message else ""),
+        f"rayft: submitted {handle.kind} job {handle.job_id} (run {handle.run_id}, "
+        f"{handle.upload_bytes / 1024:.0f} KiB uploaded)",
+        file=sys.stderr,
+    )
+    print(handle.job_id, flush=True)
+    if not args.follow:
+        print(f"rayft: watch it with: rayft jobs logs {handle.job_id} --follow", file=sys.stderr)
+        return 0
+    status = handle.follow(sys.stdout)
+    message = handle.status().message if status != "SUCCEEDED" else None
+    print(
+        f"rayft: job {handle.job_id} {status.lower()}" + (f": {message}" if message else ""),
         file=sys.stderr,
     )
     return exit_code_for(status)

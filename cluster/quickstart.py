@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,22 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    import rayft
+    from rayft.cluster.api import resolve_spec, stop_serving
     from rayft.cluster.connect import connected
     from rayft.cluster.console import configure
-    from rayft.serving.client import serve_and_ask
+    from rayft.serving.client import ask
     from rayft.serving.evaluation import read_rows
-    from rayft.trainers.config import load_spec
-    from rayft.trainers.driver import run_training
 
     configure(verbose=args.verbose)
-    spec = load_spec(args.config, args.overrides)
+    spec = resolve_spec(args.config, args.overrides)
     if spec.data.eval is None:
         print("the quick-start job needs data.eval to compare before and after", file=sys.stderr)
         return 2
     start = time.time()
+    base = spec.model.name
+    # One cluster for all three steps: rayft.train and rayft.serve use the one connected here.
     with connected(args.address):
-        outcome = run_training(spec)
-        adapter = outcome.artifact.name
+        adapter = rayft.train(spec).artifact.name
         eval_path = spec.data.eval if isinstance(spec.data.eval, str) else spec.data.eval[0]
         rows = read_rows(Path(eval_path))
         print(
@@ -86,14 +88,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        results = evaluate_models(
-            [spec.model.name, adapter], spec.model.name, rows, args.max_tokens
-        )
-        print_comparison(spec.model.name, adapter, results)
-        base_answer, adapter_answer = serve_and_ask(adapter, args.prompt, max_tokens=64)
+        results = evaluate_models([base, adapter], base, rows, args.max_tokens)
+        print_comparison(base, adapter, results)
+        url = rayft.serve(base, max_loaded_adapters=1, show_progress=False)
+        try:
+            key = os.environ.get("RAYFT_API_KEY")
+            base_answer = ask(url, base, args.prompt, 64, key)
+            adapter_answer = ask(url, adapter, args.prompt, 64, key)
+        finally:
+            stop_serving()
     print("\n== served through the OpenAI-compatible endpoint, same prompt, greedy")
     print(f"prompt: {args.prompt!r}")
-    print(f"[{spec.model.name}] {base_answer}")
+    print(f"[{base}] {base_answer}")
     print(f"[{adapter}] {adapter_answer}")
     print(f"\ntotal time {time.time() - start:.0f} s")
     return 0

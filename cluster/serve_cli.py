@@ -5,8 +5,10 @@
     rayft eval --model NAME --data FILE [--metrics loss bleu ...] [--url URL | --in-process]
 
 ``SERVE.yaml`` is either a mapping of ``serving.app.ServeArgs`` fields or a Ray Serve
-config file (``applications: [{import_path: rayft.serving.app:build_app, args: {...}}]``);
-``key=value`` arguments override it.
+config file (``applications: [{import_path: rayft.cluster.service_app:build_service_app,
+args: {...}}]``; ``rayft.serving.app:build_app`` is read the same way); ``key=value``
+arguments override it. ``rayft serve`` always runs the whole service
+(``cluster.service_app``): inference and the fine-tuning jobs API.
 
 ``rayft serve`` prints the API's URL first, then where monitoring goes: one
 ``metrics: http://<node>:<port>/metrics`` line per Ray node (the Prometheus scrape URL
@@ -28,7 +30,9 @@ from typing import Any
 from rayft.cluster.cli import add_address, add_overrides, add_storage
 from rayft.cluster.errors import UserError
 
-IMPORT_PATH = "rayft.serving.app:build_app"
+IMPORT_PATH = "rayft.cluster.service_app:build_service_app"
+IMPORT_PATHS = (IMPORT_PATH, "rayft.serving.app:build_app")
+"""Serve config applications whose ``args`` ``rayft serve`` reads."""
 DASHBOARD_PORT = 8265
 
 
@@ -89,7 +93,7 @@ def serve_args_from(config: str | None, overrides: list[str]) -> dict[str, Any]:
     data: dict[str, Any] = read_yaml(config) if config else {}
     if "applications" in data:
         apps = data["applications"] or []
-        ours = [a for a in apps if isinstance(a, dict) and a.get("import_path") == IMPORT_PATH]
+        ours = [a for a in apps if isinstance(a, dict) and a.get("import_path") in IMPORT_PATHS]
         if not ours:
             raise ConfigError([("applications", f"no application with import_path {IMPORT_PATH}")])
         data = dict(ours[0].get("args") or {})
@@ -97,38 +101,21 @@ def serve_args_from(config: str | None, overrides: list[str]) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rayft.cluster.connect import connect
+    """Serve until interrupted: the checks, Ray and the application come from ``api.serve``."""
+    from rayft.cluster.api import serve, stop_serving
     from rayft.serving.app import parse_args
 
     cfg = parse_args(serve_args_from(args.config, args.overrides))
-    import ray
-    from ray import serve
-
-    from rayft.serving.client import InsecureServing, check_exposure, run_app
-
-    try:
-        check_exposure(args.host, args.insecure)  # before Ray starts: fail fast
-    except InsecureServing as err:
-        raise UserError(str(err)) from None
-    embedded_only = args.metrics_port is not None or args.dashboard
-    if embedded_only and (args.address or os.environ.get("RAY_ADDRESS")):
-        raise UserError(
-            "--metrics-port and --dashboard set up the embedded cluster; a cluster at "
-            "--address keeps the ports it was started with (ray start --metrics-export-port "
-            "P --include-dashboard true)"
-        )
-    kind = connect(
-        args.address,
-        metrics_export_port=args.metrics_port,
+    url = serve(
+        cfg,
+        address=args.address,
+        host=args.host,
+        port=args.port,
+        insecure=args.insecure,
+        metrics_port=args.metrics_port,
         dashboard_port=args.dashboard_port if args.dashboard else None,
     )
     try:
-        print(
-            f"[rayft] starting {cfg.model} on {kind} Ray cluster ...", file=sys.stderr, flush=True
-        )
-        url = run_app(
-            cfg.model_dump(mode="json"), host=args.host, port=args.port, insecure=args.insecure
-        )
         print(url, flush=True)
         print_monitoring(cfg, args.dashboard_port if args.dashboard else None)
         print(
@@ -139,9 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     finally:
-        serve.shutdown()
-        if kind == "embedded":
-            ray.shutdown()
+        stop_serving()
 
 
 def print_monitoring(cfg: Any, dashboard_port: int | None = None) -> None:
@@ -222,7 +207,7 @@ def _eval_in_process(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any
 
     from rayft.serving.engine import ModelEngine
     from rayft.serving.service import ModelService
-    from rayft.trainers.registry import RegistryError, read_manifest, sync_adapter
+    from rayft.trainers.registry import ArtifactManifest, RegistryError, sync_adapter
 
     base = args.model
     try:
@@ -230,7 +215,8 @@ def _eval_in_process(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any
     except RegistryError:  # not an adapter name (a hub id or a path): the model is the base
         manifest_dir = None
     if manifest_dir is not None and (manifest_dir / "adapter_config.json").is_file():
-        base = read_manifest(manifest_dir).get("base_model") or base
+        manifest = ArtifactManifest.find(manifest_dir)
+        base = (manifest.base_model if manifest is not None else None) or base
     engine = ModelEngine(base, storage=args.storage, max_loaded_adapters=1, dtype=args.dtype)
     service = ModelService(engine)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayft.trainers.compat import is_head_node
+
 STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
@@ -64,7 +66,7 @@ def nodes_from_ray(nodes: list[dict[str, Any]]) -> list[NodeRow]:
                 node_id=node["NodeID"],
                 ip=node.get("NodeManagerAddress", "?"),
                 alive=bool(node.get("Alive")),
-                is_head="node:__internal_head__" in resources,
+                is_head=is_head_node(resources),
                 cpus=resources.get("CPU", 0.0),
                 gpus=resources.get("GPU", 0.0),
                 custom=_custom(resources),

@@ -303,7 +303,9 @@ def _copy_code(dest: Path) -> list[str]:
     # whatever rayft the cluster's image has installed.
     root = source_root()
     (dest / "rayft").mkdir(parents=True, exist_ok=True)
-    (dest / "rayft" / "__init__.py").write_text("")
+    # The package root: the Python API (``rayft.train``, ...) and the ``py.typed`` marker.
+    init = root / "__init__.py"
+    (dest / "rayft" / "__init__.py").write_text(init.read_text() if init.is_file() else "")
     copied = ["rayft/__init__.py"]
     for package in CODE_PACKAGES:
         src = root / package

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from typing import TYPE_CHECKING, Any
 
 from rayft.cluster.cli import add_address, add_overrides, add_storage
-from rayft.cluster.errors import EXIT_FAILED, UserError
-
-if TYPE_CHECKING:
-    from rayft.trainers.config import JobSpec
+from rayft.cluster.errors import EXIT_FAILED, TrainingFailed, UserError, root_cause
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="YAML job spec")
     add_overrides(p)
     p.add_argument("--print", action="store_true", help="print the resolved spec")
-    p.add_argument("--schema", action="store_true", help="list every key of the schema")
+    p.add_argument(
+        "--schema",
+        action="store_true",
+        help="list every key of the schema with its type, default and description",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="fine-tune on Ray Train with DeepSpeed")
@@ -41,10 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Print the schema, the resolved spec, or one line saying the spec is valid."""
-    from rayft.trainers.config import dump_yaml, load_spec, schema_keys
+    from rayft.trainers.config import dump_yaml, load_spec
 
     if args.schema:
-        print("\n".join(schema_keys()))
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+        print("\n".join(schema_lines(width)))
         return 0
     if not args.config:
         raise UserError("rayft validate needs CONFIG (or --schema to list every key)")
@@ -52,78 +54,94 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.print:
         print(dump_yaml(spec), end="")
     else:
-        print(f"{args.config}: valid ({spec.method} on {spec.model.name})")
+        print(f"{args.config}: valid ({spec.objective} with {spec.method} on {spec.model.name})")
     return 0
 
 
-def train_spec(args: argparse.Namespace) -> JobSpec:
-    """The spec to train: ``CONFIG`` plus overrides, or the resumed run's spec plus overrides."""
-    from rayft.trainers.config import apply_overrides, load_spec, validate_spec
-    from rayft.trainers.driver import load_run_spec
+TYPE_COLUMN, DEFAULT_COLUMN, MIN_DESCRIPTION = 30, 12, 30
+"""Column widths: a longer type or default pushes its own line's description on. A
+terminal narrower than the first columns plus ``MIN_DESCRIPTION`` gets whole lines."""
+
+
+def schema_lines(width: int | None = None) -> list[str]:
+    """The job-spec keys, one aligned line each: key, type, default, description.
+
+    Args:
+        width: A terminal's width: descriptions that do not fit wrap onto indented
+            continuation lines. ``None`` (a pipe or a file) keeps one line per key.
+    """
+    import textwrap
+
+    from rayft.trainers.config import schema_fields
+
+    rows = schema_fields()
+    key_w = max(len(r.key) for r in rows)
+    type_w = min(max(len(r.type) for r in rows), TYPE_COLUMN)
+    default_w = min(max(len(r.default or "required") for r in rows), DEFAULT_COLUMN)
+    indent = key_w + type_w + default_w + 6
+    room = width - indent if width is not None else 0
+    lines = []
+    for row in rows:
+        default = row.default if row.default is not None else "required"
+        head = f"{row.key:<{key_w}}  {row.type:<{type_w}}  {default:<{default_w}}  "
+        text = row.description.replace("``", "`")
+        if room < MIN_DESCRIPTION:
+            lines.append(head + text)
+        else:
+            lines += textwrap.wrap(
+                text, width, initial_indent=head, subsequent_indent=" " * indent
+            ) or [head]
+    return lines
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train through ``api.train``; print the eval summary and a JSON result line.
+
+    ``api.train`` makes every check before Ray starts (spec, data, ``model.adapter``) and
+    raises the typed errors ``cli.report_error`` turns into exit codes; a run that fails
+    while running prints how to resume it and exits with 1.
+    """
+    from rayft.cluster.api import train
+    from rayft.cluster.cli import write_error_log
 
     if args.resume:
         if args.config and "=" not in args.config:
             raise UserError("give either CONFIG or --resume RUN_ID, not both")
-        overrides = ([args.config] if args.config else []) + args.overrides
-        spec = load_run_spec(args.resume, args.storage)
-        return validate_spec(apply_overrides(spec.to_dict(), overrides))
-    if not args.config:
+        config, overrides = None, ([args.config] if args.config else []) + args.overrides
+    elif not args.config:
         raise UserError("rayft train needs CONFIG (a YAML job spec) or --resume RUN_ID")
-    return load_spec(args.config, args.overrides)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """Validate, scan the data, train on Ray, print the eval summary and a JSON result line."""
-    from rayft.cluster.connect import connected
-    from rayft.trainers.driver import run_training
-    from rayft.trainers.lineage import resolve_parent
-
-    spec = train_spec(args)
-    scanned = check_data(spec)
-    resolve_parent(spec)  # model.adapter: refused here, before Ray starts
-    with connected(args.address):
+    else:
+        config, overrides = args.config, args.overrides
+    try:
+        result = train(
+            config,
+            overrides=overrides,
+            address=args.address,
+            run_id=args.run_id,
+            resume=args.resume,
+            storage=args.storage if args.resume else None,
+        )
+    except TrainingFailed as failed:
+        err = failed.__cause__ or failed
         try:
-            run_id = args.resume or args.run_id
-            outcome = run_training(spec, run_id=run_id, resume=bool(args.resume), scanned=scanned)
-        except Exception as err:
-            from rayft.cluster.cli import _root_cause, is_bad_input, write_error_log
-
-            if is_bad_input(err):
-                raise
-            try:
-                log = f" (traceback in {write_error_log(err)})"
-            except OSError:
-                log = ""
-            run_hint = args.resume or "<run id printed above>"
-            print(
-                f"rayft: training failed: {_root_cause(err)}{log}\n"
-                f"resume from the last checkpoint with: rayft train --resume {run_hint}",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
-    print_eval_summary(outcome.evals())
+            log = f" (traceback in {write_error_log(err)})"
+        except OSError:
+            log = ""
+        print(
+            f"rayft: training failed: {root_cause(err)}{log}\n"
+            f"resume from the last checkpoint with: rayft train --resume {failed.run_id}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print_eval_summary(result.evals)
+    artifact = result.artifact.path if result.artifact is not None else None
     print(
         json.dumps(
-            {
-                "run_id": outcome.run_id,
-                "artifact": str(outcome.artifact),
-                "metrics": outcome.metrics,
-            },
+            {"run_id": result.run_id, "artifact": str(artifact), "metrics": result.metrics},
             default=str,
         )
     )
     return 0
-
-
-def check_data(spec: JobSpec) -> Any:
-    """Scan every data file before any cluster work, so bad rows fail in seconds.
-
-    Returns:
-        The ``trainers.data.SourceScan``, handed to the run so no file is scanned twice.
-    """
-    from rayft.trainers.data import scan_sources
-
-    return scan_sources(spec)
 
 
 def print_eval_summary(evals: list[dict]) -> None:

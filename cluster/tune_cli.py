@@ -38,47 +38,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """Validate the sweep before connecting to Ray, then run or resume it."""
-    from rayft.cluster.connect import connected
-    from rayft.raytune.sweep import SweepInterrupted, load_sweep_spec, run_sweep, validate_sweep
-    from rayft.trainers.config import apply_overrides, load_spec, validate_spec
+    """Run or resume a sweep through ``api.tune`` (which validates it before Ray starts)."""
+    from rayft.cluster.api import tune
+    from rayft.raytune.sweep import SweepInterrupted
 
     if args.resume:
         if args.sweep_id:
             raise UserError("give either --resume SWEEP_ID or --id SWEEP_ID, not both")
         if args.config and "=" not in args.config:
             raise UserError("give either CONFIG or --resume SWEEP_ID, not both")
-        overrides = ([args.config] if args.config else []) + args.overrides
-        spec = load_sweep_spec(args.resume, args.storage)
-        if overrides:
-            spec = validate_spec(apply_overrides(spec.to_dict(), overrides))
-        sweep_id = args.resume
+        config, overrides = None, ([args.config] if args.config else []) + args.overrides
+    elif not args.config:
+        raise UserError(
+            "rayft tune needs CONFIG (a job spec with a tune: section) or --resume SWEEP_ID"
+        )
     else:
-        if not args.config:
-            raise UserError(
-                "rayft tune needs CONFIG (a job spec with a tune: section) or --resume SWEEP_ID"
-            )
-        spec = load_spec(args.config, args.overrides)
-        sweep_id = args.sweep_id
-    validate_sweep(spec)
-    with connected(args.address):
-        try:
-            outcome = run_sweep(
-                spec, sweep_id=sweep_id, resume=bool(args.resume), show_progress=not args.quiet
-            )
-        except SweepInterrupted as err:
-            print(f"rayft: {err}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+        config, overrides = args.config, args.overrides
+    try:
+        result = tune(
+            config,
+            overrides=overrides,
+            address=args.address,
+            sweep_id=args.sweep_id,
+            resume=args.resume,
+            storage=args.storage,
+            show_progress=not args.quiet,
+        )
+    except SweepInterrupted as err:
+        print(f"rayft: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    artifact = result.best_artifact
     summary = {
-        "sweep_id": outcome.sweep_id,
-        "path": str(outcome.path),
-        "best": outcome.best,
-        "artifact": str(outcome.artifact) if outcome.artifact else None,
-        "table": str(outcome.table_csv),
-        "plot": str(outcome.plot),
+        "sweep_id": result.sweep_id,
+        "path": str(result.path),
+        "best": result.best,
+        "artifact": str(artifact.path) if artifact is not None else None,
+        "table": str(result.table_csv),
+        "plot": str(result.plot),
         "trials": {
-            state: len(outcome.by_state(state)) for state in ("finished", "early_stopped", "error")
+            state: len(result.by_state(state)) for state in ("finished", "early_stopped", "error")
         },
     }
     print(json.dumps(summary, default=str))
-    return 0 if outcome.artifact is not None else EXIT_FAILED
+    return 0 if artifact is not None else EXIT_FAILED

@@ -93,6 +93,15 @@ def parse_entry(key: str, entry: Any) -> tuple[str, list[Any]]:
         if not isinstance(args, list) or not args:
             raise ConfigError([(where, f"{kind} takes a non-empty list of values, got {args!r}")])
         return kind, list(args)
+    return kind, _range_arguments(where, kind, args)
+
+
+def _range_arguments(where: str, kind: str, args: Any) -> list[Any]:
+    """``[lo, hi]`` of a range distribution (``uniform``, ``loguniform``, ``randint``).
+
+    Raises:
+        ConfigError: ``args`` are not two numbers that make a non-empty range of ``kind``.
+    """
     if not (isinstance(args, list) and len(args) == 2 and all(_is_number(a) for a in args)):
         raise ConfigError([(where, f"{kind} takes [lo, hi] (two numbers), got {args!r}")])
     lo, hi = args
@@ -101,12 +110,12 @@ def parse_entry(key: str, entry: Any) -> tuple[str, list[Any]]:
             raise ConfigError([(where, f"randint takes two integers [lo, hi), got {args!r}")])
         if hi - lo < 1:
             raise ConfigError([(where, f"randint needs lo < hi (hi is excluded), got {args!r}")])
-        return kind, [lo, hi]
+        return [lo, hi]
     if not lo < hi:
         raise ConfigError([(where, f"{kind} needs lo < hi, got {args!r}")])
     if kind == "loguniform" and lo <= 0:
         raise ConfigError([(where, f"loguniform needs 0 < lo < hi, got {args!r}")])
-    return kind, [float(lo), float(hi)]
+    return [float(lo), float(hi)]
 
 
 def probe_values(kind: str, args: list[Any]) -> list[Any]:

@@ -5,8 +5,10 @@ Each trial is a Tune function trainable that calls ``trainers.driver.run_trainin
 trial's spec and a run id derived from the trial. Train V2 workers report through
 Ray Train; ``TuneReportCallback`` on the run forwards each report to the trial, so
 the scheduler (ASHA by default) sees the metric at every evaluation and stops
-unpromising trials. At the end the driver writes the results table and plot under
-``sweeps/<id>/`` and publishes the best trial's artifact under ``output.name``.
+unpromising trials. A trial's run exports its artifact into its final checkpoint but
+publishes nothing (unless ``tune.publish_all``); at the end the driver writes the results
+table and plot under ``sweeps/<id>/`` and publishes the best trial's export, once, under
+``output.name``.
 
 Expects Ray to be initialised by the caller (``cluster.connect``).
 """
@@ -43,10 +45,24 @@ from rayft.raytune.search_space import (
     trial_values,
     validate_search_space,
 )
-from rayft.trainers.config import ConfigError, JobSpec, valid_name, validate_spec
+from rayft.trainers.compat import placement_group_callback, trials_of_this_run
+from rayft.trainers.config import (
+    ADAPTER_METHODS,
+    ConfigError,
+    JobSpec,
+    valid_name,
+    validate_spec,
+)
 from rayft.trainers.driver import new_run_id
 from rayft.trainers.registry import artifact_location
-from rayft.trainers.storage import StorageRoot, atomic_write
+from rayft.trainers.storage import (
+    MANIFEST_FILE,
+    StorageRoot,
+    atomic_write,
+    run_relpath,
+    staging_dir,
+    sweep_relpath,
+)
 
 SWEEP_SPEC = "sweep.yaml"
 TRIALS_DIR = "trials"
@@ -83,11 +99,11 @@ def new_sweep_id(spec: JobSpec) -> str:
 
 
 def sweep_path(sweep_id: str, storage: StorageRoot | str | None = None) -> Path:
-    return StorageRoot.resolve(storage).sweeps / sweep_id
+    return StorageRoot.resolve(storage).sweep_dir(sweep_id)
 
 
 def artifact_kind(spec: JobSpec) -> str:
-    return "adapter" if spec.weights == "lora" else "model"
+    return "adapter" if spec.method in ADAPTER_METHODS else "model"
 
 
 def trial_index(trial_id: str, config: dict[str, Any]) -> int:
@@ -135,6 +151,25 @@ def validate_sweep(spec: JobSpec) -> None:
         validate_search_space(spec.to_dict(), flatten_space(spec.tune.search_space))
     except ConfigError as err:
         problems += err.problems
+    problems += _ranking_problems(spec)
+    for check in (check_search, _check_scheduler):
+        try:
+            check(spec)
+        except ConfigError as err:
+            problems += err.problems
+    if not problems:
+        try:
+            to_tune(flatten_space(spec.tune.search_space), spec.tune.search)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+
+
+def _ranking_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What keeps a sweep from ranking and naming its trials: the metric, the evaluation
+    data and the artifact name."""
+    problems: list[tuple[str, str]] = []
     if spec.tune.metric not in REPORTED_METRICS:
         problems.append(
             (
@@ -155,18 +190,7 @@ def validate_sweep(spec: JobSpec) -> None:
         problems.append(
             ("output.name", "too long to name the sweep's trials (<name>-trial-<k>): shorten it")
         )
-    for check in (check_search, _check_scheduler):
-        try:
-            check(spec)
-        except ConfigError as err:
-            problems += err.problems
-    if not problems:
-        try:
-            to_tune(flatten_space(spec.tune.search_space), spec.tune.search)
-        except ConfigError as err:
-            problems += err.problems
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 def _check_scheduler(spec: JobSpec) -> None:
@@ -206,14 +230,16 @@ def _sweep_info(spec: JobSpec, sweep_id: str) -> dict[str, Any]:
         "mode": spec.tune.mode,
         "eval_every": spec.eval.every_steps,
         "storage": spec.storage,
+        "publish_all": spec.tune.publish_all,
     }
 
 
 def trial_spec(sweep: dict[str, Any], values: dict[str, Any], index: int) -> JobSpec:
     """The job spec of trial ``index``: the sweep's base spec with the trial's values set.
 
-    Each trial publishes under ``<output.name>-trial-<index>`` (replacing its own earlier
-    attempt on resume); the sweep later publishes the best one under ``output.name``.
+    With ``tune.publish_all`` each trial publishes under ``<output.name>-trial-<index>``
+    (replacing its own earlier attempt on resume); the sweep publishes the best one under
+    ``output.name`` in any case.
     """
     data = apply_values(sweep["base"], values)
     data["output"] = {
@@ -268,7 +294,7 @@ def _keep_copy(checkpoint: Any, sweep: dict[str, Any], run_id: str) -> Any:
     from ray import tune
 
     root = StorageRoot.resolve(sweep["storage"])
-    relpath = f"runs/{run_id}/start_from"
+    relpath = run_relpath(run_id, "start_from")
     target = root.path(relpath)
     try:
         checkpoint.to_directory(str(target))
@@ -375,7 +401,8 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         .options(scheduling_strategy="DEFAULT")
         .remote()
     )
-    future = runner.run.remote(spec, run_id, resume, callbacks, start_from)
+    publish = bool(sweep.get("publish_all"))
+    future = runner.run.remote(spec, run_id, resume, callbacks, start_from, publish)
     try:
         outcome = ray.get(future) if bridge is None else _relay_reports(future, bridge)
     except (ray.exceptions.RayActorError, ray.exceptions.TaskCancelledError):
@@ -403,6 +430,8 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         "artifact": artifact_location(
             artifact_kind(spec), spec.output.name, storage, outcome.artifact
         ),
+        # The final checkpoint, whose export/ the sweep publishes if this trial is the best.
+        "checkpoint": Path(outcome.checkpoint_path).name if outcome.checkpoint_path else None,
         "metrics": outcome.metrics,
         "finished_at": time.time(),
     }
@@ -445,7 +474,7 @@ def write_trial_record(
 
 
 def _record_relpath(sweep_id: str, name: str) -> str:
-    return f"sweeps/{sweep_id}/{TRIALS_DIR}/{name}"
+    return sweep_relpath(sweep_id, TRIALS_DIR, name)
 
 
 def _worker_group_recorder(storage: StorageRoot, sweep_id: str, name: str):
@@ -455,18 +484,12 @@ def _worker_group_recorder(storage: StorageRoot, sweep_id: str, name: str):
     placement group outlives its (killed) controller unless Train's cleaner can reach
     the dashboard's state API, which an embedded cluster does not run. The sweep
     driver removes the recorded groups of every stopped trial (``TrialTeardown``).
-    Train V2 keeps non-``UserCallback`` callbacks of ``RunConfig`` for such uses.
     """
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
-    class WorkerGroupRecorder(WorkerGroupCallback):
-        def after_worker_group_start(self, worker_group) -> None:
-            handle = worker_group.get_worker_group_state().placement_group_handle
-            group = getattr(handle, "placement_group", None)
-            if group is not None:
-                write_trial_record(storage, sweep_id, name, group.id.hex() + "\n", append=True)
+    def record(group_id: str) -> None:
+        write_trial_record(storage, sweep_id, name, group_id + "\n", append=True)
 
-    return WorkerGroupRecorder()
+    return placement_group_callback(record)
 
 
 def remove_trial_groups(recorded: str) -> int:
@@ -514,7 +537,13 @@ class TrialRun:
     """Drives one trial's training run (a Ray actor outside the trial's placement group)."""
 
     def run(
-        self, spec: JobSpec, run_id: str, resume: bool, callbacks: list[Any], start_from: Any
+        self,
+        spec: JobSpec,
+        run_id: str,
+        resume: bool,
+        callbacks: list[Any],
+        start_from: Any,
+        publish: bool = False,
     ) -> Any:
         from rayft.trainers.driver import run_training
         from rayft.trainers.loop import ReportEveryEval
@@ -527,6 +556,7 @@ class TrialRun:
             loop_callbacks=[ReportEveryEval()],
             callbacks=callbacks,
             start_from=start_from,
+            publish=publish,
         )
 
 
@@ -695,13 +725,21 @@ def run_sweep(
     grid = tuner.fit()
     # The experiment state on disk can still read ERROR for a trial this (resumed) run
     # retried and finished; the controller's own view says how it ended.
-    ended = getattr(grid, "_experiment_analysis", None)
     finished_now = {
         t.trial_id: t.last_result or {}
-        for t in (ended.trials if ended else [])
+        for t in trials_of_this_run(grid)
         if t.status == "TERMINATED"
     }
     return _finish(spec, root, sweep_id, path, kind, name, say, finished_now)
+
+
+@dataclass
+class _Trials:
+    """The sweep's trials as the results table shows them, best first."""
+
+    rows: list[dict[str, Any]]
+    curves: dict[str, list[tuple[int, float]]]
+    states: dict[str, str]
 
 
 def _finish(
@@ -714,42 +752,15 @@ def _finish(
     say,
     finished_now: dict[str, dict[str, Any]] | None = None,
 ) -> SweepOutcome:
-    from ray.tune import ExperimentAnalysis
+    """Write the results table and plot, and publish the best trial of a complete sweep.
 
+    Raises:
+        SweepInterrupted: Trials are unfinished or were never started.
+    """
     tune_spec = spec.tune
-    metric, mode = tune_spec.metric, tune_spec.mode
-    params = list(flatten_space(tune_spec.search_space))
-    analysis = ExperimentAnalysis(str(path))
-    rows: list[dict[str, Any]] = []
-    curves: dict[str, list[tuple[int, float]]] = {}
-    states: dict[str, str] = {}
-    for trial in analysis.trials:
-        index = trial_index(trial.trial_id, trial.config)
-        last = trial.last_result or {}
-        status = trial.status
-        if status == "ERROR" and trial.trial_id in (finished_now or {}):
-            status, last = "TERMINATED", finished_now[trial.trial_id]
-        state = res.trial_state(status, last)
-        frame = analysis.trial_dataframes.get(trial.trial_id)
-        points = _curve(frame, metric)
-        finite = [v for _, v in points if math.isfinite(v)]
-        best = (min(finite) if mode == "min" else max(finite)) if finite else None
-        row = {
-            "trial": index,
-            **{p: trial.config.get(p) for p in params},
-            "step": last.get("step"),
-            metric: _number(last.get(metric)),
-            "state": state,
-            f"best_{metric}": best,
-            "run_id": _last_run_id(root, sweep_id, index),
-            "trial_id": trial.trial_id,
-        }
-        if state == res.FINISHED:
-            row["adapter"] = trial_artifact_name(name, index)
-        rows.append(row)
-        label = f"trial {index}: " + ", ".join(f"{p}={_short(trial.config.get(p))}" for p in params)
-        curves[label], states[label] = points, state
-    rows = res.sort_rows(rows, metric, mode)
+    metric = tune_spec.metric
+    trials = _collect_trials(spec, root, sweep_id, path, name, finished_now or {})
+    rows = trials.rows
     errored = _note_errors(root, sweep_id, rows)
     unfinished = [r for r in rows if r["state"] == res.UNFINISHED]
     # An interrupted sweep may not have created all its trials yet.
@@ -758,47 +769,31 @@ def _finish(
         expected_trials(tune_spec.search_space, tune_spec.num_samples, tune_spec.search)
         - len(rows),
     )
-    columns = res.table_columns(rows, params, metric)
-    about = {
-        "sweep_id": sweep_id,
-        "metric": metric,
-        "mode": mode,
-        "scheduler": tune_spec.scheduler.type,
-        "search": tune_spec.search,
-        "search_space": flatten_space(tune_spec.search_space),
-        "complete": not unfinished and not not_started,
-        "errored": [r["trial"] for r in errored],
-    }
+    complete = not unfinished and not not_started
+    about = _about(spec, sweep_id, complete, errored)
     finished = [r for r in rows if r["state"] == res.FINISHED and _is_finite(r.get(metric))]
-    best = finished[0] if finished and not unfinished and not not_started else None
-    artifact = None
-    trial_artifacts: list[Path] = []
+    best = finished[0] if finished and complete else None
+    artifact, trial_artifacts = None, []
     if best is not None:
+        artifact, trial_artifacts = _publish(spec, root, sweep_id, kind, name, best, finished)
+        params = flatten_space(tune_spec.search_space)
         about["best"] = {k: best.get(k) for k in ("trial", "trial_id", "run_id", metric, *params)}
-        artifact, trial_artifacts = _publish(
-            spec, root, sweep_id, kind, name, best, finished, metric
-        )
-        about["artifact"] = artifact_location(kind, name, root, artifact)
-        for row in rows:
-            if row["state"] == res.FINISHED and not tune_spec.publish_all:
-                row.pop("adapter", None)
         about["best"]["adapter"] = name
+        about["artifact"] = artifact_location(kind, name, root, artifact)
+    columns = res.table_columns(rows, list(flatten_space(tune_spec.search_space)), metric)
     csv_path, json_path = res.write_tables(path, rows, columns, about)
     plot = res.plot_curves(
         path / res.PLOT_FILE,
-        curves,
-        states,
+        trials.curves,
+        trials.states,
         metric,
         f"sweep {sweep_id}: {metric} by step ({tune_spec.scheduler.type})",
     )
     _mirror_results(root, sweep_id, path)
     say("\n[rayft] sweep results (best first)\n" + res.format_table(rows, columns))
     say(f"[rayft] table: {csv_path}  plot: {plot}")
-    for row in errored:
-        say(f"[rayft] trial {row['trial']} failed: {row.get('error', '?')}")
-    if errored:
-        say(f"[rayft] retry the failed trial(s) with: rayft tune --resume {sweep_id}")
-    if unfinished or not_started:
+    _say_errors(say, sweep_id, errored)
+    if not complete:
         raise SweepInterrupted(
             f"sweep {sweep_id} stopped with {len(unfinished) + not_started} unfinished "
             f"trial(s); continue it with: rayft tune --resume {sweep_id}"
@@ -811,6 +806,74 @@ def _finish(
     return SweepOutcome(
         sweep_id, path, rows, columns, best, artifact, csv_path, json_path, plot, trial_artifacts
     )
+
+
+def _collect_trials(
+    spec: JobSpec,
+    root: StorageRoot,
+    sweep_id: str,
+    path: Path,
+    name: str,
+    finished_now: dict[str, dict[str, Any]],
+) -> _Trials:
+    """One row and one curve per trial of the experiment saved at ``path``, best first."""
+    from ray.tune import ExperimentAnalysis
+
+    metric = spec.tune.metric
+    params = list(flatten_space(spec.tune.search_space))
+    analysis = ExperimentAnalysis(str(path))
+    trials = _Trials([], {}, {})
+    for trial in analysis.trials:
+        index = trial_index(trial.trial_id, trial.config)
+        last = trial.last_result or {}
+        status = trial.status
+        if status == "ERROR" and trial.trial_id in finished_now:
+            status, last = "TERMINATED", finished_now[trial.trial_id]
+        state = res.trial_state(status, last)
+        points = _curve(analysis.trial_dataframes.get(trial.trial_id), metric)
+        finite = [v for _, v in points if math.isfinite(v)]
+        best = (min(finite) if spec.tune.mode == "min" else max(finite)) if finite else None
+        row = {
+            "trial": index,
+            **{p: trial.config.get(p) for p in params},
+            "step": last.get("step"),
+            metric: _number(last.get(metric)),
+            "state": state,
+            f"best_{metric}": best,
+            "run_id": _last_run_id(root, sweep_id, index),
+            "trial_id": trial.trial_id,
+        }
+        if state == res.FINISHED and spec.tune.publish_all:
+            row["adapter"] = trial_artifact_name(name, index)
+        trials.rows.append(row)
+        label = f"trial {index}: " + ", ".join(f"{p}={_short(trial.config.get(p))}" for p in params)
+        trials.curves[label], trials.states[label] = points, state
+    trials.rows = res.sort_rows(trials.rows, metric, spec.tune.mode)
+    return trials
+
+
+def _about(
+    spec: JobSpec, sweep_id: str, complete: bool, errored: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The results JSON's description of the sweep (``best`` and ``artifact`` come later)."""
+    tune_spec = spec.tune
+    return {
+        "sweep_id": sweep_id,
+        "metric": tune_spec.metric,
+        "mode": tune_spec.mode,
+        "scheduler": tune_spec.scheduler.type,
+        "search": tune_spec.search,
+        "search_space": flatten_space(tune_spec.search_space),
+        "complete": complete,
+        "errored": [r["trial"] for r in errored],
+    }
+
+
+def _say_errors(say, sweep_id: str, errored: list[dict[str, Any]]) -> None:
+    for row in errored:
+        say(f"[rayft] trial {row['trial']} failed: {row.get('error', '?')}")
+    if errored:
+        say(f"[rayft] retry the failed trial(s) with: rayft tune --resume {sweep_id}")
 
 
 def _note_errors(
@@ -831,7 +894,7 @@ def _mirror_results(root: StorageRoot, sweep_id: str, path: Path) -> None:
     """With a URI root, upload the sweep's spec, tables and plot to ``sweeps/<id>/`` there."""
     for name in (SWEEP_SPEC, res.RESULTS_CSV, res.RESULTS_JSON, res.PLOT_FILE):
         if (path / name).is_file():
-            root.mirror(f"sweeps/{sweep_id}/{name}")
+            root.mirror(sweep_relpath(sweep_id, name))
 
 
 def _already_published(
@@ -839,20 +902,34 @@ def _already_published(
 ) -> Path | None:
     """``name``'s path when an earlier run of this sweep published this same best trial.
 
-    A resumed sweep whose best trial is unchanged finds that trial's own artifact already
-    retired (only the best stays, under ``name``): there is nothing to publish again.
+    A resumed sweep whose best trial is unchanged has nothing to publish again.
     """
-    from rayft.trainers.registry import read_manifest, sync_artifact
+    from rayft.trainers.registry import published_manifest, sync_artifact
 
-    if sync_artifact(kind, trial_artifact_name(name, best["trial"]), root).is_dir():
-        return None
     current = sync_artifact(kind, name, root)
-    if not current.is_dir():
+    manifest = published_manifest(current)
+    note = manifest.sweep if manifest is not None else None
+    if note is None or note.id != sweep_id or note.trial != best["trial"]:
         return None
-    note = read_manifest(current).get("sweep") or {}
-    if note.get("id") == sweep_id and note.get("trial") == best["trial"]:
-        return current
-    return None
+    return current if note.run_id == best["run_id"] else None
+
+
+def _sweep_note(spec: JobSpec, sweep_id: str, row: dict[str, Any], best: dict[str, Any]):
+    """What a sweep's artifact records under ``sweep``: its trial and how it scored."""
+    from rayft.trainers.registry import SweepNote
+
+    metric = spec.tune.metric
+    return SweepNote(
+        id=sweep_id,
+        trial=row["trial"],
+        trial_id=row["trial_id"],
+        run_id=row["run_id"],
+        params={p: row.get(p) for p in flatten_space(spec.tune.search_space)},
+        metric=metric,
+        mode=spec.tune.mode,
+        value=row.get(metric),
+        best_trial=best["trial"],
+    )
 
 
 def _publish(
@@ -863,57 +940,77 @@ def _publish(
     name: str,
     best: dict[str, Any],
     finished: list[dict[str, Any]],
-    metric: str,
 ) -> tuple[Path, list[Path]]:
-    """Publish the best trial under ``name``; keep or retire the per-trial artifacts."""
-    from rayft.trainers.registry import (
-        publish_dir,
-        read_manifest,
-        remove_artifact,
-        sync_artifact,
-        write_manifest,
-    )
-
-    params = list(flatten_space(spec.tune.search_space))
-
-    def sweep_note(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": sweep_id,
-            "trial": row["trial"],
-            "trial_id": row["trial_id"],
-            "run_id": row["run_id"],
-            "params": {p: row.get(p) for p in params},
-            "metric": metric,
-            "mode": spec.tune.mode,
-            "value": row.get(metric),
-            "best_trial": best["trial"],
-        }
-
+    """Publish the best trial under ``name`` (once); note each published trial artifact."""
     artifact = _already_published(kind, name, sweep_id, best, root)
     if artifact is None:
-        source = sync_artifact(kind, trial_artifact_name(name, best["trial"]), root)
-        manifest = read_manifest(source)
-        for key in ("kind", "name", "published_at", "version"):
-            manifest.pop(key, None)
-        manifest["sweep"] = sweep_note(best)
-        # Overwriting was checked before the first trial started; publish_dir copies the
-        # trial's files once and writes the new manifest in place of the trial's.
-        artifact = publish_dir(source, kind, name, manifest, True, root)
+        artifact = _publish_best(spec, root, sweep_id, kind, name, best)
+    if not spec.tune.publish_all:
+        return artifact, []
+    return artifact, _note_trial_artifacts(spec, root, sweep_id, kind, name, best, finished)
+
+
+def _publish_best(
+    spec: JobSpec, root: StorageRoot, sweep_id: str, kind: str, name: str, best: dict[str, Any]
+) -> Path:
+    """Publish the export in the best trial's final checkpoint under ``name``.
+
+    The manifest is the one the trial's run wrote next to it (``runs/<id>/rayft.json``),
+    with the sweep's note added. ``publish_dir`` checks the export serves on the base
+    model and records the base's weights fingerprint.
+    """
+    import shutil
+
+    from rayft.trainers.loop import EXPORT_DIR
+    from rayft.trainers.models import resolve_model
+    from rayft.trainers.registry import ArtifactManifest, RegistryError, publish_dir
+
+    run_id = best["run_id"]
+    relpath = run_relpath(run_id, MANIFEST_FILE)
+    raw = root.read(relpath)
+    record = json.loads(read_trial_record(root, sweep_id, f"{best['trial']}.json") or "{}")
+    if raw is None or not record.get("checkpoint"):
+        raise RegistryError(
+            f"the best trial {best['trial']} of sweep {sweep_id} left no export to publish "
+            f"({root.url(relpath)} or its trial record is missing); run the sweep again"
+        )
+    manifest = ArtifactManifest.parse(raw, root.url(relpath))
+    manifest.sweep = _sweep_note(spec, sweep_id, best, best)
+    export = run_relpath(run_id, record["checkpoint"], EXPORT_DIR)
+    model_dir = resolve_model(spec.model.name, root.models, root)
+    if not root.is_remote:
+        # Overwriting was checked before the first trial started.
+        return publish_dir(root.path(export), kind, name, manifest, True, root, model_dir)
+    local = staging_dir(root.sweep_dir(sweep_id) / "best-export")
+    try:
+        root.download_dir(export, local)
+        return publish_dir(local, kind, name, manifest, True, root, model_dir)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _note_trial_artifacts(
+    spec: JobSpec,
+    root: StorageRoot,
+    sweep_id: str,
+    kind: str,
+    name: str,
+    best: dict[str, Any],
+    finished: list[dict[str, Any]],
+) -> list[Path]:
+    """With ``tune.publish_all``: add the sweep's note to every published trial artifact."""
+    from rayft.trainers.registry import published_manifest, sync_artifact, write_manifest
+
     kept: list[Path] = []
     for row in finished:
-        trial_name = trial_artifact_name(name, row["trial"])
-        if not spec.tune.publish_all:
-            # Trials publish as they finish; without tune.publish_all only the best stays.
-            remove_artifact(kind, trial_name, root)
+        trial_dir = sync_artifact(kind, trial_artifact_name(name, row["trial"]), root)
+        manifest = published_manifest(trial_dir)
+        if manifest is None:
             continue
-        trial_dir = sync_artifact(kind, trial_name, root)
-        if not trial_dir.is_dir():
-            continue
-        manifest = read_manifest(trial_dir)
-        manifest["sweep"] = sweep_note(row)
+        manifest.sweep = _sweep_note(spec, sweep_id, row, best)
         write_manifest(trial_dir, manifest, root)
         kept.append(trial_dir)
-    return artifact, kept
+    return kept
 
 
 def _last_run_id(storage: StorageRoot, sweep_id: str, index: int) -> str:

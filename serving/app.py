@@ -1,11 +1,15 @@
 """The Ray Serve application: one deployment serving a base model and all its adapters.
 
-Use it through Serve's own tooling::
+``build_app`` is the inference application (the OpenAI-compatible inference routes):
 
     serve run rayft.serving.app:build_app model=tiny-llama max_loaded_adapters=4
 
-or a Serve config file whose application has ``import_path: rayft.serving.app:build_app`` and
-``args:`` matching ``ServeArgs``; or ``rayft serve`` which builds the same application.
+The rayft service, inference plus OpenAI's files and fine-tuning jobs routes, is the same
+deployment with the control plane's router included (``cluster.service_app``); that is what
+``rayft serve`` runs, and what a Serve config file names with ``import_path:
+rayft.cluster.service_app:build_service_app`` and ``args:`` matching ``ServeArgs``.
+Routers are passed as ``"module:attribute"`` import paths and imported in each replica, so
+this package never imports the control plane.
 
 Each replica loads the base model once and keeps up to ``max_loaded_adapters`` LoRA
 adapters in one PEFT model (see ``serving.engine`` for why this replaces
@@ -93,8 +97,9 @@ def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
         return ServeArgs.model_validate(dict(args or {}))
     except ValidationError as err:
         from rayft.trainers.config import ConfigError
+        from rayft.trainers.validation_errors import error_key
 
-        problems = [(".".join(map(str, e["loc"])), e["msg"]) for e in err.errors()]
+        problems = [(error_key(e["loc"], ServeArgs), e["msg"]) for e in err.errors()]
         raise ConfigError(problems, source="serve arguments") from None
 
 
@@ -103,13 +108,19 @@ def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
 class ModelServer:
     """One replica: the base model, its adapter LRU and the OpenAI-compatible routes."""
 
-    def __init__(self, args: dict[str, Any], api_key_sha256: str | None = None) -> None:
+    def __init__(
+        self,
+        args: dict[str, Any],
+        api_key_sha256: str | None = None,
+        routers: list[str] | None = None,
+    ) -> None:
         from rayft.serving.engine import ModelEngine
         from rayft.serving.metrics import replica_metrics
         from rayft.serving.request_log import RequestLog
         from rayft.serving.service import Limits, ModelService
 
         cfg = ServeArgs.model_validate(args)
+        self.routers = list(routers or [])
         engine = ModelEngine(
             cfg.model,
             storage=cfg.storage,
@@ -140,7 +151,7 @@ class ModelServer:
     def __serve_build_asgi_app__(self):
         from rayft.serving.openai_api import create_api
 
-        return create_api(self.service)
+        return create_api(self.service, [import_router(path) for path in self.routers])
 
     def loaded_adapters(self) -> list[str]:
         """Adapters this replica holds now (least recently used first)."""
@@ -152,11 +163,15 @@ class ModelServer:
             service.close()
 
 
-def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+def build_app(
+    args: dict[str, Any] | ServeArgs | None = None, routers: list[str] | None = None
+) -> serve.Application:
     """Serve's application builder: ``serve run rayft.serving.app:build_app key=value ...``.
 
     Args:
         args: ``ServeArgs`` fields as a dict (strings from the command line are coerced).
+        routers: ``"module:attribute"`` import paths of FastAPI ``APIRouter`` objects each
+            replica includes next to the inference routes.
 
     Returns:
         The bound application, ready for ``serve.run``.
@@ -166,6 +181,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     from rayft.serving.service import key_digest
 
     cfg = parse_args(args)
+    routers = list(routers or [])
+    for path in routers:
+        import_router(path)  # a wrong path fails here, not in every replica
     options: dict[str, Any] = {
         "ray_actor_options": _actor_options(cfg),
         "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -180,7 +198,29 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     # environments (env_vars) are shown to anyone who can reach Ray's dashboard.
     key = os.environ.get("RAYFT_API_KEY")
     digest = key_digest(key) if key else None
-    return ModelServer.options(**options).bind(cfg.model_dump(mode="json"), digest)
+    return ModelServer.options(**options).bind(cfg.model_dump(mode="json"), digest, routers)
+
+
+def import_router(path: str) -> Any:
+    """The ``APIRouter`` at ``path``, written ``"package.module:attribute"``.
+
+    Raises:
+        ValueError: ``path`` is malformed, or names no ``APIRouter``.
+    """
+    import importlib
+
+    from fastapi import APIRouter
+
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"router {path!r}: write it as 'package.module:attribute'")
+    try:
+        router = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"router {path!r}: {err}") from None
+    if not isinstance(router, APIRouter):
+        raise ValueError(f"router {path!r} is a {type(router).__name__}, not a FastAPI APIRouter")
+    return router
 
 
 def _actor_options(cfg: ServeArgs) -> dict[str, Any]:

@@ -26,16 +26,16 @@ from rayft.serving.errors import BadRequest
 
 if TYPE_CHECKING:
     from rayft.serving.engine import ModelEngine
+    from rayft.trainers.manifest import ArtifactManifest
 
 TASK = "classification"
 ENDPOINT = "/v1/classifications"
 
 
-def adapter_task(path: Path, manifest: dict[str, Any]) -> str:
+def adapter_task(path: Path, manifest: ArtifactManifest) -> str:
     """``classification`` or ``causal_lm``: what the adapter at ``path`` was trained for."""
-    task = manifest.get("task")
-    if isinstance(task, str) and task:
-        return task
+    if manifest.is_classifier is not None:
+        return TASK if manifest.is_classifier else "causal_lm"
     from rayft.trainers.servable import classifier_labels
 
     return TASK if classifier_labels(path, "adapter") is not None else "causal_lm"
@@ -84,9 +84,9 @@ class Classifiers:
         """Names of the classifiers held now, least recently used first."""
         return list(self._loaded)
 
-    def _labels(self, path: Path, manifest: dict[str, Any]) -> list[str]:
-        labels = manifest.get("labels")
-        if isinstance(labels, list) and len(labels) >= 2:
+    def _labels(self, path: Path, manifest: ArtifactManifest) -> list[str]:
+        labels = manifest.labels
+        if labels is not None and len(labels) >= 2:
             return [str(label) for label in labels]
         from rayft.trainers.servable import classifier_labels
 
@@ -101,7 +101,7 @@ class Classifiers:
         # transformers' names for unnamed labels.
         return [f"LABEL_{i}" for i in range(count)]
 
-    def _model(self, name: str, path: Path, manifest: dict[str, Any]) -> tuple[Any, list[str]]:
+    def _model(self, name: str, path: Path, manifest: ArtifactManifest) -> tuple[Any, list[str]]:
         from rayft.serving.engine import SAFE_WEIGHTS
 
         mtime = (path / SAFE_WEIGHTS).stat().st_mtime
@@ -124,7 +124,7 @@ class Classifiers:
         return model, labels
 
     def classify(
-        self, name: str, path: Path, manifest: dict[str, Any], encoded: list[list[int]]
+        self, name: str, path: Path, manifest: ArtifactManifest, encoded: list[list[int]]
     ) -> list[dict[str, Any]]:
         """One ``{index, label, score, probabilities}`` per encoded text, in order."""
         with self._lock:

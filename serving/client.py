@@ -12,6 +12,8 @@ import socket
 import time
 from typing import Any
 
+from rayft.trainers.compat import serve_proxy_address
+
 APP_NAME = "rayft"
 
 
@@ -61,6 +63,7 @@ def run_app(
     port: int | None = None,
     name: str = APP_NAME,
     insecure: bool = False,
+    routers: list[str] | None = None,
 ) -> str:
     """Deploy the rayft application on the connected Ray cluster and wait until it is ready.
 
@@ -71,6 +74,8 @@ def run_app(
             in which case its proxy's address is used.
         name: Serve application name.
         insecure: Serve beyond loopback even without ``RAYFT_API_KEY``.
+        routers: Import paths of more routers to mount (``build_app``'s ``routers``);
+            ``cluster.service_app.ROUTERS`` adds the fine-tuning jobs API.
 
     Returns:
         The base URL, e.g. ``http://127.0.0.1:8000``.
@@ -83,7 +88,7 @@ def run_app(
     from rayft.serving.app import build_app
 
     check_exposure(host, insecure)
-    app = build_app(args)
+    app = build_app(args, routers)
     port = port or free_port(host)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=name, route_prefix="/", blocking=False)
@@ -95,13 +100,11 @@ def run_app(
 def proxy_url(default: str) -> str:
     """The URL of the running Serve HTTP proxy, or ``default`` if it cannot be read."""
     try:
-        from ray.serve.context import _get_global_client
-
-        options = _get_global_client().http_config
-        host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
-        return f"http://{host}:{options.port}"
+        host, port = serve_proxy_address()
     except Exception:  # noqa: BLE001 - private API: fall back to what was asked for
         return default
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{port}"
 
 
 def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
@@ -173,10 +176,10 @@ def serve_and_ask(
 
     from ray import serve
 
-    from rayft.trainers.registry import read_manifest, resolve_adapter
+    from rayft.trainers.registry import ArtifactManifest, resolve_adapter
 
-    manifest = read_manifest(resolve_adapter(adapter, storage))
-    base = manifest.get("base_model")
+    manifest = ArtifactManifest.find(resolve_adapter(adapter, storage))
+    base = manifest.base_model if manifest is not None else None
     if not base:
         raise ValueError(f"adapter {adapter!r} has no base_model in its rayft.json")
     url = run_app({"model": base, "storage": storage, "max_loaded_adapters": 1, "dtype": dtype})

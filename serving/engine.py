@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,9 +40,15 @@ from rayft.serving.errors import (
     ServingError,
     Unavailable,
 )
+from rayft.trainers.storage import MANIFEST_FILE
+
+if TYPE_CHECKING:
+    from rayft.trainers.manifest import ArtifactManifest
 
 BASE_ADAPTER = "__base__"
 SAFE_WEIGHTS = "adapter_model.safetensors"
+# Resolved adapters remembered per replica, keyed by (name, version).
+RESOLVED_CACHE_SIZE = 64
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +74,35 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ServedAdapter:
+    """A published adapter checked for this engine's base model (``resolve_adapter``).
+
+    Attributes:
+        name: Registry name (what requests call the model).
+        version: The published version (for an adapter published before versions, a
+            stamp of its manifest file).
+        path: The adapter's directory (``adapters/<name>``).
+        manifest: Its ``rayft.json``.
+    """
+
+    name: str
+    version: str
+    path: Path
+    manifest: ArtifactManifest
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One row to decode: prompt token ids, the adapter to run it through, sampling."""
+    """One row to decode: prompt token ids, the adapter to run it through, sampling.
+
+    ``served`` is the adapter as the request resolved it; without it the engine
+    resolves ``adapter`` itself.
+    """
 
     prompt_ids: tuple[int, ...]
     adapter: str = BASE_ADAPTER
     params: SamplingParams = field(default_factory=SamplingParams)
+    served: ServedAdapter | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +212,8 @@ class ModelEngine:
 
         # Adapter name -> weights file mtime when loaded, oldest use first.
         self._loaded: OrderedDict[str, float] = OrderedDict()
+        # (name, version) -> the checked adapter: its manifest is read once per version.
+        self._resolved: OrderedDict[tuple[str, str], ServedAdapter] = OrderedDict()
         # Loaded DoRA adapters: PEFT's mixed-adapter forward refuses them (see _run_model).
         self._dora: set[str] = set()
         self.peak_loaded = 0
@@ -217,18 +249,37 @@ class ModelEngine:
 
     # -------------------------------------------------------------- adapters
 
-    def check_adapter(self, name: str) -> Path:
+    def resolve_adapter(self, name: str) -> ServedAdapter:
         """Resolve an adapter name in the registry and check it fits this base model.
 
-        Returns:
-            The adapter's directory.
+        The registry is asked for the adapter's current version every time (a URI root
+        at most every ``RAYFT_REGISTRY_TTL_S``); its manifest is read and checked once per
+        version and remembered.
 
         Raises:
             BadRequest: The name is not one safe path component, or the adapter has
                 no safetensors weights (nothing else is ever loaded).
             NotFound: No adapter of that name is published.
-            Conflict: The adapter was trained for another base model.
+            Conflict: The adapter was trained for another base model or other base weights.
+            InvalidParameters: Its manifest is unreadable.
         """
+        path = self._published_path(name)
+        version = _version_of(path)
+        key = (name, version)
+        served = self._resolved.get(key)
+        if served is None:
+            served = ServedAdapter(name, version, path, self._checked_manifest(name, path))
+            self._resolved[key] = served
+            while len(self._resolved) > RESOLVED_CACHE_SIZE:
+                self._resolved.popitem(last=False)
+        self._resolved.move_to_end(key)
+        return served
+
+    def check_adapter(self, name: str) -> Path:
+        """The directory of adapter ``name`` once ``resolve_adapter`` accepted it."""
+        return self.resolve_adapter(name).path
+
+    def _published_path(self, name: str) -> Path:
         from rayft.trainers.registry import ManifestError, RegistryError, sync_adapter
         from rayft.trainers.storage import StorageError
 
@@ -253,18 +304,26 @@ class ModelEngine:
                 code="invalid_adapter",
                 param="model",
             )
-        manifest = self._manifest(name, path)
-        trained_on = manifest.get("base_model")
-        if trained_on is not None and not self._is_this_base(str(trained_on)):
+        return path
+
+    def _checked_manifest(self, name: str, path: Path) -> ArtifactManifest:
+        from rayft.trainers.manifest import ArtifactManifest, ManifestError
+
+        try:
+            manifest = ArtifactManifest.find(path) or ArtifactManifest(kind="adapter", name=name)
+        except (ManifestError, OSError) as err:  # corrupt, or a file torn while read
+            raise _corrupt_adapter(name, err) from None
+        trained_on = manifest.base_model
+        if trained_on is not None and not self.serves_base(trained_on):
             raise Conflict(
                 f"adapter {name!r} was trained on base model {trained_on!r}, but this server "
                 f"holds {self.model_name!r}; serve it from a deployment of {trained_on!r}",
                 code="base_model_mismatch",
                 param="model",
             )
-        recorded = manifest.get("base_fingerprint")
+        recorded = manifest.base_fingerprint
         # Adapters published before fingerprints were recorded carry none and still load.
-        if isinstance(recorded, str) and recorded and recorded != self.weights_fingerprint:
+        if recorded and recorded != self.weights_fingerprint:
             raise Conflict(
                 f"adapter {name!r} was trained on base weights {recorded[:12]} of "
                 f"{trained_on or self.model_name!r}, but this server holds {self.model_name!r} "
@@ -273,7 +332,7 @@ class ModelEngine:
                 code="base_model_mismatch",
                 param="model",
             )
-        return path
+        return manifest
 
     @cached_property
     def weights_fingerprint(self) -> str:
@@ -282,19 +341,8 @@ class ModelEngine:
 
         return base_fingerprint(self.model_dir, self.storage.models)
 
-    @staticmethod
-    def _manifest(name: str, path: Path) -> dict[str, Any]:
-        from rayft.trainers.registry import read_manifest
-
-        try:
-            manifest = read_manifest(path)
-        except (ValueError, OSError) as err:  # ManifestError, or a file torn while read
-            raise _corrupt_adapter(name, err) from None
-        if not isinstance(manifest, dict):
-            raise _corrupt_adapter(name, ValueError("rayft.json is not a JSON object"))
-        return manifest
-
-    def _is_this_base(self, name: str) -> bool:
+    def serves_base(self, name: str) -> bool:
+        """Whether ``name`` (a ``model.name`` an adapter was trained on) is this base model."""
         if name == self.model_name:
             return True
         candidate = Path(name).expanduser()
@@ -304,11 +352,16 @@ class ModelEngine:
         """Adapters currently held, least recently used first."""
         return list(self._loaded)
 
-    def _ensure_adapter(self, name: str, pinned: set[str]) -> bool:
-        """Make ``name`` loaded; False when it must wait for a slot that running rows hold."""
+    def _ensure_adapter(
+        self, name: str, pinned: set[str], served: ServedAdapter | None = None
+    ) -> bool:
+        """Make ``name`` loaded; False when it must wait for a slot that running rows hold.
+
+        ``served`` is the adapter as the request resolved it; without it, it is resolved here.
+        """
         if name == BASE_ADAPTER:
             return True
-        path = self.check_adapter(name)
+        path = (served or self.resolve_adapter(name)).path
         mtime = (path / SAFE_WEIGHTS).stat().st_mtime
         if name in self._loaded:
             # A republished adapter (new weights under the same name) is reloaded once no
@@ -531,7 +584,7 @@ class ModelEngine:
                     break
                 row = self._pending.popleft()
             try:
-                ready = self._ensure_adapter(row.request.adapter, pinned)
+                ready = self._ensure_adapter(row.request.adapter, pinned, row.request.served)
             except ServingError as err:
                 failed.append(self._failure(row, err))
                 continue
@@ -807,6 +860,19 @@ class ModelEngine:
         if adapter != BASE_ADAPTER and adapter in self._loaded:
             self._loaded.move_to_end(adapter)
         return total, count
+
+
+def _version_of(path: Path) -> str:
+    """The published version ``path`` (``adapters/<name>``) links to.
+
+    Publishing swaps a link to ``.versions/<name>/<version>``, so reading the link names
+    the version without reading the manifest. An adapter directory published before
+    versions is stamped by its manifest file's modification time instead.
+    """
+    if path.is_symlink():
+        return Path(os.readlink(path)).name
+    manifest = path / MANIFEST_FILE
+    return f"mtime-{manifest.stat().st_mtime_ns}" if manifest.is_file() else "unversioned"
 
 
 def _corrupt_adapter(name: str, err: Exception) -> InvalidParameters:

@@ -126,7 +126,7 @@ def dataset_path(name: str, storage: str | None = None) -> Path:
         StorageError: The object-storage root cannot be read.
     """
     from rayft.trainers.registry import RegistryError, checked_name
-    from rayft.trainers.storage import StorageRoot
+    from rayft.trainers.storage import StorageRoot, dataset_relpath
 
     try:
         checked_name(name)
@@ -135,7 +135,7 @@ def dataset_path(name: str, storage: str | None = None) -> Path:
     storage_root = StorageRoot.resolve(storage)
     root = storage_root.files.resolve()
     for suffix in DATASET_SUFFIXES:
-        storage_root.sync_file(f"datasets/{name}{suffix}")
+        storage_root.sync_file(dataset_relpath(f"{name}{suffix}"))
         candidate = (root / f"{name}{suffix}").resolve()
         if (
             candidate.parent == root

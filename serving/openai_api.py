@@ -12,7 +12,10 @@ around one ``ModelService``, which handlers reach through ``request.app.state``)
                                   registry dataset, or the request log's traffic
     POST /v1/classifications      labels with probabilities from a classification
                                   adapter (``serving.classify``)
-    /v1/files, /v1/fine_tuning/jobs  OpenAI's fine-tuning API (``serving.jobs_api``)
+
+``create_api(service, routers)`` also includes the routers it is given: the rayft service
+app (``cluster.service_app``) adds OpenAI's files and fine-tuning jobs routes
+(``cluster.fine_tuning_api``), which belong to the control plane, not to serving.
 
 Every request passes ``serving.metrics.RequestMonitor`` (outermost), which counts it
 in the Prometheus metrics and writes its request-log line, whatever answered it.
@@ -38,7 +41,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -49,7 +52,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayft.serving.engine import GenerationRequest, StepOutput
+from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, ServedAdapter, StepOutput
 from rayft.serving.errors import (
     BadRequest,
     InvalidParameters,
@@ -58,11 +61,11 @@ from rayft.serving.errors import (
     Unauthorized,
     Unavailable,
 )
-from rayft.serving.jobs_api import router as jobs_router
 from rayft.serving.metrics import RequestMonitor
 from rayft.serving.request_log import LogDataset, note_error, note_usage
 from rayft.serving.service import ModelService
 from rayft.trainers.storage import StorageError
+from rayft.trainers.validation_errors import error_key
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 RETRY_AFTER_S = 1
@@ -136,6 +139,15 @@ class ClassificationRequest(_Body):
     input: str | list[str]
 
 
+REQUEST_MODELS = (
+    CompletionRequest,
+    ChatCompletionRequest,
+    EvaluationRequest,
+    ClassificationRequest,
+)
+"""The bodies FastAPI validates for these routes (their union tags leave error locations)."""
+
+
 def error_response(err: ServingError) -> JSONResponse:
     """``err`` as an HTTP response in OpenAI's error shape (429s say when to retry)."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
@@ -185,7 +197,7 @@ async def completions(body: CompletionRequest, service: ModelService = Depends(g
         raise BadRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise BadRequest("best_of other than n is not supported", param="best_of")
-    adapter = service.adapter_for(body.model)
+    adapter = service.served_adapter(body.model)  # resolved once for the whole request
     prompts = _prompt_list(body.prompt)
     if len(prompts) * body.n > service.limits.max_n * 4:
         raise BadRequest(
@@ -209,7 +221,7 @@ async def chat_completions(
             code="empty_messages",
             param="messages",
         )
-    adapter = service.adapter_for(body.model)
+    adapter = service.served_adapter(body.model)  # resolved once for the whole request
     messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
     encoded = [service.encode_chat(messages)]
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -243,8 +255,14 @@ async def classifications(
 # ------------------------------------------------------------ the app
 
 
-def create_api(service: ModelService) -> FastAPI:
-    """The FastAPI app serving ``service``; Ray Serve's ingress mounts it per replica."""
+def create_api(service: ModelService, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The FastAPI app serving ``service``; Ray Serve's ingress mounts it per replica.
+
+    Args:
+        service: The replica's model service; handlers reach it through ``app.state``.
+        routers: More routes to include (their handlers see the same service, key
+            checks, limits, metrics and error shape as the inference routes).
+    """
     app = FastAPI(title="rayft", description="OpenAI-compatible base model + LoRA adapters")
     app.state.service = service
     app.add_middleware(RequestGuard)
@@ -256,7 +274,8 @@ def create_api(service: ModelService) -> FastAPI:
     app.add_exception_handler(StorageError, storage_error)
     app.add_exception_handler(Exception, unexpected)
     app.include_router(router)
-    app.include_router(jobs_router)
+    for extra in routers:
+        app.include_router(extra)
     return app
 
 
@@ -454,7 +473,7 @@ async def _generate(
     service: ModelService,
     shape: _Shape,
     body: _SamplingFields,
-    adapter: str,
+    adapter: ServedAdapter | None,
     encoded: list[list[int]],
     max_tokens: int | None,
 ) -> dict[str, Any] | StreamingResponse:
@@ -543,10 +562,7 @@ def _schema_error(problems: list[dict[str, Any]]) -> ServingError:
     parts = []
     param = None
     for p in problems[:5]:
-        loc = [str(x) for x in p.get("loc", ()) if x != "body"]
-        # Union members add their type to the location (prompt.str); keep the field path.
-        loc = [x for x in loc if not x.startswith(("list[", "str", "int", "dict["))]
-        where = ".".join(loc) or "body"
+        where = error_key(p.get("loc", ()), REQUEST_MODELS, http=True) or "body"
         param = param or where
         parts.append(f"{where}: {p.get('msg')}")
     return InvalidParameters("; ".join(parts), code="invalid_parameters", param=param)
@@ -589,7 +605,7 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
 def _rows(
     service: ModelService,
     encoded: list[list[int]],
-    adapter: str,
+    adapter: ServedAdapter | None,
     body: _SamplingFields,
     max_tokens: int | None,
 ) -> list[GenerationRequest]:
@@ -605,7 +621,8 @@ def _rows(
             params = service.sampling(
                 len(ids), max_tokens, body.temperature, body.top_p, seed, body.stop
             )
-            rows.append(GenerationRequest(tuple(ids), adapter, params))
+            name = adapter.name if adapter is not None else BASE_ADAPTER
+            rows.append(GenerationRequest(tuple(ids), name, params, adapter))
     return rows
 
 

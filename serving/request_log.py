@@ -36,9 +36,10 @@ from typing import IO, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rayft.serving.errors import BadRequest, NotFound
-from rayft.trainers.storage import StorageRoot
+from rayft.trainers.compat import serve_request_id
+from rayft.trainers.storage import REQUEST_LOGS_DIR, StorageRoot, request_log_relpath
 
-LOG_DIR = "request_logs"
+LOG_DIR = REQUEST_LOGS_DIR
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 """Routes whose requests are served traffic: these are logged."""
 PAYLOAD_KEYS = ("messages", "prompt", "n")
@@ -237,7 +238,7 @@ class RequestLog:
     def relpath(self, ts: float) -> str:
         """The file (relative to the root) that a line written at ``ts`` goes to."""
         day = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d")
-        return f"{LOG_DIR}/{day}/{self.writer}.jsonl"
+        return request_log_relpath(day, self.writer)
 
     def write(self, record: RequestRecord) -> None:
         """Append the line of ``record``."""
@@ -448,11 +449,9 @@ def _plain_message(message: dict[str, Any]) -> dict[str, Any]:
 def new_request_id() -> str:
     """Ray Serve's id of the request being handled, else a fresh one."""
     try:
-        from ray.serve.context import _get_serve_request_context
-
-        rid = _get_serve_request_context().request_id
+        rid = serve_request_id()
         if rid:
-            return str(rid)
+            return rid
     except Exception:  # noqa: BLE001 - private API, or outside Serve
         pass
     return uuid.uuid4().hex

@@ -31,6 +31,7 @@ from rayft.serving.engine import (
     GenerationRequest,
     ModelEngine,
     SamplingParams,
+    ServedAdapter,
     StepOutput,
 )
 from rayft.serving.errors import BadRequest, TooLarge
@@ -139,31 +140,41 @@ class ModelService:
 
         out = [_model_object(self.model_name, self.created, root=self.model_name)]
         for adapter in list_adapters(self.engine.storage):
-            base = adapter.get("base_model")
-            if base is not None and not self.engine._is_this_base(str(base)):
+            base = adapter.base_model
+            if base is not None and not self.engine.serves_base(base):
                 continue
-            created = int(adapter.get("published_at") or self.created)
+            created = int(adapter.published_at or self.created)
             out.append(
-                _model_object(
-                    adapter["name"], created, root=self.model_name, parent=self.model_name
-                )
+                _model_object(adapter.name, created, root=self.model_name, parent=self.model_name)
             )
         return out
 
-    def adapter_for(self, model: str) -> str:
-        """The engine adapter name for an OpenAI ``model`` field (400/404/409/422 when
-        unusable)."""
+    def served_adapter(self, model: str) -> ServedAdapter | None:
+        """The generation adapter an OpenAI ``model`` field names; ``None`` for the base.
+
+        Resolved once per request: the rows the request submits carry it.
+
+        Raises:
+            BadRequest / NotFound / Conflict / InvalidParameters: 400/404/409/422 when
+                the name is not usable for generation here.
+        """
         if not isinstance(model, str) or not model:
             raise BadRequest("model must be a non-empty string", param="model")
         checked_text(model, "model", MAX_NAME_CHARS)
         if model == self.model_name:
             note_model(model)
-            return BASE_ADAPTER
-        path = self.engine.check_adapter(model)
-        if adapter_task(path, self.engine._manifest(model, path)) == CLASSIFICATION:
+            return None
+        served = self.engine.resolve_adapter(model)
+        if adapter_task(served.path, served.manifest) == CLASSIFICATION:
             raise classifier_refusal(model)
         note_model(model)
-        return model
+        return served
+
+    def adapter_for(self, model: str) -> str:
+        """The engine adapter name for an OpenAI ``model`` field (400/404/409/422 when
+        unusable)."""
+        served = self.served_adapter(model)
+        return served.name if served is not None else BASE_ADAPTER
 
     def health(self) -> dict[str, Any]:
         """Liveness plus what this replica holds, for operators and tests."""
@@ -345,14 +356,13 @@ class ModelService:
         checked_text(model, "model", MAX_NAME_CHARS)
         if model == self.model_name:
             raise generator_refusal(model)
-        path = self.engine.check_adapter(model)
-        manifest = self.engine._manifest(model, path)
-        if adapter_task(path, manifest) != CLASSIFICATION:
+        served = self.engine.resolve_adapter(model)
+        if adapter_task(served.path, served.manifest) != CLASSIFICATION:
             raise generator_refusal(model)
         note_model(model)
         encoded = [self._classified_text(text, i) for i, text in enumerate(texts)]
         data = await self.loop.run_exclusive(
-            self.classifiers.classify, model, path, manifest, encoded
+            self.classifiers.classify, model, served.path, served.manifest, encoded
         )
         tokens = sum(len(ids) for ids in encoded)
         return {
@@ -401,28 +411,15 @@ class ModelService:
         from rayft.serving.evaluation import (
             GENERATION_METRICS,
             check_metrics,
-            dataset_rows,
             prepare_rows,
             summarize,
         )
 
         metrics = check_metrics(metrics or ["loss", "perplexity"])
-        adapter = self.adapter_for(model)
+        served = self.served_adapter(model)
+        adapter = served.name if served is not None else BASE_ADAPTER
         max_seq_len = self._eval_seq_len(max_seq_len)
-        if (rows is None) == (dataset is None):
-            raise BadRequest(
-                "give exactly one of rows (inline) or dataset (a registry name)", param="rows"
-            )
-        if dataset is not None:
-            rows = dataset_rows(dataset, model, self.engine.storage, self.limits.max_eval_rows)
-        assert rows is not None
-        if not rows:
-            raise BadRequest("rows is empty", param="rows")
-        if len(rows) > self.limits.max_eval_rows:
-            raise TooLarge(
-                f"{len(rows)} rows; this server evaluates at most {self.limits.max_eval_rows} per request",
-                param="rows",
-            )
+        rows = self._eval_rows(model, rows, dataset)
         want_loss = any(m in ("loss", "perplexity") for m in metrics)
         want_gen = any(m in GENERATION_METRICS for m in metrics)
         prepared = prepare_rows(rows, self.engine.tokenizer, fmt, max_seq_len, want_loss, want_gen)
@@ -440,13 +437,7 @@ class ModelService:
                 raise BadRequest(
                     "generation metrics need rows with an answer (chat, prompt_completion or alpaca)"
                 )
-            requests = []
-            for prompt in prepared.prompts:
-                budget = min(max_tokens, self.engine.context_window - len(prompt))
-                if budget < 1:
-                    raise BadRequest("a row's prompt fills the whole context window", param="rows")
-                params = SamplingParams(max_tokens=budget, temperature=0.0)
-                requests.append(GenerationRequest(tuple(prompt), adapter, params))
+            requests = self._greedy_requests(prepared.prompts, adapter, served, max_tokens)
             results = await self.complete(requests)
             predictions = [r["text"] for r in results]
             generated = sum(r["completion_tokens"] for r in results)
@@ -459,6 +450,41 @@ class ModelService:
             "generated_tokens": generated,
             "metrics": summarize(metrics, loss_sum, loss_tokens, predictions, prepared.references),
         }
+
+    def _eval_rows(
+        self, model: str, rows: list[Any] | None, dataset: str | LogDataset | None
+    ) -> list[Any]:
+        """The rows to evaluate: inline, or read from ``dataset``; within the row limit."""
+        from rayft.serving.evaluation import dataset_rows
+
+        if (rows is None) == (dataset is None):
+            raise BadRequest(
+                "give exactly one of rows (inline) or dataset (a registry name)", param="rows"
+            )
+        if dataset is not None:
+            rows = dataset_rows(dataset, model, self.engine.storage, self.limits.max_eval_rows)
+        assert rows is not None
+        if not rows:
+            raise BadRequest("rows is empty", param="rows")
+        if len(rows) > self.limits.max_eval_rows:
+            raise TooLarge(
+                f"{len(rows)} rows; this server evaluates at most {self.limits.max_eval_rows} per request",
+                param="rows",
+            )
+        return rows
+
+    def _greedy_requests(
+        self, prompts: list[list[int]], adapter: str, served: ServedAdapter | None, max_tokens: int
+    ) -> list[GenerationRequest]:
+        """One greedy request per prompt, its budget cut to what the context window leaves."""
+        requests = []
+        for prompt in prompts:
+            budget = min(max_tokens, self.engine.context_window - len(prompt))
+            if budget < 1:
+                raise BadRequest("a row's prompt fills the whole context window", param="rows")
+            params = SamplingParams(max_tokens=budget, temperature=0.0)
+            requests.append(GenerationRequest(tuple(prompt), adapter, params, served))
+        return requests
 
     def _eval_seq_len(self, max_seq_len: int | None) -> int:
         window = self.engine.context_window

@@ -71,6 +71,58 @@ def color_chats():
     return write_color_chats
 
 
+def merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in key by key (nested mappings merge too)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 chat rows over three colours (red, blue, green), written once per session."""
+    return write_color_chats(tmp_path_factory.mktemp("tiny-data") / "colors.jsonl", 40, colors=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(small_chat_file: Path):
+    """Builds a job spec (a plain dict) for ``tiny-llama``: ``tiny_spec(train=None, **sections)``.
+
+    The spec is ``{"model": {"name": "tiny-llama"}, "data": {"train": train}}`` with each
+    keyword merged in as a top-level section (mappings merge key by key, so
+    ``data={"max_seq_len": 64}`` keeps the train file). ``train`` defaults to
+    :func:`small_chat_file`.
+    """
+
+    def build(train: Path | str | None = None, **sections: object) -> dict:
+        base = {
+            "model": {"name": "tiny-llama"},
+            "data": {"train": str(small_chat_file if train is None else train)},
+        }
+        return merged(base, sections)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def published_adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry root holding PEFT-made LoRA adapters for tiny-llama: ``a1``, ``a2``, ``a3``
+    (seeds 1-3, see :func:`harness.make_peft_adapter`) and ``other-base`` (seed 4, made for
+    ``smollm2-135m-instruct``). Shared by the whole session: tests that publish into or
+    change a registry copy it first (:func:`harness.copy_registry`)."""
+    from harness import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("published-adapters")
+    for name, seed in (("a1", 1), ("a2", 2), ("a3", 3)):
+        make_peft_adapter(root, name, seed)
+    make_peft_adapter(root, "other-base", 4, base="smollm2-135m-instruct")
+    return root
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the multi-node cluster tests last.
 

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +15,7 @@ import ray.cloudpickle
 import torch
 
 from rayft.trainers.loop import InterruptedRun, LoopCallback, TrainerState
+from rayft.trainers.manifest import ArtifactManifest
 
 # Ray workers unpickle these callbacks without importing this module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -80,5 +81,12 @@ def make_peft_adapter(home: Path, name: str, seed: int, base: str = "tiny-llama"
             param.data = torch.randn(param.shape, generator=generator) * 0.5
     out = home / "adapters" / name
     peft_model.save_pretrained(out)
-    (out / "rayft.json").write_text(json.dumps({"kind": "adapter", "base_model": base}))
+    ArtifactManifest(kind="adapter", base_model=base).write(out)
     return out
+
+
+def copy_registry(root: Path, to: Path) -> Path:
+    """A private copy of a registry root (adapters, models and all) at ``to``, for tests
+    that publish into or change a shared one."""
+    shutil.copytree(root, to, symlinks=True)
+    return to

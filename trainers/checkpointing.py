@@ -22,25 +22,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rayft.trainers.compat import sdpa_kernel_ops
+
 CheckpointingMode = bool | Literal["selective"]
 
 LOW_RANK_RATIO = 4
 """A product whose contraction dimension is at most 1/4 of its output width (LoRA's B, an
 ``r x out`` up-projection) does few multiply-adds per element it writes: it is recomputed,
 not kept."""
-
-
-def _attention_ops() -> set[Any]:
-    # The scaled-dot-product-attention kernels of every backend this torch build has
-    # (CPU flash, CUDA flash / memory-efficient / cuDNN, the math fallback).
-    names = (
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_attention_math",
-    )
-    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
 
 
 def _is_low_rank(op: Any, args: tuple[Any, ...]) -> bool:
@@ -58,7 +47,7 @@ def selective_policy() -> Callable[..., Any]:
     from torch.utils.checkpoint import CheckpointPolicy
 
     matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-    attention = _attention_ops()
+    attention = sdpa_kernel_ops()
 
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         if op in attention or (op in matmuls and not _is_low_rank(op, args)):

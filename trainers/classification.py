@@ -1,4 +1,4 @@
-"""Sequence classification (``task: classification``): a new head on the base model.
+"""Sequence classification (``objective: classification``): a new head on the base model.
 
 Rows are JSON objects with a text column (``classification.text_column``, default
 ``text``) and a label column (``classification.label_column``, default ``label``). A
@@ -250,7 +250,7 @@ class ClassificationObjective(Objective):
         labels = spec.classification.labels
         if not labels or len(labels) < 2:
             raise ValueError(
-                "task classification needs at least 2 labels (classification.labels, or "
+                "objective classification needs at least 2 labels (classification.labels, or "
                 "the distinct labels the data scan finds)"
             )
         self.labels = list(labels)

@@ -7,16 +7,30 @@ Every problem is reported with the dotted key the user must change.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from rayft.trainers.validation_errors import error_key
 
 # ':' is allowed after the first character for OpenAI-style names (``ft:<base>:<suffix>:<id>``);
 # it is an ordinary character in local paths and object-store keys, never a separator.
+log = logging.getLogger(__name__)
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -37,7 +51,10 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Each field's docstring is its description: `rayft validate --schema` prints it.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 class ModelSpec(_Section):
@@ -52,21 +69,34 @@ class ModelSpec(_Section):
 
 class DataSpec(_Section):
     train: str | list[str]
+    """Training data: one or more .jsonl/.json/.parquet/.csv files or URIs, or a saved HF
+    dataset directory."""
     eval: str | list[str] | None = None
+    """Evaluation data in the same forms as ``train``; or split ``train`` with ``eval_fraction``."""
     format: Literal["auto", "chat", "prompt_completion", "alpaca", "text", "preference"] = "auto"
+    """Row format; ``auto`` detects it from the first row (``preference`` is for objective dpo)."""
     max_seq_len: int = Field(512, ge=8, le=131072)
+    """Longest tokenized example; longer rows are truncated (and counted in the data summary)."""
     packing: bool = False
+    """Pack several short examples into each ``max_seq_len`` row (attention kept per example)."""
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of ``train`` held out for evaluation when no ``eval`` file is given."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt/user tokens (default: assistant/completion only)."""
     shuffle: bool = True
+    """Shuffle the training rows every epoch (seeded by ``optim.seed``)."""
 
 
 class LoraSpec(_Section):
     r: int = Field(16, ge=1, le=1024)
+    """Rank of the LoRA update matrices."""
     alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator: the update is scaled by ``alpha / r``."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    """Modules that get adapters: ``all-linear`` (every linear layer but the head) or a
+    list of module names (e.g. ``[q_proj, v_proj]``)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA, Liu et al. 2024): PEFT's ``use_dora``."""
     use_rslora: bool = False
@@ -74,23 +104,28 @@ class LoraSpec(_Section):
 
 
 class DpoSpec(_Section):
-    """Direct preference optimisation (Rafailov et al. 2023), ``method: dpo``."""
+    """Direct preference optimisation (Rafailov et al. 2023), ``objective: dpo``.
+
+    The reference model follows ``method``: with ``lora`` it is the base with the adapter
+    disabled (or the parent adapter when ``model.adapter`` continues one), with ``full`` a
+    frozen copy sharded like the policy.
+    """
 
     beta: float = Field(0.1, gt=0)
     """Strength of the KL penalty towards the reference model."""
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    weights: Literal["lora", "full"] = "lora"
-    """What trains: a LoRA adapter (the reference is the base with the adapter disabled)
-    or every weight (the reference is a frozen copy, sharded like the policy)."""
+    """``sigmoid``: the DPO loss; ``ipo``: the squared IPO loss (Azar et al. 2023)."""
 
 
 class ClassificationSpec(_Section):
-    """Sequence classification (``task: classification``): a new head on the base model."""
+    """Sequence classification (``objective: classification``): a new head on the base model."""
 
     labels: list[str] | None = None
     """Label names, in class-id order; by default the sorted distinct labels of the data."""
     text_column: str = "text"
+    """Column holding each row's text."""
     label_column: str = "label"
+    """Column holding each row's label (a name or a class id)."""
 
 
 class FreezeSpec(_Section):
@@ -100,24 +135,35 @@ class FreezeSpec(_Section):
 
 class DeepSpeedSpec(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 replicates everything, 1 shards optimizer state, 2 also gradients,
+    3 also the parameters."""
     offload_optimizer: bool = False
+    """Keep optimizer state (and its step) on the CPU; needs zero_stage 1-3."""
     offload_params: bool = False
+    """Keep parameters on the CPU between uses; needs zero_stage 3 and method full."""
 
 
 class OptimSpec(_Section):
     lr: float = Field(2e-4, gt=0)
+    """Peak learning rate of AdamW."""
     epochs: int = Field(1, ge=1)
+    """Passes over the training data (unless ``max_steps`` is set)."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; overrides ``epochs`` when set."""
     batch_size: int = Field(8, ge=1)
     """Micro-batch per worker."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up."""
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    """Fraction of the steps spent warming the learning rate up from 0."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay (never applied to biases and norms)."""
     max_grad_norm: float = Field(1.0, ge=0.0)
-    """0 disables gradient clipping."""
+    """Gradient-norm clipping threshold; 0 disables gradient clipping."""
     seed: int = 42
+    """Seed of the model's new weights, dropout and data shuffling."""
     gradient_checkpointing: bool | Literal["selective"] = "selective"
     """Activation checkpointing of the decoder layers: ``false`` keeps every activation,
     ``true`` recomputes each layer in backward (least memory), ``selective`` (the default)
@@ -138,13 +184,21 @@ class OptimSpec(_Section):
 
 class ScalingSpec(_Section):
     num_workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
     use_gpu: bool | Literal["auto"] = "auto"
+    """One GPU per worker; ``auto``: when the Ray cluster has GPUs."""
     cpus_per_worker: float = Field(1, gt=0)
+    """CPUs Ray reserves for each worker."""
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     """Extra Ray resources per worker, e.g. ``{"trainer": 1}`` to place workers on tagged nodes."""
     max_failures: int = Field(3, ge=-1)
     """Worker-group failures Ray Train recovers from by restarting the workers from the
     newest verified checkpoint (``FailureConfig.max_failures``); ``-1`` = unlimited, 0 = none."""
+    start_timeout_s: float = Field(600, gt=0)
+    """Longest wait, in seconds, for the cluster to have what the run needs: a free CPU for
+    Ray Data's tokenize tasks, then the workers' resources (Ray Train's worker-group start,
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``). The run fails after it, saying what it
+    waited for, instead of waiting forever."""
     allocator: Literal["auto", "system", "jemalloc"] = "auto"
     """The C allocator of the training workers. ``jemalloc``: the one Ray's wheel ships,
     preloaded into the worker processes and set to reuse freed pages without purging them
@@ -158,11 +212,14 @@ class CheckpointSpec(_Section):
     every_steps: int | None = Field(None, ge=1)
     """Checkpoint every N optimizer steps; the final step is always checkpointed."""
     keep: int = Field(2, ge=1)
+    """Newest checkpoints kept per run; older ones are deleted."""
 
 
 class EvalSpec(_Section):
     every_steps: int | None = Field(None, ge=1)
+    """Evaluate every N optimizer steps (besides the start and the end); needs eval data."""
     early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after N evaluations without a better ``eval_loss``; needs ``every_steps``."""
     at_start: bool = True
     """Evaluate the untrained model first, so the report shows before and after."""
     metrics: list[str] = Field(default_factory=list)
@@ -180,6 +237,7 @@ class EvalSpec(_Section):
 
 class LoggingSpec(_Section):
     every_steps: int = Field(1, ge=1)
+    """Print and report the training loss every N optimizer steps."""
 
 
 class OutputSpec(_Section):
@@ -191,46 +249,105 @@ class OutputSpec(_Section):
 
 class TuneSchedulerSpec(_Section):
     type: Literal["asha", "hyperband", "pbt", "none"] = "asha"
+    """Trial scheduler: ASHA or HyperBand early stopping, population-based training, or none."""
     grace_period: int = Field(1, ge=1)
     """In evaluations (reports), not optimizer steps."""
     reduction_factor: float = Field(2, gt=1)
+    """ASHA/HyperBand: the fraction 1/N of trials promoted at each rung."""
     max_steps: int | None = Field(None, ge=1)
+    """ASHA/HyperBand: the longest a trial runs, in optimizer steps; defaults to
+    ``optim.max_steps``."""
     perturbation_interval: int = Field(2, ge=1)
+    """PBT: reports between perturbations."""
     mutations: dict[str, Any] = Field(default_factory=dict)
+    """PBT: dotted key -> distribution (the ``search_space`` syntax) a perturbation
+    resamples from; at least one is needed."""
     synch: bool = False
     """PBT only: every trial waits at each perturbation until all have reached it."""
 
 
 class TuneSpec(_Section):
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Dotted key -> distribution, e.g. ``optim.lr: {loguniform: [1e-4, 3e-3]}`` (``choice``,
+    ``grid``, ``uniform``, ``loguniform``, ``randint``)."""
     num_samples: int = Field(1, ge=1)
+    """Trials to run (with ``grid``: repeats of the whole grid)."""
     metric: str = "eval_loss"
+    """Reported metric that ranks trials and drives the scheduler."""
     mode: Literal["min", "max"] = "min"
+    """Whether a lower or a higher ``metric`` is better."""
     scheduler: TuneSchedulerSpec = Field(default_factory=TuneSchedulerSpec)
+    """Trial scheduler; a bare name (``scheduler: asha``) takes its defaults."""
     search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    """How trial configurations are chosen from ``search_space``."""
     max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials running at once; by default as many as the cluster's CPUs/GPUs fit."""
     publish_all: bool = False
+    """Publish every finished trial's artifact, not only the best one."""
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _bare_scheduler_name(cls, value: Any) -> Any:
+        # `scheduler: asha` is the natural spelling of `scheduler: {type: asha}`.
+        return {"type": value} if isinstance(value, str) else value
+
+
+ObjectiveName = Literal["sft", "dpo", "classification"]
+MethodName = Literal["lora", "qlora", "full", "freeze"]
+ADAPTER_METHODS = ("lora", "qlora")
+"""Methods whose run trains, and publishes, a LoRA adapter (the others publish a model)."""
 
 
 class JobSpec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
+    """The base model (and an adapter to continue)."""
     data: DataSpec
-    task: Literal["causal_lm", "classification"] = "causal_lm"
-    method: Literal["lora", "full", "freeze", "qlora", "dpo"] = "lora"
+    """Training and evaluation data."""
+    objective: ObjectiveName = "sft"
+    """What a step minimises: ``sft`` (the next-token loss on the labelled tokens), ``dpo``
+    (the DPO loss on preference pairs, see ``dpo``) or ``classification`` (a new
+    classification head, see ``classification``). Older spellings ``method: dpo`` and
+    ``task: classification`` are still read."""
+    method: MethodName = "lora"
+    """What trains: ``lora`` (a PEFT adapter), ``qlora`` (LoRA on a 4-bit base, CUDA only),
+    ``full`` (every weight) or ``freeze`` (the last ``freeze.trainable_layers`` layers)."""
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    """LoRA adapter shape (method lora and qlora)."""
     dpo: DpoSpec = Field(default_factory=DpoSpec)
+    """DPO settings (objective dpo)."""
     classification: ClassificationSpec = Field(default_factory=ClassificationSpec)
+    """Classification columns and labels (objective classification)."""
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
+    """What trains under method freeze."""
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    """DeepSpeed ZeRO sharding and offload."""
     optim: OptimSpec = Field(default_factory=OptimSpec)
+    """Optimizer, schedule and length of training."""
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    """Ray Train workers and their resources."""
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    """When checkpoints are written and how many are kept."""
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    """When and how the model is evaluated during training."""
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    """How often progress is reported."""
     output: OutputSpec = Field(default_factory=OutputSpec)
+    """Where the result is published in the registry."""
     storage: str | None = None
     """Root for runs, checkpoints and artifacts; defaults to ``$RAYFT_HOME`` (``./.rayft``)."""
     tune: TuneSpec | None = None
+    """Sweep settings, read by ``rayft tune`` only."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_spellings(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data, notes = upgrade_spelling(data)
+        if notes:
+            # One line on stderr, also where the CLI hides libraries' FutureWarnings.
+            log.warning("job spec: %s", "; ".join(notes))
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-safe dict that ``JobSpec.from_dict`` turns back into this spec."""
@@ -243,27 +360,103 @@ class JobSpec(_Section):
     def has_eval(self) -> bool:
         return self.data.eval is not None or self.data.eval_fraction > 0
 
-    @property
-    def weights(self) -> Literal["lora", "full", "freeze"]:
-        """What the run trains: a LoRA adapter (``lora``, ``qlora``, DPO on LoRA), every
-        weight (``full``, DPO on full weights) or the last layers (``freeze``)."""
-        if self.method == "qlora":
-            return "lora"
-        if self.method == "dpo":
-            return self.dpo.weights
-        return self.method
-
-    @property
-    def objective(self) -> Literal["sft", "dpo", "classification"]:
-        """What a step minimises: next-token loss, the DPO loss, or classification loss."""
-        if self.method == "dpo":
-            return "dpo"
-        return "classification" if self.task == "classification" else "sft"
+    def older_keys(self) -> dict[str, str]:
+        """``method`` and ``task`` as rayft wrote them before ``objective`` existed
+        (``method: dpo``, ``task: classification``), for records older readers parse:
+        an artifact's ``rayft.json`` and a fine-tuning job's ``rayft`` part."""
+        return {
+            "method": "dpo" if self.objective == "dpo" else self.method,
+            "task": "classification" if self.objective == "classification" else "causal_lm",
+        }
 
 
-def combination_problems(spec: JobSpec) -> list[tuple[str, str]]:
+def upgrade_spelling(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` with the older spellings of the objective rewritten, and a note for each.
+
+    ``method: dpo`` (with ``dpo.weights``) becomes ``objective: dpo`` with ``method:
+    <dpo.weights>``; ``task: classification`` becomes ``objective: classification``;
+    ``task: causal_lm`` is dropped. ``data`` itself is not changed.
+
+    Raises:
+        PydanticCustomError: An older spelling contradicts another key (``ctx["key"]``
+            names the one to change).
+    """
+    out = dict(data)
+    weights = None
+    if isinstance(out.get("dpo"), dict) and "weights" in out["dpo"]:
+        out["dpo"] = dict(out["dpo"])
+        weights = out["dpo"].pop("weights")
+    task = out.pop("task", None)
+    if task not in (None, "causal_lm", "classification"):
+        raise PydanticCustomError(
+            "older_spelling",
+            "task: {task} is not a task; write objective: sft, dpo or classification",
+            {"key": "task", "task": repr(task)},
+        )
+    _settle_objective(out, task)
+    notes: list[str] = []
+    if data.get("method") == "dpo":
+        out["method"] = weights or "lora"
+        notes.append(f"method: dpo is now written objective: dpo with method: {out['method']}")
+    elif weights is not None:
+        if out.get("objective") == "dpo" and out.setdefault("method", weights) != weights:
+            _conflict("dpo.weights", f"dpo.weights: {weights}", f"method: {out['method']}")
+        notes.append(f"dpo.weights: {weights} is now written method: {weights}")
+    if task == "classification":
+        notes.append("task: classification is now written objective: classification")
+    elif task == "causal_lm":
+        notes.append("task: causal_lm is no longer written (objective: sft is the default)")
+    return out, notes
+
+
+def _settle_objective(out: dict[str, Any], task: str | None) -> None:
+    """Set ``objective`` from what the spec says, in any spelling, if they agree."""
+    claims = []  # (key, as written, the objective it means)
+    if "objective" in out:
+        claims.append(("objective", f"objective: {out['objective']}", out["objective"]))
+    if out.get("method") == "dpo":
+        claims.append(("method", "method: dpo", "dpo"))
+    if task == "classification":
+        claims.append(("task", "task: classification", "classification"))
+    if task == "causal_lm" and out.get("objective") == "classification":
+        _conflict("task", "task: causal_lm", "objective: classification")
+    for key, written, objective in claims[1:]:
+        if objective != claims[0][2]:
+            _conflict(key, written, claims[0][1])
+    if claims:
+        out["objective"] = claims[0][2]
+
+
+def _conflict(key: str, older: str, other: str) -> None:
+    raise PydanticCustomError(
+        "older_spelling",
+        "{older} (an older spelling) contradicts {other}; write one objective, and the "
+        "method that trains",
+        {"key": key, "older": older, "other": other},
+    )
+
+
+Problems = list[tuple[str, str]]
+
+
+def combination_problems(spec: JobSpec) -> Problems:
     """Cross-field checks that a per-field schema cannot express."""
-    problems: list[tuple[str, str]] = []
+    checks = (
+        deepspeed_problems,
+        eval_data_problems,
+        output_problems,
+        adapter_problems,
+        classification_problems,
+        dpo_problems,
+        eval_problems,
+        qlora_problems,
+    )
+    return [problem for check in checks for problem in check(spec)]
+
+
+def deepspeed_problems(spec: JobSpec) -> Problems:
+    """ZeRO stages and offloads that do not go together, or not with ``method``."""
+    problems: Problems = []
     ds = spec.deepspeed
     if ds.offload_params and ds.zero_stage != 3:
         problems.append(
@@ -280,16 +473,29 @@ def combination_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 "optimizer offload needs ZeRO stage 1, 2 or 3; set deepspeed.zero_stage>=1",
             )
         )
-    if spec.weights == "lora" and ds.zero_stage == 3 and ds.offload_params:
+    if spec.method in ADAPTER_METHODS and ds.zero_stage == 3 and ds.offload_params:
         problems.append(
             (
                 "deepspeed.offload_params",
-                "method lora with zero_stage 3 and offload_params is not supported: the frozen "
-                "base weights cannot be partitioned to CPU while PEFT wraps them; use "
-                "zero_stage 2 (LoRA only trains the small adapter) or method full",
+                f"method {spec.method} with zero_stage 3 and offload_params is not supported: "
+                "the frozen base weights cannot be partitioned to CPU while PEFT wraps them; "
+                "use zero_stage 2 (LoRA only trains the small adapter) or method full",
             )
         )
-    if spec.has_eval() is False:
+    if spec.method == "freeze" and ds.offload_params:
+        problems.append(
+            (
+                "deepspeed.offload_params",
+                "method freeze keeps frozen layers in place; parameter offload is for method full",
+            )
+        )
+    return problems
+
+
+def eval_data_problems(spec: JobSpec) -> Problems:
+    """Evaluation settings that need evaluation data, or periodic evaluation."""
+    problems: Problems = []
+    if not spec.has_eval():
         if spec.eval.every_steps is not None:
             problems.append(
                 (
@@ -318,27 +524,21 @@ def combination_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 "give either data.eval (a file) or data.eval_fraction (a split of train), not both",
             )
         )
-    if spec.output.name is not None and not valid_name(spec.output.name):
-        problems.append(
-            (
-                "output.name",
-                f"{spec.output.name!r} is not a valid artifact name: use letters, digits, "
-                "'.', '_', ':' and '-' (at most 128, not starting with '.', ':' or '-')",
-            )
-        )
-    problems += adapter_problems(spec)
-    problems += task_problems(spec)
-    problems += dpo_problems(spec)
-    problems += eval_problems(spec)
-    problems += qlora_problems(spec)
-    if spec.method == "freeze" and spec.deepspeed.offload_params:
-        problems.append(
-            (
-                "deepspeed.offload_params",
-                "method freeze keeps frozen layers in place; parameter offload is for method full",
-            )
-        )
     return problems
+
+
+def output_problems(spec: JobSpec) -> Problems:
+    """``output.name`` must be one safe registry path component."""
+    name = spec.output.name
+    if name is None or valid_name(name):
+        return []
+    return [
+        (
+            "output.name",
+            f"{name!r} is not a valid artifact name: use letters, digits, "
+            "'.', '_', ':' and '-' (at most 128, not starting with '.', ':' or '-')",
+        )
+    ]
 
 
 def eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
@@ -356,11 +556,11 @@ def eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
             )
         )
     if names and spec.objective != "sft":
-        what = "method dpo" if spec.objective == "dpo" else "task classification"
         problems.append(
             (
                 "eval.metrics",
-                f"generation metrics score generated answers of supervised fine-tuning; {what} "
+                "generation metrics score generated answers of supervised fine-tuning; "
+                f"objective {spec.objective} "
                 "reports its own evaluation metrics: leave eval.metrics out",
             )
         )
@@ -383,7 +583,7 @@ def eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
             )
         )
     if general is not None:
-        if spec.task == "classification":
+        if spec.objective == "classification":
             problems.append(
                 (
                     "eval.general",
@@ -430,58 +630,57 @@ def qlora_problems(spec: JobSpec) -> list[tuple[str, str]]:
     ]
 
 
-def dpo_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """What ``method: dpo`` cannot be combined with (``task`` is in :func:`task_problems`)."""
-    problems: list[tuple[str, str]] = []
-    if spec.method != "dpo":
+def dpo_problems(spec: JobSpec) -> Problems:
+    """What ``objective: dpo`` cannot be combined with, and preference rows without it."""
+    if spec.objective != "dpo":
         if spec.data.format == "preference":
-            problems.append(
-                ("data.format", "preference rows (chosen/rejected) train with method dpo")
+            return [("data.format", "preference rows (chosen/rejected) train with objective dpo")]
+        return []
+    problems: Problems = []
+    if spec.method not in ("lora", "full"):
+        problems.append(
+            (
+                "method",
+                f"objective dpo trains method lora (the reference is the base with the adapter "
+                f"disabled) or full (a frozen reference copy), not {spec.method}",
             )
-        return problems
+        )
     if spec.data.packing:
         problems.append(
             (
                 "data.packing",
-                "method dpo compares whole chosen and rejected answers; set data.packing=false",
+                "objective dpo compares whole chosen and rejected answers; set data.packing=false",
             )
         )
     if spec.data.format not in ("auto", "preference"):
         problems.append(
             (
                 "data.format",
-                f"method dpo trains on preference rows, not {spec.data.format}; set "
+                f"objective dpo trains on preference rows, not {spec.data.format}; set "
                 "data.format=preference or auto",
             )
         )
     return problems
 
 
-def task_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """What ``task: classification`` cannot be combined with."""
-    if spec.task != "classification":
+def classification_problems(spec: JobSpec) -> Problems:
+    """What ``objective: classification`` cannot be combined with."""
+    if spec.objective != "classification":
         return []
-    problems: list[tuple[str, str]] = []
+    problems: Problems = []
     if spec.data.packing:
         problems.append(
             (
                 "data.packing",
-                "task classification classifies each row on its own; set data.packing=false",
-            )
-        )
-    if spec.method == "dpo":
-        problems.append(
-            (
-                "method",
-                "method dpo trains a language model on preference pairs; task classification "
-                "takes method lora, full or freeze",
+                "objective classification classifies each row on its own; set data.packing=false",
             )
         )
     if spec.model.adapter is not None:
         problems.append(
             (
                 "model.adapter",
-                "task classification starts a new head on the base model; leave model.adapter out",
+                "objective classification starts a new head on the base model; "
+                "leave model.adapter out",
             )
         )
     labels = spec.classification.labels
@@ -502,7 +701,7 @@ def adapter_problems(spec: JobSpec) -> list[tuple[str, str]]:
         return []
     if not valid_name(name):
         return [("model.adapter", f"{name!r} is not a valid adapter name; give a published name")]
-    if spec.weights != "lora":
+    if spec.method not in ADAPTER_METHODS:
         return [
             (
                 "model.adapter",
@@ -533,9 +732,8 @@ def validate_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
 
 
 def _pydantic_problem(error: dict[str, Any]) -> tuple[str, str]:
-    # Union members add their type name to the location (``data.train.str``); drop them.
-    loc = [str(p) for p in error["loc"] if not _is_type_tag(p)]
-    key = ".".join(loc)
+    ctx = error.get("ctx") or {}
+    key = error_key(error["loc"], JobSpec) or str(ctx.get("key", ""))
     kind = error["type"]
     if kind == "extra_forbidden":
         return key, "unknown key (check the spelling; `rayft validate --schema` lists every key)"
@@ -544,13 +742,6 @@ def _pydantic_problem(error: dict[str, Any]) -> tuple[str, str]:
     given = error.get("input")
     shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
     return key, f"{error['msg']}{shown}"
-
-
-def _is_type_tag(part: Any) -> bool:
-    return isinstance(part, str) and (
-        part in {"str", "int", "float", "bool", "list[str]", "function-after"}
-        or part.startswith(("literal[", "list[", "dict[", "function-"))
-    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -627,21 +818,72 @@ def dump_yaml(spec: JobSpec) -> str:
     return yaml.safe_dump(spec.to_dict(), sort_keys=False)
 
 
-def schema_keys() -> list[str]:
-    """Every dotted key of the schema, for ``rayft validate --schema``."""
+@dataclass(frozen=True)
+class SchemaField:
+    """One leaf key of the job spec, as ``rayft validate --schema`` lists it."""
 
-    def walk(model: type[BaseModel], prefix: str) -> list[str]:
-        keys = []
+    key: str
+    """Dotted key, e.g. ``optim.lr``."""
+    type: str
+    """Accepted values, e.g. ``float``, ``auto|float32|bfloat16|float16``, ``int | None``."""
+    default: str | None
+    """The default as YAML would write it; ``None`` for a required key."""
+    description: str
+    """What the key does (the field's docstring)."""
+
+
+def schema_fields() -> list[SchemaField]:
+    """Every leaf key of the schema with its type, default and description."""
+
+    def walk(model: type[BaseModel], prefix: str) -> list[SchemaField]:
+        rows: list[SchemaField] = []
         for name, field in model.model_fields.items():
-            ann = field.annotation
-            sub = _section_type(ann)
+            sub = _section_type(field.annotation)
             if sub is not None:
-                keys += walk(sub, f"{prefix}{name}.")
-            else:
-                keys.append(f"{prefix}{name}")
-        return keys
+                rows += walk(sub, f"{prefix}{name}.")
+                continue
+            default = None if field.is_required() else field.get_default(call_default_factory=True)
+            rows.append(
+                SchemaField(
+                    key=f"{prefix}{name}",
+                    type=_type_text(field.annotation),
+                    default=None if field.is_required() else _yaml_value(default),
+                    description=" ".join((field.description or "").split()),
+                )
+            )
+        return rows
 
     return walk(JobSpec, "")
+
+
+def schema_keys() -> list[str]:
+    """Every dotted key of the schema, for ``rayft validate --schema``."""
+    return [row.key for row in schema_fields()]
+
+
+def _type_text(ann: Any) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is typing.Union or origin is types.UnionType:
+        return " | ".join(_type_text(a) for a in args)
+    if ann is type(None):
+        return "None"
+    if args:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_text(a) for a in args)}]"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _yaml_value(value: Any) -> str:
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=1000)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )
 
 
 def _section_type(ann: Any) -> type[BaseModel] | None:

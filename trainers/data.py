@@ -27,21 +27,25 @@ import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from rayft.trainers.formats import (
     FORMATS,
     PREFERENCE_FIELDS,
+    ChatTemplateError,
     RowError,
     check_row,
     detect_format,
     tokenize_example,
 )
-from rayft.trainers.packing import collate, pack_examples
+from rayft.trainers.loss import IGNORE_INDEX
+from rayft.trainers.models import resolve_model
+from rayft.trainers.packing import collate, first_fit_decreasing, pack_examples
+from rayft.trainers.storage import StorageRoot, is_uri, local_path
 from rayft.trainers.storage import filesystem as _filesystem
-from rayft.trainers.storage import is_uri, local_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -727,6 +731,11 @@ def _tokenized(
     )
 
 
+def pack_group_count(expected_rows: int) -> int:
+    """How many groups shuffled packing draws its rows from (about ``PACK_GROUP_ROWS`` each)."""
+    return max(1, round(expected_rows / PACK_GROUP_ROWS))
+
+
 def _prepare(
     rows: ray.data.Dataset,
     spec: JobSpec,
@@ -752,7 +761,7 @@ def _prepare(
     max_seq_len = spec.data.max_seq_len
     packing = spec.data.packing
     seed = spec.optim.seed if shuffle else None
-    groups = max(1, round(expected_rows / PACK_GROUP_ROWS)) if shuffle and packing else 0
+    groups = pack_group_count(expected_rows) if shuffle and packing else 0
     tokens = _tokenized(rows, spec, fmt, tokenizer_dir, seed, groups)
     if not packing:
         if shuffle:
@@ -837,7 +846,9 @@ class SourceScan:
     eval: list[SourceReport]
     format: str
     labels: list[str] = field(default_factory=list)
-    """task classification: the distinct labels of every row, in class-id order."""
+    """objective classification: the distinct labels of every row, in class-id order."""
+    rows: RowScan | None = None
+    """Every row tokenized as training will tokenize it (``scan_rows``)."""
 
 
 def _first_row_at(path: str) -> str:
@@ -851,39 +862,365 @@ def _first_row_at(path: str) -> str:
 
 
 def _check_objective_format(objective: str, reports: list[SourceReport]) -> None:
-    """Preference rows train with ``method: dpo``, and ``method: dpo`` only with them."""
+    """Preference rows train with ``objective: dpo``, and ``objective: dpo`` only with them."""
     for report in reports:
         if objective == "dpo" and report.format != "preference":
             raise DataError(
-                f"{_first_row_at(report.path)}: method dpo needs preference rows ('prompt', "
+                f"{_first_row_at(report.path)}: objective dpo needs preference rows ('prompt', "
                 "'chosen', 'rejected', or OpenAI's 'input', 'preferred_output', "
                 f"'non_preferred_output'), got a {report.format} row; give preference data "
-                "or choose another method"
+                "or choose another objective"
             )
         if objective != "dpo" and report.format == "preference":
             raise DataError(
                 f"{_first_row_at(report.path)}: a preference row (chosen/rejected) trains with "
-                "method: dpo; set method=dpo, or give rows with one answer each"
+                "objective: dpo; set objective=dpo, or give rows with one answer each"
             )
 
 
-def scan_sources(spec: JobSpec) -> SourceScan:
-    """Scan every train and eval file of ``spec`` (each read once, nothing from Ray).
+# ---------------------------------------------------------------- lengths
+
+
+UNCUT_LEN = 1 << 30
+"""``data.max_seq_len`` of the row tokenizer that measures rows whole."""
+SCAN_ROWS_MAX = 200_000
+"""Rows ``scan_rows`` tokenizes at most; the counts of a larger dataset cover its first rows."""
+
+
+@dataclass(frozen=True)
+class RowCounts:
+    """One split's rows, tokenized by the run's row tokenizer at ``data.max_seq_len``."""
+
+    rows: int = 0
+    kept: int = 0
+    """Rows with at least one labelled token left: the ones that train."""
+    dropped: int = 0
+    """Rows that lose every label to truncation (the prompt fills ``data.max_seq_len``)."""
+    unlabelled: int = 0
+    """Rows with no labelled token even whole (e.g. an empty answer)."""
+    truncated: int = 0
+    """Kept rows cut to ``data.max_seq_len``."""
+    longest: int = 0
+    """Tokens of the longest row, whole (a preference pair: prompt + its longer answer)."""
+    prompt_range: tuple[int, int] | None = None
+    """Fewest and most tokens before the first label, over the dropped rows."""
+
+
+@dataclass(frozen=True)
+class RowScan:
+    """What tokenizing every row found: per split, and what packing makes of train."""
+
+    max_seq_len: int
+    train: RowCounts
+    eval: RowCounts
+    packed_rows: int | None = None
+    """``data.packing``: the packed training rows, when so few that it matters (fewer
+    tokens than ``scaling.num_workers`` full rows); ``None`` otherwise."""
+    template: str = ""
+    """How prompts are rendered, for messages (e.g. "with the chat template")."""
+    complete: bool = True
+    """False when only the first ``SCAN_ROWS_MAX`` rows were tokenized."""
+
+    @property
+    def notice(self) -> str | None:
+        """One line when rows are dropped or truncated, else ``None``."""
+        train = self.train
+        parts = []
+        if train.dropped:
+            low, high = train.prompt_range or (0, 0)
+            parts.append(
+                f"{train.dropped} of {train.rows} training rows lose every label at "
+                f"data.max_seq_len={self.max_seq_len} (prompts of {_span(low, high)} tokens"
+                f"{self.template}) and are dropped"
+            )
+        if train.unlabelled:
+            parts.append(
+                f"{train.unlabelled} of {train.rows} training rows have no labelled token at "
+                "all and are dropped"
+            )
+        if train.truncated:
+            parts.append(f"{train.truncated} of {train.rows} training rows are truncated")
+        if not parts:
+            return None
+        first = "" if self.complete else f" (in the first {SCAN_ROWS_MAX} rows)"
+        return (
+            f"[rayft] data{first}: {'; '.join(parts)}; the longest row has {train.longest} "
+            f"tokens (data.max_seq_len ≥ {train.longest} keeps every row whole)"
+        )
+
+
+class _Tally:
+    """Counts one split's rows as they are tokenized (see ``RowCounts``)."""
+
+    def __init__(self, keep_lengths: int) -> None:
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("rows", "kept", "dropped", "unlabelled", "truncated", "longest"), 0
+        )
+        self.prompts: list[int] = []
+        self.tokens = 0
+        self.keep_lengths = keep_lengths
+        self.lengths: list[tuple[str, int]] = []
+        """Kept rows' (sample id, tokens), while the split has fewer than ``keep_lengths``."""
+
+    def add(self, sample_id: str, cut: dict | None, whole: dict | None) -> None:
+        counts = self.counts
+        counts["rows"] += 1
+        counts["longest"] = max(counts["longest"], _tokens(whole or cut))
+        if cut is None:
+            if whole is None:
+                counts["unlabelled"] += 1
+                return
+            counts["dropped"] += 1
+            start = _label_start(whole)
+            self.prompts = [min(self.prompts + [start]), max(self.prompts + [start])]
+            return
+        counts["kept"] += 1
+        counts["truncated"] += bool(cut["truncated"])
+        length = _tokens(cut)
+        self.tokens += length
+        if self.tokens < self.keep_lengths:
+            self.lengths.append((sample_id, length))
+        else:
+            self.lengths = []
+
+    def result(self) -> RowCounts:
+        span = (self.prompts[0], self.prompts[1]) if self.prompts else None
+        return RowCounts(**self.counts, prompt_range=span)
+
+
+def _tokens(example: dict | None) -> int:
+    if example is None:
+        return 0
+    rejected = example.get("rejected_input_ids") or []
+    return max(len(example["input_ids"]), len(rejected))
+
+
+def _label_start(example: dict) -> int:
+    """Tokens before the first label the model predicts (labels[0] never is)."""
+    labels = example["labels"]
+    return next((i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX), len(labels))
+
+
+def _span(low: int, high: int) -> str:
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def iter_rows(path: str) -> Iterator[dict[str, Any]]:
+    """The rows of a source already checked by ``scan_source``, in file order."""
+    kind = _source_kind(path)
+    if kind == "jsonl" or (kind == "json" and not _json_is_array(path)):
+        for raw in _iter_lines(path, hashlib.sha256()):
+            line = raw.decode("utf-8").lstrip("\ufeff")
+            if line.strip():
+                yield json.loads(line)
+        return
+    if kind == "json":
+        fs, inner = _filesystem(path)
+        with fs.open_input_stream(inner) as stream:
+            yield from json.loads(stream.read().decode("utf-8").lstrip("\ufeff"))
+        return
+    batches = {"parquet": _parquet_batches, "csv": _csv_batches}
+    source = batches[kind](path, "auto") if kind in batches else _hf_batches(path)
+    for batch in source:
+        yield from batch.to_pylist()
+
+
+def _template_note(tokenizer: Any, fmt: str) -> str:
+    """How prompts are rendered, for messages: the chat template, and whether it adds a
+    system prompt to rows that have none."""
+    from rayft.trainers.formats import _render
+
+    if fmt == "text" or not getattr(tokenizer, "chat_template", None):
+        return ""
+    try:
+        bare = _render(tokenizer, [{"role": "user", "content": "x"}], True)
+    except Exception:  # noqa: BLE001 - the note is only a hint
+        return " with the chat template"
+    if "system" in bare.lower():
+        return " with the chat template, which adds a default system prompt to rows without one"
+    return " with the chat template"
+
+
+def scan_rows(spec: JobSpec, scan: SourceScan, tokenizer_dir: str | None) -> RowScan:
+    """Tokenize every row as the run's row tokenizer will, and count what it keeps.
+
+    Each row of ``data.train`` (and of the eval data: ``data.eval``, or the
+    ``data.eval_fraction`` split of train, by the same sample ids as ``build_datasets``)
+    goes through ``objective_for(spec).row_tokenizer(spec)`` with the base model's
+    tokenizer, chat template included; a dropped or truncated row is tokenized again
+    whole to measure what it needs. Task classification loses no label to truncation:
+    its rows are counted, not tokenized.
+
+    Cost: one more pass over the files and one tokenization per row, on the driver, the
+    same work Ray Data's tokenize tasks do: with a chat template, rendering dominates
+    (about 3 ms per short row on one busy CPU core with ``tiny-llama``'s tokenizer, so
+    ~20 s per 10k rows). At most ``SCAN_ROWS_MAX`` rows are tokenized; the counts of a
+    larger dataset cover its first rows (``RowScan.complete`` is false). Memory holds
+    one row at a time.
+
+    Args:
+        spec: The job spec.
+        scan: What ``scan_sources`` found in the files (their format).
+        tokenizer_dir: The base model's directory; ``None`` resolves ``spec.model.name``
+            as the run will (``trainers.models.resolve_model``).
+    """
+    from rayft.trainers.objectives import objective_for
+
+    data = spec.data
+    classifying = scan.format == "classification"
+    tokenizer = cut = whole = None
+    if not classifying:
+        if tokenizer_dir is None:
+            root = StorageRoot.resolve(spec.storage)
+            tokenizer_dir = str(resolve_model(spec.model.name, root.models, root))
+        try:
+            tokenizer = load_tokenizer(tokenizer_dir)
+        except Exception as err:  # noqa: BLE001 - any loader failure means the same thing
+            raise DataError(f"cannot load a tokenizer from {tokenizer_dir} ({err})") from None
+        objective = objective_for(spec)
+        cut = objective.row_tokenizer(spec)
+        uncut = spec.model_copy(update={"data": data.model_copy(update={"max_seq_len": UNCUT_LEN})})
+        whole = objective.row_tokenizer(uncut)
+    budget = spec.scaling.num_workers * data.max_seq_len if data.packing else 0
+    train, held_out = _Tally(budget), _Tally(0)
+    split = data.eval_fraction if not scan.eval else 0.0
+    measured = 0
+    for role, path, row in _tagged_rows(scan):
+        if measured == SCAN_ROWS_MAX:
+            break
+        measured += 1
+        sample_id = _sample_id(_canonical(row, scan.format))
+        tally = held_out if role == "eval" or in_eval_split(sample_id, split) else train
+        if cut is None:
+            tally.add(sample_id, {"input_ids": [], "truncated": False}, None)
+            continue
+        try:
+            example = cut(row, scan.format, tokenizer)
+            full = None
+            if example is None or example["truncated"]:
+                full = whole(row, scan.format, tokenizer)
+        except ChatTemplateError as err:
+            raise DataError(
+                f"{path}: cannot tokenize {scan.format} rows with {tokenizer_dir}: {err}"
+            ) from None
+        tally.add(sample_id, example, full)
+    packed = None
+    if train.lengths:
+        expected = int(sum(r.rows for r in scan.train) * (1 - split))
+        packed = _packed_rows(train.lengths, spec, expected)
+    return RowScan(
+        data.max_seq_len,
+        train.result(),
+        held_out.result(),
+        packed,
+        _template_note(tokenizer, scan.format) if tokenizer is not None else "",
+        complete=measured < SCAN_ROWS_MAX,
+    )
+
+
+def _tagged_rows(scan: SourceScan) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for role, reports in (("train", scan.train), ("eval", scan.eval)):
+        for report in reports:
+            for row in iter_rows(report.path):
+                yield role, report.path, row
+
+
+def _packed_rows(kept: list[tuple[str, int]], spec: JobSpec, expected_rows: int) -> int:
+    """Rows that packing makes of the kept samples, grouped as ``_prepare`` groups them."""
+    max_seq_len = spec.data.max_seq_len
+    if spec.data.shuffle:
+        count = pack_group_count(expected_rows)
+        groups: dict[int, list[int]] = {}
+        for sample_id, length in kept:
+            key = _shuffle_key(spec.optim.seed, sample_id)
+            groups.setdefault(int(_unit_hash(key) * count), []).append(length)
+        chunks = list(groups.values())
+    else:
+        lengths = [length for _, length in kept]
+        chunks = [lengths[i : i + PACK_GROUP_ROWS] for i in range(0, len(lengths), PACK_GROUP_ROWS)]
+    return sum(len(first_fit_decreasing(chunk, max_seq_len)) for chunk in chunks)
+
+
+def check_trainable(spec: JobSpec, rows: RowScan) -> None:
+    """Refuse data that would train on nothing, or leave a worker an empty shard.
 
     Raises:
-        DataError: A source is missing or malformed, or the sources are in different
-            formats.
+        DataError: No training row keeps a label; fewer kept rows (or packed rows) than
+            ``scaling.num_workers``; or eval data in which no row keeps a label. The
+            message names ``data.max_seq_len`` and the length the rows need.
+    """
+    train, workers = rows.train, spec.scaling.num_workers
+    msl = rows.max_seq_len
+    if train.kept == 0:
+        raise DataError(_nothing_left("training", train, rows))
+    if train.kept < workers:
+        cut = ""
+        if train.dropped:
+            cut = (
+                f" ({train.dropped} of {train.rows} lose every label at data.max_seq_len={msl}; "
+                f"data.max_seq_len ≥ {train.longest} keeps them)"
+            )
+        raise DataError(
+            f"only {train.kept} training row(s) keep a label{cut}, fewer than "
+            f"scaling.num_workers={workers}: every worker needs at least one row; set "
+            f"scaling.num_workers ≤ {train.kept} or add rows to data.train"
+        )
+    if rows.packed_rows is not None and rows.packed_rows < workers:
+        raise DataError(
+            f"the {train.kept} training rows pack into {rows.packed_rows} sequence(s) of "
+            f"data.max_seq_len={msl} tokens (data.packing), fewer than "
+            f"scaling.num_workers={workers}: every worker needs at least one; set "
+            f"scaling.num_workers ≤ {rows.packed_rows}, data.packing=false, or add rows"
+        )
+    if rows.eval.rows and rows.eval.kept == 0:
+        raise DataError(_nothing_left("eval", rows.eval, rows))
+
+
+def _nothing_left(split: str, counts: RowCounts, rows: RowScan) -> str:
+    msl = rows.max_seq_len
+    if counts.dropped == 0:
+        return (
+            f"no {split} row has a labelled token (every answer is empty); give rows with "
+            "a non-empty completion/assistant turn"
+        )
+    low, high = counts.prompt_range or (0, 0)
+    empty = (
+        f" ({counts.unlabelled} more have no labelled token at all)" if counts.unlabelled else ""
+    )
+    return (
+        f"every {split} completion is cut away: prompts render to {_span(low, high)} tokens"
+        f"{rows.template}, data.max_seq_len is {msl}{empty}; the rows need up to "
+        f"{counts.longest} tokens: set data.max_seq_len ≥ {counts.longest}"
+    )
+
+
+def scan_sources(spec: JobSpec, tokenizer_dir: str | None = None) -> SourceScan:
+    """Scan every train and eval file of ``spec`` and tokenize its rows (nothing from Ray).
+
+    The files are checked row by row (``scan_source``), then every row is tokenized as
+    training will tokenize it (``scan_rows``; its docstring gives the cost). Rows that
+    lose every label or are truncated are counted in ``SourceScan.rows`` and said in one
+    line on stderr.
+
+    Args:
+        spec: The job spec.
+        tokenizer_dir: The base model's directory, when the caller has it; else
+            ``spec.model.name`` is resolved here (from the model cache, without Ray).
+
+    Raises:
+        DataError: A source is missing or malformed, the sources are in different
+            formats, or the rows cannot train (``check_trainable``).
     """
     data = spec.data
     train_paths, eval_paths = _as_list(data.train), _as_list(data.eval)
     if not train_paths:
         raise DataError("data.train lists no files; give at least one")
-    classifying = spec.task == "classification"
+    classifying = spec.objective == "classification"
     found: set[str] = set()
 
     def scan(path: str) -> SourceReport:
         if classifying:
-            # task classification reads its own columns whatever data.format says.
+            # objective classification reads its own columns whatever data.format says.
             return scan_source(path, "classification", spec.classification, found)
         return scan_source(path, data.format)
 
@@ -900,8 +1237,14 @@ def scan_sources(spec: JobSpec) -> SourceScan:
     if classifying:
         from rayft.trainers.classification import sorted_labels
 
-        return SourceScan(train_reports, eval_reports, formats.pop(), sorted_labels(found))
-    return SourceScan(train_reports, eval_reports, formats.pop())
+        scan = SourceScan(train_reports, eval_reports, formats.pop(), sorted_labels(found))
+    else:
+        scan = SourceScan(train_reports, eval_reports, formats.pop())
+    rows = scan_rows(spec, scan, tokenizer_dir)
+    check_trainable(spec, rows)
+    if rows.notice:
+        print(rows.notice, file=sys.stderr, flush=True)
+    return replace(scan, rows=rows)
 
 
 def build_datasets(
@@ -928,7 +1271,7 @@ def build_datasets(
             the sources are in different formats.
     """
     data = spec.data
-    scanned = scanned or scan_sources(spec)
+    scanned = scanned or scan_sources(spec, tokenizer_dir)
     train_paths, eval_paths = _as_list(data.train), _as_list(data.eval)
     train_reports, eval_reports, fmt = scanned.train, scanned.eval, scanned.format
     reports = train_reports + eval_reports

@@ -1,4 +1,4 @@
-"""Direct preference optimisation (DPO, Rafailov et al. 2023): ``method: dpo``.
+"""Direct preference optimisation (DPO, Rafailov et al. 2023): ``objective: dpo``.
 
 A preference row is a prompt with a chosen and a rejected answer
 (``trainers.formats.preference_pair``). Each pair is tokenized into the chosen sequence
@@ -234,7 +234,7 @@ def _module(engine: Any) -> Any:
 
 
 class DpoObjective(Objective):
-    """``method: dpo``: the DPO loss against a frozen reference; reward metrics at eval."""
+    """``objective: dpo``: the DPO loss against a frozen reference; reward metrics at eval."""
 
     eval_keys = ("loss_sum", "pairs", "correct", "margin_sum", "chosen_sum", "rejected_sum")
 
@@ -251,7 +251,7 @@ class DpoObjective(Objective):
 
         def tokenize(row: dict[str, Any], fmt: str, tokenizer: Any) -> dict[str, Any] | None:
             if fmt != "preference":
-                raise RowError(f"method dpo trains on preference rows, got {fmt} rows")
+                raise RowError(f"objective dpo trains on preference rows, got {fmt} rows")
             return preference_tokens(row, tokenizer, max_seq_len)
 
         return tokenize
@@ -273,7 +273,7 @@ class DpoObjective(Objective):
         """Build the reference: a frozen DeepSpeed engine (full weights) or, continuing a
         published adapter, that adapter loaded again as the frozen adapter ``ref``."""
         spec = worker.spec
-        if spec.weights == "full":
+        if spec.method == "full":
             self.reference = reference_engine(self, worker)
         elif worker.inputs.parent_adapter is not None:
             module = _module(worker.engine)

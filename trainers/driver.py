@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from rayft.trainers.config import ConfigError, JobSpec, validate_spec
+from rayft.trainers.config import ADAPTER_METHODS, ConfigError, JobSpec, validate_spec
 from rayft.trainers.records import (
     FAILED,
     FINISHED,
@@ -29,7 +29,12 @@ from rayft.trainers.records import (
     read_record,
 )
 from rayft.trainers.registry import artifact_location
-from rayft.trainers.storage import StorageRoot
+from rayft.trainers.startup import (
+    CONTROLLER_FAILURE_LIMIT,
+    bounded_worker_start,
+    wait_for_data_cpu,
+)
+from rayft.trainers.storage import MANIFEST_FILE, StorageRoot, run_relpath
 
 __all__ = ["SPEC_FILE", "TrainOutcome", "artifact_location", "new_run_id", "run_training"]
 
@@ -63,11 +68,11 @@ def load_run_spec(run_id: str, storage: StorageRoot | str | None = None) -> JobS
     With a URI root the spec is read from the URI (the run may have started elsewhere).
     """
     root = StorageRoot.resolve(storage)
-    relpath = f"runs/{run_id}/{SPEC_FILE}"
+    relpath = run_relpath(run_id, SPEC_FILE)
     raw = root.read(relpath)
     if raw is None:
         raise ConfigError(
-            [("", f"no run {run_id!r}: {root.url(f'runs/{run_id}')} has no {SPEC_FILE}")]
+            [("", f"no run {run_id!r}: {root.url(run_relpath(run_id))} has no {SPEC_FILE}")]
         )
     return validate_spec(yaml.safe_load(raw.decode()), source=root.url(relpath))
 
@@ -75,9 +80,8 @@ def load_run_spec(run_id: str, storage: StorageRoot | str | None = None) -> JobS
 def run_recorded(run_id: str, storage: StorageRoot | str | None = None) -> bool:
     """True when a run of that id was started before (its spec is in storage)."""
     root = StorageRoot.resolve(storage)
-    return root.path(f"runs/{run_id}/{SPEC_FILE}").is_file() or (
-        root.is_remote and root.read(f"runs/{run_id}/{SPEC_FILE}") is not None
-    )
+    relpath = run_relpath(run_id, SPEC_FILE)
+    return root.path(relpath).is_file() or (root.is_remote and root.read(relpath) is not None)
 
 
 def plan_steps(spec: JobSpec, train_rows: int, world: int) -> int:
@@ -166,6 +170,7 @@ def run_training(
     callbacks: list[Any] | None = None,
     start_from: Any = None,
     scanned: Any = None,
+    publish: bool = True,
 ) -> TrainOutcome:
     """Fine-tune according to ``spec`` on the connected Ray cluster and publish the result.
 
@@ -185,32 +190,25 @@ def run_training(
             Population-based training passes the checkpoint of the trial it exploits.
         scanned: ``trainers.data.scan_sources(spec)`` when the caller already scanned the
             data (``rayft train`` does, before it starts Ray), so no file is read twice.
+        publish: Publish the artifact under ``output.name``. Without, the export stays in
+            the final checkpoint and the manifest it would carry is written to the run's
+            directory (``rayft.json``): a sweep publishes only its best trial.
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from rayft.trainers.data import build_datasets
     from rayft.trainers.lineage import resolve_parent
-    from rayft.trainers.loop import WorkerInputs, train_loop_per_worker
-    from rayft.trainers.methods import resolve_dtype
+    from rayft.trainers.loop import WorkerInputs
     from rayft.trainers.models import resolve_model
     from rayft.trainers.progress import ConsoleProgress, ProgressSink, sink_name
     from rayft.trainers.registry import check_publishable
-    from rayft.trainers.restarts import failure_notices
 
     root = StorageRoot.resolve(spec.storage)
     run_id = run_id or new_run_id(spec.output.name or spec.method)
     name = spec.output.name or run_id
-    kind = "adapter" if spec.weights == "lora" else "model"
+    kind = "adapter" if spec.method in ADAPTER_METHODS else "model"
     if not resume:
         check_publishable(kind, name, spec.output.overwrite, root)
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = bool(cluster_gpus) if spec.scaling.use_gpu == "auto" else bool(spec.scaling.use_gpu)
-    try:
-        dtype = resolve_dtype(spec.model.dtype, use_gpu)
-    except ValueError as err:
-        raise ConfigError([("model.dtype", str(err))]) from None
+    use_gpu, dtype = _placement(spec)
     model_dir = resolve_model(spec.model.name, root.models, root)
     check_model_fits(spec, model_dir)
     parent = resolve_parent(spec, root, model_dir)
@@ -219,32 +217,9 @@ def run_training(
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False  # rayft prints its own one-line data summary
-    say(
-        f"[rayft] run {run_id}: {spec.method} fine-tune of {spec.model.name} "
-        f"on {spec.scaling.num_workers} worker(s), ZeRO-{spec.deepspeed.zero_stage}, {dtype}"
-    )
-    if parent is not None:
-        say(f"[rayft] continuing adapter {parent.name} (version {parent.version})")
-        for line in parent.lora_notes(spec):
-            say(line)
-    if spec.task == "classification":
-        from rayft.trainers.classification import with_labels
-        from rayft.trainers.data import scan_sources
-
-        # The scan finds the labels; the run's spec carries them from here on, so the
-        # workers, checkpoints and rayft.json share one id -> label map.
-        scanned = scanned or scan_sources(spec)
-        spec = with_labels(spec, scanned.labels)
-        say(f"[rayft] classification labels: {', '.join(spec.classification.labels or [])}")
-    prepared = build_datasets(spec, str(model_dir), scanned)
-    train_ds = prepared.train.materialize()
+    _announce(say, spec, run_id, dtype, parent)
+    spec, prepared, train_ds, eval_ds = _prepare_data(spec, model_dir, scanned, say)
     train_rows = train_ds.count()
-    eval_ds = prepared.eval.materialize() if prepared.eval is not None else None
-    say(
-        f"[rayft] data: {train_rows} training rows ({prepared.format}, "
-        f"{'packed' if spec.data.packing else 'unpacked'}), "
-        f"{eval_ds.count() if eval_ds is not None else 0} eval rows; {prepared.summary}"
-    )
     total_steps = plan_steps(spec, train_rows, spec.scaling.num_workers)
     general = general_examples(spec, model_dir)
 
@@ -266,26 +241,139 @@ def run_training(
         parent_adapter=parent,
         general=general,
     )
+    trainer = _torch_trainer(spec, root, run_id, inputs, train_ds, eval_ds, callbacks)
+    progress = ConsoleProgress(enabled=show_progress)
+    with bounded_worker_start(spec):  # fails after scaling.start_timeout_s
+        result = _fit_with_progress(trainer, sink, progress, runlog)
+    try:
+        artifact = _publish(
+            spec, root, run_id, name, kind, result, prepared, model_dir, parent, publish
+        )
+    except Exception as err:  # e.g. an artifact that would not serve: nothing was published
+        runlog.event("error", error=type(err).__name__, message=str(err)[:2000])
+        runlog.state(FAILED, failed_at=time.time())
+        raise
+    metrics = dict(result.metrics or {})
+    location = artifact_location(kind, name, root, artifact)
+    if location is not None:
+        runlog.event("artifact", kind=kind, name=name, location=location)
+    runlog.state(
+        FINISHED,
+        finished_at=time.time(),
+        metrics=metrics,
+        artifact=location,
+        checkpoint=result.checkpoint.path,
+    )
+    history = _history_from(result)
+    _say_general(say, result)
+    what = f"published: {location}" if location is not None else "exported, not published"
+    say(f"[rayft] {kind} {what}  (checkpoints: {result.checkpoint.path})")
+    return TrainOutcome(run_id, metrics, artifact, result.checkpoint.path, history)
+
+
+def _placement(spec: JobSpec) -> tuple[bool, Any]:
+    """Whether the workers use GPUs (``scaling.use_gpu``, or the cluster's for ``auto``) and
+    the dtype they compute in.
+
+    Raises:
+        ConfigError: ``model.dtype`` is not available on that device.
+    """
+    import ray
+
+    from rayft.trainers.methods import resolve_dtype
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = bool(cluster_gpus) if spec.scaling.use_gpu == "auto" else bool(spec.scaling.use_gpu)
+    try:
+        return use_gpu, resolve_dtype(spec.model.dtype, use_gpu)
+    except ValueError as err:
+        raise ConfigError([("model.dtype", str(err))]) from None
+
+
+def _announce(say: Any, spec: JobSpec, run_id: str, dtype: Any, parent: Any) -> None:
+    """The run's first lines: what is trained on how many workers, and the parent adapter."""
+    what = spec.method if spec.objective == "sft" else f"{spec.objective} {spec.method}"
+    say(
+        f"[rayft] run {run_id}: {what} fine-tune of {spec.model.name} "
+        f"on {spec.scaling.num_workers} worker(s), ZeRO-{spec.deepspeed.zero_stage}, {dtype}"
+    )
+    if parent is not None:
+        say(f"[rayft] continuing adapter {parent.name} (version {parent.version})")
+        for line in parent.lora_notes(spec):
+            say(line)
+
+
+def _prepare_data(spec: JobSpec, model_dir: Path, scanned: Any, say: Any) -> tuple:
+    """The run's datasets, materialized: ``(spec, prepared, train_ds, eval_ds)``.
+
+    For classification the returned spec carries the labels the scan found.
+    """
+    from rayft.trainers.data import build_datasets
+
+    if spec.objective == "classification":
+        from rayft.trainers.classification import with_labels
+        from rayft.trainers.data import scan_sources
+
+        # The scan finds the labels; the run's spec carries them from here on, so the
+        # workers, checkpoints and rayft.json share one id -> label map.
+        scanned = scanned or scan_sources(spec)
+        spec = with_labels(spec, scanned.labels)
+        say(f"[rayft] classification labels: {', '.join(spec.classification.labels or [])}")
+    prepared = build_datasets(spec, str(model_dir), scanned)
+    wait_for_data_cpu(spec.scaling.start_timeout_s, say)
+    train_ds = prepared.train.materialize()
+    eval_ds = prepared.eval.materialize() if prepared.eval is not None else None
+    say(
+        f"[rayft] data: {train_ds.count()} training rows ({prepared.format}, "
+        f"{'packed' if spec.data.packing else 'unpacked'}), "
+        f"{eval_ds.count() if eval_ds is not None else 0} eval rows; {prepared.summary}"
+    )
+    return spec, prepared, train_ds, eval_ds
+
+
+def _torch_trainer(
+    spec: JobSpec,
+    root: StorageRoot,
+    run_id: str,
+    inputs: Any,
+    train_ds: Any,
+    eval_ds: Any,
+    callbacks: list[Any] | None,
+) -> Any:
+    """The ``TorchTrainer`` that runs the per-worker loop over the run's datasets."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayft.trainers.loop import train_loop_per_worker
+    from rayft.trainers.progress import sink_name
+    from rayft.trainers.restarts import failure_notices
+
     resources = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}
-    if use_gpu:
+    if inputs.use_gpu:
         resources["GPU"] = 1
     datasets = {"train": train_ds}
     if eval_ds is not None:
         datasets["eval"] = eval_ds
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same data order on every run and resume
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.to_dict(), "inputs": inputs},
         scaling_config=ScalingConfig(
-            num_workers=spec.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=spec.scaling.num_workers,
+            use_gpu=inputs.use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=run_id,
             storage_path=root.runs,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             # A lost worker restarts the group from the newest verified checkpoint.
-            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            failure_config=FailureConfig(
+                max_failures=spec.scaling.max_failures,
+                controller_failure_limit=CONTROLLER_FAILURE_LIMIT,
+            ),
             worker_runtime_env=worker_runtime_env(spec.scaling.allocator),
             callbacks=[
                 *(callbacks or []),
@@ -296,22 +384,6 @@ def run_training(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], enable_shard_locality=False),
     )
-    progress = ConsoleProgress(enabled=show_progress)
-    result = _fit_with_progress(trainer, sink, progress, runlog)
-    try:
-        artifact = _publish(spec, root, run_id, name, kind, result, prepared, model_dir, parent)
-    except Exception as err:  # e.g. an artifact that would not serve: nothing was published
-        runlog.event("error", error=type(err).__name__, message=str(err)[:2000])
-        runlog.state(FAILED, failed_at=time.time())
-        raise
-    metrics = dict(result.metrics or {})
-    location = artifact_location(kind, name, root, artifact)
-    runlog.event("artifact", kind=kind, name=name, location=location)
-    runlog.state(FINISHED, finished_at=time.time(), metrics=metrics, artifact=location)
-    history = _history_from(result)
-    _say_general(say, result)
-    say(f"[rayft] {kind} published: {location}  (checkpoints: {result.checkpoint.path})")
-    return TrainOutcome(run_id, metrics, artifact, result.checkpoint.path, history)
 
 
 def _start_record(
@@ -325,7 +397,7 @@ def _start_record(
 ) -> RunLog:
     """Write the run's spec (a new run) and record, and its first events."""
     if not resume:
-        root.write(f"runs/{run_id}/{SPEC_FILE}", yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        root.write(run_relpath(run_id, SPEC_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False))
     runlog = RunLog(root, run_id)
     runlog.record = read_record(root, run_id) if resume else {}
     runlog.start(
@@ -425,41 +497,47 @@ def _publish(
     prepared,
     model_dir,
     parent=None,
-) -> Path:
+    publish: bool = True,
+) -> Path | None:
     """Publish the final checkpoint's export: its files are copied once, into the registry.
 
     ``publish_dir`` first checks the export serves on ``model_dir`` and records the base's
-    weights fingerprint; ``parent`` is the adapter a continued run started from.
+    weights fingerprint; ``parent`` is the adapter a continued run started from. Without
+    ``publish`` only the manifest is written, to ``runs/<run_id>/rayft.json``.
     """
     from rayft.trainers.loop import EXPORT_DIR, TRAINER_STATE
-    from rayft.trainers.registry import publish_dir
+    from rayft.trainers.registry import ArtifactManifest, publish_dir
 
     with result.checkpoint.as_directory() as ckpt:
         export = Path(ckpt) / EXPORT_DIR
         if not export.is_dir():
             raise RuntimeError(f"run {run_id} finished without an exported artifact in {ckpt}")
         state = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
-        manifest = {
-            "base_model": spec.model.name,
-            "base_model_path": str(model_dir),
-            "method": spec.method,
-            "task": spec.task,
-            "run_id": run_id,
-            "spec": spec.to_dict(),
-            "dataset_sha256": prepared.fingerprint,
-            "datasets": [r.__dict__ for r in prepared.reports],
-            "metrics": {
+        manifest = ArtifactManifest(
+            kind=kind,
+            name=name,
+            base_model=spec.model.name,
+            base_model_path=str(model_dir),
+            objective=spec.objective,
+            method=spec.method,
+            task=spec.older_keys()["task"],  # for readers that know only `task`
+            run_id=run_id,
+            spec=spec.to_dict(),
+            dataset_sha256=prepared.fingerprint,
+            datasets=[r.__dict__ for r in prepared.reports],
+            metrics={
                 k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
             },
-            "steps": state["step"],
-            "stopped_early": state["stopped_early"],
-            "history": state["history"],
-            "parent_adapter": parent.record() if parent is not None else None,
-        }
-        if state.get("general"):
-            manifest["general"] = state["general"]  # eval.general: before, after, delta
-        if spec.task == "classification":
-            manifest["labels"] = spec.classification.labels
+            steps=state["step"],
+            stopped_early=state["stopped_early"],
+            history=state["history"],
+            parent_adapter=parent.record() if parent is not None else None,
+            general=state.get("general") or None,  # eval.general: before, after, delta
+            labels=spec.classification.labels if spec.objective == "classification" else None,
+        )
+        if not publish:
+            root.write(run_relpath(run_id, MANIFEST_FILE), manifest.to_json())
+            return None
         # Overwriting was checked before training started; a resumed run replaces its own.
         return publish_dir(export, kind, name, manifest, True, root, base_dir=model_dir)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rayft.trainers.registry import RegistryError, read_manifest, resolve_adapter
+from rayft.trainers.registry import ArtifactManifest, RegistryError, resolve_adapter
 from rayft.trainers.storage import StorageRoot
 
 
@@ -24,8 +24,8 @@ def export_merged(name: str, out: str | Path, storage: StorageRoot | str | None 
         raise RegistryError(f"{out} exists and is not empty; choose a new directory for --merge")
     root = StorageRoot.resolve(storage)
     adapter_dir = resolve_adapter(name, root)
-    manifest = read_manifest(adapter_dir)
-    base = manifest.get("base_model") or _base_from_config(adapter_dir)
+    manifest = ArtifactManifest.find(adapter_dir)
+    base = (manifest.base_model if manifest is not None else None) or _base_from_config(adapter_dir)
     base_dir = resolve_model(base, root.models, root)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

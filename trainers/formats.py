@@ -225,12 +225,14 @@ def end_of_turn_ids(tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
     special = set(getattr(tokenizer, "all_special_tokens", []) or [])
     special |= set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
+    # One id at a time: get_vocab() copies the whole vocabulary, once per row.
     for token in END_OF_TURN_TOKENS:
-        if token in special and token in vocab:
-            ids.add(int(vocab[token]))
+        if token in special:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id != tokenizer.unk_token_id:
+                ids.add(int(token_id))
     return ids
 
 

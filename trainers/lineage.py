@@ -19,9 +19,11 @@ from typing import Any
 
 from rayft.trainers.config import ConfigError, JobSpec
 from rayft.trainers.registry import (
+    ArtifactManifest,
     ManifestError,
+    ParentRecord,
     RegistryError,
-    read_manifest,
+    published_manifest,
     sync_adapter,
     sync_artifact,
 )
@@ -47,7 +49,7 @@ class ParentAdapter:
     name: str
     version: str | None
     storage: str
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: ArtifactManifest = field(repr=False)
     lora: dict[str, Any] = field(default_factory=dict)
 
     def local_dir(self) -> Path:
@@ -58,9 +60,8 @@ class ParentAdapter:
                 so its weights are no longer the ones the run records.
         """
         path = sync_adapter(self.name, self.storage)
-        now = (
-            read_manifest(path).get("version") if (path / "adapter_config.json").is_file() else None
-        )
+        published = published_manifest(path)
+        now = published.version if published is not None and published.kind == "adapter" else None
         if now != self.version:
             raise RuntimeError(
                 f"model.adapter {self.name!r} changed after this run started (version "
@@ -69,21 +70,21 @@ class ParentAdapter:
             )
         return path
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> ParentRecord:
         """What the new artifact's ``rayft.json`` says under ``parent_adapter``."""
         m = self.manifest
-        return {
-            "name": self.name,
-            "version": self.version,
-            "dataset_sha256": m.get("dataset_sha256"),
-            "published_at": m.get("published_at"),
-            "base_model": m.get("base_model"),
-            "base_fingerprint": m.get("base_fingerprint"),
-            "run_id": m.get("run_id"),
-            "metrics": _shown_metrics(m.get("metrics")),
-            "steps": m.get("steps"),
-            "parent_adapter": m.get("parent_adapter"),
-        }
+        return ParentRecord(
+            name=self.name,
+            version=self.version,
+            dataset_sha256=m.dataset_sha256,
+            published_at=m.published_at,
+            base_model=m.base_model,
+            base_fingerprint=m.base_fingerprint,
+            run_id=m.run_id,
+            metrics=_shown_metrics(m.metrics),
+            steps=m.steps,
+            parent_adapter=m.parent_adapter,
+        )
 
     def lora_notes(self, spec: JobSpec) -> list[str]:
         """Lines saying which of the spec's ``lora`` settings the parent's config replaces."""
@@ -136,10 +137,10 @@ def resolve_parent(
         "target_modules": config.get("target_modules"),
         "dropout": config.get("lora_dropout"),
     }
-    return ParentAdapter(name, manifest.get("version"), root.location, manifest, lora)
+    return ParentAdapter(name, manifest.version, root.location, manifest, lora)
 
 
-def _published_adapter(name: str, root: StorageRoot) -> tuple[Path, dict[str, Any]]:
+def _published_adapter(name: str, root: StorageRoot) -> tuple[Path, ArtifactManifest]:
     where = root.url("adapters")
     try:
         path = sync_adapter(name, root)
@@ -153,7 +154,7 @@ def _published_adapter(name: str, root: StorageRoot) -> tuple[Path, dict[str, An
                     )
                 ]
             )
-        return path, read_manifest(path)
+        return path, ArtifactManifest.find(path) or ArtifactManifest(kind="adapter", name=name)
     except ManifestError as err:
         raise ConfigError([("model.adapter", f"{err}; or continue another adapter")]) from None
     except RegistryError as err:
@@ -164,14 +165,13 @@ def _published_adapter(name: str, root: StorageRoot) -> tuple[Path, dict[str, An
         ) from None
 
 
-def _parent_problem(name: str, manifest: dict[str, Any], model: str, path: Path) -> str | None:
+def _parent_problem(name: str, manifest: ArtifactManifest, model: str, path: Path) -> str | None:
     config = json.loads((path / "adapter_config.json").read_text())
-    if str(config.get("peft_type", "LORA")).upper() != "LORA" or manifest.get("method") not in (
-        None,
-        "lora",
-    ):
+    # A DPO adapter (recorded as ``method: dpo`` before ``objective``) stays refused.
+    lora = manifest.method in (None, "lora") and manifest.objective != "dpo"
+    if str(config.get("peft_type", "LORA")).upper() != "LORA" or not lora:
         return f"adapter {name!r} is not a LoRA adapter; model.adapter continues LoRA adapters only"
-    base = manifest.get("base_model")
+    base = manifest.base_model
     if base is None:
         return (
             f"adapter {name!r} records no base_model in its rayft.json, so it cannot be "
@@ -186,11 +186,11 @@ def _parent_problem(name: str, manifest: dict[str, Any], model: str, path: Path)
 
 
 def _fingerprint_problem(
-    name: str, manifest: dict[str, Any], model: str, model_dir: Path, root: StorageRoot
+    name: str, manifest: ArtifactManifest, model: str, model_dir: Path, root: StorageRoot
 ) -> str | None:
     from rayft.trainers.servable import base_fingerprint
 
-    recorded = manifest.get("base_fingerprint")
+    recorded = manifest.base_fingerprint
     if not recorded:
         return None  # published before fingerprints were recorded
     current = base_fingerprint(model_dir, root.models)
@@ -225,10 +225,9 @@ def lineage(name: str, storage: StorageRoot | str | None = None) -> list[dict[st
     """
     root = StorageRoot.resolve(storage)
     checked = sync_adapter(name, root)  # also refuses unsafe names
-    if (checked / "adapter_config.json").is_file():
-        manifest = read_manifest(checked)
-        kind = "adapter"
-    else:
+    manifest: ArtifactManifest | ParentRecord | None = published_manifest(checked)
+    kind = "adapter"
+    if manifest is None or manifest.kind != "adapter":
         manifest = _published_model(name, root)
         kind = "model"
         if manifest is None:
@@ -238,12 +237,12 @@ def lineage(name: str, storage: StorageRoot | str | None = None) -> list[dict[st
             )
     chain = [_entry(kind, name, manifest)]
     while len(chain) < MAX_DEPTH:
-        parent = manifest.get("parent_adapter")
-        if isinstance(parent, dict) and parent.get("name"):
+        parent = manifest.parent_adapter
+        if parent is not None and parent.name:
             manifest = parent
-            chain.append(_entry("adapter", parent["name"], parent))
+            chain.append(_entry("adapter", parent.name, parent))
             continue
-        base = manifest.get("base_model")
+        base = manifest.base_model
         published = _published_model(base, root) if base else None
         if published is None or any(e["kind"] == "model" and e["name"] == base for e in chain):
             chain.append(_base_entry(base, manifest))
@@ -253,7 +252,7 @@ def lineage(name: str, storage: StorageRoot | str | None = None) -> list[dict[st
     return chain
 
 
-def _published_model(name: str, root: StorageRoot) -> dict[str, Any] | None:
+def _published_model(name: str, root: StorageRoot) -> ArtifactManifest | None:
     """The ``rayft.json`` of a full/freeze model published under ``name``, if there is one."""
     from rayft.trainers.models import BUILTINS
 
@@ -263,32 +262,35 @@ def _published_model(name: str, root: StorageRoot) -> dict[str, Any] | None:
         path = sync_artifact("model", name, root)
     except RegistryError:
         return None  # a hub id or a path: not a registry name
-    manifest = read_manifest(path) if (path / "config.json").is_file() else {}
-    return manifest if manifest.get("kind") == "model" else None
+    if not (path / "config.json").is_file():
+        return None
+    manifest = ArtifactManifest.find(path)
+    return manifest if manifest is not None and manifest.kind == "model" else None
 
 
-def _entry(kind: str, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def _entry(kind: str, name: str, manifest: ArtifactManifest | ParentRecord) -> dict[str, Any]:
+    method = manifest.method
     return {
         "kind": kind,
         "name": name,
-        "version": manifest.get("version"),
-        "method": manifest.get("method", "lora" if kind == "adapter" else None),
-        "dataset_sha256": manifest.get("dataset_sha256"),
-        "published_at": manifest.get("published_at"),
-        "metrics": _shown_metrics(manifest.get("metrics")),
-        "steps": manifest.get("steps"),
-        "base_model": manifest.get("base_model"),
+        "version": manifest.version,
+        "method": method if method is not None or kind != "adapter" else "lora",
+        "dataset_sha256": manifest.dataset_sha256,
+        "published_at": manifest.published_at,
+        "metrics": _shown_metrics(manifest.metrics),
+        "steps": manifest.steps,
+        "base_model": manifest.base_model,
     }
 
 
-def _base_entry(name: str | None, last: dict[str, Any]) -> dict[str, Any]:
+def _base_entry(name: str | None, last: ArtifactManifest | ParentRecord) -> dict[str, Any]:
     from rayft.trainers.models import BUILTINS
 
     return {
         "kind": "base",
         "name": name or "?",
         "builtin": name in BUILTINS,
-        "base_fingerprint": last.get("base_fingerprint"),
+        "base_fingerprint": last.base_fingerprint,
     }
 
 

@@ -30,7 +30,8 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 
-from rayft.trainers.config import JobSpec
+from rayft.trainers.compat import set_scheduler_last_lr, zero3_full_state_dict
+from rayft.trainers.config import ADAPTER_METHODS, JobSpec
 from rayft.trainers.loss import IGNORE_INDEX
 from rayft.trainers.objectives import Objective, objective_for
 
@@ -311,7 +312,7 @@ def _run_storage() -> tuple[Any, str] | None:
 def load_checkpoint(worker: Worker, ckpt_dir: Path) -> TrainerState:
     """Load a verified checkpoint directory into the engine and return its trainer state."""
     spec = worker.spec
-    worker.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=spec.weights == "full")
+    worker.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=spec.method == "full")
     state = TrainerState(**json.loads((ckpt_dir / TRAINER_STATE).read_text()))
     apply_optim_settings(worker.optimizer, worker.scheduler, spec)
     if worker.rank == 0:
@@ -346,9 +347,38 @@ def train(
                 save_checkpoint(worker, state, latest_eval, final=False)
                 for callback in worker.inputs.callbacks:
                     callback.on_checkpoint(state)
+        if state.batches_in_epoch == 0:
+            # An empty shard would otherwise start epoch after epoch forever.
+            raise NoTrainingDataError(
+                f"worker {worker.rank}'s shard of the training data held no batch in epoch "
+                f"{state.epoch}: every one of the {worker.world} workers needs at least one "
+                "row; lower scaling.num_workers, or add rows / raise data.max_seq_len so "
+                "more rows keep a label"
+            )
         state.epoch += 1
         state.batches_in_epoch = 0
     return latest_eval
+
+
+class NoTrainingDataError(RuntimeError):
+    """A training step or epoch with nothing to learn from: no label token on any worker,
+    or a worker whose shard is empty. ``trainers.data.check_trainable`` refuses such data
+    before Ray starts; this guards the loop should any get through."""
+
+
+def check_step_labels(worker: Worker, state: TrainerState, window: LogWindow) -> None:
+    """Fail the run when the optimizer step just taken had no label token on any worker.
+
+    Collective: every worker calls it after each optimizer step.
+    """
+    labels = all_sum([window.step_labels])[0]
+    window.step_labels = 0.0
+    if labels == 0:
+        raise NoTrainingDataError(
+            f"optimizer step {state.step} trained on zero label tokens across all "
+            f"{worker.world} workers (every sample of its batches was dropped or has no "
+            "label); check data.max_seq_len against the rows' length"
+        )
 
 
 def train_step(
@@ -368,6 +398,7 @@ def train_step(
     state.batches_in_epoch += 1
     state.tokens_seen += int(batch["num_tokens"])
     window.add(float(total.detach()), count, int(batch["num_tokens"]))
+    window.step_labels += count
     window.micro += 1
     if order_log is not None:
         entry = {"step": state.step + 1, "micro": window.micro, "samples": batch["sample_ids"]}
@@ -375,6 +406,7 @@ def train_step(
     if engine.global_steps == steps_before:
         return False
     state.step += 1
+    check_step_labels(worker, state, window)
     return True
 
 
@@ -451,7 +483,7 @@ def save_checkpoint(
 
     engine, spec = worker.engine, worker.spec
     with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=spec.weights != "full")
+        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=spec.method != "full")
         if worker.rank == 0:
             Path(tmp, TRAINER_STATE).write_text(json.dumps(asdict(state)))
         if final:
@@ -467,13 +499,13 @@ def export(worker: Worker, out: Path) -> None:
     module = engine.module
     if spec.deepspeed.zero_stage == 3:
         # Collective: every rank takes part in gathering the partitioned weights.
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
+        state_dict = zero3_full_state_dict(engine)
     else:
         state_dict = None
     if worker.rank != 0:
         return
     out.mkdir(parents=True, exist_ok=True)
-    if spec.weights == "lora":
+    if spec.method in ADAPTER_METHODS:
         if state_dict is not None:
             from peft import get_peft_model_state_dict
 
@@ -502,6 +534,8 @@ class LogWindow:
     start: float = field(default_factory=time.time)
     micro: int = 0
     """Micro-batches trained in this pass over the epoch (numbers the data order log)."""
+    step_labels: float = 0.0
+    """Label count of the optimizer step in progress (``check_step_labels``)."""
 
     def add(self, loss_sum: float, count: int, tokens: int) -> None:
         self.loss_sum += loss_sum
@@ -598,7 +632,7 @@ def apply_optim_settings(optimizer: Any, scheduler: Any, spec: JobSpec) -> None:
         scheduler.base_lrs = [spec.optim.lr] * len(groups)
         for group, fn in zip(groups, scheduler.lr_lambdas, strict=True):
             group["lr"] = spec.optim.lr * fn(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in groups]
+        set_scheduler_last_lr(scheduler, [group["lr"] for group in groups])
 
 
 def update_early_stopping(state: TrainerState, metrics: dict[str, float], spec: JobSpec) -> bool:

@@ -7,13 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rayft.trainers.config import FreezeSpec, JobSpec, LoraSpec
+from rayft.trainers.config import ADAPTER_METHODS, FreezeSpec, JobSpec, LoraSpec
 
 
-def apply_lora(model: nn.Module, lora: LoraSpec, task: str = "causal_lm") -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraSpec, objective: str = "sft") -> nn.Module:
     """Wrap ``model`` in a PEFT LoRA model; only the adapter weights require grad.
 
-    For ``task`` classification PEFT's ``SEQ_CLS`` task type also trains (and saves)
+    For ``objective`` classification PEFT's ``SEQ_CLS`` task type also trains (and saves)
     the new classification head whole, as ``modules_to_save``.
 
     ``lora.use_dora`` adds DoRA's per-output magnitude vector (``lora_magnitude_vector``);
@@ -28,7 +28,7 @@ def apply_lora(model: nn.Module, lora: LoraSpec, task: str = "causal_lm") -> nn.
         target_modules=lora.target_modules,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
-        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        task_type="SEQ_CLS" if objective == "classification" else "CAUSAL_LM",
         bias="none",
     )
     return get_peft_model(model, config)
@@ -152,17 +152,17 @@ def prepare_model(model: nn.Module, spec: JobSpec, parent: Any = None) -> nn.Mod
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     mode = effective_mode(spec.optim.gradient_checkpointing, spec.deepspeed.zero_stage)
     enable_checkpointing(model, mode)
-    if spec.weights == "lora":
+    if spec.method in ADAPTER_METHODS:
         if mode:
             model.enable_input_require_grads()
         return (
-            apply_lora(model, spec.lora, spec.task)
+            apply_lora(model, spec.lora, spec.objective)
             if parent is None
             else load_lora(model, parent, spec.lora)
         )
     if spec.method == "freeze":
         apply_freeze(model, spec.freeze)
-        if spec.task == "classification":
+        if spec.objective == "classification":
             from rayft.trainers.classification import head_parameters
 
             # The new head starts random: it must train whatever else is frozen.

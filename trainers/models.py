@@ -11,7 +11,6 @@ Builtins need no network at run time:
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayft.trainers.config import valid_name
+from rayft.trainers.manifest import ArtifactManifest, ManifestError
 from rayft.trainers.storage import StorageRoot, new_version_dir, swap_dir
 
 CHATML_TEMPLATE = (
@@ -200,9 +200,7 @@ def pull_builtin(name: str, cache: Path | None = None) -> Path:
         staging = new_version_dir(target)
         try:
             BUILTINS[name].build(staging)
-            (staging / "rayft.json").write_text(
-                json.dumps({"kind": "base_model", "builtin": name}, indent=2)
-            )
+            ArtifactManifest(kind="base_model", builtin=name).write(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -263,9 +261,11 @@ def list_models(cache: Path | None = None) -> list[dict[str, str]]:
             if path.name in BUILTINS or not (path / "config.json").is_file():
                 continue
             about = ""
-            manifest = path / "rayft.json"
-            if manifest.is_file():
-                meta = json.loads(manifest.read_text())
-                about = f"{meta.get('method', '')} fine-tune of {meta.get('base_model', '?')}"
+            try:
+                meta = ArtifactManifest.find(path)
+            except ManifestError:
+                meta = None  # listed without a description; resolving it says what is wrong
+            if meta is not None:
+                about = f"{meta.method or ''} fine-tune of {meta.base_model or '?'}"
             rows.append({"name": path.name, "kind": "published", "state": "cached", "about": about})
     return rows

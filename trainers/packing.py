@@ -58,11 +58,31 @@ def pack_examples(examples: list[dict[str, Any]], max_seq_len: int) -> list[dict
         if len(e["labels"]) != len(e["input_ids"]):
             raise ValueError(f"example {e['sample_id']}: labels and input_ids differ in length")
 
-    order = sorted(real, key=lambda item: (-len(item[1]["input_ids"]), item[0]))
-    bins: list[list[int]] = []  # indices into ``real``' original positions
+    positions = [i for i, _ in real]
+    bins = first_fit_decreasing([len(e["input_ids"]) for _, e in real], max_seq_len)
+    rows = [_join([examples[positions[i]] for i in members]) for members in bins]
+    if not rows:
+        rows = [_join([])]
+    rows[0]["num_dropped"] = dropped
+    return rows
+
+
+def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Bins of first-fit-decreasing packing: the largest size first (ties in input order)
+    into the first bin with room.
+
+    Args:
+        sizes: Item sizes, each at most ``capacity``.
+        capacity: A bin's capacity.
+
+    Returns:
+        Each bin's item indices in ascending order; bins ordered by their first index.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    bins: list[list[int]] = []
     room: list[int] = []
-    for index, example in order:
-        size = len(example["input_ids"])
+    for index in order:
+        size = sizes[index]
         for b, free in enumerate(room):
             if size <= free:
                 bins[b].append(index)
@@ -70,16 +90,11 @@ def pack_examples(examples: list[dict[str, Any]], max_seq_len: int) -> list[dict
                 break
         else:
             bins.append([index])
-            room.append(max_seq_len - size)
+            room.append(capacity - size)
     for members in bins:
         members.sort()
     bins.sort(key=lambda members: members[0])
-
-    rows = [_join([examples[i] for i in members]) for members in bins]
-    if not rows:
-        rows = [_join([])]
-    rows[0]["num_dropped"] = dropped
-    return rows
+    return bins
 
 
 def _join(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import socket
 import time
 from typing import Any
 
-from rayft.trainers.storage import StorageRoot
+from rayft.trainers.storage import StorageRoot, run_relpath
 
 RUN_FILE = "rayft_run.json"
 EVENTS_FILE = "events.jsonl"
@@ -57,7 +57,7 @@ class RunLog:
                 root.path(self._rel(EVENTS_FILE)).write_bytes(remote)
 
     def _rel(self, name: str) -> str:
-        return f"runs/{self.run_id}/{name}"
+        return run_relpath(self.run_id, name)
 
     def update(self, **fields: Any) -> None:
         """Merge ``fields`` into the record and write it (locally, then to a URI root)."""
@@ -109,7 +109,7 @@ def _small(value: Any) -> bool:
 
 def read_events(root: StorageRoot, run_id: str) -> list[dict[str, Any]]:
     """Every complete event line of a run (a torn last line is skipped)."""
-    raw = root.read(f"runs/{run_id}/{EVENTS_FILE}")
+    raw = root.read(run_relpath(run_id, EVENTS_FILE))
     return parse_events(raw.decode(errors="replace") if raw else "")
 
 
@@ -128,7 +128,7 @@ def parse_events(text: str) -> list[dict[str, Any]]:
 
 def read_record(root: StorageRoot, run_id: str) -> dict[str, Any]:
     """The run's ``rayft_run.json`` (``{}`` when absent or unreadable)."""
-    raw = root.read(f"runs/{run_id}/{RUN_FILE}")
+    raw = root.read(run_relpath(run_id, RUN_FILE))
     try:
         record = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
@@ -156,29 +156,28 @@ def newest_checkpoint(root: StorageRoot, run_id: str) -> tuple[str, int] | None:
     complete = _newest_with_manifests(root, run_id)
     if complete is not None:
         return complete
-    snapshot = _read_json(root, f"runs/{run_id}/{SNAPSHOT_FILE}")
+    snapshot = _read_json(root, run_relpath(run_id, SNAPSHOT_FILE))
     latest = snapshot.get("latest_checkpoint_result") or {}
     name = latest.get("checkpoint_dir_name")
     if not name:
         return None
-    state = _read_json(root, f"runs/{run_id}/{name}/{TRAINER_STATE}")
+    state = _read_json(root, run_relpath(run_id, name, TRAINER_STATE))
     step = state.get("step", (latest.get("metrics") or {}).get("step", 0))
-    return root.url(f"runs/{run_id}/{name}"), int(step)
+    return root.url(run_relpath(run_id, name)), int(step)
 
 
 def _newest_with_manifests(root: StorageRoot, run_id: str) -> tuple[str, int] | None:
     from rayft.trainers.checkpoints import CHECKPOINT_PREFIX, manifest_name
 
-    run = f"runs/{run_id}"
-    names = [n for n in root.list_dirs(run) if n.startswith(CHECKPOINT_PREFIX)]
+    names = [n for n in root.list_dirs(run_relpath(run_id)) if n.startswith(CHECKPOINT_PREFIX)]
     for name in sorted(names, reverse=True):
-        first = _read_json(root, f"{run}/{name}/{manifest_name(0)}")
+        first = _read_json(root, run_relpath(run_id, name, manifest_name(0)))
         world = first.get("world_size")
         if not isinstance(world, int) or world < 1:
             continue
         ranks = range(1, world)
-        if all(root.read(f"{run}/{name}/{manifest_name(r)}") is not None for r in ranks):
-            return root.url(f"{run}/{name}"), int(first.get("step", 0))
+        if all(root.read(run_relpath(run_id, name, manifest_name(r))) is not None for r in ranks):
+            return root.url(run_relpath(run_id, name)), int(first.get("step", 0))
     return None
 
 

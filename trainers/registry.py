@@ -15,32 +15,52 @@ one, never a mix and never nothing.
   which uses the local layout.
 
 A ``rayft.json`` that does not parse hides its artifact from listings (logged once)
-and makes resolving it raise ``ManifestError``.
+and makes resolving it raise ``ManifestError``. The manifest is the typed
+``ArtifactManifest`` (``trainers.manifest``); every path comes from ``trainers.storage``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rayft.trainers.config import valid_name
+from rayft.trainers.manifest import (
+    MANIFEST,
+    ArtifactManifest,
+    ManifestError,
+    ParentRecord,
+    RegistryError,
+    SweepNote,
+)
 from rayft.trainers.storage import (
     VERSIONS,
     StorageRoot,
-    atomic_write,
+    artifact_manifest_relpath,
+    artifact_relpath,
+    artifact_version_relpath,
+    artifact_versions_relpath,
     new_version,
     new_version_dir,
+    registry_folder,
     staging_dir,
     swap_dir,
 )
 
-MANIFEST = "rayft.json"
+__all__ = [
+    "MANIFEST",
+    "ArtifactManifest",
+    "ManifestError",
+    "ParentRecord",
+    "RegistryError",
+    "SweepNote",
+]
 # How long a mirrored adapter is trusted before the URI root is asked again.
 SYNC_TTL_S = float(os.environ.get("RAYFT_REGISTRY_TTL_S", "2"))
 _synced: dict[tuple[str, str, str], float] = {}
@@ -49,14 +69,6 @@ _reported_corrupt: set[tuple[str, str]] = set()
 log = logging.getLogger("rayft.registry")
 
 StorageLike = StorageRoot | str | None
-
-
-class RegistryError(ValueError):
-    """A bad artifact name, a missing artifact or a refused overwrite."""
-
-
-class ManifestError(RegistryError):
-    """A published artifact whose ``rayft.json`` is unreadable (corrupt or half-written)."""
 
 
 def checked_name(name: str) -> str:
@@ -69,15 +81,6 @@ def checked_name(name: str) -> str:
     return name
 
 
-def folder(kind: str) -> str:
-    """The registry folder of an artifact kind: ``adapters`` or ``models``."""
-    return "adapters" if kind == "adapter" else "models"
-
-
-def _kind_root(kind: str, root: StorageRoot) -> Path:
-    return root.adapters if kind == "adapter" else root.models
-
-
 def _inside(parent: Path, name: str) -> Path:
     path = parent.resolve() / checked_name(name)
     if path.parent != parent.resolve():
@@ -87,7 +90,7 @@ def _inside(parent: Path, name: str) -> Path:
 
 def artifact_path(kind: str, name: str, storage: StorageLike = None) -> Path:
     """Local directory (a link to the current version) of the published artifact ``name``."""
-    return _inside(_kind_root(kind, StorageRoot.resolve(storage)), name)
+    return _inside(StorageRoot.resolve(storage).registry(kind), name)
 
 
 def adapter_path(name: str, storage: StorageLike = None) -> Path:
@@ -104,7 +107,7 @@ def artifact_location(kind: str, name: str, storage: StorageLike, local: Path | 
     if local is None:
         return None
     root = StorageRoot.resolve(storage)
-    return root.url(f"{folder(kind)}/{name}") if root.is_remote else str(local)
+    return root.url(artifact_relpath(kind, name)) if root.is_remote else str(local)
 
 
 def check_publishable(kind: str, name: str, overwrite: bool, storage: StorageLike = None) -> Path:
@@ -114,8 +117,8 @@ def check_publishable(kind: str, name: str, overwrite: bool, storage: StorageLik
     where = str(target)
     exists = target.exists()
     if root.is_remote:
-        where = root.url(f"{folder(kind)}/{name}")
-        exists = root.read(f"{folder(kind)}/{name}/{MANIFEST}") is not None
+        where = root.url(artifact_relpath(kind, name))
+        exists = root.read(artifact_manifest_relpath(kind, name)) is not None
     if exists and not overwrite:
         raise RegistryError(
             f"{kind} {name!r} is already published at {where}; set output.name to a new "
@@ -128,7 +131,7 @@ def publish_dir(
     src: Path,
     kind: str,
     name: str,
-    manifest: dict[str, Any],
+    manifest: ArtifactManifest | Mapping[str, Any],
     overwrite: bool,
     storage: StorageLike = None,
     base_dir: Path | None = None,
@@ -144,7 +147,9 @@ def publish_dir(
             ``rayft.json`` in it is replaced by ``manifest``).
         kind: ``adapter`` or ``model``.
         name: Registry name.
-        manifest: Written as ``rayft.json`` next to the weights.
+        manifest: Written as ``rayft.json`` next to the weights, with ``kind``,
+            ``name``, ``version`` and ``published_at`` set here (a mapping is read as
+            the manifest's fields).
         overwrite: Replace an existing artifact of that name.
         storage: The rayft root.
         base_dir: The base model the artifact was trained from. When given, the
@@ -160,19 +165,15 @@ def publish_dir(
     """
     root = StorageRoot.resolve(storage)
     target = check_publishable(kind, name, overwrite, root)
+    fields = dict(manifest.model_dump() if isinstance(manifest, ArtifactManifest) else manifest)
     if base_dir is not None:
         from rayft.trainers.servable import base_fingerprint, check_servable
 
         check_servable(Path(src), kind, Path(base_dir))
-        manifest = {**manifest, "base_fingerprint": base_fingerprint(base_dir, root.models)}
+        fields["base_fingerprint"] = base_fingerprint(base_dir, root.models)
     version = new_version()
-    manifest = {
-        "kind": kind,
-        "name": name,
-        **manifest,
-        "published_at": time.time(),
-        "version": version,
-    }
+    fields.update(kind=kind, name=name, published_at=time.time(), version=version)
+    manifest = ArtifactManifest.model_validate(fields)
     staged = stage_version(Path(src), new_version_dir(target, version), manifest)
     if root.is_remote:
         upload_version(root, kind, name, staged)
@@ -185,7 +186,7 @@ def publish_dir(
     return target
 
 
-def stage_version(src: Path, version_dir: Path, manifest: dict[str, Any]) -> Path:
+def stage_version(src: Path, version_dir: Path, manifest: ArtifactManifest) -> Path:
     """Copy the artifact files into the empty ``version_dir``; its manifest is written last."""
     for item in sorted(src.iterdir()):
         if item.name == MANIFEST:
@@ -194,18 +195,19 @@ def stage_version(src: Path, version_dir: Path, manifest: dict[str, Any]) -> Pat
             shutil.copytree(item, version_dir / item.name)
         else:
             shutil.copy2(item, version_dir / item.name)
-    atomic_write(version_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    manifest.write(version_dir)
     return version_dir
 
 
 def upload_version(root: StorageRoot, kind: str, name: str, version_dir: Path) -> None:
     """Upload a staged version to its own new prefix under the URI root."""
-    root.upload_dir(version_dir, _version_relpath(kind, name, version_dir.name), last=MANIFEST)
+    relpath = artifact_version_relpath(kind, name, version_dir.name)
+    root.upload_dir(version_dir, relpath, last=MANIFEST)
 
 
-def write_pointer(root: StorageRoot, kind: str, name: str, manifest: dict[str, Any]) -> None:
-    """Make ``manifest['version']`` the published one: one PUT of ``<folder>/<name>/rayft.json``."""
-    root.upload(f"{folder(kind)}/{name}/{MANIFEST}", json.dumps(manifest, indent=2, default=str))
+def write_pointer(root: StorageRoot, kind: str, name: str, manifest: ArtifactManifest) -> None:
+    """Make ``manifest.version`` the published one: one PUT of ``<folder>/<name>/rayft.json``."""
+    root.upload(artifact_manifest_relpath(kind, name), manifest.to_json())
 
 
 def retire_remote_versions(root: StorageRoot, kind: str, name: str, keep: str) -> None:
@@ -214,27 +216,23 @@ def retire_remote_versions(root: StorageRoot, kind: str, name: str, keep: str) -
     The one before stays a round because a reader that read the previous pointer may
     still be downloading it.
     """
-    relpath = f"{folder(kind)}/{VERSIONS}/{name}"
+    relpath = artifact_versions_relpath(kind, name)
     older = [v for v in root.list_dirs(relpath) if v < keep]
     for version in older[:-1]:
         root.delete(f"{relpath}/{version}")
 
 
-def _version_relpath(kind: str, name: str, version: str) -> str:
-    return f"{folder(kind)}/{VERSIONS}/{name}/{version}"
-
-
-def write_manifest(path: Path, manifest: dict[str, Any], storage: StorageLike = None) -> None:
+def write_manifest(path: Path, manifest: ArtifactManifest, storage: StorageLike = None) -> None:
     """Replace the manifest of the published artifact at ``path`` (locally and at a URI root)."""
     root = StorageRoot.resolve(storage)
-    text = json.dumps(manifest, indent=2, default=str)
-    atomic_write(Path(path).resolve() / MANIFEST, text)
+    manifest.write(Path(path).resolve())
     if root.is_remote:
         kind = "adapter" if (path / "adapter_config.json").is_file() else "model"
-        version = manifest.get("version")
-        if version:
-            root.upload(f"{_version_relpath(kind, path.name, version)}/{MANIFEST}", text)
-        root.upload(f"{folder(kind)}/{path.name}/{MANIFEST}", text)
+        text = manifest.to_json()
+        if manifest.version:
+            relpath = artifact_version_relpath(kind, path.name, manifest.version)
+            root.upload(f"{relpath}/{MANIFEST}", text)
+        root.upload(artifact_manifest_relpath(kind, path.name), text)
 
 
 def remove_artifact(kind: str, name: str, storage: StorageLike = None) -> None:
@@ -246,34 +244,10 @@ def remove_artifact(kind: str, name: str, storage: StorageLike = None) -> None:
     else:
         shutil.rmtree(local, ignore_errors=True)
     shutil.rmtree(local.parent / VERSIONS / name, ignore_errors=True)
-    root.delete(f"{folder(kind)}/{name}")
-    root.delete(f"{folder(kind)}/{VERSIONS}/{name}")
+    root.delete(artifact_relpath(kind, name))
+    root.delete(artifact_versions_relpath(kind, name))
     with _sync_lock:
         _synced.pop((root.location, kind, name), None)
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The ``rayft.json`` of the artifact at ``path`` (``{}`` when it has none).
-
-    Raises:
-        ManifestError: The file exists but is not a JSON object (corrupt or torn).
-    """
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        return {}
-    return _parse_manifest(manifest.read_bytes(), str(manifest))
-
-
-def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ManifestError(
-            f"{where} is corrupt ({err}); publish the artifact again or remove it"
-        ) from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{where} is not a JSON object; publish the artifact again")
-    return data
 
 
 def _hide_corrupt(root: StorageRoot, name: str, err: ManifestError) -> None:
@@ -283,24 +257,26 @@ def _hide_corrupt(root: StorageRoot, name: str, err: ManifestError) -> None:
         log.warning("adapter %r is not listed: %s", name, err)
 
 
-def list_adapters(storage: StorageLike = None) -> list[dict[str, Any]]:
-    """Every published adapter with its manifest, sorted by name.
+def list_adapters(storage: StorageLike = None) -> list[ArtifactManifest]:
+    """Every published adapter's manifest (``name`` is the registry name), sorted by name.
 
-    An adapter whose ``rayft.json`` is unreadable is left out (and logged once).
+    An adapter whose ``rayft.json`` is unreadable is left out (and logged once); one
+    published without a manifest is listed with only its kind and name.
     """
     root = StorageRoot.resolve(storage)
     out = []
     if root.is_remote:
-        for name in root.list_dirs("adapters"):
-            raw = root.read(f"adapters/{name}/{MANIFEST}")
+        for name in root.list_dirs(registry_folder("adapter")):
+            relpath = artifact_manifest_relpath("adapter", name)
+            raw = root.read(relpath)
             if name.startswith(".") or raw is None:
                 continue  # hidden, or never completely published
             try:
-                manifest = _parse_manifest(raw, root.url(f"adapters/{name}/{MANIFEST}"))
+                manifest = ArtifactManifest.parse(raw, root.url(relpath))
             except ManifestError as err:
                 _hide_corrupt(root, name, err)
                 continue
-            out.append({"name": name, "path": str(root.adapters / name), **manifest})
+            out.append(manifest.model_copy(update={"name": name}))
         return out
     if not root.adapters.is_dir():
         return []
@@ -308,11 +284,11 @@ def list_adapters(storage: StorageLike = None) -> list[dict[str, Any]]:
         if path.name.startswith(".") or not (path / "adapter_config.json").is_file():
             continue
         try:
-            manifest = read_manifest(path)
+            manifest = ArtifactManifest.find(path) or ArtifactManifest(kind="adapter")
         except ManifestError as err:
             _hide_corrupt(root, path.name, err)
             continue
-        out.append({"name": path.name, "path": str(path), **manifest})
+        out.append(manifest.model_copy(update={"name": path.name}))
     return out
 
 
@@ -326,8 +302,29 @@ def resolve_adapter(name: str, storage: StorageLike = None) -> Path:
     path = sync_adapter(name, storage)
     if not (path / "adapter_config.json").is_file():
         raise RegistryError(f"no adapter named {name!r} in {path.parent}")
-    read_manifest(path)
+    ArtifactManifest.find(path)
     return path
+
+
+def published_manifest(path: Path) -> ArtifactManifest | None:
+    """The manifest of the published artifact at ``path``: ``None`` when nothing is
+    published there, a manifest with only ``kind`` for one published without a manifest.
+
+    Raises:
+        ManifestError: Its ``rayft.json`` is corrupt.
+    """
+    path = Path(path)
+    kind = next(
+        (
+            k
+            for f, k in (("adapter_config.json", "adapter"), ("config.json", "model"))
+            if (path / f).is_file()
+        ),
+        None,
+    )
+    if kind is None:
+        return None
+    return ArtifactManifest.find(path) or ArtifactManifest(kind=kind, name=path.name)
 
 
 def sync_adapter(name: str, storage: StorageLike = None) -> Path:
@@ -357,37 +354,37 @@ def sync_artifact(kind: str, name: str, storage: StorageLike = None) -> Path:
         fresh = checked is not None and time.monotonic() - checked < SYNC_TTL_S
         if fresh and (path / MANIFEST).is_file():
             return path
-        raw = root.read(f"{folder(kind)}/{name}/{MANIFEST}")
+        relpath = artifact_manifest_relpath(kind, name)
+        raw = root.read(relpath)
         if raw is None:
             if path.is_symlink():
                 path.unlink()
             shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(path.parent / VERSIONS / name, ignore_errors=True)
             return path
-        published = _parse_manifest(raw, root.url(f"{folder(kind)}/{name}/{MANIFEST}"))
-        if _local_stamp(path) != _stamp(published):
+        published = ArtifactManifest.parse(raw, root.url(relpath), directory=path)
+        if _local_stamp(path) != published.stamp:
             _download(root, kind, name, published, path)
         _synced[(root.location, kind, name)] = time.monotonic()
     return path
 
 
-def _stamp(manifest: dict[str, Any]) -> Any:
-    return manifest.get("version") or manifest.get("published_at")
-
-
 def _local_stamp(path: Path) -> Any:
     try:
-        return _stamp(read_manifest(path))
+        manifest = ArtifactManifest.find(path)
     except ManifestError:
         return None  # a torn mirror copy is simply downloaded again
+    return manifest.stamp if manifest is not None else None
 
 
 def _download(
-    root: StorageRoot, kind: str, name: str, published: dict[str, Any], path: Path
+    root: StorageRoot, kind: str, name: str, published: ArtifactManifest, path: Path
 ) -> None:
-    version = published.get("version")
+    version = published.version
     # Artifacts published before versioned prefixes keep their files next to the pointer.
-    relpath = _version_relpath(kind, name, version) if version else f"{folder(kind)}/{name}"
+    relpath = (
+        artifact_version_relpath(kind, name, version) if version else artifact_relpath(kind, name)
+    )
     final = path.parent / VERSIONS / name / (version or new_version())
     if not final.is_dir():
         # Downloaded into a private directory and renamed: a version directory is

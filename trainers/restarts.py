@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from rayft.trainers.compat import health_check_cause, is_health_check_timeout
+
 WORKER_LOST = "worker_lost"
 WORKER_START = "worker_start"
 CHECKPOINT_REFUSED = "checkpoint_refused"
@@ -84,8 +86,7 @@ def failure_notices(sink: str) -> Any:
 def _process_gone(error: BaseException, actor_error: type) -> bool:
     """Whether a worker's error says its process died or stopped answering."""
     # Ray Train wraps a dead actor's RayActorError in its health-check error.
-    cause = getattr(error, "health_check_failure", error)
-    return isinstance(cause, actor_error) or type(error).__name__ == "WorkerHealthCheckTimeoutError"
+    return isinstance(health_check_cause(error), actor_error) or is_health_check_timeout(error)
 
 
 def _stderr(line: str) -> None:

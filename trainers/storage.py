@@ -168,6 +168,82 @@ def cache_root() -> Path:
     return local_path(default).resolve()
 
 
+# ----------------------------------------------------------------- the layout
+# Every place under the root, as a path relative to it (``StorageRoot.url``/``path``/
+# ``read`` take these). Nothing outside this module spells these paths out.
+
+MANIFEST_FILE = "rayft.json"
+ADAPTERS_DIR = "adapters"
+MODELS_DIR = "models"
+RUNS_DIR = "runs"
+SWEEPS_DIR = "sweeps"
+DATASETS_DIR = "datasets"
+FILE_RECORDS_DIR = f"{DATASETS_DIR}/.files"
+JOB_DATASETS_DIR = f"{DATASETS_DIR}/jobs"
+JOBS_DIR = "fine_tuning/jobs"
+REQUEST_LOGS_DIR = "request_logs"
+
+
+def registry_folder(kind: str) -> str:
+    """The registry folder of an artifact kind: ``adapters`` for adapters, else ``models``."""
+    return ADAPTERS_DIR if kind == "adapter" else MODELS_DIR
+
+
+def artifact_relpath(kind: str, name: str) -> str:
+    """``adapters/<name>`` or ``models/<name>``: the published name (a link to its version)."""
+    return f"{registry_folder(kind)}/{name}"
+
+
+def artifact_manifest_relpath(kind: str, name: str) -> str:
+    """``<folder>/<name>/rayft.json``: under a URI root, the pointer readers follow."""
+    return f"{artifact_relpath(kind, name)}/{MANIFEST_FILE}"
+
+
+def artifact_versions_relpath(kind: str, name: str) -> str:
+    """``<folder>/.versions/<name>``: every stored version of a published artifact."""
+    return f"{registry_folder(kind)}/{VERSIONS}/{name}"
+
+
+def artifact_version_relpath(kind: str, name: str, version: str) -> str:
+    """``<folder>/.versions/<name>/<version>``: the files of one published version."""
+    return f"{artifact_versions_relpath(kind, name)}/{version}"
+
+
+def run_relpath(run_id: str, *parts: str) -> str:
+    """``runs/<run_id>`` or a file/folder under it (``run_relpath(id, "events.jsonl")``)."""
+    return "/".join((RUNS_DIR, run_id, *parts))
+
+
+def sweep_relpath(sweep_id: str, *parts: str) -> str:
+    """``sweeps/<sweep_id>`` or a file/folder under it."""
+    return "/".join((SWEEPS_DIR, sweep_id, *parts))
+
+
+def dataset_relpath(name: str) -> str:
+    """``datasets/<name>``: an uploaded file's bytes or a registry dataset."""
+    return f"{DATASETS_DIR}/{name}"
+
+
+def file_record_relpath(file_id: str) -> str:
+    """``datasets/.files/<file_id>.json``: an uploaded file's record."""
+    return f"{FILE_RECORDS_DIR}/{file_id}.json"
+
+
+def job_dataset_relpath(key: str, filename: str) -> str:
+    """``datasets/jobs/<key>/<filename>``: a submitted job's local data file, uploaded."""
+    return f"{JOB_DATASETS_DIR}/{key}/{filename}"
+
+
+def job_relpath(job_id: str, suffix: str = ".json") -> str:
+    """``fine_tuning/jobs/<job_id>.json`` (or another ``suffix``): a fine-tuning job's record."""
+    return f"{JOBS_DIR}/{job_id}{suffix}"
+
+
+def request_log_relpath(day: str, writer: str) -> str:
+    """``request_logs/<day>/<writer>.jsonl``: one writer's request log of one day."""
+    return f"{REQUEST_LOGS_DIR}/{day}/{writer}.jsonl"
+
+
 # ----------------------------------------------------------------- the root
 
 
@@ -236,24 +312,44 @@ class StorageRoot:
     @property
     def runs(self) -> str:
         """Ray Train's ``storage_path``: ``runs/`` under the URI or the local root."""
-        return self.url("runs")
+        return self.url(RUNS_DIR)
 
     def run(self, run_id: str) -> Path:
         """The local directory of run ``run_id`` (records, TensorBoard, data order)."""
-        return self.path(f"runs/{run_id}")
+        return self.path(run_relpath(run_id))
+
+    def run_dir(self, run_id: str) -> Path:
+        """The local directory of run ``run_id`` (same as ``run``)."""
+        return self.run(run_id)
 
     @property
     def adapters(self) -> Path:
-        return self.path("adapters")
+        return self.path(ADAPTERS_DIR)
+
+    def adapter_dir(self, name: str) -> Path:
+        """The local path of the published adapter ``name`` (unchecked name)."""
+        return self.path(artifact_relpath("adapter", name))
+
+    def artifact_dir(self, kind: str, name: str) -> Path:
+        """The local path of the published ``kind`` ``name`` (unchecked name)."""
+        return self.registry(kind) / name
+
+    def registry(self, kind: str) -> Path:
+        """The local folder of published artifacts of ``kind`` (full models share the model cache)."""
+        return self.adapters if kind == "adapter" else self.models
 
     @property
     def files(self) -> Path:
         """Uploaded files and registry datasets (``datasets/``)."""
-        return self.path("datasets")
+        return self.path(DATASETS_DIR)
 
     @property
     def sweeps(self) -> Path:
-        return self.path("sweeps")
+        return self.path(SWEEPS_DIR)
+
+    def sweep_dir(self, sweep_id: str) -> Path:
+        """The local directory of sweep ``sweep_id`` (Tune state, tables, plot)."""
+        return self.path(sweep_relpath(sweep_id))
 
     # ------------------------------------------------------------- operations
 

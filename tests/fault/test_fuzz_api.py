@@ -30,6 +30,7 @@ MIN_REQUESTS = 1000
 
 @pytest.fixture(scope="module")
 def api_url(rayft_home: Path, tiny_model_dir: Path) -> Iterator[str]:
+    from rayft.cluster.fine_tuning_api import router as fine_tuning_router
     from rayft.serving.engine import ModelEngine
     from rayft.serving.openai_api import create_api
     from rayft.serving.service import Limits, ModelService
@@ -38,7 +39,7 @@ def api_url(rayft_home: Path, tiny_model_dir: Path) -> Iterator[str]:
     # Small limits keep each valid request quick; they are limits, so they are fuzzed too.
     limits = Limits(max_tokens_limit=8, max_prompt_tokens=64, max_eval_rows=8, max_n=4)
     service = ModelService(engine, limits, api_key=KEY)
-    with http_server(create_api(service)) as url:
+    with http_server(create_api(service, [fine_tuning_router])) as url:
         yield url
     service.close()
 

@@ -94,7 +94,7 @@ def assert_serves(root: StorageRoot, adapters: dict[str, Path], tiny_model_dir: 
     path = resolve_adapter(NAME, root)
     tag = json.loads((path / "rayft.json").read_text())["tag"]
     assert _sha(path) == _sha(adapters[tag])  # weights of the version the manifest names
-    assert [(a["name"], a["tag"]) for a in list_adapters(root)] == [(NAME, tag)]
+    assert [(a.name, a.tag) for a in list_adapters(root)] == [(NAME, tag)]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), path)
     saved = load_file(adapters[tag] / "adapter_model.safetensors")
     key = next(k for k in saved if "lora_B" in k)
@@ -191,7 +191,7 @@ def test_a_corrupt_pointer_on_object_storage_hides_only_that_adapter(
     publish_dir(adapters["new"], "adapter", "torn", {"tag": "new"}, False, root)
     root.upload("adapters/torn/rayft.json", b'{"kind": "adapter", "na')
     registry._synced.clear()
-    assert [a["name"] for a in list_adapters(root)] == ["good"]
+    assert [a.name for a in list_adapters(root)] == ["good"]
     with pytest.raises(ManifestError, match="torn"):
         resolve_adapter("torn", root)
     assert resolve_adapter("good", root).name == "good"

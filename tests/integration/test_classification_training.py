@@ -1,4 +1,4 @@
-"""task: classification end to end: train a LoRA sentiment head with the real driver on
+"""objective: classification end to end: train a LoRA sentiment head with the real driver on
 Ray Train + DeepSpeed, load the published adapter with plain transformers + PEFT, and
 classify over HTTP through the Serve app."""
 
@@ -61,7 +61,7 @@ def trained(rayft_home: Path, tiny_model_dir: Path, tmp_path_factory) -> dict:
     spec = validate_spec(
         {
             "model": {"name": "tiny-llama", "dtype": "float32"},
-            "task": "classification",
+            "objective": "classification",
             "classification": {"labels": LABELS},
             "data": {
                 "train": str(folder / "train.jsonl"),
@@ -117,7 +117,8 @@ def test_held_out_accuracy_beats_the_majority_class_and_is_recorded(trained: dic
     assert metrics["eval_accuracy"] >= majority + 0.2, (metrics, majority)
     assert 0.0 < metrics["eval_f1_macro"] <= 1.0
     assert metrics["eval_loss"] < 0.69  # below chance-level cross-entropy for 2 labels
-    assert manifest["task"] == "classification"
+    assert manifest["objective"] == "classification"
+    assert manifest["task"] == "classification"  # for readers that know only `task`
     assert manifest["labels"] == LABELS
 
 

@@ -146,7 +146,7 @@ def test_server_refuses_the_child_once_its_base_changed(parent, full_model, rayf
 
     from rayft.serving.engine import ModelEngine
     from rayft.serving.errors import Conflict
-    from rayft.trainers.registry import publish_dir, read_manifest
+    from rayft.trainers.registry import ArtifactManifest, publish_dir
 
     engine = ModelEngine("ct-full", storage=str(rayft_home), dtype="float32")
     assert engine.check_adapter("ct-parent") == parent
@@ -160,7 +160,7 @@ def test_server_refuses_the_child_once_its_base_changed(parent, full_model, rayf
     tensors = load_file(changed / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
     save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
-    meta = {k: v for k, v in read_manifest(full_model).items() if k not in ("version", "name")}
+    meta = ArtifactManifest.read(full_model)
     publish_dir(changed, "model", "ct-full", meta, True, str(rayft_home))
 
     fresh = ModelEngine("ct-full", storage=str(rayft_home), dtype="float32")

@@ -229,7 +229,10 @@ def test_each_source_is_scanned_once_per_run(
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in chat_rows()[:8]))
     spec = validate_spec(
-        {"data": {"train": str(train_file), "eval": str(eval_file), "max_seq_len": MAX_SEQ_LEN}}
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {"train": str(train_file), "eval": str(eval_file), "max_seq_len": MAX_SEQ_LEN},
+        }
     )
     scanned_paths: list[str] = []
     real = data.scan_source

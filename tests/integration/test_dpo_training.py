@@ -79,7 +79,7 @@ def test_lora_dpo_learns_the_preference_and_publishes_an_adapter(
         {
             "model": {"name": "tiny-llama", "dtype": "float32"},
             "data": {"train": str(files["train"]), "eval": str(files["eval"]), "max_seq_len": 64},
-            "method": "dpo",
+            "objective": "dpo",
             "dpo": {"beta": 0.1},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
             "optim": {"lr": 1e-2, "max_steps": 8, "batch_size": 4, "warmup_ratio": 0.0},
@@ -101,6 +101,7 @@ def test_lora_dpo_learns_the_preference_and_publishes_an_adapter(
     assert final["eval_pairs"] == 4
     trains = [r for r in meta["history"] if r["kind"] == "train"]
     assert trains and all(r["loss"] > 0 for r in trains)
+    assert (meta["objective"], meta["method"]) == ("dpo", "lora")
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -118,6 +119,7 @@ def test_full_weight_dpo_under_zero3_resumes_and_publishes(ray_cluster, files):
         {
             "model": {"name": "tiny-llama", "dtype": "float32"},
             "data": {"train": str(files["train"]), "eval": str(files["eval"]), "max_seq_len": 64},
+            # The older spelling of objective: dpo with method: full, still read.
             "method": "dpo",
             "dpo": {"weights": "full", "loss": "ipo"},
             "deepspeed": {"zero_stage": 3},
@@ -147,7 +149,10 @@ def test_full_weight_dpo_under_zero3_resumes_and_publishes(ray_cluster, files):
     outcome = run_training(spec, run_id="dpo-full-run", resume=True, show_progress=False)
     assert outcome.metrics["step"] == 2
     meta = manifest(outcome.artifact)
-    assert meta["method"] == "dpo" and meta["metrics"]["eval_pairs"] == 4
+    assert (meta["objective"], meta["method"]) == ("dpo", "full")
+    assert (meta["spec"]["objective"], meta["spec"]["method"]) == ("dpo", "full")
+    assert "weights" not in meta["spec"]["dpo"] and "task" not in meta["spec"]
+    assert meta["metrics"]["eval_pairs"] == 4
     assert {"eval_loss", "eval_reward_accuracy", "eval_reward_margin"} <= set(meta["metrics"])
     assert [r["step"] for r in meta["history"] if r["kind"] == "train"][-1] == 2
 

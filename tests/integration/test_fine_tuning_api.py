@@ -39,6 +39,7 @@ def server(rayft_home: Path, tiny_model_dir: Path):
     import ray
     from ray import serve
 
+    from rayft.cluster.service_app import ROUTERS
     from rayft.serving.client import run_app
 
     ray.init(
@@ -49,7 +50,7 @@ def server(rayft_home: Path, tiny_model_dir: Path):
     )
     args = {**SERVE_ARGS, "storage": str(rayft_home)}
     try:
-        yield {"url": run_app(args), "args": args, "home": rayft_home}
+        yield {"url": run_app(args, routers=ROUTERS), "args": args, "home": rayft_home}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -167,7 +168,7 @@ def test_a_job_trains_publishes_and_serves_at_once(client, server, uploaded, tra
 def test_a_dpo_job_on_openai_preference_rows_trains_and_publishes(client, server):
     import json
 
-    from rayft.trainers.registry import read_manifest, resolve_adapter
+    from rayft.trainers.registry import ArtifactManifest, resolve_adapter
 
     pairs = [("red", "apple", "sky"), ("blue", "sky", "grass"), ("green", "grass", "snow")]
     rows = [
@@ -192,8 +193,8 @@ def test_a_dpo_job_on_openai_preference_rows_trains_and_publishes(client, server
     job = wait_for(client, job.id, {"succeeded", "failed", "cancelled"})
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model in [m.id for m in client.models.list().data]
-    recorded = read_manifest(resolve_adapter(job.fine_tuned_model, str(server["home"])))
-    assert recorded["method"] == "dpo" and recorded["spec"]["dpo"]["beta"] == 0.2
+    recorded = ArtifactManifest.read(resolve_adapter(job.fine_tuned_model, str(server["home"])))
+    assert recorded.objective == "dpo" and recorded.spec["dpo"]["beta"] == 0.2
 
 
 def test_a_job_on_a_file_that_does_not_fit_fails_in_validating_files(client, uploaded):
@@ -243,7 +244,7 @@ def test_malformed_json_and_unknown_ids_are_clean_errors(server):
 def test_cancel_stops_the_ray_work_and_publishes_nothing(client, server, uploaded, trained):
     import ray
 
-    from rayft.serving.fine_tuning import NAMESPACE, runner_name
+    from rayft.cluster.fine_tuning import NAMESPACE, runner_name
 
     options = {**NO_EVAL, "optim": {**RUN_OPTIONS["optim"], "max_steps": 2000}}
     job = client.fine_tuning.jobs.create(
@@ -275,8 +276,9 @@ def test_cancel_stops_the_ray_work_and_publishes_nothing(client, server, uploade
 def test_jobs_survive_a_restart_of_the_serving_app(client, server, trained):
     from ray import serve
 
+    from rayft.cluster.fine_tuning import job_relpath, read_job, save_job
+    from rayft.cluster.service_app import ROUTERS
     from rayft.serving.client import APP_NAME, run_app
-    from rayft.serving.fine_tuning import job_relpath, read_job, save_job
     from rayft.trainers.storage import StorageRoot
 
     before = {j.id: j.status for j in client.fine_tuning.jobs.list(limit=100)}
@@ -288,7 +290,7 @@ def test_jobs_survive_a_restart_of_the_serving_app(client, server, trained):
     assert root.path(job_relpath("ftjob-0rphan")).is_file()
 
     serve.delete(APP_NAME)
-    run_app(server["args"])
+    run_app(server["args"], routers=ROUTERS)
     after = {j.id: j.status for j in client.fine_tuning.jobs.list(limit=100)}
     assert {k: after[k] for k in before} == before
     lost = client.fine_tuning.jobs.retrieve("ftjob-0rphan")

@@ -51,7 +51,7 @@ def remote_files(prefix: str) -> dict[str, bytes]:
 
 
 def test_run_checkpoints_and_adapter_live_in_object_storage(
-    s3_root, rayft_home, tiny_model_dir, tmp_path
+    s3_root, rayft_home, tiny_model_dir, tiny_spec
 ):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -61,39 +61,23 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     from rayft.trainers.registry import RegistryError, check_publishable, list_adapters
     from rayft.trainers.storage import StorageRoot
 
-    data = tmp_path / "colors.jsonl"
-    with open(data, "w") as handle:
-        for i in range(40):
-            color, thing = [("red", "apple"), ("blue", "sky"), ("green", "grass")][i % 3]
-            handle.write(
-                json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": f"name a {color} thing"},
-                            {"role": "assistant", "content": f"the {thing} is {color}"},
-                        ]
-                    }
-                )
-                + "\n"
-            )
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama"},
-            "data": {"train": str(data), "format": "chat", "max_seq_len": 64},
-            "method": "lora",
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "optim": {
+        tiny_spec(
+            data={"format": "chat", "max_seq_len": 64},
+            method="lora",
+            lora={"r": 4, "alpha": 8, "dropout": 0.0},
+            optim={
                 "lr": 3e-3,
                 "max_steps": 4,
                 "batch_size": 4,
                 "scheduler": "constant",
                 "warmup_ratio": 0.0,
             },
-            "scaling": {"num_workers": 1},
-            "checkpoint": {"every_steps": 2, "keep": 2},
-            "output": {"name": "colors-s3"},
-            "storage": s3_root,
-        }
+            scaling={"num_workers": 1},
+            checkpoint={"every_steps": 2, "keep": 2},
+            output={"name": "colors-s3"},
+            storage=s3_root,
+        )
     )
     outcome = run_training(spec, show_progress=False)
 
@@ -125,7 +109,7 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     # A machine that has never seen the run finds everything through the URI.
     root = StorageRoot.resolve(s3_root)
     shutil.rmtree(root.local)
-    assert [a["name"] for a in list_adapters(s3_root)] == ["colors-s3"]
+    assert [a.name for a in list_adapters(s3_root)] == ["colors-s3"]
     assert load_run_spec(outcome.run_id, s3_root).optim.max_steps == 4
     status = read_run(s3_root, outcome.run_id)
     assert status["record"]["state"] == "finished" and status["checkpoint_step"] == 4
@@ -191,50 +175,37 @@ def test_evaluation_datasets_are_read_from_object_storage(s3_root):
     assert not path.exists()
 
 
-def test_sweep_records_results_and_adapters_live_in_object_storage(s3_root, tmp_path):
+def test_sweep_records_results_and_adapters_live_in_object_storage(
+    s3_root, tmp_path, tiny_spec, color_chats
+):
     from rayft.cluster.jobs import read_sweep
     from rayft.raytune.sweep import read_trial_record, run_sweep
-    from rayft.trainers.registry import read_manifest, sync_artifact
+    from rayft.trainers.registry import ArtifactManifest, sync_artifact
     from rayft.trainers.storage import StorageRoot
 
-    data = tmp_path / "colors.jsonl"
-    pairs = [("red", "apple"), ("blue", "sky"), ("green", "grass")]
-    data.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": f"name a {c} thing"},
-                        {"role": "assistant", "content": f"the {t} is {c}"},
-                    ]
-                }
-            )
-            + "\n"
-            for c, t in pairs * 12
-        )
-    )
+    data = color_chats(tmp_path / "colors.jsonl", 36, colors=3)
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama"},
-            "data": {"train": str(data), "format": "chat", "max_seq_len": 64, "eval_fraction": 0.2},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "optim": {
+        tiny_spec(
+            data,
+            data={"format": "chat", "max_seq_len": 64, "eval_fraction": 0.2},
+            lora={"r": 4, "alpha": 8, "dropout": 0.0},
+            optim={
                 "max_steps": 4,
                 "batch_size": 4,
                 "scheduler": "constant",
                 "warmup_ratio": 0.0,
             },
-            "scaling": {"num_workers": 1},
-            "eval": {"every_steps": 2, "at_start": False},
-            "checkpoint": {"every_steps": 2, "keep": 1},
-            "output": {"name": "colors-sweep-s3"},
-            "storage": s3_root,
-            "tune": {
+            scaling={"num_workers": 1},
+            eval={"every_steps": 2, "at_start": False},
+            checkpoint={"every_steps": 2, "keep": 1},
+            output={"name": "colors-sweep-s3"},
+            storage=s3_root,
+            tune={
                 "search_space": {"optim.lr": {"grid": [3e-3, 1e-2]}},
                 "scheduler": {"type": "none"},
                 "max_concurrent_trials": 1,
             },
-        }
+        )
     )
     outcome = run_sweep(spec, sweep_id="s3-sweep", show_progress=False)
     assert [r["state"] for r in outcome.rows] == ["finished", "finished"]
@@ -257,4 +228,4 @@ def test_sweep_records_results_and_adapters_live_in_object_storage(s3_root, tmp_
     assert read_sweep(s3_root, "s3-sweep")["best"]["trial"] == outcome.best["trial"]
     assert read_trial_record(s3_root, "s3-sweep", "1.starts.jsonl").count("\n") == 1
     best = sync_artifact("adapter", "colors-sweep-s3", s3_root)
-    assert read_manifest(best)["sweep"]["trial"] == outcome.best["trial"]
+    assert ArtifactManifest.read(best).sweep.trial == outcome.best["trial"]

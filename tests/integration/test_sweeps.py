@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayft.raytune.sweep import TRIALS_DIR, run_sweep, sweep_path
+from rayft.raytune.sweep import TRIALS_DIR, read_trial_record, run_sweep, sweep_path
 from rayft.trainers.config import validate_spec
-from rayft.trainers.registry import adapter_path, read_manifest
+from rayft.trainers.registry import ArtifactManifest, adapter_path
 
 pytestmark = pytest.mark.slow
 
@@ -158,13 +158,22 @@ def test_asha_sweep_over_lr_stops_a_trial_early_and_publishes_the_best(
     best = outcome.best
     assert best["state"] == "finished" and best["rank"] == 1
     assert outcome.artifact == adapter_path("sweep-asha")
-    manifest = read_manifest(outcome.artifact)
-    assert manifest["sweep"]["id"] == "asha-lr" and manifest["sweep"]["trial"] == best["trial"]
-    assert manifest["sweep"]["params"] == {"optim.lr": best["optim.lr"]}
-    assert manifest["spec"]["optim"]["lr"] == best["optim.lr"]
+    manifest = ArtifactManifest.read(outcome.artifact)
+    assert manifest.sweep.id == "asha-lr" and manifest.sweep.trial == best["trial"]
+    assert manifest.sweep.params == {"optim.lr": best["optim.lr"]}
+    assert manifest.spec["optim"]["lr"] == best["optim.lr"]
+    assert manifest.run_id == best["run_id"] and len(manifest.base_fingerprint) == 64
     assert (outcome.artifact / "adapter_model.safetensors").is_file()
-    # Without tune.publish_all the per-trial adapters are retired.
+    # Without tune.publish_all no trial publishes: only the best, once, under output.name.
     assert not any(adapter_path(f"sweep-asha-trial-{k}").exists() for k in range(4))
+    assert not (adapter_path("sweep-asha").parent / ".versions" / "sweep-asha-trial-0").exists()
+    assert (
+        len(list((adapter_path("sweep-asha").parent / ".versions" / "sweep-asha").iterdir())) == 1
+    )
+    records = [
+        json.loads(read_trial_record(None, "asha-lr", f"{k}.json") or "{}") for k in range(4)
+    ]
+    assert all(r.get("artifact") is None for r in records)
 
     # Stopped trials gave back their workers' resources.
     deadline = time.time() + 30
@@ -193,7 +202,7 @@ def test_grid_over_lora_rank_runs_exactly_the_grid(ray_cluster, chat_file, rayft
         path = adapter_path(f"sweep-rank-trial-{row['trial']}")
         config = json.loads((path / "adapter_config.json").read_text())
         assert config["r"] == row["lora.r"]
-        assert read_manifest(path)["sweep"]["params"] == {"lora.r": row["lora.r"]}
+        assert ArtifactManifest.read(path).sweep.params == {"lora.r": row["lora.r"]}
     best = json.loads((outcome.artifact / "adapter_config.json").read_text())
     assert best["r"] == outcome.best["lora.r"]
     assert len(outcome.trial_artifacts) == 2
@@ -228,9 +237,9 @@ def test_model_based_search_samples_the_space_and_publishes_the_best(
     # The searcher proposed three different points, each trained as such.
     assert len({r["optim.lr"] for r in outcome.rows}) == 3
     best = outcome.best
-    manifest = read_manifest(outcome.artifact)
-    assert manifest["sweep"]["params"] == {"optim.lr": best["optim.lr"], "lora.r": best["lora.r"]}
-    assert manifest["spec"]["optim"]["lr"] == best["optim.lr"]
+    manifest = ArtifactManifest.read(outcome.artifact)
+    assert manifest.sweep.params == {"optim.lr": best["optim.lr"], "lora.r": best["lora.r"]}
+    assert manifest.spec["optim"]["lr"] == best["optim.lr"]
     config = json.loads((outcome.artifact / "adapter_config.json").read_text())
     assert config["r"] == best["lora.r"]
     data = json.loads(outcome.table_json.read_text())
@@ -290,9 +299,9 @@ def test_pbt_exploit_continues_the_better_trial_with_a_mutated_lr(
 
     # The absurd trial ended as a copy of a good one: its last run trained at a mutated
     # lr after the exploit and finished with a sane loss.
-    manifest = read_manifest(adapter_path(f"sweep-pbt-trial-{absurd['trial']}"))
-    assert manifest["run_id"] == absurd["run_id"] == starts[absurd["trial"]][-1]["run_id"]
-    lrs = [r["lr"] for r in manifest["history"] if r["kind"] == "train"]
+    manifest = ArtifactManifest.read(adapter_path(f"sweep-pbt-trial-{absurd['trial']}"))
+    assert manifest.run_id == absurd["run_id"] == starts[absurd["trial"]][-1]["run_id"]
+    lrs = [r["lr"] for r in manifest.history if r["kind"] == "train"]
     assert lrs[-1] == pytest.approx(starts[absurd["trial"]][-1]["values"]["optim.lr"])
     assert absurd["eval_loss"] < 2 * min(r["eval_loss"] for r in outcome.rows)
 

@@ -146,15 +146,3 @@ def test_lost_ranks_from_a_dead_worker_or_from_its_peers_errors():
     assert lost_ranks({0: gloo, 2: gloo}, 4, died=set()) == [1, 3]
     # A bug in the training code loses no worker.
     assert lost_ranks({1: ValueError("bad batch")}, 2, died=set()) == []
-
-
-def test_a_dead_worker_is_recognised_inside_ray_trains_health_check_error():
-    from ray.exceptions import RayActorError
-    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
-
-    from rayft.trainers.restarts import _process_gone
-
-    wrapped = WorkerHealthCheckFailedError("A worker health check failed.", RayActorError())
-    assert _process_gone(wrapped, RayActorError)
-    assert _process_gone(RayActorError(), RayActorError)
-    assert not _process_gone(RuntimeError("Connection closed by peer"), RayActorError)

@@ -1,4 +1,4 @@
-"""task: classification without Ray: rows, labels, collate, metrics, spec errors, artifacts."""
+"""objective: classification without Ray: rows, labels, collate, metrics, spec errors, artifacts."""
 
 from __future__ import annotations
 
@@ -25,10 +25,6 @@ from rayft.trainers.config import ClassificationSpec, ConfigError, validate_spec
 from rayft.trainers.data import DataError, scan_sources
 
 
-def _spec(path: Path, **extra) -> dict:
-    return {"model": {"name": "tiny-llama"}, "data": {"train": str(path)}, **extra}
-
-
 def _write(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -41,12 +37,14 @@ def tokenizer(tiny_model_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def test_text_rows_with_string_labels_are_scanned_into_sorted_labels(tmp_path: Path) -> None:
+def test_text_rows_with_string_labels_are_scanned_into_sorted_labels(
+    tiny_spec, tmp_path: Path
+) -> None:
     path = _write(
         tmp_path / "t.jsonl",
         [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}],
     )
-    spec = validate_spec(_spec(path, task="classification"))
+    spec = validate_spec(tiny_spec(path, objective="classification"))
     scanned = scan_sources(spec)
     assert scanned.format == "classification"
     assert scanned.labels == ["neg", "pos"]
@@ -63,13 +61,13 @@ def test_integer_labels_sort_numerically_and_index_given_labels() -> None:
         label_name(True, None)
 
 
-def test_unknown_label_fails_the_scan_with_file_and_line(tmp_path: Path) -> None:
+def test_unknown_label_fails_the_scan_with_file_and_line(tiny_spec, tmp_path: Path) -> None:
     path = _write(
         tmp_path / "t.jsonl",
         [{"text": "good", "label": "pos"}, {"text": "meh", "label": "neutral"}],
     )
     spec = validate_spec(
-        _spec(path, task="classification", classification={"labels": ["neg", "pos"]})
+        tiny_spec(path, objective="classification", classification={"labels": ["neg", "pos"]})
     )
     with pytest.raises(DataError, match=r"t\.jsonl:2: label 'neutral' is not one of"):
         scan_sources(spec)
@@ -139,9 +137,11 @@ def test_metrics_from_summed_confusion_counts_match_scikit_learn() -> None:
     assert metrics["eval_f1_macro"] == pytest.approx(f1_score(true, pred, average="macro"))
 
 
-def test_objective_eval_metrics_report_loss_accuracy_and_f1(tmp_path: Path) -> None:
+def test_objective_eval_metrics_report_loss_accuracy_and_f1(tiny_spec, tmp_path: Path) -> None:
     path = _write(tmp_path / "t.jsonl", [{"text": "x", "label": "a"}])
-    spec = validate_spec(_spec(path, task="classification", classification={"labels": ["a", "b"]}))
+    spec = validate_spec(
+        tiny_spec(path, objective="classification", classification={"labels": ["a", "b"]})
+    )
     objective = ClassificationObjective(spec)
     sums = dict.fromkeys(objective.eval_keys, 0.0)
     sums.update({"loss_sum": 3.0, "count": 4.0, "confusion_0_0": 2.0, "confusion_1_1": 1.0})
@@ -158,28 +158,28 @@ def test_objective_eval_metrics_report_loss_accuracy_and_f1(tmp_path: Path) -> N
     ("extra", "key"),
     [
         ({"data": {"train": "x.jsonl", "packing": True}}, "data.packing"),
-        ({"method": "dpo"}, "method"),
         ({"model": {"name": "tiny-llama", "adapter": "prev"}}, "model.adapter"),
         ({"classification": {"labels": ["a", "a"]}}, "classification.labels"),
     ],
 )
 def test_spec_refuses_what_classification_cannot_combine_with(extra: dict, key: str) -> None:
-    data = {"model": {"name": "tiny-llama"}, "data": {"train": "x.jsonl"}, "task": "classification"}
+    data = {"model": {"name": "tiny-llama"}, "data": {"train": "x.jsonl"}}
+    data["objective"] = "classification"
     data.update(extra)
     with pytest.raises(ConfigError) as err:
         validate_spec(data)
     assert key in str(err.value)
 
 
-def test_a_single_label_is_refused(tmp_path: Path) -> None:
-    path = _write(tmp_path / "t.jsonl", [{"text": "x", "label": "a"}])
-    spec = validate_spec(_spec(path, task="classification"))
+def test_a_single_label_is_refused(tiny_spec, tmp_path: Path) -> None:
+    path = _write(tmp_path / "t.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "a"}])
+    spec = validate_spec(tiny_spec(path, objective="classification"))
     with pytest.raises(ConfigError, match="classification.labels"):
         with_labels(spec, scan_sources(spec).labels)
 
 
 def test_lora_classifier_trains_its_head_and_passes_the_publish_check(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_spec, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -190,7 +190,7 @@ def test_lora_classifier_trains_its_head_and_passes_the_publish_check(
 
     data = _write(tmp_path / "t.jsonl", [{"text": "x", "label": "a"}])
     spec = validate_spec(
-        _spec(data, task="classification", classification={"labels": ["a", "b", "c"]})
+        tiny_spec(data, objective="classification", classification={"labels": ["a", "b", "c"]})
     )
     model = prepare_model(load_classifier(str(tiny_model_dir), ["a", "b", "c"], 3), spec)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -208,15 +208,15 @@ def test_lora_classifier_trains_its_head_and_passes_the_publish_check(
         assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
 
 
-def test_freeze_keeps_the_head_trainable(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_freeze_keeps_the_head_trainable(tiny_spec, tiny_model_dir: Path, tmp_path: Path) -> None:
     from rayft.trainers.classification import load_classifier
     from rayft.trainers.methods import prepare_model
 
     data = _write(tmp_path / "t.jsonl", [{"text": "x", "label": "a"}])
     spec = validate_spec(
-        _spec(
+        tiny_spec(
             data,
-            task="classification",
+            objective="classification",
             method="freeze",
             freeze={"trainable_layers": 1},
             classification={"labels": ["a", "b"]},

@@ -1,15 +1,14 @@
 """Bad input on the command line: exit code 2 and a message naming file:line or the key.
 
-These run the real ``rayft`` entry point in a subprocess; every error is caught before
-a Ray cluster would start.
+These call the ``rayft`` entry point (:func:`rayft.cluster.cli.main`) in this process;
+every error is caught before a Ray cluster would start.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,46 @@ import pytest
 ROOT = Path(__file__).parents[2]
 
 
-def rayft(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAYFT_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "rayft.cluster.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@dataclass
+class Done:
+    """What one ``rayft`` command left: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def write_spec(tmp_path: Path, train: Path, **extra) -> Path:
-    spec = {"model": {"name": "tiny-llama"}, "data": {"train": str(train)}, **extra}
-    path = tmp_path / "job.yaml"
-    path.write_text(json.dumps(spec))  # JSON is YAML
-    return path
+@pytest.fixture
+def rayft(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., Done]:
+    """Runs ``rayft ARGS`` from the checkout's root with ``$RAYFT_HOME`` set to ``home``."""
+    from rayft.cluster.cli import main
+
+    def run(*args: str, home: Path) -> Done:
+        monkeypatch.setenv("RAYFT_HOME", str(home))
+        monkeypatch.chdir(ROOT)
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out = capsys.readouterr()
+        return Done(code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture
+def write_spec(tiny_spec: Callable[..., dict]) -> Callable[..., Path]:
+    """Writes a tiny-llama job spec training on ``train`` to ``tmp_path/job.yaml``."""
+
+    def write(tmp_path: Path, train: Path, **extra) -> Path:
+        path = tmp_path / "job.yaml"
+        path.write_text(json.dumps(tiny_spec(train, **extra)))  # JSON is YAML
+        return path
+
+    return write
 
 
 def chat(i: int) -> str:
@@ -47,7 +69,7 @@ def chat(i: int) -> str:
     )
 
 
-def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+def test_malformed_jsonl_line_names_file_and_line(write_spec, rayft, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join([chat(1), chat(2), '{"messages": [oops', chat(4)]) + "\n")
     done = rayft("train", str(write_spec(tmp_path, data)), home=tmp_path)
@@ -56,7 +78,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_row_missing_its_fields_names_line_and_field(tmp_path):
+def test_row_missing_its_fields_names_line_and_field(write_spec, rayft, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(
         "\n".join(
@@ -72,7 +94,7 @@ def test_row_missing_its_fields_names_line_and_field(tmp_path):
     assert f"{data}:2" in done.stderr and "completion" in done.stderr
 
 
-def test_unknown_config_key_names_dotted_key(tmp_path):
+def test_unknown_config_key_names_dotted_key(write_spec, rayft, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(chat(1) + "\n")
     spec = write_spec(tmp_path, data, optim={"learning_rate": 1e-4})
@@ -81,7 +103,7 @@ def test_unknown_config_key_names_dotted_key(tmp_path):
     assert "optim.learning_rate" in done.stderr and "unknown key" in done.stderr
 
 
-def test_wrong_type_override_names_dotted_key(tmp_path):
+def test_wrong_type_override_names_dotted_key(write_spec, rayft, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(chat(1) + "\n")
     done = rayft("train", str(write_spec(tmp_path, data)), "lora.r=many", home=tmp_path)
@@ -89,20 +111,20 @@ def test_wrong_type_override_names_dotted_key(tmp_path):
     assert "lora.r" in done.stderr and "many" in done.stderr
 
 
-def test_missing_data_file_is_named(tmp_path):
+def test_missing_data_file_is_named(write_spec, rayft, tmp_path):
     missing = tmp_path / "nope.jsonl"
     done = rayft("train", str(write_spec(tmp_path, missing)), home=tmp_path)
     assert done.returncode == 2
     assert str(missing) in done.stderr
 
 
-def test_missing_config_file(tmp_path):
+def test_missing_config_file(rayft, tmp_path):
     done = rayft("train", str(tmp_path / "absent.yaml"), home=tmp_path)
     assert done.returncode == 2 and "config file not found" in done.stderr
 
 
 @pytest.mark.parametrize("command", [["validate"], ["train"]])
-def test_validate_reports_every_problem(tmp_path, command):
+def test_validate_reports_every_problem(rayft, tmp_path, command):
     spec = tmp_path / "bad.yaml"
     spec.write_text(
         "model: {name: tiny-llama}\ndata: {train: x.jsonl}\noptim: {lr: -1}\nbogus: 1\n"
@@ -112,13 +134,13 @@ def test_validate_reports_every_problem(tmp_path, command):
     assert "optim.lr" in done.stderr and "bogus" in done.stderr
 
 
-def test_validate_accepts_the_shipped_configs(tmp_path):
+def test_validate_accepts_the_shipped_configs(rayft, tmp_path):
     done = rayft("validate", "configs/extract-lora.yaml", "optim.lr=5e-4", home=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "valid" in done.stdout
 
 
-def test_models_list_shows_builtins(tmp_path):
+def test_models_list_shows_builtins(rayft, tmp_path):
     done = rayft("models", "list", home=tmp_path)
     assert done.returncode == 0
     assert "smollm2-135m-instruct" in done.stdout and "tiny-llama" in done.stdout

@@ -10,6 +10,7 @@ from rayft.trainers.config import (
     apply_overrides,
     has_key,
     load_spec,
+    schema_fields,
     schema_keys,
     validate_spec,
 )
@@ -192,3 +193,114 @@ def test_allocator_defaults_to_jemalloc_where_ray_ships_it_and_system_opts_out(m
     with pytest.raises(ConfigError) as err:
         validate_spec({**base(), "scaling": {"allocator": "tcmalloc"}})
     assert keys_of(err.value) == ["scaling.allocator"]
+
+
+# ----------------------------------------------------------- objective and method
+
+
+def test_objective_and_method_are_separate_keys():
+    spec = validate_spec({**base(), "objective": "dpo", "method": "full"})
+    assert (spec.objective, spec.method) == ("dpo", "full")
+    assert validate_spec(base()).objective == "sft"
+    assert {"objective", "method"} <= set(schema_keys())
+    assert not has_key("task") and not has_key("dpo.weights")
+
+
+def test_older_method_dpo_still_reads_and_says_the_new_keys_once(caplog):
+    older = {**base(), "method": "dpo", "dpo": {"weights": "full", "beta": 0.3}}
+    with caplog.at_level("WARNING", logger="rayft.trainers.config"):
+        spec = validate_spec(older)
+    assert (spec.objective, spec.method, spec.dpo.beta) == ("dpo", "full", 0.3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "job spec: method: dpo is now written objective: dpo with method: full"
+    ]
+    written = spec.to_dict()
+    assert "task" not in written and "weights" not in written["dpo"]
+    assert (written["objective"], written["method"]) == ("dpo", "full")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rayft.trainers.config"):
+        assert JobSpec.from_dict(written) == spec
+    assert caplog.records == []  # the written spec is in the new spelling
+    assert older["method"] == "dpo" and older["dpo"]["weights"] == "full"  # input untouched
+    assert validate_spec({**base(), "method": "dpo"}).method == "lora"
+
+
+def test_older_task_classification_still_reads_and_says_the_new_key(caplog):
+    with caplog.at_level("WARNING", logger="rayft.trainers.config"):
+        spec = validate_spec({**base(), "task": "classification", "method": "freeze"})
+        plain = validate_spec({**base(), "task": "causal_lm"})
+    assert (spec.objective, spec.method) == ("classification", "freeze")
+    assert plain.objective == "sft" and "task" not in plain.to_dict()
+    assert [r.getMessage() for r in caplog.records] == [
+        "job spec: task: classification is now written objective: classification",
+        "job spec: task: causal_lm is no longer written (objective: sft is the default)",
+    ]
+    assert spec.older_keys() == {"method": "freeze", "task": "classification"}
+    assert validate_spec({**base(), "objective": "dpo"}).older_keys() == {
+        "method": "dpo",
+        "task": "causal_lm",
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "says"),
+    [
+        ({"objective": "sft", "method": "dpo"}, "method", "method: dpo (an older spelling)"),
+        ({"method": "dpo", "task": "classification"}, "task", "contradicts method: dpo"),
+        ({"objective": "classification", "task": "causal_lm"}, "task", "task: causal_lm"),
+        ({"objective": "dpo", "method": "lora", "dpo": {"weights": "full"}}, "dpo.weights", ""),
+        ({"task": "regression"}, "task", "write objective: sft, dpo or classification"),
+    ],
+)
+def test_older_spellings_that_contradict_name_the_key(data, key, says):
+    with pytest.raises(ConfigError) as err:
+        validate_spec({**base(), **data})
+    assert keys_of(err.value) == [key]
+    assert says in err.value.problems[0][1]
+
+
+def test_a_bare_scheduler_name_is_its_type():
+    tune = {"scheduler": "pbt", "search_space": {"optim.lr": {"loguniform": [1e-5, 1e-3]}}}
+    spec = validate_spec({**base(), "tune": tune})
+    assert spec.tune is not None and spec.tune.scheduler.type == "pbt"
+    assert spec.tune.scheduler.grace_period == 1
+    with pytest.raises(ConfigError) as err:
+        validate_spec({**base(), "tune": {"scheduler": "fifo"}})
+    assert keys_of(err.value) == ["tune.scheduler.type"]
+
+
+# ----------------------------------------------------------- schema descriptions
+
+
+def test_every_schema_key_has_a_description():
+    rows = schema_fields()
+    assert [r.key for r in rows] == schema_keys()
+    missing = [r.key for r in rows if len(r.description.split()) < 3]
+    assert missing == []
+    lr = next(r for r in rows if r.key == "optim.lr")
+    assert (lr.type, lr.default) == ("float", "0.0002")
+    train = next(r for r in rows if r.key == "data.train")
+    assert (train.type, train.default) == ("str | list[str]", None)
+
+
+def test_validate_schema_prints_each_key_with_type_default_and_description(capsys):
+    from rayft.cluster.cli import main
+
+    assert main(["validate", "--schema"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(schema_keys())  # one line per key in a pipe
+    lr = next(line for line in lines if line.startswith("optim.lr "))
+    assert lr.split()[:3] == ["optim.lr", "float", "0.0002"]
+    assert lr.endswith("Peak learning rate of AdamW.")
+    # The description starts in the same column on every line.
+    column = lr.index("Peak")
+    scheduler = next(line for line in lines if line.startswith("optim.scheduler "))
+    assert scheduler[column:].startswith("Learning-rate decay")
+
+
+def test_schema_lines_wrap_descriptions_to_a_terminal():
+    from rayft.cluster.train_cli import schema_lines
+
+    lines = schema_lines(120)
+    assert max(len(line) for line in lines) <= 120
+    assert len(lines) > len(schema_keys())

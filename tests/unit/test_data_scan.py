@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +258,159 @@ def test_build_datasets_reports_problems_before_any_ray_work(
     )
     with pytest.raises(DataError, match="different formats"):
         build_datasets(mixed, str(tiny_model_dir))
+
+
+# ---------------------------------------------------------------- rows measured against max_seq_len
+
+LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 3
+
+
+def _pc_rows(prompts: list[str]) -> list[dict[str, Any]]:
+    return [{"prompt": p, "completion": f"answer {i}"} for i, p in enumerate(prompts)]
+
+
+def _whole_lengths(rows: list[dict[str, Any]], model_dir: Path) -> tuple[list[int], list[int]]:
+    """(tokens of each row, tokens before its answer), measured with the tokenizer directly."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    full, prompt = [], []
+    for row in rows:
+        user = [{"role": "user", "content": row["prompt"]}]
+        both = user + [{"role": "assistant", "content": row["completion"]}]
+        render = tok.apply_chat_template
+        prompt_text = render(user, tokenize=False, add_generation_prompt=True)
+        full_text = render(both, tokenize=False)
+        ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        rest = tok(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        prompt.append(len(ids))
+        full.append(len(ids) + len(rest))
+    return full, prompt
+
+
+def _spec(path: Path, **data: Any) -> Any:
+    from rayft.trainers.config import validate_spec
+
+    workers = data.pop("num_workers", 1)
+    return validate_spec(
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {"train": str(path), **data},
+            "scaling": {"num_workers": workers},
+        }
+    )
+
+
+def test_prompts_that_fill_max_seq_len_are_refused_with_the_length_needed(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from rayft.trainers.data import scan_sources
+
+    rows = _pc_rows([LONG_PROMPT + " extra" * i for i in range(6)])
+    full, prompt = _whole_lengths(rows, tiny_model_dir)
+    assert 16 < min(prompt) < max(prompt)  # the template alone leaves no room for an answer
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        scan_sources(_spec(path, max_seq_len=16))
+    message = str(err.value)
+    assert "every training completion is cut away" in message
+    assert "data.max_seq_len is 16" in message
+    assert f"prompts render to {min(prompt)}–{max(prompt)} tokens" in message
+    assert f"set data.max_seq_len ≥ {max(full)}" in message
+    # At that length every row trains whole.
+    scan = scan_sources(_spec(path, max_seq_len=max(full)))
+    assert scan.rows is not None
+    assert (scan.rows.train.kept, scan.rows.train.truncated) == (6, 0)
+
+
+def test_dropped_and_truncated_rows_are_counted_and_reported(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rayft.trainers.data import scan_sources
+
+    rows = _pc_rows([LONG_PROMPT + str(i) for i in range(3)] + [f"hi {i}" for i in range(5)])
+    full, prompt = _whole_lengths(rows, tiny_model_dir)
+    # Short rows fit; long prompts alone are longer than the limit.
+    limit = max(full[3:])
+    assert min(prompt[:3]) >= limit
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    capsys.readouterr()
+    scan = scan_sources(_spec(path, max_seq_len=limit))
+    assert scan.rows is not None
+    train = scan.rows.train
+    assert (train.rows, train.kept, train.dropped, train.truncated) == (8, 5, 3, 0)
+    assert train.longest == max(full)
+    assert train.prompt_range == (min(prompt[:3]), max(prompt[:3]))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "[rayft] data" in line]
+    assert len(lines) == 1
+    assert f"3 of 8 training rows lose every label at data.max_seq_len={limit}" in lines[0]
+
+    # A limit inside the answers truncates rows without dropping them.
+    short = _pc_rows([f"hi {i}" for i in range(4)])
+    s_full, s_prompt = _whole_lengths(short, tiny_model_dir)
+    cut = max(s_prompt) + 2
+    assert cut < min(s_full)
+    path = write_jsonl(tmp_path / "short.jsonl", short)
+    scan = scan_sources(_spec(path, max_seq_len=cut))
+    assert scan.rows is not None
+    assert (scan.rows.train.kept, scan.rows.train.truncated, scan.rows.train.dropped) == (4, 4, 0)
+    assert "4 of 4 training rows are truncated" in capsys.readouterr().err
+
+
+def test_fewer_rows_than_workers_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from rayft.trainers.data import scan_sources
+
+    rows = _pc_rows([LONG_PROMPT + str(i) for i in range(3)] + ["hi"])
+    full, _ = _whole_lengths(rows, tiny_model_dir)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        scan_sources(_spec(path, max_seq_len=full[3], num_workers=2))
+    message = str(err.value)
+    assert "only 1 training row(s) keep a label" in message
+    assert "scaling.num_workers=2" in message
+    assert f"3 of 4 lose every label at data.max_seq_len={full[3]}" in message
+    # Whole rows feed both workers.
+    scan_sources(_spec(path, max_seq_len=max(full), num_workers=2))
+
+    # Packed, three short rows make one sequence: one worker would get nothing.
+    path = write_jsonl(tmp_path / "few.jsonl", _pc_rows(["a", "b", "c"]))
+    with pytest.raises(DataError, match=r"pack into 1 sequence.*scaling\.num_workers=2"):
+        scan_sources(_spec(path, max_seq_len=512, packing=True, num_workers=2))
+    scan = scan_sources(_spec(path, max_seq_len=512, packing=False, num_workers=2))
+    assert scan.rows is not None and scan.rows.train.kept == 3
+
+
+def test_packed_row_count_follows_the_packing_groups(tmp_path: Path) -> None:
+    from rayft.trainers.data import _packed_rows
+    from rayft.trainers.packing import pack_examples
+
+    lengths = [30, 20, 50, 10, 40, 60, 5]
+    kept = [(f"s{i}", n) for i, n in enumerate(lengths)]
+    spec = _spec(tmp_path / "unused.jsonl", max_seq_len=64, packing=True, shuffle=False)
+    examples = [{"input_ids": [1] * n, "labels": [1] * n, "sample_id": s} for s, n in kept]
+    assert _packed_rows(kept, spec, len(kept)) == len(pack_examples(examples, 64))
+
+
+def test_cli_train_refuses_rows_cut_away_before_ray_starts(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rayft.cluster.cli import main
+
+    rows = _pc_rows([LONG_PROMPT + str(i) for i in range(48)])
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"model: {{name: tiny-llama}}\ndata: {{train: {path}, max_seq_len: 32}}\n"
+        "optim: {max_steps: 4}\nscaling: {num_workers: 1}\n"
+    )
+    capsys.readouterr()
+    code = main(["train", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "every training completion is cut away" in err
+    assert "data.max_seq_len is 32" in err
+    assert "set data.max_seq_len ≥ " in err
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()

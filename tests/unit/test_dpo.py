@@ -48,7 +48,7 @@ OPENAI = {
 
 
 def spec_dict(**extra):
-    data = {"model": {"name": "tiny-llama"}, "data": {"train": "t.jsonl"}, "method": "dpo"}
+    data = {"model": {"name": "tiny-llama"}, "data": {"train": "t.jsonl"}, "objective": "dpo"}
     for key, value in extra.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return data
@@ -104,7 +104,8 @@ def test_scan_names_file_and_line(tmp_path: Path):
     spec = validate_spec(spec_dict(data={"train": str(chats)}))
     with pytest.raises(DataError) as err:
         scan_sources(spec)
-    assert f"{chats}:2" in str(err.value) and "method dpo needs preference rows" in str(err.value)
+    said = str(err.value)
+    assert f"{chats}:2" in said and "objective dpo needs preference rows" in said
 
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(json.dumps(OPENAI) + "\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
@@ -116,7 +117,9 @@ def test_scan_names_file_and_line(tmp_path: Path):
     sft = validate_spec({"data": {"train": str(prefs)}, "method": "lora"})
     with pytest.raises(DataError) as err:
         scan_sources(sft)
-    assert f"{prefs}:1" in str(err.value) and "method: dpo" in str(err.value)
+    assert f"{prefs}:1" in str(err.value) and "objective: dpo" in str(err.value)
+    # Two pairs: one per training worker (fewer rows than workers is refused).
+    prefs.write_text((json.dumps(STANDARD) + "\n") * 2)
     assert scan_sources(validate_spec(spec_dict(data={"train": str(prefs)}))).format == "preference"
 
 
@@ -129,14 +132,20 @@ def test_spec_errors_name_the_key():
     found = problems(err)
     assert "packing=false" in found["data.packing"]
     assert "preference" in found["data.format"]
+    for method in ("freeze", "qlora"):
+        with pytest.raises(ConfigError) as err:
+            validate_spec(spec_dict(method=method, scaling={"use_gpu": True}))
+        assert "objective dpo trains method lora" in problems(err)["method"]
+        assert problems(err)["method"].endswith(f"(a frozen reference copy), not {method}")
     with pytest.raises(ConfigError) as err:
-        validate_spec(spec_dict(task="classification"))
-    assert "method" in problems(err)
+        validate_spec(spec_dict(objective="classification", method="dpo"))
+    said = problems(err)["method"]
+    assert "method: dpo (an older spelling) contradicts objective: classification" in said
     with pytest.raises(ConfigError) as err:
         validate_spec({"data": {"train": "t.jsonl", "format": "preference"}})
-    assert "method dpo" in problems(err)["data.format"]
-    spec = validate_spec(spec_dict(dpo={"beta": 0.5, "loss": "ipo", "weights": "full"}))
-    assert (spec.objective, spec.weights, spec.dpo.beta) == ("dpo", "full", 0.5)
+    assert "objective dpo" in problems(err)["data.format"]
+    spec = validate_spec(spec_dict(method="full", dpo={"beta": 0.5, "loss": "ipo"}))
+    assert (spec.objective, spec.method, spec.dpo.beta) == ("dpo", "full", 0.5)
 
 
 def test_sweep_over_beta_is_validated():

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from rayft.serving import fine_tuning as jobs
+from rayft.cluster import fine_tuning as jobs
+from rayft.cluster.files_service import FileStore
 from rayft.serving.errors import BadRequest, TooLarge
-from rayft.serving.files import FileStore
 from rayft.trainers.storage import StorageRoot
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -60,19 +60,24 @@ def test_openai_hyperparameters_map_onto_the_job_spec():
     assert reported == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 2.0}
 
 
-def test_dpo_jobs_map_onto_method_dpo_with_beta_and_weights():
+def test_dpo_jobs_map_onto_objective_dpo_with_beta_and_method():
     dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}
     spec, reported = spec_of({"method": dpo})
-    assert (spec.method, spec.dpo.beta, spec.dpo.weights, spec.optim.epochs) == (
+    assert (spec.objective, spec.method, spec.dpo.beta, spec.optim.epochs) == (
         "dpo",
-        0.25,
         "lora",
+        0.25,
         2,
     )
     assert reported["beta"] == 0.25 and reported["n_epochs"] == 2
     full, reported = spec_of({"method": {"type": "dpo"}, "rayft": {"method": "full"}})
-    assert (full.method, full.dpo.weights, full.weights) == ("dpo", "full", "full")
+    assert (full.objective, full.method) == ("dpo", "full")
     assert reported["beta"] == 0.1  # rayft's default, as "auto" would give
+    # The older extension spellings still choose the weights.
+    older, _ = spec_of(
+        {"method": {"type": "dpo"}, "rayft": {"method": "dpo", "dpo": {"weights": "full"}}}
+    )
+    assert (older.objective, older.method) == ("dpo", "full")
     record = jobs.new_record(
         "ftjob-1",
         jobs.parse_request({"model": "tiny-llama", "training_file": "file-a", "method": dpo}),
@@ -82,6 +87,7 @@ def test_dpo_jobs_map_onto_method_dpo_with_beta_and_weights():
     )
     assert record["method"] == {"type": "dpo", "dpo": {"hyperparameters": reported}}
     assert record["rayft"]["kind"] == "adapter"
+    assert record["rayft"]["method"] == "dpo"  # what clients read before `objective` existed
 
 
 def test_auto_and_legacy_hyperparameters_keep_rayfts_defaults():
@@ -107,6 +113,8 @@ def test_auto_and_legacy_hyperparameters_keep_rayfts_defaults():
         ),
         ({"method": {"type": "dpo"}, "rayft": {"method": "freeze"}}, "rayft.method"),
         ({"rayft": {"method": "dpo"}}, "rayft.method"),
+        ({"rayft": {"objective": "dpo"}}, "rayft.objective"),
+        ({"method": {"type": "dpo"}, "rayft": {"objective": "classification"}}, "rayft.objective"),
         ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised"),
         ({"suffix": "x" * 41}, "suffix"),
         ({"metadata": {"k": 1}}, "metadata.k"),

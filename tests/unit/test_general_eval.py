@@ -225,10 +225,10 @@ def test_eval_metrics_refusals(tmp_path):
     assert "unknown metric 'meteor'" in problems["eval.metrics"]
     problems = _problems(tmp_path, eval={"metrics": ["bleu"]})
     assert "need evaluation data" in problems["eval.metrics"]
-    problems = _problems(tmp_path, method="dpo", eval={"metrics": ["bleu"]})
-    assert "method dpo" in problems["eval.metrics"]
-    problems = _problems(tmp_path, task="classification", eval={"metrics": ["bleu"]})
-    assert "task classification" in problems["eval.metrics"]
+    problems = _problems(tmp_path, objective="dpo", eval={"metrics": ["bleu"]})
+    assert "objective dpo" in problems["eval.metrics"]
+    problems = _problems(tmp_path, objective="classification", eval={"metrics": ["bleu"]})
+    assert "objective classification" in problems["eval.metrics"]
     problems = _problems(tmp_path, deepspeed={"zero_stage": 3}, eval={"general": "builtin:general"})
     assert "ZeRO stage 3" in problems["eval.general"]
 
@@ -236,7 +236,7 @@ def test_eval_metrics_refusals(tmp_path):
 def test_eval_general_refusals(tmp_path):
     problems = _problems(tmp_path, eval={"general": "builtin:trivia"})
     assert "no builtin set 'builtin:trivia'" in problems["eval.general"]
-    problems = _problems(tmp_path, task="classification", eval={"general": "builtin:general"})
+    problems = _problems(tmp_path, objective="classification", eval={"general": "builtin:general"})
     assert "classification" in problems["eval.general"]
 
 
@@ -252,7 +252,7 @@ def test_qlora_is_refused_without_cuda_naming_method(tmp_path):
     spec = validate_spec(
         {"data": {"train": str(data)}, "method": "qlora", "scaling": {"use_gpu": True}}
     )
-    assert spec.weights == "lora"
+    assert spec.method == "qlora"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

@@ -204,12 +204,11 @@ def test_parent_is_described_and_its_lora_shape_wins(base_dir: Path, home: Path,
     parent = resolve_parent(spec_for(home, adapter="parent"), model_dir=base_dir)
     assert parent.lora["r"] == 4 and parent.lora["alpha"] == 8
     record = parent.record()
-    assert record["name"] == "parent" and record["dataset_sha256"] == "ab" * 32
+    assert record.name == "parent" and record.dataset_sha256 == "ab" * 32
     assert (
-        record["version"]
-        == json.loads((home / "adapters/parent/rayft.json").read_text())["version"]
+        record.version == json.loads((home / "adapters/parent/rayft.json").read_text())["version"]
     )
-    assert record["metrics"] == {"eval_loss": 1.5}
+    assert record.metrics == {"eval_loss": 1.5}
     [note] = parent.lora_notes(spec_for(home, adapter="parent"))
     assert "r=4" in note and "lora.r=16" in note and "do not apply" in note
     assert parent.local_dir() == home / "adapters" / "parent"
@@ -348,7 +347,7 @@ def test_a_parent_in_an_object_storage_root_is_checked_and_fetched(
             }
         )
         parent = resolve_parent(spec, model_dir=base_dir)
-        assert parent.storage == uri and parent.record()["dataset_sha256"] == "cd" * 32
+        assert parent.storage == uri and parent.record().dataset_sha256 == "cd" * 32
         shutil.rmtree(mirror)
         local = parent.local_dir()
         assert local.is_relative_to(mirror) and (local / "adapter_model.safetensors").is_file()

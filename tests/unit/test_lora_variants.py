@@ -7,7 +7,6 @@ base model in one batch, each row as it would alone and as plain PEFT generates.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, ModelEngine, SamplingParams
 from rayft.trainers.config import LoraSpec
+from rayft.trainers.manifest import ArtifactManifest
 from rayft.trainers.methods import apply_lora, load_lora
 
 
@@ -36,7 +36,7 @@ def publish(home: Path, name: str, seed: int, use_dora: bool, model_dir: Path) -
             param.data = param.data * (1 + 0.3 * torch.rand(param.shape, generator=generator))
     out = home / "adapters" / name
     model.save_pretrained(out)
-    (out / "rayft.json").write_text(json.dumps({"kind": "adapter", "base_model": "tiny-llama"}))
+    ArtifactManifest(kind="adapter", base_model="tiny-llama").write(out)
     return out
 
 

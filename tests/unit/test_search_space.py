@@ -39,29 +39,6 @@ def problems(err: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
     return dict(err.value.problems)
 
 
-def test_every_distribution_translates_to_its_tune_domain():
-    from ray.tune.search.sample import Categorical, Float, Integer
-
-    space = {
-        "optim.lr": {"loguniform": [1e-5, 1e-2]},
-        "optim.warmup_ratio": {"uniform": [0.0, 0.1]},
-        "lora.r": {"grid": [4, 8, 16]},
-        "lora.target_modules": {"choice": ["all-linear", ["q_proj", "v_proj"]]},
-        "optim.batch_size": {"randint": [2, 9]},
-        "deepspeed.zero_stage": {"choice": [1, 2]},
-    }
-    validate_search_space(sweep_spec(space).to_dict(), space)
-    out = to_tune(space)
-    assert isinstance(out["optim.lr"], Float) and out["optim.lr"].lower == 1e-5
-    assert isinstance(out["optim.lr"].sampler, Float._LogUniform)
-    assert isinstance(out["optim.warmup_ratio"], Float) and out["optim.warmup_ratio"].upper == 0.1
-    assert out["lora.r"] == {"grid_search": [4, 8, 16]}
-    assert isinstance(out["lora.target_modules"], Categorical)
-    assert out["lora.target_modules"].categories == ["all-linear", ["q_proj", "v_proj"]]
-    assert isinstance(out["optim.batch_size"], Integer)
-    assert (out["optim.batch_size"].lower, out["optim.batch_size"].upper) == (2, 9)
-
-
 def test_grid_search_turns_choices_into_grids_and_refuses_ranges():
     space = {"lora.r": {"choice": [4, 8]}, "optim.lr": {"grid": [1e-3, 1e-4]}}
     out = to_tune(space, search="grid")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -86,69 +85,6 @@ def test_expected_trials_multiplies_grids():
     }
     assert expected_trials(space, 2, "random") == 6
     assert expected_trials(space | {"optim.lr": {"grid": [1e-3]}}, 1, "grid") == 6
-
-
-def test_schedulers_and_search_are_built_from_the_spec():
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
-
-    from rayft.raytune.schedulers import SCHEDULER_CLOCK, build_scheduler, build_search
-
-    def spec(**sched):
-        return validate_spec(
-            {
-                "data": {"train": "x.jsonl", "eval_fraction": 0.1},
-                "optim": {"max_steps": 40},
-                "eval": {"every_steps": 5},
-                "tune": {
-                    "search_space": {"optim.lr": {"loguniform": [1e-5, 1e-2]}},
-                    "scheduler": sched,
-                },
-            }
-        )
-
-    asha = build_scheduler(spec(grace_period=2, reduction_factor=3))
-    assert isinstance(asha, AsyncHyperBandScheduler)
-    assert asha._time_attr == SCHEDULER_CLOCK and asha._max_t == 40
-    assert asha._brackets[0]._rungs[-1][0] == 10  # first rung: 2 evaluations × 5 steps
-    # Asynchronous HyperBand: brackets whose first rungs are 5, 10, 20 and 40 steps
-    # (1 evaluation × 2^k), the last running every trial to the budget.
-    hyperband = build_scheduler(spec(type="hyperband"))
-    assert isinstance(hyperband, AsyncHyperBandScheduler)
-    assert [b._rungs[-1][0] for b in hyperband._brackets] == [5, 10, 20, 40]
-
-    # Each trial's bracket follows optim.seed, not numpy's global state.
-    def brackets(seed: int) -> list[int]:
-        data = spec(type="hyperband").to_dict()
-        data["optim"]["seed"] = seed
-        scheduler = build_scheduler(validate_spec(data))
-        scheduler.set_search_properties("eval_loss", "min")
-        trials = [SimpleNamespace(trial_id=f"t{k}") for k in range(16)]
-        for trial in trials:
-            scheduler.on_trial_add(None, trial)
-        return [scheduler._brackets.index(scheduler._trial_info[t.trial_id]) for t in trials]
-
-    assert brackets(7) == brackets(7) != brackets(8)
-    assert len(set(brackets(7))) > 1
-    assert isinstance(build_scheduler(spec(type="none")), FIFOScheduler)
-    pbt = build_scheduler(
-        spec(
-            type="pbt",
-            perturbation_interval=2,
-            mutations={"optim.lr": {"loguniform": [1e-5, 1e-2]}},
-        )
-    )
-    assert pbt._perturbation_interval == 10
-    with pytest.raises(ConfigError) as err:
-        build_scheduler(spec(type="pbt", mutations={"optim.nope": {"choice": [1]}}))
-    assert err.value.problems[0][0] == "tune.scheduler.mutations.optim.nope"
-    # Shapes and data position must survive an exploit: lora.r cannot mutate.
-    with pytest.raises(ConfigError) as err:
-        build_scheduler(spec(type="pbt", mutations={"lora.r": {"choice": [4, 8]}}))
-    assert err.value.problems[0][0] == "tune.scheduler.mutations.lora.r"
-    assert "optim.lr" in err.value.problems[0][1]
-    search = build_search(spec(), 2)
-    assert isinstance(search, BasicVariantGenerator) and search.max_concurrent == 2
 
 
 def test_trial_state_tells_finished_from_early_stopped():

@@ -33,7 +33,8 @@ def run(*argv: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    # The repository is the ``rayft`` package: its root ``__init__.py`` and ``py.typed``.
+    for name in ("pyproject.toml", "README.md", "__init__.py", "py.typed"):
         shutil.copy2(ROOT / name, source / name)
     for name in PACKAGE_DIRS:
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -56,6 +57,12 @@ def test_wheel_holds_only_the_rayft_namespace(wheel: Path) -> None:
         assert f"rayft/{package}/__init__.py" in names
     assert "rayft/serving/app.py" in names
     assert "rayft/cluster/manifests/raycluster.yaml" in names  # package data ships too
+    # The package root holds the API and the typing marker, and nothing else of the
+    # repository's top level (no README, tests or configs).
+    assert {n for n in names if n.count("/") == 1 and n.startswith("rayft/")} == {
+        "rayft/__init__.py",
+        "rayft/py.typed",
+    }
 
 
 def test_installed_wheel_runs_the_cli_and_imports_the_serve_app(wheel: Path, tmp_path: Path):
@@ -82,7 +89,8 @@ def test_installed_wheel_runs_the_cli_and_imports_the_serve_app(wheel: Path, tmp
     where = run(
         python,
         "-c",
-        "import rayft.serving.app, rayft.cluster.cli; print(rayft.serving.app.__file__)",
+        "import rayft, rayft.serving.app, rayft.cluster.cli; assert rayft.__version__ == '0.1.0';"
+        " assert rayft.train.__module__ == 'rayft.cluster.api'; print(rayft.serving.app.__file__)",
         cwd=tmp_path,
         env=env,
     ).strip()

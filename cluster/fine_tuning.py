@@ -32,11 +32,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rayft.cluster.files_service import list_names, page, read_json
 from rayft.serving.errors import BadRequest, NotFound
-from rayft.serving.files import list_names, page, read_json
-from rayft.trainers.storage import StorageRoot
+from rayft.trainers.compat import placement_group_callback
+from rayft.trainers.records import EVENTS_FILE
+from rayft.trainers.storage import JOBS_DIR, StorageRoot, run_relpath
+from rayft.trainers.storage import job_relpath as _job_file
+from rayft.trainers.validation_errors import error_key
 
-JOBS_DIR = "fine_tuning/jobs"
 NAMESPACE = "rayft-fine-tuning"
 VALIDATING, QUEUED, RUNNING = "validating_files", "queued", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -133,7 +136,7 @@ def parse_request(body: Any) -> JobRequest:
     except ValidationError as err:
         problems = []
         for e in err.errors()[:5]:
-            where = ".".join(str(p) for p in e["loc"] if not _is_type_tag(p)) or "body"
+            where = error_key(e["loc"], JobRequest) or "body"
             what = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
             problems.append((where, what))
         message = "; ".join(f"{k}: {m}" for k, m in problems)
@@ -141,14 +144,6 @@ def parse_request(body: Any) -> JobRequest:
     if request.integrations:
         raise BadRequest("integrations are not supported", param="integrations")
     return request
-
-
-def _is_type_tag(part: Any) -> bool:
-    # Union members add their type to an error's location; the field path is what matters.
-    return isinstance(part, str) and (
-        part in {"str", "int", "float", "bool"}
-        or part.startswith(("literal[", "list[", "dict[", "function-", "constrained-"))
-    )
 
 
 # ----------------------------------------------------------- body → job spec
@@ -205,18 +200,20 @@ def _hyperparameters(request: JobRequest) -> tuple[Hyperparameters, str]:
 
 
 def _method(spec: dict[str, Any], request: JobRequest, hyper: Hyperparameters) -> None:
-    """Set ``method`` (and ``dpo``) of ``spec`` from ``method.type`` and ``rayft.method``.
+    """Set ``objective`` (and ``dpo``) of ``spec`` from ``method.type``.
 
-    A DPO job trains LoRA weights unless ``rayft.method`` (or ``rayft.dpo.weights``) says
-    ``full``; ``beta`` sets ``dpo.beta``.
+    ``method.type: dpo`` is ``objective: dpo``; what trains is ``rayft.method``: LoRA
+    weights unless it (or the older ``rayft.dpo.weights``) says ``full``; ``beta`` sets
+    ``dpo.beta``. ``rayft.method: dpo`` is the older spelling of ``method.type: dpo``.
     """
     given = spec.get("method")
     if method_type(request) == "supervised":
-        if given == "dpo":
-            raise BadRequest(
-                "rayft.method 'dpo' is chosen with method.type 'dpo' (and preference data)",
-                param="rayft.method",
-            )
+        for key in ("method", "objective"):
+            if spec.get(key) == "dpo":
+                raise BadRequest(
+                    f"rayft.{key} 'dpo' is chosen with method.type 'dpo' (and preference data)",
+                    param=f"rayft.{key}",
+                )
         return
     if given not in (None, "dpo", "lora", "full"):
         raise BadRequest(
@@ -224,10 +221,16 @@ def _method(spec: dict[str, Any], request: JobRequest, hyper: Hyperparameters) -
             "'lora' or 'full', or leave it out",
             param="rayft.method",
         )
+    if spec.get("objective", "dpo") != "dpo":
+        raise BadRequest(
+            f"method.type 'dpo' is objective dpo, not {spec['objective']!r}; leave "
+            "rayft.objective out",
+            param="rayft.objective",
+        )
+    if given == "dpo":
+        del spec["method"]  # rayft.dpo.weights, if given, chooses it (trainers.config)
+    spec["objective"] = "dpo"
     dpo = spec["dpo"] = _section(spec, "dpo")
-    if given in ("lora", "full"):
-        dpo["weights"] = given
-    spec["method"] = "dpo"
     beta = getattr(hyper, "beta", None)
     if isinstance(beta, (int, float)):
         dpo["beta"] = float(beta)
@@ -301,7 +304,7 @@ def build_spec(
         "batch_size": _global_batch(optim, workers),
         "learning_rate_multiplier": float(multiplier) if isinstance(multiplier, float) else 1.0,
     }
-    if spec.get("method") == "dpo":
+    if spec.get("objective") == "dpo":
         from rayft.trainers.config import DpoSpec
 
         reported["beta"] = spec["dpo"].get("beta", DpoSpec().beta)
@@ -385,7 +388,7 @@ def new_job_id() -> str:
 
 
 def job_relpath(job_id: str) -> str:
-    return f"{JOBS_DIR}/{job_id}.json"
+    return _job_file(job_id)
 
 
 def _checked_job_id(job_id: str) -> str:
@@ -396,9 +399,9 @@ def _checked_job_id(job_id: str) -> str:
 
 def artifact_kind(spec: dict[str, Any]) -> str:
     """``adapter`` or ``model``: what a job with this (validated) spec publishes."""
-    from rayft.trainers.config import JobSpec
+    from rayft.trainers.config import ADAPTER_METHODS, JobSpec
 
-    return "adapter" if JobSpec.from_dict(spec).weights == "lora" else "model"
+    return "adapter" if JobSpec.from_dict(spec).method in ADAPTER_METHODS else "model"
 
 
 def new_record(
@@ -413,7 +416,11 @@ def new_record(
     Args:
         labels: How messages name each data file: its URL → e.g. ``training_file file-… (a.jsonl)``.
     """
+    from rayft.trainers.config import JobSpec
+
     now = time.time()
+    # `rayft.method` keeps its older meaning for clients: `dpo` for a DPO job.
+    older = JobSpec.from_dict(spec).older_keys()
     return {
         "id": job_id,
         "object": "fine_tuning.job",
@@ -441,7 +448,7 @@ def new_record(
         "rayft": {
             "run_id": job_id,
             "output_name": spec["output"]["name"],
-            "method": spec.get("method", "lora"),
+            "method": older["method"],
             "kind": artifact_kind(spec),
             "parent_adapter": spec["model"].get("adapter"),
             "spec": spec,
@@ -709,7 +716,7 @@ def cancel(root: StorageRoot, job_id: str) -> dict[str, Any]:
 
 
 def placement_group_relpath(job_id: str) -> str:
-    return f"{JOBS_DIR}/{job_id}.placement_group"
+    return _job_file(job_id, ".placement_group")
 
 
 def placement_group_recorder(storage: str, job_id: str) -> Any:
@@ -719,20 +726,16 @@ def placement_group_recorder(storage: str, job_id: str) -> Any:
     Ray Train's own cleaner removes the group of a dead controller only when Ray's state
     API (the dashboard) is up; a cancelled job must free its CPUs either way.
     """
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
-    class PlacementGroupRecorder(WorkerGroupCallback):
-        def after_worker_group_start(self, worker_group: Any) -> None:
-            state = worker_group.get_worker_group_state()
-            group = state.placement_group_handle.placement_group
-            StorageRoot.resolve(storage).write(placement_group_relpath(job_id), group.id.hex())
+    def record(group_id: str) -> None:
+        StorageRoot.resolve(storage).write(placement_group_relpath(job_id), group_id)
 
-    return PlacementGroupRecorder()
+    return placement_group_callback(record)
 
 
 def remove_placement_group(root: StorageRoot, job_id: str) -> None:
     """Free the CPUs (GPUs) of a stopped job's Train workers: remove their placement group."""
-    from ray._raylet import PlacementGroupID
+    from ray import PlacementGroupID
     from ray.util.placement_group import PlacementGroup
     from ray.util.placement_group import remove_placement_group as remove
 
@@ -770,13 +773,14 @@ class JobRunner:
     def _run(self) -> str:
         from rayft.trainers.config import ConfigError, validate_spec
         from rayft.trainers.data import DataError, scan_sources
+        from rayft.trainers.models import ModelError
 
         record = read_job(self.root, self.job_id)
         labels = record["rayft"].get("labels", {})
         try:
             spec = validate_spec(record["rayft"]["spec"])
-            scanned = scan_sources(spec)
-        except (DataError, ConfigError) as err:
+            scanned = scan_sources(spec)  # tokenizes every row with the base model's tokenizer
+        except (DataError, ConfigError, ModelError) as err:
             return self._fail(err, labels)["status"]
         rows = sum(r.rows for r in scanned.train)
         transition(
@@ -854,6 +858,6 @@ def failure(err: BaseException, labels: dict[str, str], run_id: str) -> tuple[st
         return "publish_refused", text, None
     message = (
         f"training failed: {type(err).__name__}: {text[:1500]}; the run's events are in "
-        f"runs/{run_id}/events.jsonl under the storage root"
+        f"{run_relpath(run_id, EVENTS_FILE)} under the storage root"
     )
     return "training_failed", message, None

@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from rayft.serving.errors import BadRequest, NotFound
-from rayft.trainers.storage import StorageRoot
+from rayft.trainers.storage import (
+    DATASETS_DIR,
+    FILE_RECORDS_DIR,
+    StorageRoot,
+    dataset_relpath,
+    file_record_relpath,
+)
 
-FILES_DIR = "datasets"
-RECORDS_DIR = "datasets/.files"
+FILES_DIR = DATASETS_DIR
+RECORDS_DIR = FILE_RECORDS_DIR
 UPLOAD_SUFFIXES = (".jsonl", ".json")
 PURPOSE = "fine-tune"
 MAX_FILENAME_CHARS = 256
@@ -125,7 +131,7 @@ class FileStore:
         self.max_bytes = max_bytes
 
     def _record_path(self, file_id: str) -> str:
-        return f"{RECORDS_DIR}/{file_id}.json"
+        return file_record_relpath(file_id)
 
     def create(self, filename: str, purpose: str, source: Any) -> dict[str, Any]:
         """Check an uploaded file and store it; returns its OpenAI file object.
@@ -150,7 +156,7 @@ class FileStore:
         filename = (filename or "upload.jsonl").strip()[:MAX_FILENAME_CHARS]
         suffix = upload_suffix(filename)
         file_id = new_file_id()
-        relpath = f"{FILES_DIR}/{file_id}{suffix}"
+        relpath = dataset_relpath(f"{file_id}{suffix}")
         final = self.root.path(relpath)
         final.parent.mkdir(parents=True, exist_ok=True)
         # Checked as a hidden sibling, then renamed: a half-checked file is never visible.

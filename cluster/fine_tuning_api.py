@@ -1,4 +1,6 @@
-"""OpenAI's files and fine-tuning jobs routes, on the same app as inference.
+"""OpenAI's files and fine-tuning jobs routes, mounted on the same app as inference.
+
+The rayft service (``cluster.service_app``) passes this ``router`` to ``serving.app.build_app``.
 
     POST   /v1/files                              multipart ``file`` + ``purpose=fine-tune``
     GET    /v1/files                              newest first (``purpose``, ``after``, ``limit``)
@@ -28,9 +30,9 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from rayft.serving import fine_tuning as jobs
+from rayft.cluster import fine_tuning as jobs
+from rayft.cluster.files_service import FileStore, page
 from rayft.serving.errors import BadRequest
-from rayft.serving.files import FileStore, page
 from rayft.serving.service import ModelService
 
 # What a job's runner needs from the server's environment to find models and data.
