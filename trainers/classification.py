@@ -33,7 +33,7 @@ from torch import nn
 
 from rayft.trainers.formats import ROLES, RowError, _normalise_message
 from rayft.trainers.loss import IGNORE_INDEX
-from rayft.trainers.objectives import Objective
+from rayft.trainers.objective import Objective
 
 if TYPE_CHECKING:
     from rayft.trainers.config import ClassificationSpec, JobSpec
@@ -246,6 +246,9 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
 class ClassificationObjective(Objective):
     """Cross-entropy on a new classification head; accuracy and macro-F1 at evaluation."""
 
+    peft_task_type = "SEQ_CLS"
+    """PEFT's ``SEQ_CLS`` also trains (and saves) the new head whole, as ``modules_to_save``."""
+
     def __init__(self, spec: JobSpec) -> None:
         labels = spec.classification.labels
         if not labels or len(labels) < 2:
@@ -257,6 +260,10 @@ class ClassificationObjective(Objective):
         n = len(self.labels)
         cells = tuple(f"confusion_{t}_{p}" for t in range(n) for p in range(n))
         self.eval_keys = ("loss_sum", "count", *cells)
+
+    def trainable_head(self, model: nn.Module) -> list[nn.Parameter]:
+        """The new head starts random: it trains whatever else ``method: freeze`` freezes."""
+        return head_parameters(model)
 
     def load_model(self, spec: JobSpec, inputs: WorkerInputs) -> nn.Module:
         """``AutoModelForSequenceClassification`` on the base, with the run's labels."""

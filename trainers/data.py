@@ -43,7 +43,7 @@ from rayft.trainers.formats import (
 )
 from rayft.trainers.loss import IGNORE_INDEX
 from rayft.trainers.models import resolve_model
-from rayft.trainers.packing import collate, first_fit_decreasing, pack_examples
+from rayft.trainers.packing import first_fit_decreasing, pack_examples
 from rayft.trainers.storage import StorageRoot, is_uri, local_path
 from rayft.trainers.storage import filesystem as _filesystem
 
@@ -1311,29 +1311,3 @@ def build_datasets(
         packed=data.packing,
         eval_fraction=fraction if not eval_paths else 0.0,
     )
-
-
-def collate_fn(pad_id: int, packed: bool) -> Any:
-    """The ``collate_fn`` for ``Dataset.iter_torch_batches`` over ``PreparedData`` rows.
-
-    Ray 2.60 deprecates plain functions as ``collate_fn``; this wraps
-    ``trainers.packing.collate`` in a ``NumpyBatchCollateFn``.
-
-    Args:
-        pad_id: The tokenizer's pad token id (its EOS id when it has no pad token).
-        packed: ``PreparedData.packed``.
-
-    Returns:
-        A callable turning a batch of numpy columns into the dict ``collate`` returns.
-    """
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class PackingCollateFn(NumpyBatchCollateFn):
-        def __init__(self) -> None:
-            self.pad_id = pad_id
-            self.packed = packed
-
-        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-            return collate(batch, self.pad_id, self.packed)
-
-    return PackingCollateFn()

@@ -39,7 +39,7 @@ from rayft.trainers.formats import (
     preference_pair,
 )
 from rayft.trainers.loss import IGNORE_INDEX, sequence_logps
-from rayft.trainers.objectives import Objective
+from rayft.trainers.objective import Objective
 from rayft.trainers.packing import pad_rows, row_arrays
 
 if TYPE_CHECKING:

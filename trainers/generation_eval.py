@@ -237,7 +237,7 @@ def _padded(examples: list[tuple[tuple[int, ...], tuple[int, ...]]], pad_id: int
 @torch.no_grad()
 def general_scores(worker: Worker) -> dict[str, float]:
     """Loss, perplexity and exact match on ``eval.general`` (all workers, same result)."""
-    from rayft.trainers.loop import all_sum
+    from rayft.trainers.collectives import all_sum
     from rayft.trainers.loss import causal_lm_loss_sums, perplexity
 
     examples = list(worker.inputs.general)

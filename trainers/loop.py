@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-import torch.distributed as dist
 
+from rayft.trainers.collectives import all_sum
 from rayft.trainers.compat import set_scheduler_last_lr, zero3_full_state_dict
 from rayft.trainers.config import ADAPTER_METHODS, JobSpec
 from rayft.trainers.loss import IGNORE_INDEX
-from rayft.trainers.objectives import Objective, objective_for
+from rayft.trainers.objective import Objective
+from rayft.trainers.objectives import objective_for
 
 TRAINER_STATE = "trainer_state.json"
 DS_TAG = "state"
@@ -221,7 +222,9 @@ def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
 
     tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
     objective = objective_for(spec)
-    model = prepare_model(objective.load_model(spec, inputs), spec, inputs.parent_adapter)
+    model = prepare_model(
+        objective.load_model(spec, inputs), spec, inputs.parent_adapter, objective
+    )
     optimizer = torch.optim.AdamW(
         param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr, betas=(0.9, 0.999)
     )
@@ -670,14 +673,6 @@ def nonempty(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
         "attention_mask": mask,
         "position_ids": torch.zeros_like(one),
     }
-
-
-def all_sum(values: list[float]) -> list[float]:
-    """Element-wise sum over all workers (identity without a process group)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
 
 
 def emit(worker: Worker, record: dict[str, Any]) -> None:

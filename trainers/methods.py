@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from rayft.trainers.config import ADAPTER_METHODS, FreezeSpec, JobSpec, LoraSpec
 
+if TYPE_CHECKING:
+    from rayft.trainers.objective import Objective
 
-def apply_lora(model: nn.Module, lora: LoraSpec, objective: str = "sft") -> nn.Module:
+
+def apply_lora(model: nn.Module, lora: LoraSpec, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap ``model`` in a PEFT LoRA model; only the adapter weights require grad.
 
-    For ``objective`` classification PEFT's ``SEQ_CLS`` task type also trains (and saves)
-    the new classification head whole, as ``modules_to_save``.
+    ``task_type`` is the objective's (``Objective.peft_task_type``): ``SEQ_CLS`` also
+    trains (and saves) a new classification head whole, as ``modules_to_save``.
 
     ``lora.use_dora`` adds DoRA's per-output magnitude vector (``lora_magnitude_vector``);
     ``lora.use_rslora`` scales the update by ``alpha / sqrt(r)`` instead of ``alpha / r``.
@@ -28,54 +31,10 @@ def apply_lora(model: nn.Module, lora: LoraSpec, objective: str = "sft") -> nn.M
         target_modules=lora.target_modules,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
-        task_type="SEQ_CLS" if objective == "classification" else "CAUSAL_LM",
+        task_type=task_type,
         bias="none",
     )
     return get_peft_model(model, config)
-
-
-def qlora_quantization(compute_dtype: str) -> Any:
-    """The ``BitsAndBytesConfig`` of ``method: qlora``: a 4-bit NF4 base (Dettmers et al. 2023).
-
-    Double quantization also quantizes the per-block scales; matmuls run in
-    ``compute_dtype`` (bfloat16 on GPUs that have it). The packed 4-bit weights are
-    stored in that same dtype so ZeRO-3 can partition them with every other parameter.
-    """
-    from transformers import BitsAndBytesConfig
-
-    dtype = getattr(torch, compute_dtype)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype,
-    )
-
-
-def qlora_load_kwargs(compute_dtype: str) -> dict[str, Any]:
-    """``from_pretrained`` arguments that load the base in 4-bit on this worker's GPU.
-
-    Raises:
-        RuntimeError: No CUDA device, or bitsandbytes is not installed.
-    """
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "method: qlora needs a CUDA GPU on every training worker and this one has none; "
-            "use method lora, or give the workers GPUs (scaling.use_gpu=true)"
-        )
-    try:
-        import bitsandbytes  # noqa: F401 - transformers imports it by name
-    except ImportError:
-        raise RuntimeError(
-            "method: qlora needs bitsandbytes on the training workers: "
-            "pip install 'rayft[gpu]' (or pip install bitsandbytes)"
-        ) from None
-    # Ray Train gives each worker one visible GPU: its current device.
-    return {
-        "quantization_config": qlora_quantization(compute_dtype),
-        "device_map": {"": torch.cuda.current_device()},
-    }
 
 
 def load_lora(model: nn.Module, parent: Any, lora: LoraSpec) -> nn.Module:
@@ -136,14 +95,22 @@ def apply_freeze(model: nn.Module, freeze: FreezeSpec) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def prepare_model(model: nn.Module, spec: JobSpec, parent: Any = None) -> nn.Module:
+def prepare_model(
+    model: nn.Module, spec: JobSpec, parent: Any = None, objective: Objective | None = None
+) -> nn.Module:
     """Apply ``spec.method`` (and ``optim.gradient_checkpointing``) to a freshly loaded model.
 
     ``parent`` (a ``trainers.lineage.ParentAdapter``, for ``model.adapter``) is the
-    published adapter a LoRA run continues instead of starting a new one.
+    published adapter a LoRA run continues instead of starting a new one. ``objective``
+    (default: the spec's, from ``trainers.objectives``) gives the PEFT task type and any
+    head that must train whatever the method freezes.
     """
     from rayft.trainers.checkpointing import effective_mode, enable_checkpointing
 
+    if objective is None:
+        from rayft.trainers.objectives import objective_for
+
+        objective = objective_for(spec)
     if spec.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -156,18 +123,14 @@ def prepare_model(model: nn.Module, spec: JobSpec, parent: Any = None) -> nn.Mod
         if mode:
             model.enable_input_require_grads()
         return (
-            apply_lora(model, spec.lora, spec.objective)
+            apply_lora(model, spec.lora, objective.peft_task_type)
             if parent is None
             else load_lora(model, parent, spec.lora)
         )
     if spec.method == "freeze":
         apply_freeze(model, spec.freeze)
-        if spec.objective == "classification":
-            from rayft.trainers.classification import head_parameters
-
-            # The new head starts random: it must train whatever else is frozen.
-            for param in head_parameters(model):
-                param.requires_grad_(True)
+        for param in objective.trainable_head(model):
+            param.requires_grad_(True)
     return model
 
 

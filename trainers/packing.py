@@ -212,3 +212,29 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed: bool) -> dict[str
         "num_truncated": int(np.asarray(batch["num_truncated"]).sum()),
         "num_dropped": int(np.asarray(dropped).sum()) if dropped is not None else 0,
     }
+
+
+def collate_fn(pad_id: int, packed: bool) -> Any:
+    """The ``collate_fn`` for ``Dataset.iter_torch_batches`` over ``PreparedData`` rows.
+
+    Ray 2.60 deprecates plain functions as ``collate_fn``; this wraps
+    ``trainers.packing.collate`` in a ``NumpyBatchCollateFn``.
+
+    Args:
+        pad_id: The tokenizer's pad token id (its EOS id when it has no pad token).
+        packed: ``PreparedData.packed``.
+
+    Returns:
+        A callable turning a batch of numpy columns into the dict ``collate`` returns.
+    """
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class PackingCollateFn(NumpyBatchCollateFn):
+        def __init__(self) -> None:
+            self.pad_id = pad_id
+            self.packed = packed
+
+        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+            return collate(batch, self.pad_id, self.packed)
+
+    return PackingCollateFn()

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from rayft.trainers.config import validate_spec
-from rayft.trainers.data import PreparedData, build_datasets, collate_fn, read_rows
+from rayft.trainers.data import PreparedData, build_datasets, read_rows
 from rayft.trainers.formats import tokenize_example
+from rayft.trainers.packing import collate_fn
 
 pytestmark = pytest.mark.slow
 

@@ -304,3 +304,13 @@ def test_schema_lines_wrap_descriptions_to_a_terminal():
     lines = schema_lines(120)
     assert max(len(line) for line in lines) <= 120
     assert len(lines) > len(schema_keys())
+
+
+def test_every_objective_the_spec_accepts_is_registered():
+    import typing
+
+    from rayft.trainers.config import JobSpec
+    from rayft.trainers.objectives import OBJECTIVES
+
+    accepted = set(typing.get_args(JobSpec.model_fields["objective"].annotation))
+    assert accepted == set(OBJECTIVES)

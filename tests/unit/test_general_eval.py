@@ -257,14 +257,14 @@ def test_qlora_is_refused_without_cuda_naming_method(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_qlora_worker_refuses_without_cuda():
-    from rayft.trainers.methods import qlora_load_kwargs
+    from rayft.trainers.quantization import qlora_load_kwargs
 
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         qlora_load_kwargs("bfloat16")
 
 
 def test_qlora_quantization_is_nf4_double_quant_in_the_compute_dtype():
-    from rayft.trainers.methods import qlora_quantization
+    from rayft.trainers.quantization import qlora_quantization
 
     config = qlora_quantization("bfloat16")
     assert config.load_in_4bit and not config.load_in_8bit
