@@ -100,6 +100,23 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def config_or_resume(
+    args: argparse.Namespace, resume_id: str, needs: str
+) -> tuple[str | None, list[str]]:
+    """``(CONFIG, overrides)`` of a command that takes CONFIG or ``--resume ID``.
+
+    With ``--resume`` a ``key=value`` in CONFIG's place is one more override; CONFIG and
+    ``--resume`` together, or neither, is a :class:`UserError` (``needs`` says what to give).
+    """
+    if args.resume:
+        if args.config and "=" not in args.config:
+            raise UserError(f"give either CONFIG or --resume {resume_id}, not both")
+        return None, ([args.config] if args.config else []) + args.overrides
+    if not args.config:
+        raise UserError(needs)
+    return args.config, args.overrides
+
+
 # ----------------------------------------------------------------- errors
 
 

@@ -12,7 +12,7 @@ import json
 import shutil
 import sys
 
-from rayft.cluster.cli import add_address, add_overrides, add_storage
+from rayft.cluster.cli import add_address, add_overrides, add_storage, config_or_resume
 from rayft.cluster.errors import EXIT_FAILED, TrainingFailed, UserError, root_cause
 
 
@@ -104,14 +104,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rayft.cluster.api import train
     from rayft.cluster.cli import write_error_log
 
-    if args.resume:
-        if args.config and "=" not in args.config:
-            raise UserError("give either CONFIG or --resume RUN_ID, not both")
-        config, overrides = None, ([args.config] if args.config else []) + args.overrides
-    elif not args.config:
-        raise UserError("rayft train needs CONFIG (a YAML job spec) or --resume RUN_ID")
-    else:
-        config, overrides = args.config, args.overrides
+    config, overrides = config_or_resume(
+        args, "RUN_ID", "rayft train needs CONFIG (a YAML job spec) or --resume RUN_ID"
+    )
     try:
         result = train(
             config,

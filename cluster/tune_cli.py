@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from rayft.cluster.cli import add_address, add_overrides, add_storage
+from rayft.cluster.cli import add_address, add_overrides, add_storage, config_or_resume
 from rayft.cluster.errors import EXIT_FAILED, EXIT_INTERRUPTED, UserError
 
 
@@ -42,18 +42,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from rayft.cluster.api import tune
     from rayft.raytune.sweep import SweepInterrupted
 
-    if args.resume:
-        if args.sweep_id:
-            raise UserError("give either --resume SWEEP_ID or --id SWEEP_ID, not both")
-        if args.config and "=" not in args.config:
-            raise UserError("give either CONFIG or --resume SWEEP_ID, not both")
-        config, overrides = None, ([args.config] if args.config else []) + args.overrides
-    elif not args.config:
-        raise UserError(
-            "rayft tune needs CONFIG (a job spec with a tune: section) or --resume SWEEP_ID"
-        )
-    else:
-        config, overrides = args.config, args.overrides
+    if args.resume and args.sweep_id:
+        raise UserError("give either --resume SWEEP_ID or --id SWEEP_ID, not both")
+    config, overrides = config_or_resume(
+        args,
+        "SWEEP_ID",
+        "rayft tune needs CONFIG (a job spec with a tune: section) or --resume SWEEP_ID",
+    )
     try:
         result = tune(
             config,

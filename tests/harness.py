@@ -90,3 +90,20 @@ def copy_registry(root: Path, to: Path) -> Path:
     that publish into or change a shared one."""
     shutil.copytree(root, to, symlinks=True)
     return to
+
+
+SWEEP_BASE = {
+    "model": {"name": "tiny-llama"},
+    "data": {"train": "train.jsonl", "eval_fraction": 0.1},
+    "optim": {"max_steps": 12},
+    "eval": {"every_steps": 3},
+    "output": {"name": "colors"},
+}
+"""A small job spec for sweep validation tests (no file is read)."""
+
+
+def sweep_spec(space: dict, **tune: object) -> object:
+    """``SWEEP_BASE`` with a ``tune:`` section over ``space``, validated."""
+    from rayft.trainers.config import validate_spec
+
+    return validate_spec({**SWEEP_BASE, "tune": {"search_space": space, **tune}})

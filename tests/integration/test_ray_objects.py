@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from harness import SWEEP_BASE, sweep_spec
 
 from rayft.raytune.search_space import to_tune, validate_search_space
 from rayft.trainers.config import ConfigError, validate_spec
@@ -17,17 +18,7 @@ from rayft.trainers.startup import (
     bounded_worker_start,
 )
 
-BASE = {
-    "model": {"name": "tiny-llama"},
-    "data": {"train": "train.jsonl", "eval_fraction": 0.1},
-    "optim": {"max_steps": 12},
-    "eval": {"every_steps": 3},
-    "output": {"name": "colors"},
-}
-
-
-def sweep_spec(space: dict, **tune) -> object:
-    return validate_spec({**BASE, "tune": {"search_space": space, **tune}})
+BASE = SWEEP_BASE
 
 
 def test_every_distribution_translates_to_its_tune_domain():

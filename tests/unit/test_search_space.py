@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from harness import SWEEP_BASE, sweep_spec
 
 from rayft.raytune.schedulers import (
     SCHEDULER_CLOCK,
@@ -22,17 +23,7 @@ from rayft.raytune.search_space import (
 from rayft.raytune.sweep import trial_index, trial_spec, validate_sweep
 from rayft.trainers.config import ConfigError, validate_spec
 
-BASE = {
-    "model": {"name": "tiny-llama"},
-    "data": {"train": "train.jsonl", "eval_fraction": 0.1},
-    "optim": {"max_steps": 12},
-    "eval": {"every_steps": 3},
-    "output": {"name": "colors"},
-}
-
-
-def sweep_spec(space: dict, **tune) -> object:
-    return validate_spec({**BASE, "tune": {"search_space": space, **tune}})
+BASE = SWEEP_BASE
 
 
 def problems(err: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
