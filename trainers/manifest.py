@@ -210,8 +210,12 @@ class ArtifactManifest(_Record):
     # ----------------------------------------------------------------- writing
 
     def to_json(self) -> str:
-        """The text of ``rayft.json`` (fields that are ``None`` are left out)."""
-        return json.dumps(self.model_dump(exclude_none=True), indent=2, default=str)
+        """The text of ``rayft.json``: fields that are ``None`` are left out, except
+        ``parent_adapter``, which readers of every rayft version find as ``null`` when a
+        run started from the base model."""
+        fields = self.model_dump(exclude_none=True)
+        fields.setdefault("parent_adapter", None)
+        return json.dumps(fields, indent=2, default=str)
 
     def write(self, directory: str | Path) -> Path:
         """Write ``rayft.json`` into ``directory`` atomically; returns the file's path."""
