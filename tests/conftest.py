@@ -123,14 +123,71 @@ def published_adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the multi-node cluster tests last.
+SHARED_CLUSTER = "ray_cluster"
+"""The fixture of the embedded Ray cluster that modules share (:func:`ray_cluster`)."""
 
-    They switch this process to Ray token authentication with a token of their own,
-    which Ray caches per process; a local cluster started afterwards in the same
-    process would be refused. Sorting is stable, so every other order is kept.
+
+@pytest.fixture(scope="module")
+def ray_cluster(rayft_home: Path, tiny_model_dir: Path) -> Iterator[None]:
+    """The embedded local Ray cluster, shared by every module that asks for it.
+
+    It starts on first use and stays up across modules; a module that starts a cluster
+    of its own shape shuts it down first (:func:`_one_cluster_at_a_time`), and the session
+    shuts it down at the end. The modules that share it run one after another
+    (:func:`pytest_collection_modifyitems`), so it starts once for all of them.
     """
-    items.sort(key=lambda item: "integration/test_cluster.py" in item.nodeid)
+    import ray
+
+    from rayft.cluster.connect import connect
+
+    if not ray.is_initialized():
+        connect(None)
+    yield
+
+
+def _shares_the_cluster(module: object, session: pytest.Session) -> bool:
+    return any(
+        getattr(item, "module", None) is module and SHARED_CLUSTER in item.fixturenames
+        for item in session.items
+    )
+
+
+def _shut_ray_down() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cluster_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Before a module that does not share the cluster, shut the shared one down: such a
+    module starts a cluster of its own shape (or needs none, like the unit tier)."""
+    if not _shares_the_cluster(request.module, request.session):
+        _shut_ray_down()
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ray_down_at_the_end() -> Iterator[None]:
+    yield
+    _shut_ray_down()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the modules that share the embedded cluster together, and the multi-node
+    cluster tests last.
+
+    The multi-node tests switch this process to Ray token authentication with a token of
+    their own, which Ray caches per process; a local cluster started afterwards in the
+    same process would be refused. Sorting is stable, so every other order is kept.
+    """
+
+    def group(item: pytest.Item) -> int:
+        if "integration/test_cluster.py" in item.nodeid:
+            return 2
+        return 1 if SHARED_CLUSTER in getattr(item, "fixturenames", ()) else 0
+
+    items.sort(key=group)
 
 
 _SESSION: list[pytest.Session] = []

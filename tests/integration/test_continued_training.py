@@ -27,17 +27,6 @@ def files(tmp_path_factory, color_chats) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(rayft_home, tiny_model_dir):
-    import ray
-
-    from rayft.cluster.connect import connect
-
-    connect(None)
-    yield
-    ray.shutdown()
-
-
 def job(files: dict[str, Path], data: str, name: str, **sections) -> dict:
     spec = {
         "model": {"name": "tiny-llama", "dtype": "float32"},

@@ -57,17 +57,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(rayft_home, tiny_model_dir):
-    import ray
-
-    from rayft.cluster.connect import connect
-
-    connect(None)
-    yield
-    ray.shutdown()
-
-
 def manifest(path: Path) -> dict:
     return json.loads((Path(path) / "rayft.json").read_text())
 

@@ -25,17 +25,6 @@ METRICS = ["exact_match", "token_f1", "rouge_l", "bleu"]
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from rayft.cluster.connect import connect
-
-    connect(None)
-    yield
-    ray.shutdown()
-
-
 def greedy(model, tokenizer, prompt: list[int]) -> str:
     x = torch.tensor([prompt])
     out = model.generate(

@@ -29,17 +29,6 @@ def chat_file(tmp_path_factory, color_chats) -> Path:
     return color_chats(path, 96)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from rayft.cluster.connect import connect
-
-    connect(None)
-    yield
-    ray.shutdown()
-
-
 def make_spec(chat_file: Path, name: str, **sections) -> object:
     data = {
         "model": {"name": "tiny-llama"},
