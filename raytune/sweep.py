@@ -965,6 +965,8 @@ def _publish_best(
     from rayft.trainers.models import resolve_model
     from rayft.trainers.registry import ArtifactManifest, RegistryError, publish_dir
 
+    if spec.tune.publish_all:
+        return _republish_best_trial(spec, root, sweep_id, kind, name, best)
     run_id = best["run_id"]
     relpath = run_relpath(run_id, MANIFEST_FILE)
     raw = root.read(relpath)
@@ -987,6 +989,32 @@ def _publish_best(
         return publish_dir(local, kind, name, manifest, True, root, model_dir)
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _republish_best_trial(
+    spec: JobSpec, root: StorageRoot, sweep_id: str, kind: str, name: str, best: dict[str, Any]
+) -> Path:
+    """With ``tune.publish_all`` every trial published itself: the best one's artifact is
+    published again under ``name``, with the sweep's note."""
+    from rayft.trainers.models import resolve_model
+    from rayft.trainers.registry import (
+        RegistryError,
+        publish_dir,
+        published_manifest,
+        sync_artifact,
+    )
+
+    trial_dir = sync_artifact(kind, trial_artifact_name(name, best["trial"]), root)
+    manifest = published_manifest(trial_dir)
+    if manifest is None:
+        raise RegistryError(
+            f"the best trial {best['trial']} of sweep {sweep_id} has no published artifact "
+            f"({trial_dir}); run the sweep again"
+        )
+    manifest.sweep = _sweep_note(spec, sweep_id, best, best)
+    model_dir = resolve_model(spec.model.name, root.models, root)
+    # Overwriting was checked before the first trial started.
+    return publish_dir(trial_dir, kind, name, manifest, True, root, model_dir)
 
 
 def _note_trial_artifacts(

@@ -106,7 +106,7 @@ def assert_serves(root: StorageRoot, adapters: dict[str, Path], tiny_model_dir: 
 LOCAL_FAULTS = [
     # (what is patched, before/after, which call, what a reader must see)
     ("shutil:copy2", "after", 1, "old"),  # half the files copied
-    ("rayft.trainers.registry:atomic_write", "before", 1, "old"),  # no manifest yet
+    ("rayft.trainers.manifest:atomic_write", "before", 1, "old"),  # no manifest yet
     ("rayft.trainers.registry:swap_dir", "before", 1, "old"),  # staged, not switched
     ("os:symlink", "after", 1, "old"),  # the new link exists, not swapped in
     ("rayft.trainers.storage:_prune_versions", "before", 1, "new"),  # switched
