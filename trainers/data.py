@@ -1276,7 +1276,8 @@ def build_datasets(
     train_reports, eval_reports, fmt = scanned.train, scanned.eval, scanned.format
     reports = train_reports + eval_reports
     train_rows = sum(r.rows for r in train_reports)
-    _check_tokenizer(train_paths[0], fmt, tokenizer_dir, data.max_seq_len)
+    if scanned.rows is None:  # the scan tokenized every row already, this tokenizer included
+        _check_tokenizer(train_paths[0], fmt, tokenizer_dir, data.max_seq_len)
 
     rows = read_rows(train_paths, fmt)
     eval_ds = None
