@@ -194,11 +194,11 @@ class ScalingSpec(_Section):
     max_failures: int = Field(3, ge=-1)
     """Worker-group failures Ray Train recovers from by restarting the workers from the
     newest verified checkpoint (``FailureConfig.max_failures``); ``-1`` = unlimited, 0 = none."""
-    start_timeout_s: float = Field(600, gt=0)
+    start_timeout_s: float = Field(600, gt=0, le=86400, allow_inf_nan=False)
     """Longest wait, in seconds, for the cluster to have what the run needs: a free CPU for
     Ray Data's tokenize tasks, then the workers' resources (Ray Train's worker-group start,
     ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``). The run fails after it, saying what it
-    waited for, instead of waiting forever."""
+    waited for, instead of waiting forever. At most 86400 (a day)."""
     allocator: Literal["auto", "system", "jemalloc"] = "auto"
     """The C allocator of the training workers. ``jemalloc``: the one Ray's wheel ships,
     preloaded into the worker processes and set to reuse freed pages without purging them

@@ -314,3 +314,10 @@ def test_every_objective_the_spec_accepts_is_registered():
 
     accepted = set(typing.get_args(JobSpec.model_fields["objective"].annotation))
     assert accepted == set(OBJECTIVES)
+
+
+@pytest.mark.parametrize("value", [0, -5, 86401, float("inf"), float("nan")])
+def test_start_timeout_is_a_bounded_finite_wait(value):
+    with pytest.raises(ConfigError) as err:
+        validate_spec({"data": {"train": "t.jsonl"}, "scaling": {"start_timeout_s": value}})
+    assert "scaling.start_timeout_s" in str(err.value)
