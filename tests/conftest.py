@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from color_data import write_color_chats
 
 
 @pytest.fixture(scope="session")
@@ -32,37 +32,6 @@ def tiny_model_dir(rayft_home: Path) -> Path:
     from rayft.trainers.models import pull_builtin
 
     return pull_builtin("tiny-llama")
-
-
-COLOR_THINGS = [
-    ("red", "apple"),
-    ("blue", "sky"),
-    ("green", "grass"),
-    ("white", "snow"),
-    ("black", "night"),
-    ("yellow", "sun"),
-    ("gray", "stone"),
-    ("pink", "rose"),
-]
-
-
-def write_color_chats(
-    path: Path, rows: int, colors: int = len(COLOR_THINGS), first: int = 0
-) -> Path:
-    """A chat JSONL file of ``rows`` "name a <color> thing" exchanges over ``colors`` colours,
-    starting at colour ``first`` of ``COLOR_THINGS``."""
-    pairs = COLOR_THINGS[first : first + colors]
-    with open(path, "w") as handle:
-        for i in range(rows):
-            color, thing = pairs[i % len(pairs)]
-            row = {
-                "messages": [
-                    {"role": "user", "content": f"name a {color} thing"},
-                    {"role": "assistant", "content": f"the {thing} is {color}"},
-                ]
-            }
-            handle.write(json.dumps(row) + "\n")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -35,20 +35,9 @@ def test_import_rayft_loads_no_heavy_library_and_takes_under_a_second(tmp_path):
 
 
 def color_rows(count: int, offset: int = 0) -> list[dict]:
-    from conftest import COLOR_THINGS
+    from color_data import color_chat_rows
 
-    rows = []
-    for i in range(offset, offset + count):
-        color, thing = COLOR_THINGS[i % len(COLOR_THINGS)]
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"name a {color} thing"},
-                    {"role": "assistant", "content": f"the {thing} is {color}"},
-                ]
-            }
-        )
-    return rows
+    return color_chat_rows(count, offset=offset)
 
 
 @pytest.mark.slow
