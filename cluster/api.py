@@ -632,7 +632,7 @@ def submit(
 
 # --------------------------------------------------------------------------- serve
 
-_serving: dict[str, bool] = {}
+_serving: dict[str, Any] = {}
 """``ray_started``: :func:`serve` started the embedded Ray cluster it runs on."""
 
 
@@ -714,6 +714,7 @@ def serve(
     started = not ray.is_initialized()
     kind = connect(address, metrics_export_port=metrics_port, dashboard_port=dashboard_port)
     _serving["ray_started"] = started
+    _serving["app"] = {"args": cfg.model_dump(mode="json"), "host": host, "insecure": insecure}
     try:
         if show_progress:
             print(
@@ -734,16 +735,29 @@ def serve(
         except KeyboardInterrupt:
             pass
         finally:
-            stop_serving()
+            stop_serving(drain=True)
     return url
 
 
-def stop_serving() -> None:
-    """Take the served application down, and the Ray cluster :func:`serve` started."""
+def stop_serving(drain: bool = False) -> None:
+    """Take the served application down, and the Ray cluster :func:`serve` started.
+
+    Args:
+        drain: First stop admitting requests (new ones are answered 503 with
+            ``Retry-After``) and let those in flight finish, for at most the app's
+            ``grace_period_s``. Fine-tuning jobs keep running in their detached actors
+            (on a cluster at an address; an embedded cluster ends with this process).
+    """
     import ray
     from ray import serve as ray_serve
 
+    from rayft.cluster.service_app import ROUTERS
+    from rayft.serving.client import drain_app
+
+    app = _serving.pop("app", None)
     if ray.is_initialized():
+        if drain and app is not None:
+            drain_app(app["args"], app["host"], insecure=app["insecure"], routers=ROUTERS)
         ray_serve.shutdown()
         if _serving.pop("ray_started", False):
             ray.shutdown()

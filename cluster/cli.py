@@ -2,7 +2,7 @@
 
 Each command group lives in its own module with a ``register(subparsers)`` function:
 ``train_cli`` (train, validate), ``models_cli`` (models), ``tune_cli`` (tune),
-``serve_cli`` (serve, eval) and ``jobs_cli`` (submit, jobs, cluster).
+``serve_cli`` (serve, eval), ``jobs_cli`` (submit, jobs, cluster) and ``keys_cli`` (keys).
 
 Exit codes: 0 success; 1 a run that failed while running, or an internal error (its
 traceback goes to a log file whose path is printed); 2 bad input (config key, data file
@@ -46,6 +46,7 @@ COMMAND_MODULES = (
     "rayft.cluster.tune_cli",
     "rayft.cluster.serve_cli",
     "rayft.cluster.jobs_cli",
+    "rayft.cluster.keys_cli",
 )
 
 LOG_DIR_ENV = "RAYFT_LOG_DIR"

@@ -9,7 +9,11 @@ from contextlib import contextmanager
 from rayft.cluster.console import is_verbose, quiet_ray_libraries
 from rayft.cluster.errors import UserError
 from rayft.cluster.job_start import COPY_ENV, WORKER_SETUP_HOOK
-from rayft.trainers.compat import metrics_export_port_option
+from rayft.trainers.compat import loopback_node, metrics_export_port_option
+
+EMBEDDED_BIND_ADDRESS = "127.0.0.1"
+BIND_ADDRESS_ENV = "RAYFT_BIND_ADDRESS"
+"""Names another address for the embedded cluster to bind (its default is loopback)."""
 
 
 def embedded_cpus() -> int:
@@ -28,6 +32,7 @@ def connect(
     quiet: bool | None = None,
     metrics_export_port: int | None = None,
     dashboard_port: int | None = None,
+    bind_address: str | None = None,
 ) -> str:
     """Initialise Ray on ``address`` (or ``RAY_ADDRESS``); with neither, start a local cluster.
 
@@ -39,6 +44,8 @@ def connect(
             127.0.0.1); ``None`` lets Ray pick a free one.
         dashboard_port: Start the embedded cluster's Ray dashboard on 127.0.0.1 at this
             port; ``None`` starts no dashboard.
+        bind_address: The address every server of the embedded cluster binds to
+            (default ``$RAYFT_BIND_ADDRESS``, else 127.0.0.1: nothing beyond loopback).
 
     Returns:
         ``"embedded"``, ``"existing"`` (Ray was already initialised) or the address.
@@ -52,8 +59,7 @@ def connect(
         return "existing"
     quiet = not is_verbose() if quiet is None else quiet
     address = address or os.environ.get("RAY_ADDRESS")
-    # Keep every socket on loopback unless the user points at a remote cluster.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    bind_address = bind_address or os.environ.get(BIND_ADDRESS_ENV)
     runtime_env: dict[str, object] = {"env_vars": _forwarded_env()}
     if os.environ.get(COPY_ENV):  # a submitted job's driver: its workers leave Ray's dir too
         runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
@@ -72,14 +78,18 @@ def connect(
             ) from None
         quiet_ray_libraries()
         return address
-    ray.init(
-        # "local" always starts a new cluster, never attaching to one `ray start` left running.
-        address="local",
-        num_cpus=embedded_cpus(),
-        include_dashboard=dashboard_port is not None,
-        **_embedded_ports(metrics_export_port, dashboard_port),
-        **options,
-    )
+    # Every socket of the embedded cluster (GCS, raylet, workers, agents, metrics) stays
+    # on loopback unless the user names another bind address.
+    with loopback_node(bind_address or EMBEDDED_BIND_ADDRESS) as node:
+        ray.init(
+            # "local" always starts a new cluster, never attaching to one `ray start` left.
+            address="local",
+            num_cpus=embedded_cpus(),
+            include_dashboard=dashboard_port is not None,
+            **node,
+            **_embedded_ports(metrics_export_port, dashboard_port),
+            **options,
+        )
     quiet_ray_libraries()
     return "embedded"
 

@@ -64,7 +64,10 @@ def is_bad_input(err: BaseException) -> bool:
     A ``FileNotFoundError`` counts only when it names its file: one without a name (such
     as ``os.getcwd()`` in a directory that was removed) is rayft's problem, not the user's.
     """
-    if isinstance(err, bad_input_types()):
+    from rayft.trainers.config import ConfigError
+
+    # Checked first: the other types' modules import torch, seconds for a spec error.
+    if isinstance(err, (ConfigError, UserError)) or isinstance(err, bad_input_types()):
         return True
     return isinstance(err, FileNotFoundError) and bool(err.filename)
 

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rayft.serving.errors import BadRequest, NotFound
+from rayft.serving.auth import DEFAULT_PROJECT, Principal
+from rayft.serving.errors import BadRequest, NotFound, TooLarge
 from rayft.trainers.storage import (
     DATASETS_DIR,
     FILE_RECORDS_DIR,
@@ -34,6 +35,11 @@ RECORDS_DIR = FILE_RECORDS_DIR
 UPLOAD_SUFFIXES = (".jsonl", ".json")
 PURPOSE = "fine-tune"
 MAX_FILENAME_CHARS = 256
+MAX_ROW_BYTES = 4 * 1024 * 1024
+"""Longest line of an uploaded file: one row, parsed on its own by the check."""
+MAX_JSON_ARRAY_BYTES = 4 * 1024 * 1024
+"""Largest ``.json`` array upload: the check parses an array whole (several times its
+size in memory), so larger data comes as JSON lines, which it reads a line at a time."""
 
 
 def new_file_id() -> str:
@@ -124,11 +130,22 @@ class FileStore:
     Args:
         root: The rayft root.
         max_bytes: Largest file accepted.
+        principal: Who uses the store (``serving.auth``): new files belong to its
+            project, and another project's files are not found (unless it is an admin).
+            ``None``: project ``default``, every file visible (the CLI and Python).
     """
 
-    def __init__(self, root: StorageRoot, max_bytes: int) -> None:
+    def __init__(
+        self, root: StorageRoot, max_bytes: int, principal: Principal | None = None
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.principal = principal
+        self.project = principal.project if principal is not None else DEFAULT_PROJECT
+
+    def _visible(self, record: dict[str, Any]) -> bool:
+        project = record.get("rayft", {}).get("project")
+        return self.principal is None or self.principal.owns(project)
 
     def _record_path(self, file_id: str) -> str:
         return file_record_relpath(file_id)
@@ -139,41 +156,72 @@ class FileStore:
         Args:
             filename: The name the client gave.
             purpose: Must be ``fine-tune``.
-            source: A binary file object holding the upload.
+            source: A binary file object holding the upload (read in chunks).
 
         Raises:
             BadRequest: Wrong purpose, a name of another format, or a row that
                 ``rayft train`` would refuse (the message names the line).
+            TooLarge: The file is over ``max_bytes``.
+        """
+        check_purpose(purpose)
+        file_id, suffix, staging = self.begin(filename)
+        try:
+            size = _copy_limited(source, staging, self.max_bytes)
+            return self.accept(file_id, filename, suffix, staging, size)
+        finally:
+            staging.unlink(missing_ok=True)
+
+    def begin(self, filename: str) -> tuple[str, str, Path]:
+        """A new upload of ``filename``: its file id, stored suffix and staging path.
+
+        The bytes go to the staging path (a hidden sibling of the final file, so a
+        half-received or half-checked file is never visible); ``accept`` checks and
+        stores them. Whoever wrote the staging file removes it in the end.
+
+        Raises:
+            BadRequest: The name says the file is of another format.
+        """
+        suffix = upload_suffix(_clean_name(filename))
+        file_id = new_file_id()
+        final = self.root.path(dataset_relpath(f"{file_id}{suffix}"))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return file_id, suffix, final.with_name(f".upload-{file_id}{suffix}")
+
+    def too_large(self) -> TooLarge:
+        """The 413 of a file over ``max_bytes``."""
+        return too_large(self.max_bytes)
+
+    def accept(
+        self, file_id: str, filename: str, suffix: str, staging: Path, size: int
+    ) -> dict[str, Any]:
+        """Check the received bytes at ``staging`` row by row and store them as ``file_id``.
+
+        Raises:
+            BadRequest: An empty file, a ``.json`` array over ``MAX_JSON_ARRAY_BYTES``
+                (it is parsed whole; JSON lines are read a line at a time), or a row
+                that ``rayft train`` would refuse (the message names the line).
         """
         from rayft.trainers.data import DataError, scan_source
 
-        if purpose != PURPOSE:
+        filename = _clean_name(filename)
+        if size == 0 or not staging.is_file():
+            raise BadRequest("the uploaded file is empty", code="invalid_file", param="file")
+        if suffix == ".json" and size > MAX_JSON_ARRAY_BYTES and _starts_array(staging):
             raise BadRequest(
-                f"purpose is {purpose!r}; this server stores files with purpose 'fine-tune'",
-                code="invalid_purpose",
-                param="purpose",
+                f"{filename}: a JSON array file is read whole to check it, so it may be at most "
+                f"{MAX_JSON_ARRAY_BYTES} bytes; send larger data as JSON lines (.jsonl, one "
+                "row object per line)",
+                code="invalid_file",
+                param="file",
             )
-        filename = (filename or "upload.jsonl").strip()[:MAX_FILENAME_CHARS]
-        suffix = upload_suffix(filename)
-        file_id = new_file_id()
         relpath = dataset_relpath(f"{file_id}{suffix}")
-        final = self.root.path(relpath)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # Checked as a hidden sibling, then renamed: a half-checked file is never visible.
-        staging = final.with_name(f".upload-{file_id}{suffix}")
         try:
-            size = _copy_limited(source, staging, self.max_bytes)
-            try:
-                report = scan_source(str(staging), "auto")
-            except DataError as err:
-                raise BadRequest(
-                    str(err).replace(str(staging), filename),
-                    code="invalid_file",
-                    param="file",
-                ) from None
-            os.replace(staging, final)
-        finally:
-            staging.unlink(missing_ok=True)
+            report = scan_source(str(staging), "auto")
+        except DataError as err:
+            raise BadRequest(
+                str(err).replace(str(staging), filename), code="invalid_file", param="file"
+            ) from None
+        os.replace(staging, self.root.path(relpath))
         self.root.mirror(relpath)
         record = {
             "id": file_id,
@@ -190,6 +238,8 @@ class FileStore:
                 "rows": report.rows,
                 "format": report.format,
                 "sha256": report.sha256,
+                "project": self.project,
+                "key_id": self.principal.key_id if self.principal is not None else None,
             },
         }
         self.root.write(self._record_path(file_id), json.dumps(record, indent=2))
@@ -199,10 +249,10 @@ class FileStore:
         """The file object of ``file_id``.
 
         Raises:
-            NotFound: No such file.
+            NotFound: No such file (or another project's, answered alike).
         """
         record = read_json(self.root, self._record_path(_checked_id(file_id)))
-        if record is None:
+        if record is None or not self._visible(record):
             raise NotFound(
                 f"no file {file_id!r}; GET /v1/files lists the uploaded files",
                 code="file_not_found",
@@ -211,9 +261,13 @@ class FileStore:
         return record
 
     def list(self, purpose: str | None = None) -> list[dict[str, Any]]:
-        """Every file (of ``purpose``, when given), newest first."""
+        """Every visible file (of ``purpose``, when given), newest first."""
         records = [read_json(self.root, self._record_path(n)) for n in self._ids()]
-        found = [r for r in records if r and (purpose is None or r.get("purpose") == purpose)]
+        found = [
+            r
+            for r in records
+            if r and self._visible(r) and (purpose is None or r.get("purpose") == purpose)
+        ]
         return sorted(found, key=lambda r: (r.get("created_at", 0), r["id"]), reverse=True)
 
     def _ids(self) -> list[str]:
@@ -231,28 +285,54 @@ class FileStore:
         """Remove the file and its record; returns OpenAI's deletion object."""
         record = self.get(file_id)
         relpath = record["rayft"]["path"]
-        for rel in (relpath, self._record_path(file_id)):
-            self.root.path(rel).unlink(missing_ok=True)
+        # The source of truth first, the record before the bytes: a failure leaves the
+        # file listed and whole (delete again), or unlisted; never listed without bytes.
+        for rel in (self._record_path(file_id), relpath):
             self.root.delete(rel)
+        for rel in (self._record_path(file_id), relpath):
+            self.root.path(rel).unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}
+
+
+def too_large(limit: int) -> TooLarge:
+    """The 413 of an upload over ``limit`` bytes."""
+    return TooLarge(
+        f"the file is over the upload limit of {limit} bytes; split it, or start "
+        "the server with a larger max_file_bytes",
+        code="file_too_large",
+        param="file",
+    )
+
+
+def check_purpose(purpose: Any) -> None:
+    """Refuse a ``purpose`` other than ``fine-tune`` (400 naming the field)."""
+    if purpose is None:
+        raise BadRequest("purpose is required; send purpose=fine-tune", param="purpose")
+    if purpose != PURPOSE:
+        raise BadRequest(
+            f"purpose is {purpose!r}; this server stores files with purpose 'fine-tune'",
+            code="invalid_purpose",
+            param="purpose",
+        )
+
+
+def _clean_name(filename: str) -> str:
+    return (filename or "upload.jsonl").strip()[:MAX_FILENAME_CHARS] or "upload.jsonl"
+
+
+def _starts_array(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(64).decode("utf-8", errors="replace")
+    return head.lstrip("\ufeff \t\r\n").startswith("[")
 
 
 def _copy_limited(source: Any, target: Path, limit: int) -> int:
     """Copy ``source`` to ``target`` in chunks; refuse it (413) once past ``limit`` bytes."""
-    from rayft.serving.errors import TooLarge
-
     size = 0
     with open(target, "wb") as out:
         while chunk := source.read(1 << 20):
             size += len(chunk)
             if size > limit:
-                raise TooLarge(
-                    f"the file is over the upload limit of {limit} bytes; split it, or start "
-                    "the server with a larger max_file_bytes",
-                    code="file_too_large",
-                    param="file",
-                )
+                raise too_large(limit)
             out.write(chunk)
-    if size == 0:
-        raise BadRequest("the uploaded file is empty", code="invalid_file", param="file")
     return size

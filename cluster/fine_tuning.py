@@ -33,8 +33,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rayft.cluster.files_service import list_names, page, read_json
+from rayft.cluster.job_body import check_extension
+from rayft.serving.auth import DEFAULT_PROJECT
 from rayft.serving.errors import BadRequest, NotFound
 from rayft.trainers.compat import placement_group_callback
+from rayft.trainers.locks import held
 from rayft.trainers.records import EVENTS_FILE
 from rayft.trainers.storage import JOBS_DIR, StorageRoot, run_relpath
 from rayft.trainers.storage import job_relpath as _job_file
@@ -46,16 +49,6 @@ SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 MAX_SUFFIX_CHARS = 40
 MAX_BASE_CHARS = 40
-# Job-spec keys the job sets itself; the ``rayft`` extension may not.
-RESERVED_KEYS = {
-    "storage": "jobs write to the server's storage root",
-    "output": "the job publishes under its fine_tuned_model name",
-    "tune": "a job is one training run; run sweeps with `rayft tune`",
-    "data.train": "set training_file",
-    "data.eval": "set validation_file",
-    "model.name": "set model",
-    "model.adapter": "set model to the adapter or fine_tuned_model to start from",
-}
 # The job-spec key each OpenAI hyperparameter sets.
 HYPERPARAMETER_KEYS = {
     "optim.epochs": "n_epochs",
@@ -69,7 +62,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Hyperparameters(_Body):
@@ -236,15 +229,6 @@ def _method(spec: dict[str, Any], request: JobRequest, hyper: Hyperparameters) -
         dpo["beta"] = float(beta)
 
 
-def _reserved(extension: dict[str, Any]) -> None:
-    for key, why in RESERVED_KEYS.items():
-        section, _, leaf = key.partition(".")
-        node = extension.get(section)
-        present = section in extension if not leaf else isinstance(node, dict) and leaf in node
-        if present:
-            raise BadRequest(f"rayft.{key} is set by the job: {why}", param=f"rayft.{key}")
-
-
 def build_spec(
     request: JobRequest,
     *,
@@ -268,13 +252,13 @@ def build_spec(
         object reports them (``auto`` resolved).
 
     Raises:
-        BadRequest: A key the job sets itself, an unsupported method, or a batch size
-            the workers cannot share.
+        BadRequest: A key the extension may not set (``job_body.ALLOWED``), an
+            unsupported method, or a batch size the workers cannot share.
     """
     from rayft.trainers.config import OptimSpec, ScalingSpec
 
     extension = copy.deepcopy(request.rayft or {})
-    _reserved(extension)
+    check_extension(extension)  # the allow-list: no path, URI or unknown key
     hyper, where = _hyperparameters(request)
     spec = extension
     _method(spec, request, hyper)
@@ -410,11 +394,15 @@ def new_record(
     spec: dict[str, Any],
     hyperparameters: dict[str, Any],
     labels: dict[str, str],
+    project: str = DEFAULT_PROJECT,
+    key_id: str | None = None,
 ) -> dict[str, Any]:
     """A new job's record: the OpenAI job object (``validating_files``) and rayft's part.
 
     Args:
         labels: How messages name each data file: its URL → e.g. ``training_file file-… (a.jsonl)``.
+        project: The project the job belongs to (``serving.auth``).
+        key_id: The id of the key that created it (never the key).
     """
     from rayft.trainers.config import JobSpec
 
@@ -453,8 +441,17 @@ def new_record(
             "parent_adapter": spec["model"].get("adapter"),
             "spec": spec,
             "labels": labels,
+            "project": project,
+            "key_id": key_id,
         },
-        "history": [{"time": now, "status": VALIDATING, "message": "validating training files"}],
+        "history": [
+            {
+                "time": now,
+                "status": VALIDATING,
+                "message": "validating training files",
+                "key_id": key_id,
+            }
+        ],
     }
 
 
@@ -463,20 +460,25 @@ def save_job(root: StorageRoot, record: dict[str, Any]) -> None:
     root.write(job_relpath(record["id"]), json.dumps(record, indent=2, default=str))
 
 
-def read_job(root: StorageRoot, job_id: str) -> dict[str, Any]:
-    """The record of ``job_id``.
+def read_job(root: StorageRoot, job_id: str, scope: str | None = None) -> dict[str, Any]:
+    """The record of ``job_id``; with ``scope``, only a job of that project is found.
 
     Raises:
-        NotFound: No such job.
+        NotFound: No such job (or one of another project, answered alike).
     """
     record = read_json(root, job_relpath(_checked_job_id(job_id)))
-    if record is None:
+    if record is None or (scope is not None and job_project(record) != scope):
         raise NotFound(
             f"no fine-tuning job {job_id!r}; GET /v1/fine_tuning/jobs lists them",
             code="job_not_found",
             param="job_id",
         )
     return record
+
+
+def job_project(record: dict[str, Any]) -> str:
+    """The project a job belongs to (``default`` for a job made before projects)."""
+    return record.get("rayft", {}).get("project") or DEFAULT_PROJECT
 
 
 def list_jobs(root: StorageRoot) -> list[dict[str, Any]]:
@@ -494,13 +496,21 @@ def transition(
     Returns:
         The record as it now stands (unchanged when it was terminal already).
     """
-    record = read_job(root, job_id)
-    if record["status"] in TERMINAL:
-        return record
-    record.update(status=status, **fields)
-    record["history"].append({"time": time.time(), "status": status, "message": message})
-    save_job(root, record)
+    # Read, decide and write under the record's lock: the runner, its watcher, cancel
+    # and refresh may all move one job at once, and only the first end counts.
+    with held(root, job_lock_relpath(job_id)):
+        record = read_job(root, job_id)
+        if record["status"] in TERMINAL:
+            return record
+        record.update(status=status, **fields)
+        record["history"].append({"time": time.time(), "status": status, "message": message})
+        save_job(root, record)
     return record
+
+
+def job_lock_relpath(job_id: str) -> str:
+    """The lock of a job's record (``trainers.locks``), next to the record."""
+    return _job_file(_checked_job_id(job_id), ".lock")
 
 
 def fail(root: StorageRoot, job_id: str, code: str, message: str, param: str | None = None) -> dict:
@@ -513,7 +523,8 @@ def job_object(record: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI ``fine_tuning.job`` object of a record (rayft's part kept as ``rayft``)."""
     out = {k: v for k, v in record.items() if k not in ("history", "rayft")}
     extra = record.get("rayft", {})
-    out["rayft"] = {k: extra.get(k) for k in ("run_id", "output_name", "method", "parent_adapter")}
+    keys = ("run_id", "output_name", "method", "parent_adapter", "project")
+    out["rayft"] = {k: extra.get(k) for k in keys}
     out["rayft"]["spec"] = extra.get("spec")
     return out
 
@@ -577,7 +588,8 @@ def job_events(root: StorageRoot, record: dict[str, Any]) -> list[dict[str, Any]
     for item in record.get("history", []):
         level = "error" if item["status"] == FAILED else "info"
         message = f"Job {item['status']}: {item['message']}"
-        event = _event(job_id, item["time"], message, level, status=item["status"])
+        who = {"key_id": item["key_id"]} if item.get("key_id") else {}
+        event = _event(job_id, item["time"], message, level, status=item["status"], **who)
         timed.append((float(item["time"]), len(timed), event))
     for line in read_events(root, record["rayft"]["run_id"]):
         event = _run_event(job_id, line)
@@ -682,8 +694,10 @@ def refresh(root: StorageRoot, record: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def cancel(root: StorageRoot, job_id: str) -> dict[str, Any]:
+def cancel(root: StorageRoot, job_id: str, key_id: str | None = None) -> dict[str, Any]:
     """Stop a job's Ray work and mark it cancelled; nothing of it stays published.
+
+    ``key_id`` (the key that asked) is named in the job's cancelled event.
 
     Raises:
         BadRequest: The job already ended.
@@ -705,7 +719,8 @@ def cancel(root: StorageRoot, job_id: str) -> dict[str, Any]:
         # The run's Train controller and workers are the actor's children: they die with it.
         ray.kill(handle, no_restart=True)
     remove_placement_group(root, job_id)
-    record = transition(root, job_id, CANCELLED, "cancelled", finished_at=int(time.time()))
+    message = f"cancelled with key {key_id}" if key_id else "cancelled"
+    record = transition(root, job_id, CANCELLED, message, finished_at=int(time.time()))
     if record["status"] == CANCELLED:
         kind = record["rayft"].get("kind") or artifact_kind(record["rayft"]["spec"])
         try:
@@ -793,19 +808,24 @@ class JobRunner:
         watcher = threading.Thread(target=self._watch, args=(done,), daemon=True)
         watcher.start()
         try:
-            outcome = self._train(spec, scanned)
+            outcome = self._train(spec, scanned, job_project(record))
         except Exception as err:  # noqa: BLE001 - every failure becomes the job's error
             return self._fail(err, labels)["status"]
         finally:
             done.set()
         return self._succeed(outcome)["status"]
 
-    def _train(self, spec: Any, scanned: Any) -> Any:
+    def _train(self, spec: Any, scanned: Any, project: str) -> Any:
         from rayft.trainers.driver import run_training
 
         recorder = placement_group_recorder(self.root.location, self.job_id)
         return run_training(
-            spec, run_id=self.job_id, show_progress=False, scanned=scanned, callbacks=[recorder]
+            spec,
+            run_id=self.job_id,
+            show_progress=False,
+            scanned=scanned,
+            callbacks=[recorder],
+            project=project,  # the adapter serves this project's keys only
         )
 
     def _watch(self, done: threading.Event) -> None:

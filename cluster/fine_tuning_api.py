@@ -14,6 +14,10 @@ The rayft service (``cluster.service_app``) passes this ``router`` to ``serving.
     GET    /v1/fine_tuning/jobs/{job_id}/events   newest first (``after``, ``limit``)
     GET    /v1/fine_tuning/jobs/{job_id}/checkpoints
 
+A key sees and changes only its project's files and jobs (``serving.auth``): another
+project's id answers 404 as an unknown one does, lists leave them out, an admin key sees
+every project's, and an ``inference`` key gets 403 on every route here.
+
 The app's ``RequestGuard`` checks the API key and the body size first (uploads have their
 own limit, ``max_file_bytes``); errors have the inference routes' shape. Handlers that
 touch storage or Ray are plain functions, which FastAPI runs off the event loop, so a
@@ -22,7 +26,6 @@ slow storage root never stalls decoding.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -31,9 +34,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from rayft.cluster import fine_tuning as jobs
-from rayft.cluster.files_service import FileStore, page
+from rayft.cluster import job_body
+from rayft.cluster.files_service import FileStore, check_purpose, page
+from rayft.cluster.uploads import UploadSlots, receive_upload
 from rayft.serving.errors import BadRequest
+from rayft.serving.openai_api import get_principal
 from rayft.serving.service import ModelService
+from rayft.trainers.config import JobSpec, set_dotted
+from rayft.trainers.job_limits import JobLimits, cluster_size, limit_problems
 
 # What a job's runner needs from the server's environment to find models and data.
 RUNNER_ENV = ("RAYFT_HOME", "RAYFT_CACHE", "RAYFT_MODEL_CACHE", "HF_HUB_OFFLINE", "HF_HOME")
@@ -46,8 +54,15 @@ def _service(request: Request) -> ModelService:
 
 
 def _files(request: Request) -> FileStore:
+    """The uploaded files the request's key may see and change (its project's)."""
     service = _service(request)
-    return FileStore(service.engine.storage, service.limits.max_file_bytes)
+    return FileStore(service.engine.storage, service.limits.max_file_bytes, get_principal(request))
+
+
+def _job(request: Request, job_id: str) -> dict[str, Any]:
+    """The record of ``job_id`` if the request's key may see it, else 404 as for no job."""
+    root = _service(request).engine.storage
+    return jobs.read_job(root, job_id, get_principal(request).scope)
 
 
 def _limit(request: Request, default: int) -> int:
@@ -64,20 +79,39 @@ def _limit(request: Request, default: int) -> int:
 
 @router.post("/v1/files")
 async def create_file(request: Request) -> dict[str, Any]:
-    """Store an uploaded training file after checking every row as ``rayft train`` would."""
-    from starlette.datastructures import UploadFile
+    """Store an uploaded training file after checking every row as ``rayft train`` would.
 
+    The body is streamed to disk as it arrives (``cluster.uploads``), never held whole.
+    """
     store = _files(request)
-    form = await request.form(max_files=1, max_fields=8)
-    try:
-        upload, purpose = form.get("file"), form.get("purpose")
-        if not isinstance(upload, UploadFile):
-            raise BadRequest("send the file as the multipart form field 'file'", param="file")
-        if not isinstance(purpose, str):
-            raise BadRequest("purpose is required; send purpose=fine-tune", param="purpose")
-        return await run_in_threadpool(store.create, upload.filename or "", purpose, upload.file)
-    finally:
-        await form.close()
+    with _upload_slots(request).taken():
+        upload = await receive_upload(
+            request.headers.get("content-type", ""), request.stream(), store
+        )
+        try:
+            if upload.staging is None:
+                raise BadRequest("send the file as the multipart form field 'file'", param="file")
+            check_purpose(upload.purpose)
+            return await run_in_threadpool(
+                store.accept,
+                upload.file_id,
+                upload.filename,
+                upload.suffix,
+                upload.staging,
+                upload.size,
+            )
+        finally:
+            if upload.staging is not None:
+                upload.staging.unlink(missing_ok=True)
+
+
+def _upload_slots(request: Request) -> UploadSlots:
+    """The replica's upload slots (``max_concurrent_uploads``), made on first use."""
+    slots = getattr(request.app.state, "upload_slots", None)
+    if slots is None:
+        slots = UploadSlots(_service(request).limits.max_concurrent_uploads)
+        request.app.state.upload_slots = slots
+    return slots
 
 
 @router.get("/v1/files")
@@ -122,10 +156,7 @@ def delete_file(file_id: str, request: Request) -> dict[str, Any]:
 @router.post("/v1/fine_tuning/jobs")
 async def create_job(request: Request) -> dict[str, Any]:
     """Check the body, the files and the job spec, record the job and start its runner."""
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
+    body = job_body.load_json(await request.body())  # numbers bounded, keys named
     job = jobs.parse_request(body)
     return await run_in_threadpool(start_job, _service(request), _files(request), job)
 
@@ -139,7 +170,7 @@ def start_job(service: ModelService, store: FileStore, job: jobs.JobRequest) -> 
     """
     from rayft.serving.engine import BASE_ADAPTER
 
-    adapter = service.adapter_for(job.model)
+    adapter = service.adapter_for(job.model, store.principal)  # another project's: 404
     parent = None if adapter == BASE_ADAPTER else adapter
     labels: dict[str, str] = {}
     urls: dict[str, str | None] = {}
@@ -150,6 +181,10 @@ def start_job(service: ModelService, store: FileStore, job: jobs.JobRequest) -> 
             continue
         urls[field] = _file_url(store, file_id, field)
         labels[urls[field]] = f"{field} {file_id} ({store.get(file_id)['filename']})"
+    references = {}
+    for key, file_id in job_body.file_references(job.rayft).items():
+        references[key] = _file_url(store, file_id, f"rayft.{key}")
+        labels[references[key]] = f"rayft.{key} {file_id} ({store.get(file_id)['filename']})"
     job_id = jobs.new_job_id()
     output = jobs.fine_tuned_name(service.model_name, job.suffix, job_id)
     spec, hyperparameters = jobs.build_spec(
@@ -161,8 +196,13 @@ def start_job(service: ModelService, store: FileStore, job: jobs.JobRequest) -> 
         storage=store.root.location,
         output_name=output,
     )
-    checked = jobs.validate_job_spec(spec, job).to_dict()  # every key, defaults filled in
-    record = jobs.new_record(job_id, job, checked, hyperparameters, labels)
+    for key, url in references.items():
+        spec = set_dotted(spec, key, url)
+    validated = jobs.validate_job_spec(spec, job)
+    _check_limits(validated, service.limits.job_limits, job)
+    checked = validated.to_dict()  # every key, defaults filled in
+    key_id = store.principal.key_id if store.principal is not None else None
+    record = jobs.new_record(job_id, job, checked, hyperparameters, labels, store.project, key_id)
     jobs.save_job(store.root, record)
     env = {k: os.environ[k] for k in RUNNER_ENV if os.environ.get(k)}
     try:
@@ -172,6 +212,15 @@ def start_job(service: ModelService, store: FileStore, job: jobs.JobRequest) -> 
             store.root, job_id, "runner_not_started", f"the job could not start on Ray: {err}"
         )
     return jobs.job_object(record)
+
+
+def _check_limits(spec: JobSpec, limits: JobLimits, job: jobs.JobRequest) -> None:
+    """Refuse a job past the server's ``job_limits`` or the cluster's size (400 naming it)."""
+    problems = limit_problems(spec, limits, cluster_size())
+    if problems:
+        params = [jobs.body_param(key, job) for key, _ in problems]
+        message = "; ".join(f"{p}: {m}" for p, (_, m) in zip(params, problems, strict=True))
+        raise BadRequest(message, code="job_limit_exceeded", param=params[0])
 
 
 def _file_url(store: FileStore, file_id: str, field: str) -> str:
@@ -193,9 +242,12 @@ def _file_url(store: FileStore, file_id: str, field: str) -> str:
 
 @router.get("/v1/fine_tuning/jobs")
 def list_jobs(request: Request) -> dict[str, Any]:
-    """Jobs, newest first; ``after`` is the id of the last job of the previous page."""
+    """The key's project's jobs (an admin's: every job), newest first; ``after`` is the id of
+    the last job of the previous page."""
     root = _service(request).engine.storage
-    records = [jobs.refresh(root, r) for r in jobs.list_jobs(root)]
+    principal = get_principal(request)
+    owned = [r for r in jobs.list_jobs(root) if principal.owns(jobs.job_project(r))]
+    records = [jobs.refresh(root, r) for r in owned]
     items = [jobs.job_object(r) for r in records]
     return jobs.listing(items, request.query_params.get("after"), _limit(request, 20))
 
@@ -203,19 +255,21 @@ def list_jobs(request: Request) -> dict[str, Any]:
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 def retrieve_job(job_id: str, request: Request) -> dict[str, Any]:
     root = _service(request).engine.storage
-    return jobs.job_object(jobs.refresh(root, jobs.read_job(root, job_id)))
+    return jobs.job_object(jobs.refresh(root, _job(request, job_id)))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     """Stop the job's Ray work; a cancelled job publishes nothing."""
-    return jobs.job_object(jobs.cancel(_service(request).engine.storage, job_id))
+    _job(request, job_id)  # another project's job is not found
+    root = _service(request).engine.storage
+    return jobs.job_object(jobs.cancel(root, job_id, get_principal(request).key_id))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 def job_events(job_id: str, request: Request) -> dict[str, Any]:
     root = _service(request).engine.storage
-    record = jobs.refresh(root, jobs.read_job(root, job_id))
+    record = jobs.refresh(root, _job(request, job_id))
     events = jobs.job_events(root, record)
     return jobs.listing(events, request.query_params.get("after"), _limit(request, 20))
 
@@ -223,7 +277,7 @@ def job_events(job_id: str, request: Request) -> dict[str, Any]:
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 def job_checkpoints(job_id: str, request: Request) -> dict[str, Any]:
     root = _service(request).engine.storage
-    checkpoints = jobs.job_checkpoints(root, jobs.read_job(root, job_id))
+    checkpoints = jobs.job_checkpoints(root, _job(request, job_id))
     listed = jobs.listing(checkpoints, request.query_params.get("after"), _limit(request, 10))
     listed["first_id"] = listed["data"][0]["id"] if listed["data"] else None
     listed["last_id"] = listed["data"][-1]["id"] if listed["data"] else None

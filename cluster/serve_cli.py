@@ -1,6 +1,7 @@
 """``rayft serve`` and ``rayft eval``: the serving application and evaluation from the shell.
 
     rayft serve [--config SERVE.yaml] [key=value ...] [--address ADDR] [--host H] [--port P]
+                [--allowed-host NAME ...] [--grace-period S]
                 [--metrics-port P] [--dashboard [--dashboard-port P]]
     rayft eval --model NAME --data FILE [--metrics loss bleu ...] [--url URL | --in-process]
 
@@ -15,6 +16,11 @@ arguments override it. ``rayft serve`` always runs the whole service
 of Ray's metrics agent, which carries rayft's per-model metrics, see
 ``serving.metrics``), ``request log: <dir>`` with ``request_log=true``, and
 ``dashboard: <url>`` with ``--dashboard``.
+
+SIGTERM or Ctrl-C stops it gracefully: new requests are answered 503 with
+``Retry-After``, requests in flight get ``--grace-period`` seconds to finish, then Serve
+and the Ray cluster it started shut down, and the command exits 0 with one line. A
+second signal stops at once.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_address(p)
     p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: loopback)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a Host name the API answers to besides loopback and --host (repeatable; "
+        "'*' for any, behind a proxy that checks it)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=None,
+        metavar="S",
+        help="on SIGTERM/Ctrl-C, seconds requests in flight may take to finish (default 30)",
+    )
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -105,7 +128,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from rayft.cluster.api import serve, stop_serving
     from rayft.serving.app import parse_args
 
-    cfg = parse_args(serve_args_from(args.config, args.overrides))
+    overrides = serve_args_from(args.config, args.overrides)
+    if args.allowed_host:
+        overrides["allowed_hosts"] = [*overrides.get("allowed_hosts", []), *args.allowed_host]
+    if args.grace_period is not None:
+        overrides["grace_period_s"] = args.grace_period
+    cfg = parse_args(overrides)
     url = serve(
         cfg,
         address=args.address,
@@ -115,6 +143,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         dashboard_port=args.dashboard_port if args.dashboard else None,
     )
+    # Installed after Ray's own SIGTERM handler (ray.init sets one that exits at once).
+    stop = _stop_on_signals()
+    drained = False
     try:
         print(url, flush=True)
         print_monitoring(cfg, args.dashboard_port if args.dashboard else None)
@@ -123,10 +154,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        while True:
-            time.sleep(3600)
+        while not stop.is_set():
+            time.sleep(0.5)
+        started = time.monotonic()
+        stop_serving(drain=True)
+        drained = True
+        print(
+            f"[rayft] stopped: drained in {time.monotonic() - started:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
-        stop_serving()
+        if not drained:
+            stop_serving()
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set; a second signal stops at once (the default action)."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handle)
+    return stop
 
 
 def print_monitoring(cfg: Any, dashboard_port: int | None = None) -> None:

@@ -33,7 +33,10 @@ def build_service_app(args: dict[str, Any] | ServeArgs | None = None) -> serve.A
 
     Returns:
         The bound application, ready for ``serve.run``.
-    """
-    from rayft.serving.app import build_app
 
-    return build_app(args, routers=list(ROUTERS))
+    Raises:
+        InsecureServing: Serve binds beyond loopback and no API key is set.
+    """
+    from rayft.serving.app import bind_app
+
+    return bind_app(args, routers=list(ROUTERS))

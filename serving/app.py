@@ -32,7 +32,11 @@ from pydantic import (
 )
 from ray import serve
 
+from rayft.trainers.job_limits import JobLimits
+
 DEPLOYMENT_NAME = "rayft"
+SERVE_HOST_ENV = "RAY_SERVE_DEFAULT_HTTP_HOST"
+"""Ray Serve's default interface for its HTTP proxy."""
 
 
 class ServeArgs(BaseModel):
@@ -71,6 +75,13 @@ class ServeArgs(BaseModel):
     max_eval_rows: int = Field(2000, ge=1)
     max_file_bytes: int = Field(512 * 1024 * 1024, ge=1)
     """Largest training file ``POST /v1/files`` accepts (413 past it)."""
+    max_concurrent_uploads: int = Field(4, ge=1)
+    """``POST /v1/files`` uploads one replica receives at once (429 past it)."""
+    max_queued_rows: int = Field(2048, ge=1, validate_default=True)
+    """Rows queued and decoding on one replica at once (429 past it); at least max_eval_rows."""
+    job_limits: JobLimits = Field(default_factory=JobLimits)
+    """Bounds on each fine-tuning job: workers, CPUs, GPUs, steps, epochs, batch size,
+    checkpoints (``trainers.job_limits.JobLimits``; 400 naming the key past one)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs reserved per replica (``ray_actor_options``)."""
@@ -80,6 +91,24 @@ class ServeArgs(BaseModel):
     """Write a JSON line per completion request to ``<storage>/request_logs/`` (per replica)."""
     log_payloads: bool = False
     """Also log prompts and outputs (needs ``request_log``); evaluations can then read them."""
+    request_log_retention_days: int = Field(30, ge=1)
+    """Days of request log kept (today included); older days are deleted, at a URI root too."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """``Host`` names the API answers to besides loopback (``"*"``: any, behind a proxy
+    that checks them); the interface Serve binds is added (``serving.http_guard``)."""
+    grace_period_s: float = Field(30.0, ge=0.0)
+    """On shutdown, how long requests already admitted may take to finish."""
+
+    @field_validator("max_queued_rows", mode="after")
+    @classmethod
+    def _queue_holds_an_evaluation(cls, value: int, info: ValidationInfo) -> int:
+        rows = info.data.get("max_eval_rows")
+        if rows is not None and value < rows:
+            raise ValueError(
+                f"max_queued_rows={value} is under max_eval_rows={rows}: an evaluation queues "
+                "all its rows at once; raise max_queued_rows or lower max_eval_rows"
+            )
+        return value
 
     @field_validator("log_payloads")
     @classmethod
@@ -115,12 +144,16 @@ class ModelServer:
         routers: list[str] | None = None,
     ) -> None:
         from rayft.serving.engine import ModelEngine
+        from rayft.serving.http_guard import Admission
         from rayft.serving.metrics import replica_metrics
         from rayft.serving.request_log import RequestLog
         from rayft.serving.service import Limits, ModelService
 
         cfg = ServeArgs.model_validate(args)
         self.routers = list(routers or [])
+        self.allowed_hosts = list(cfg.allowed_hosts)
+        self.grace_period_s = cfg.grace_period_s
+        self.admission = Admission()
         engine = ModelEngine(
             cfg.model,
             storage=cfg.storage,
@@ -133,6 +166,9 @@ class ModelServer:
             max_prompt_tokens=cfg.max_prompt_tokens,
             max_eval_rows=cfg.max_eval_rows,
             max_file_bytes=cfg.max_file_bytes,
+            max_concurrent_uploads=cfg.max_concurrent_uploads,
+            max_queued_rows=cfg.max_queued_rows,
+            job_limits=cfg.job_limits,
         )
         self.service = ModelService(
             engine,
@@ -142,7 +178,11 @@ class ModelServer:
             request_timeout_s=cfg.request_timeout_s,
             metrics=replica_metrics(),
             request_log=(
-                RequestLog(engine.storage, log_payloads=cfg.log_payloads)
+                RequestLog(
+                    engine.storage,
+                    log_payloads=cfg.log_payloads,
+                    retention_days=cfg.request_log_retention_days,
+                )
                 if cfg.request_log
                 else None
             ),
@@ -151,7 +191,19 @@ class ModelServer:
     def __serve_build_asgi_app__(self):
         from rayft.serving.openai_api import create_api
 
-        return create_api(self.service, [import_router(path) for path in self.routers])
+        routers = [import_router(path) for path in self.routers]
+        return create_api(
+            self.service, routers, allowed_hosts=self.allowed_hosts, admission=self.admission
+        )
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's ``user_config``: ``{"draining": true}`` stops admitting new requests.
+
+        Returns once the requests already admitted finished, or after ``grace_period_s``;
+        the redeploy that sets it (``drain_app``) returns when every replica has.
+        """
+        if config.get("draining"):
+            await self.admission.drain(self.grace_period_s)
 
     def loaded_adapters(self) -> list[str]:
         """Adapters this replica holds now (least recently used first)."""
@@ -163,24 +215,59 @@ class ModelServer:
             service.close()
 
 
-def build_app(
-    args: dict[str, Any] | ServeArgs | None = None, routers: list[str] | None = None
-) -> serve.Application:
+def build_app(args: dict[str, Any] | ServeArgs | None = None) -> serve.Application:
     """Serve's application builder: ``serve run rayft.serving.app:build_app key=value ...``.
+
+    Refuses, like ``rayft serve``, to serve beyond loopback without ``RAYFT_API_KEY``: the
+    interface is the one Serve's HTTP proxy binds (``serve_http_host``).
+
+    Args:
+        args: ``ServeArgs`` fields as a dict (strings from the command line are coerced).
+
+    Returns:
+        The bound application, ready for ``serve.run``.
+
+    Raises:
+        InsecureServing: Serve binds beyond loopback and no API key is set.
+    """
+    return bind_app(args)
+
+
+def bind_app(
+    args: dict[str, Any] | ServeArgs | None = None,
+    routers: list[str] | None = None,
+    *,
+    http_host: str | None = None,
+    insecure: bool = False,
+    draining: bool = False,
+    version: str | None = None,
+) -> serve.Application:
+    """The rayft deployment bound to its arguments (what every builder returns).
 
     Args:
         args: ``ServeArgs`` fields as a dict (strings from the command line are coerced).
         routers: ``"module:attribute"`` import paths of FastAPI ``APIRouter`` objects each
             replica includes next to the inference routes.
+        http_host: The interface Serve's HTTP proxy binds; default: ``serve_http_host()``.
+        insecure: Serve beyond loopback even without ``RAYFT_API_KEY``.
+        draining: Replicas admit no new request (the redeploy of a graceful stop).
+        version: Serve's code version of the deployment; two deploys of one version
+            that differ only in ``draining`` reconfigure the running replicas in place.
 
     Returns:
         The bound application, ready for ``serve.run``.
+
+    Raises:
+        InsecureServing: ``http_host`` is not loopback, no API key is set and not ``insecure``.
     """
     from ray.serve.config import BackpressureConfig
 
+    from rayft.serving.http_guard import bind_host_names, check_exposure
     from rayft.serving.service import key_digest
 
     cfg = parse_args(args)
+    host = http_host or serve_http_host()
+    check_exposure(host, insecure)
     routers = list(routers or [])
     for path in routers:
         import_router(path)  # a wrong path fails here, not in every replica
@@ -189,16 +276,45 @@ def build_app(
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
+        "graceful_shutdown_timeout_s": cfg.grace_period_s,
+        "user_config": {"draining": draining},
     }
     if cfg.autoscaling_config is not None:
         options["autoscaling_config"] = cfg.autoscaling_config
     if cfg.num_replicas is not None:
         options["num_replicas"] = cfg.num_replicas
+    served = cfg.model_dump(mode="json")
+    served["allowed_hosts"] = [*cfg.allowed_hosts, *bind_host_names(host)]
     # The replica gets the key's digest as an init argument, never the key: runtime
     # environments (env_vars) are shown to anyone who can reach Ray's dashboard.
     key = os.environ.get("RAYFT_API_KEY")
     digest = key_digest(key) if key else None
-    return ModelServer.options(**options).bind(cfg.model_dump(mode="json"), digest, routers)
+    deployment = ModelServer.options(**options)
+    if version is not None:
+        from rayft.trainers.compat import with_serve_version
+
+        deployment = with_serve_version(deployment, version)
+    return deployment.bind(served, digest, routers)
+
+
+def serve_http_host() -> str:
+    """The interface Serve's HTTP proxy binds: the running proxy's, else Serve's default.
+
+    Serve's default is ``$RAY_SERVE_DEFAULT_HTTP_HOST`` or loopback; a Serve config
+    file's ``http_options.host`` is the running proxy's by the time its builders run.
+    """
+    import ray
+    from ray.serve.config import HTTPOptions
+
+    from rayft.trainers.compat import serve_proxy_address
+
+    if ray.is_initialized():
+        try:
+            return serve_proxy_address()[0]
+        except Exception:  # noqa: BLE001 - no Serve runs yet: it will start with its defaults
+            pass
+    # Serve reads its default when it is imported; the variable may have been set since.
+    return os.environ.get(SERVE_HOST_ENV) or HTTPOptions().host or "127.0.0.1"
 
 
 def import_router(path: str) -> Any:

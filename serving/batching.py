@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -42,7 +43,7 @@ class DecodeLoop:
         self,
         engine: ModelEngine,
         batch_wait_timeout_s: float = 0.005,
-        max_queued_rows: int = 1024,
+        max_queued_rows: int = 2048,
         request_timeout_s: float = 600.0,
         metrics: NullMetrics | None = None,
     ) -> None:
@@ -64,19 +65,37 @@ class DecodeLoop:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run_exclusive(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> T:
         """Run ``fn(*args)`` on the engine's thread, between decode steps.
 
+        Args:
+            fn: The work; it runs alone on the engine's thread.
+            deadline: When the work must be done (``deadline()``); default
+                ``request_timeout_s`` from now.
+            stop: An event ``fn`` watches: set at the deadline, so work still queued or
+                running stops there instead of holding the engine's thread.
+
         Raises:
-            RequestTimeout: ``fn`` did not finish within ``request_timeout_s`` (it still
-                runs to its end on the engine's thread; its result is dropped).
+            RequestTimeout: ``fn`` did not finish by the deadline (work not started yet is
+                dropped; work under way stops when it next looks at ``stop``, or runs
+                to its end when it takes none).
             ServingError: What ``fn`` raised for its input, or a 503 ``engine_error``
                 when it failed in any other way.
         """
-        work = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._executor, fn, *args)
+        limit = self.request_timeout_s if deadline is None else deadline - loop.time()
         try:
-            return await asyncio.wait_for(work, self.request_timeout_s)
+            return await asyncio.wait_for(work, max(0.0, limit))
         except asyncio.TimeoutError:
+            if stop is not None:
+                stop.set()
             raise self._timeout() from None
         except ServingError:
             raise
@@ -84,17 +103,22 @@ class DecodeLoop:
             log.exception("%s failed on the engine thread", getattr(fn, "__name__", fn))
             raise engine_error(err, getattr(fn, "__name__", "engine work")) from None
 
+    def deadline(self) -> float:
+        """The event-loop time by which a request starting now must be answered."""
+        return asyncio.get_running_loop().time() + self.request_timeout_s
+
     async def stream(
-        self, requests: list[GenerationRequest]
+        self, requests: list[GenerationRequest], deadline: float | None = None
     ) -> AsyncIterator[tuple[int, StepOutput]]:
         """Decode rows together with every other request's rows.
 
         Yields:
             ``(index into requests, output)`` as steps complete; each row's last output
             has ``finished`` set. A row still unfinished at the request's deadline
-            (``request_timeout_s``) ends with a ``RequestTimeout`` error output. Rows
-            still running when the consumer stops (a client that disconnected, or the
-            deadline) are cancelled, and their routes removed.
+            (``deadline``, default ``request_timeout_s`` from now) ends with a
+            ``RequestTimeout`` error output. Rows still running when the consumer stops
+            (a client that disconnected, or the deadline) are cancelled, and their
+            routes removed.
 
         Raises:
             Overloaded: Too many rows are already queued.
@@ -102,7 +126,7 @@ class DecodeLoop:
         self._start()
         self.check_capacity(len(requests))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.request_timeout_s
+        deadline = loop.time() + self.request_timeout_s if deadline is None else deadline
         queue: asyncio.Queue = asyncio.Queue()
         routed: list[int] = []
         remaining: dict[int, int] = {}  # request id -> index, until its row finished

@@ -12,7 +12,18 @@ import socket
 import time
 from typing import Any
 
+from rayft.serving.http_guard import InsecureServing, check_exposure, is_loopback
 from rayft.trainers.compat import serve_proxy_address
+
+__all__ = [
+    "APP_NAME",
+    "InsecureServing",
+    "check_exposure",
+    "free_port",
+    "is_loopback",
+    "drain_app",
+    "run_app",
+]
 
 APP_NAME = "rayft"
 
@@ -22,39 +33,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-class InsecureServing(ValueError):
-    """Serving beyond loopback with no API key, without the operator saying so."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
-
-
-def check_exposure(host: str, insecure: bool = False) -> None:
-    """Refuse to serve on a non-loopback ``host`` without ``RAYFT_API_KEY``.
-
-    Raises:
-        InsecureServing: Naming the host and the two ways out.
-    """
-    import os
-
-    if insecure or is_loopback(host) or os.environ.get("RAYFT_API_KEY"):
-        return
-    raise InsecureServing(
-        f"refusing to serve on {host} without an API key: anyone who reaches it could use "
-        "every model and adapter; set RAYFT_API_KEY (clients then send "
-        "'Authorization: Bearer <key>'), serve on 127.0.0.1, or pass --insecure"
-    )
 
 
 def run_app(
@@ -85,16 +63,55 @@ def run_app(
     """
     from ray import serve
 
-    from rayft.serving.app import build_app
+    from rayft.serving.app import bind_app
 
     check_exposure(host, insecure)
-    app = build_app(args, routers)
+    version = app_version(args, routers)
+    app = bind_app(args, routers, http_host=host, insecure=insecure, version=version)
     port = port or free_port(host)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=name, route_prefix="/", blocking=False)
     url = proxy_url(default=f"http://{host}:{port}")
     wait_healthy(url)
     return url
+
+
+def drain_app(
+    args: dict[str, Any],
+    host: str = "127.0.0.1",
+    name: str = APP_NAME,
+    insecure: bool = False,
+    routers: list[str] | None = None,
+) -> None:
+    """Stop the running application admitting requests; return once admitted ones finished.
+
+    Redeploys the application that ``run_app`` deployed with the same arguments and
+    ``user_config`` ``{"draining": true}``: Serve hands that to every replica's
+    ``reconfigure`` in place (no replica restarts), each answers new requests 503 with
+    ``Retry-After`` and returns once its requests in flight finished or its
+    ``grace_period_s`` passed; ``serve.run`` returns when every replica has.
+    Fine-tuning jobs run in detached actors of their own and are not touched.
+    """
+    from ray import serve
+
+    from rayft.serving.app import bind_app
+
+    version = app_version(args, routers)
+    app = bind_app(args, routers, http_host=host, insecure=insecure, draining=True, version=version)
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+
+
+def app_version(args: dict[str, Any], routers: list[str] | None = None) -> str:
+    """Serve's code version of the app ``run_app`` deploys: the same for the same arguments.
+
+    Without one Serve gives every deploy a new version and replaces the replicas; with
+    it, the draining redeploy of ``drain_app`` reconfigures them in place.
+    """
+    import hashlib
+    import json
+
+    described = json.dumps([args, routers or []], sort_keys=True, default=str)
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
 def proxy_url(default: str) -> str:

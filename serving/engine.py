@@ -37,6 +37,7 @@ from rayft.serving.errors import (
     Conflict,
     InvalidParameters,
     NotFound,
+    RequestTimeout,
     ServingError,
     Unavailable,
 )
@@ -71,6 +72,16 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+
+def model_not_found(name: str, base: str) -> NotFound:
+    """The 404 of a model name this server does not serve (or does not show the caller)."""
+    return NotFound(
+        f"the model {name!r} does not exist: it is neither the base model {base!r} nor a "
+        "published adapter (GET /v1/models lists them)",
+        code="model_not_found",
+        param="model",
+    )
 
 
 @dataclass(frozen=True)
@@ -292,12 +303,7 @@ class ModelEngine:
         except StorageError as err:
             raise Unavailable(str(err), code="storage_unavailable") from None
         if not (path / "adapter_config.json").is_file():
-            raise NotFound(
-                f"the model {name!r} does not exist: it is neither the base model "
-                f"{self.model_name!r} nor a published adapter (GET /v1/models lists them)",
-                code="model_not_found",
-                param="model",
-            )
+            raise model_not_found(name, self.model_name)
         if not (path / SAFE_WEIGHTS).is_file():
             raise BadRequest(
                 f"adapter {name!r} has no {SAFE_WEIGHTS}; only safetensors weights are served",
@@ -809,6 +815,7 @@ class ModelEngine:
         examples: list[tuple[list[int], list[int]]],
         adapter: str = BASE_ADAPTER,
         batch_size: int = 8,
+        stop: threading.Event | None = None,
     ) -> tuple[float, int]:
         """Teacher-forced next-token loss of token sequences under one adapter.
 
@@ -817,9 +824,14 @@ class ModelEngine:
                 (-100) where no loss is taken (prompt tokens).
             adapter: Adapter name or ``"__base__"``.
             batch_size: Rows per forward pass (right-padded, masked).
+            stop: Set when the caller no longer wants the result (its deadline passed):
+                scoring ends before the next forward pass.
 
         Returns:
             The summed cross-entropy in nats over labelled positions, and their count.
+
+        Raises:
+            RequestTimeout: ``stop`` was set before the last forward pass.
         """
         if adapter != BASE_ADAPTER and not self._ensure_adapter(
             adapter, {r.request.adapter for r in self._running}
@@ -836,6 +848,11 @@ class ModelEngine:
         base_only = adapter == BASE_ADAPTER and self.model is not self.base
         total, count = 0.0, 0
         for start in range(0, len(examples), batch_size):
+            if stop is not None and stop.is_set():
+                raise RequestTimeout(
+                    "the evaluation passed its deadline (request_timeout_s); scoring stopped",
+                    code="request_timeout",
+                )
             chunk = examples[start : start + batch_size]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)

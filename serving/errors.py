@@ -48,6 +48,20 @@ class Unauthorized(ServingError):
     type = "authentication_error"
 
 
+class Forbidden(ServingError):
+    """A request this server refuses whatever the key: e.g. from another web origin, or
+    a valid key whose role may not call the route (403)."""
+
+    status = 403
+    type = "permission_error"
+
+
+class UnsupportedMediaType(ServingError):
+    """A body in a content type the route does not read (415)."""
+
+    status = 415
+
+
 class NotFound(ServingError):
     """An unknown model, adapter, dataset or route (404)."""
 

@@ -14,11 +14,13 @@ Rows come inline, from a registry dataset, or from the request log
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayft.serving.auth import DEFAULT_PROJECT
 from rayft.serving.errors import BadRequest, NotFound, TooLarge
 from rayft.serving.request_log import LogDataset
 from rayft.trainers.metrics import GENERATION_METRICS
@@ -62,34 +64,30 @@ def check_metrics(names: list[str]) -> list[str]:
 def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Read rows from a ``.jsonl`` (one JSON object per line) or ``.json`` (a list) file.
 
+    Rows are read one at a time (``serving.json_rows``) and reading stops at the row
+    after ``limit``: a file of any size costs at most ``limit`` rows of memory and time.
+
     Raises:
-        BadRequest: A line is not JSON, or the file is not a list of objects.
+        BadRequest: A row that is not UTF-8 or not JSON, or a ``.json`` file that is not
+            a list of objects (naming the line or row index).
         TooLarge: More than ``limit`` rows.
     """
-    text = path.read_text()
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise BadRequest(f"{path.name}: not valid JSON ({err})") from None
-        if not isinstance(rows, list):
-            raise BadRequest(f"{path.name}: a .json dataset is a list of row objects")
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise BadRequest(f"{path.name}:{number}: not valid JSON ({err})") from None
+    from rayft.serving.json_rows import iter_rows
+
+    rows = list(itertools.islice(iter_rows(path), None if limit is None else limit + 1))
     if limit is not None and len(rows) > limit:
-        raise TooLarge(f"{path.name} has {len(rows)} rows; this server evaluates at most {limit}")
+        raise TooLarge(
+            f"{path.name} has more than {limit} rows; this server evaluates at most {limit}"
+        )
     return rows
 
 
 def dataset_rows(
-    dataset: str | LogDataset, model: str, storage: Any = None, limit: int | None = None
+    dataset: str | LogDataset,
+    model: str,
+    storage: Any = None,
+    limit: int | None = None,
+    project: str | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of ``dataset``: a registry dataset by name, or requests from the request log.
 
@@ -98,6 +96,8 @@ def dataset_rows(
     being evaluated) and turns each generated choice into a row whose answer is what
     was served: chat rows for chat completions, prompt/completion rows for completions.
     The most recent ``request_log.limit`` rows are kept, and at most ``limit``.
+    With ``project``, only that project's uploaded files and logged requests are read
+    (another project's file is not found); ``None`` reads every project's.
 
     Raises:
         BadRequest: A bad name, a malformed file, or a log written without payloads.
@@ -107,18 +107,29 @@ def dataset_rows(
     from rayft.serving.request_log import log_rows, read_log
 
     if isinstance(dataset, str):
-        return read_rows(dataset_path(dataset, storage), limit)
+        return read_rows(dataset_path(dataset, storage, project), limit)
     query = dataset.request_log
     served = query.model or model
-    rows = log_rows(read_log(storage, served, query.since, query.until), served)
-    keep = min(query.limit or len(rows), limit or len(rows))
-    return rows[-keep:]
+    keep = min(n for n in (query.limit, limit) if n) if (query.limit or limit) else None
+
+    def wanted(line: dict[str, Any]) -> bool:
+        if line.get("status") != 200:  # only answered requests become rows
+            return False
+        return project is None or (line.get("project") or DEFAULT_PROJECT) == project
+
+    # Each answered line gives a row per choice: the newest ``keep`` lines are enough,
+    # and the log is read newest first until it has them.
+    lines = read_log(storage, served, query.since, query.until, keep, where=wanted)
+    rows = log_rows(lines, served)
+    return rows[-keep:] if keep else rows
 
 
-def dataset_path(name: str, storage: str | None = None) -> Path:
+def dataset_path(name: str, storage: str | None = None, project: str | None = None) -> Path:
     """The file of a dataset stored in the registry at ``<root>/datasets/<name>[.jsonl|.json]``.
 
-    Under an object-storage root the file is read from there into the local mirror.
+    Under an object-storage root the file is read from there into the local mirror. An
+    uploaded file (``POST /v1/files``) of a project other than ``project`` (when given)
+    is not found; datasets placed in the registry by hand are shared.
 
     Raises:
         BadRequest: ``name`` is not one safe path component.
@@ -134,7 +145,8 @@ def dataset_path(name: str, storage: str | None = None) -> Path:
         raise BadRequest(str(err), param="dataset") from None
     storage_root = StorageRoot.resolve(storage)
     root = storage_root.files.resolve()
-    for suffix in DATASET_SUFFIXES:
+    hidden = project is not None and upload_project(name, storage_root) not in (None, project)
+    for suffix in () if hidden else DATASET_SUFFIXES:
         storage_root.sync_file(dataset_relpath(f"{name}{suffix}"))
         candidate = (root / f"{name}{suffix}").resolve()
         if (
@@ -148,6 +160,21 @@ def dataset_path(name: str, storage: str | None = None) -> Path:
         code="dataset_not_found",
         param="dataset",
     )
+
+
+def upload_project(name: str, storage: Any = None) -> str | None:
+    """The project of the uploaded file ``name`` (``default`` for one uploaded before
+    projects); ``None`` when ``name`` is no uploaded file."""
+    from rayft.trainers.storage import StorageRoot, file_record_relpath
+
+    raw = StorageRoot.resolve(storage).read(file_record_relpath(name))
+    if raw is None:
+        return None
+    try:
+        extra = json.loads(raw).get("rayft") or {}
+        return extra.get("project") or DEFAULT_PROJECT
+    except (ValueError, AttributeError):
+        return DEFAULT_PROJECT  # an unreadable record: only default's keys and admins
 
 
 def prepare_rows(

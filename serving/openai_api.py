@@ -3,7 +3,8 @@
 The route table (module-level handlers on ``router``; ``create_api(service)`` mounts them
 around one ``ModelService``, which handlers reach through ``request.app.state``):
 
-    GET  /health                  liveness and the adapters this replica holds (no auth)
+    GET  /health                  liveness (no key); with an admin key, the adapters this
+                                  replica holds, its pid and queue figures
     GET  /v1/models               base model and every published adapter trained on it
     GET  /v1/models/{model}
     POST /v1/completions          ``model`` = base or adapter name; ``stream`` → SSE
@@ -28,7 +29,8 @@ Streams are ``data: {chunk}\\n\\n`` lines ending with ``data: [DONE]\\n\\n``, as
 sends them. Every error is ``{"error": {"message", "type", "param", "code"}}``: malformed
 JSON is 400, a body that does not fit the schema 422, unknown models 404, adapters of
 another base 409, an adapter whose manifest is unreadable 422, oversized bodies (declared
-or chunked) 413, a full queue 429 with ``Retry-After``, missing/wrong API key 401, a
+or chunked) 413, a full queue 429 with ``Retry-After``, missing/wrong/revoked/expired API
+key 401, a key whose role may not call the route 403 ``permission_denied``, a
 failure inside the engine 503 ``engine_error``, a request past its deadline 503
 ``request_timeout``. A stream that fails after its headers ends with one error event,
 then ``data: [DONE]``.
@@ -52,17 +54,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rayft.serving.auth import Principal, bearer_token, permits
 from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, ServedAdapter, StepOutput
 from rayft.serving.errors import (
     BadRequest,
+    Forbidden,
     InvalidParameters,
     ServingError,
     TooLarge,
     Unauthorized,
     Unavailable,
 )
+from rayft.serving.http_guard import Admission, HttpGuard
 from rayft.serving.metrics import RequestMonitor
-from rayft.serving.request_log import LogDataset, note_error, note_usage
+from rayft.serving.request_log import LogDataset, note_error, note_principal, note_usage
 from rayft.serving.service import ModelService
 from rayft.trainers.storage import StorageError
 from rayft.trainers.validation_errors import error_key
@@ -159,6 +164,19 @@ def get_service(request: Request) -> ModelService:
     return request.app.state.service
 
 
+def scope_principal(scope: dict[str, Any]) -> Principal | None:
+    """Who the request acts as, as ``RequestGuard`` resolved its key (``None``: no valid key)."""
+    return (scope.get("state") or {}).get("principal")
+
+
+def get_principal(request: Request) -> Principal:
+    """The request's ``Principal`` (a FastAPI dependency of every route that needs a key)."""
+    principal = scope_principal(request.scope)
+    if principal is None:  # only /health passes the guard without one
+        raise Unauthorized("missing or invalid API key", code="invalid_api_key")
+    return principal
+
+
 router = APIRouter()
 
 
@@ -166,29 +184,45 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health(service: ModelService = Depends(get_service)) -> dict[str, Any]:
-    """Liveness and what this replica holds; the one route that needs no API key."""
+async def health(request: Request, service: ModelService = Depends(get_service)) -> dict[str, Any]:
+    """Liveness, for anyone; what this replica holds, for an admin key (or an open server).
+
+    The one route that needs no API key.
+    """
+    principal = scope_principal(request.scope)
+    if principal is None or not principal.is_admin:
+        return {"status": "ok"}
     return service.health()
 
 
 @router.get("/v1/models")
-async def models(service: ModelService = Depends(get_service)) -> dict[str, Any]:
-    """The base model and every published adapter trained on it, as OpenAI model objects."""
-    return {"object": "list", "data": service.list_models()}
+async def models(
+    service: ModelService = Depends(get_service), principal: Principal = Depends(get_principal)
+) -> dict[str, Any]:
+    """The base model and every published adapter trained on it that the key may call."""
+    return {"object": "list", "data": service.list_models(principal)}
 
 
 @router.get("/v1/models/{model:path}")
-async def model(model: str, service: ModelService = Depends(get_service)) -> dict[str, Any]:
+async def model(
+    model: str,
+    service: ModelService = Depends(get_service),
+    principal: Principal = Depends(get_principal),
+) -> dict[str, Any]:
     """One model object; 400/404/409/422 say why a name is not servable here."""
-    for entry in service.list_models():
+    for entry in service.list_models(principal):
         if entry["id"] == model:
             return entry
-    service.adapter_for(model)  # raises the precise 400/404/409/422
+    service.adapter_for(model, principal)  # raises the precise 400/404/409/422
     raise BadRequest(f"model {model!r} is not servable here", param="model")
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, service: ModelService = Depends(get_service)):
+async def completions(
+    body: CompletionRequest,
+    service: ModelService = Depends(get_service),
+    principal: Principal = Depends(get_principal),
+):
     """OpenAI's legacy completions: text or token-id prompts, ``n`` choices each."""
     _refuse_unsupported(body)
     if body.echo:
@@ -197,7 +231,7 @@ async def completions(body: CompletionRequest, service: ModelService = Depends(g
         raise BadRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise BadRequest("best_of other than n is not supported", param="best_of")
-    adapter = service.served_adapter(body.model)  # resolved once for the whole request
+    adapter = service.served_adapter(body.model, principal)  # resolved once per request
     prompts = _prompt_list(body.prompt)
     if len(prompts) * body.n > service.limits.max_n * 4:
         raise BadRequest(
@@ -211,7 +245,9 @@ async def completions(body: CompletionRequest, service: ModelService = Depends(g
 
 @router.post("/v1/chat/completions")
 async def chat_completions(
-    body: ChatCompletionRequest, service: ModelService = Depends(get_service)
+    body: ChatCompletionRequest,
+    service: ModelService = Depends(get_service),
+    principal: Principal = Depends(get_principal),
 ):
     """Chat completions, rendered with the base model's chat template."""
     _refuse_unsupported(body)
@@ -221,7 +257,7 @@ async def chat_completions(
             code="empty_messages",
             param="messages",
         )
-    adapter = service.served_adapter(body.model)  # resolved once for the whole request
+    adapter = service.served_adapter(body.model, principal)  # resolved once per request
     messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
     encoded = [service.encode_chat(messages)]
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -230,7 +266,9 @@ async def chat_completions(
 
 @router.post("/v1/evaluations")
 async def evaluations(
-    body: EvaluationRequest, service: ModelService = Depends(get_service)
+    body: EvaluationRequest,
+    service: ModelService = Depends(get_service),
+    principal: Principal = Depends(get_principal),
 ) -> dict[str, Any]:
     """Loss, perplexity and generation metrics of ``model`` over rows or a dataset."""
     return await service.evaluate(
@@ -241,31 +279,45 @@ async def evaluations(
         fmt=body.format,
         max_tokens=min(body.max_tokens, service.limits.max_tokens_limit),
         max_seq_len=body.max_seq_len,
+        principal=principal,
     )
 
 
 @router.post("/v1/classifications")
 async def classifications(
-    body: ClassificationRequest, service: ModelService = Depends(get_service)
+    body: ClassificationRequest,
+    service: ModelService = Depends(get_service),
+    principal: Principal = Depends(get_principal),
 ) -> dict[str, Any]:
     """Labels and label probabilities of each input text from a classification adapter."""
-    return await service.classify(body.model, body.input)
+    return await service.classify(body.model, body.input, principal)
 
 
 # ------------------------------------------------------------ the app
 
 
-def create_api(service: ModelService, routers: Sequence[APIRouter] = ()) -> FastAPI:
+def create_api(
+    service: ModelService,
+    routers: Sequence[APIRouter] = (),
+    *,
+    allowed_hosts: Sequence[str] | None = None,
+    admission: Admission | None = None,
+) -> FastAPI:
     """The FastAPI app serving ``service``; Ray Serve's ingress mounts it per replica.
 
     Args:
         service: The replica's model service; handlers reach it through ``app.state``.
         routers: More routes to include (their handlers see the same service, key
             checks, limits, metrics and error shape as the inference routes).
+        allowed_hosts: ``Host`` names answered besides loopback (``serving.http_guard``);
+            ``None`` checks no ``Host``. The Serve deployment always passes its list.
+        admission: The replica's admission state, which drains it on shutdown.
     """
     app = FastAPI(title="rayft", description="OpenAI-compatible base model + LoRA adapters")
     app.state.service = service
     app.add_middleware(RequestGuard)
+    # Outside RequestGuard: a page's request is refused before its key or body is read.
+    app.add_middleware(HttpGuard, allowed_hosts=allowed_hosts, admission=admission)
     # Added last, so outermost: it sees the answers RequestGuard gives too.
     app.add_middleware(RequestMonitor)
     app.add_exception_handler(ServingError, serving_error)
@@ -285,7 +337,8 @@ class RequestGuard:
     The size limit holds for bodies sent with ``Content-Length`` (refused unread) and for
     chunked bodies (counted while read, refused once past the limit). The body is read
     here and handed on whole; later ``receive`` calls go to the server, so routes still
-    learn when a client disconnects.
+    learn when a client disconnects. A file upload (``streams_body``) is the exception:
+    its route streams it to disk, and it is counted as it is read.
     """
 
     def __init__(self, app: Any) -> None:
@@ -297,6 +350,11 @@ class RequestGuard:
             return
         service: ModelService = scope["app"].state.service
         refusal = _refusal(scope, service)
+        if refusal is None and streams_body(scope):
+            # An upload goes through unread, counted as the route reads it (413 past it).
+            counted = _counted(receive, body_limit(scope, service), _hint(scope))
+            await self.app(scope, counted, send)
+            return
         if refusal is None:
             body, refusal = await _read_body(receive, body_limit(scope, service), _hint(scope))
         if refusal is not None:
@@ -315,22 +373,39 @@ class RequestGuard:
 
 
 def _refusal(scope: dict[str, Any], service: ModelService) -> ServingError | None:
-    """A declared body over the limit (413), or a missing or wrong API key (401)."""
+    """A declared body over the limit (413), a missing, wrong, revoked or expired key (401),
+    or a key whose role may not call the route (403).
+
+    The key's ``Principal`` (``serving.auth``) goes into ``scope["state"]`` for the routes
+    and onto the request's log line.
+    """
     headers = dict(scope.get("headers") or [])
     limit = body_limit(scope, service)
     length = headers.get(b"content-length", b"").decode("latin-1")
     if length.isdigit() and int(length) > limit:
         return TooLarge(f"request body is {length} bytes; the limit is {limit}{_hint(scope)}")
-    if not service.requires_key or scope.get("path", "").rstrip("/") == "/health":
-        return None
     # Header bytes are compared as sent: a non-ASCII or malformed token is just wrong.
-    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-    if scheme.lower() == b"bearer" and service.authorized(token.strip()):
+    principal = service.auth.principal(bearer_token(headers.get(b"authorization", b"")))
+    path = scope.get("path", "").rstrip("/")
+    if principal is not None:
+        scope.setdefault("state", {})["principal"] = principal
+        note_principal(principal.project, principal.key_id)
+    if path == "/health":
         return None
-    return Unauthorized(
-        "missing or invalid API key: send 'Authorization: Bearer <RAYFT_API_KEY>'",
-        code="invalid_api_key",
-    )
+    if principal is None:
+        return Unauthorized(
+            "missing, invalid, revoked or expired API key: send 'Authorization: Bearer <key>' "
+            "(a key from `rayft keys create`, or RAYFT_API_KEY)",
+            code="invalid_api_key",
+        )
+    if not permits(principal, scope.get("method", ""), path):
+        return Forbidden(
+            f"this key has the role {principal.role!r}, which may only call models "
+            "(completions, chat completions, classifications, GET /v1/models); ask for a "
+            "member key of the project",
+            code="permission_denied",
+        )
+    return None
 
 
 def body_limit(scope: dict[str, Any], service: ModelService) -> int:
@@ -345,6 +420,27 @@ def _hint(scope: dict[str, Any]) -> str:
     if scope.get("path", "").rstrip("/") == "/v1/files":
         return " (the server's max_file_bytes); split the file or raise max_file_bytes"
     return ""
+
+
+def streams_body(scope: dict[str, Any]) -> bool:
+    """Whether the route reads the body as a stream (a file upload), so it is not buffered."""
+    return scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/files"
+
+
+def _counted(receive: Any, limit: int, hint: str) -> Any:
+    """``receive`` that counts the body's bytes and raises ``TooLarge`` once past ``limit``."""
+    size = 0
+
+    async def counted() -> dict[str, Any]:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise TooLarge(f"request body is over the limit of {limit} bytes{hint}")
+        return message
+
+    return counted
 
 
 async def _read_body(receive: Any, limit: int, hint: str = "") -> tuple[bytes, ServingError | None]:

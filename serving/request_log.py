@@ -8,7 +8,11 @@ one file. A line holds what monitoring needs::
     {"time": "2026-12-01T23:59:01.123Z", "ts": 1796169541.123, "request_id": "...",
      "route": "/v1/chat/completions", "model": "my-adapter", "status": 200,
      "stream": false, "prompt_tokens": 31, "completion_tokens": 12,
-     "latency_s": 0.412, "ttft_s": 0.051, "error": null}
+     "latency_s": 0.412, "ttft_s": 0.051, "error": null,
+     "project": "team-a", "key_id": "3f9c0a7d1e2b4c5d"}
+
+(``project`` and ``key_id`` say which project and key asked: ``serving.auth``; the key's
+id only, never the key),
 
 and, only with ``log_payloads``, what was asked and answered: ``messages`` (chat) or
 ``prompt`` (completions), ``n``, and ``outputs`` (one text per choice).
@@ -24,10 +28,13 @@ import contextvars
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,13 +44,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rayft.serving.errors import BadRequest, NotFound
 from rayft.trainers.compat import serve_request_id
-from rayft.trainers.storage import REQUEST_LOGS_DIR, StorageRoot, request_log_relpath
+from rayft.trainers.storage import (
+    REQUEST_LOGS_DIR,
+    StorageRoot,
+    request_log_part_relpath,
+    request_log_relpath,
+)
 
 LOG_DIR = REQUEST_LOGS_DIR
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 """Routes whose requests are served traffic: these are logged."""
 PAYLOAD_KEYS = ("messages", "prompt", "n")
 UPLOAD_EVERY_S = 30.0
+RETENTION_DAYS = 30
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +86,8 @@ class RequestRecord:
         error: The error ``code`` of a refused request.
         outputs: Generated text per choice.
         body: The request body as received (read only for payload logging).
+        project: The project the request acted in, once its key was accepted.
+        key_id: The id of the key it was made with (never the key itself).
     """
 
     request_id: str
@@ -89,6 +105,8 @@ class RequestRecord:
     error: str | None = None
     outputs: list[str] | None = None
     body: bytes = b""
+    project: str | None = None
+    key_id: str | None = None
     _clock: float = field(default_factory=time.perf_counter, repr=False)
 
     def elapsed(self) -> float:
@@ -111,6 +129,14 @@ def note_model(model: str) -> None:
     record = _CURRENT.get()
     if record is not None:
         record.model = model
+
+
+def note_principal(project: str, key_id: str | None) -> None:
+    """The request acts in ``project`` with the key ``key_id`` (``serving.auth``)."""
+    record = _CURRENT.get()
+    if record is not None:
+        record.project = project
+        record.key_id = key_id
 
 
 def note_first_token() -> None:
@@ -171,6 +197,8 @@ def log_line(record: RequestRecord, log_payloads: bool = False) -> dict[str, Any
         "latency_s": None if record.latency_s is None else round(record.latency_s, 6),
         "ttft_s": None if record.ttft_s is None else round(record.ttft_s, 6),
         "error": record.error,
+        "project": record.project,
+        "key_id": record.key_id,
     }
     if log_payloads:
         line.update(_payload(record))
@@ -205,13 +233,19 @@ def replica_name() -> str:
 class RequestLog:
     """Appends one line per request to this replica's file for the day (UTC).
 
-    Under a URI storage root the lines go to the local mirror, and the file is uploaded
-    at most every ``upload_every_s`` seconds and when the log closes.
+    Appending is all a request does. A background thread does the rest every
+    ``upload_every_s`` seconds: under a URI storage root it uploads the lines written
+    since its last upload as one new object (``request_log_part_relpath``: the file's
+    byte offset names it), so no upload repeats a line and none runs on the request loop;
+    and it deletes the days older than ``retention_days`` (locally, and at a URI root).
+    ``close`` uploads what is left (it deletes nothing).
 
     Args:
         storage: The rayft root.
         writer: A name no other writer uses (``replica_name()``).
         log_payloads: Also log prompts and outputs.
+        upload_every_s: Seconds between uploads (URI roots) and retention sweeps.
+        retention_days: Days of logs kept, today included; older days are deleted.
     """
 
     def __init__(
@@ -220,15 +254,19 @@ class RequestLog:
         writer: str | None = None,
         log_payloads: bool = False,
         upload_every_s: float = UPLOAD_EVERY_S,
+        retention_days: int = RETENTION_DAYS,
     ) -> None:
         self.storage = _root(storage)
         self.writer = writer or replica_name()
         self.log_payloads = log_payloads
         self.upload_every_s = upload_every_s
+        self.retention_days = retention_days
         self._lock = threading.Lock()
         self._relpath: str | None = None
         self._handle: IO[str] | None = None
-        self._uploaded = time.monotonic()
+        self._shipped: dict[str, int | None] = {}  # relpath -> bytes uploaded (None: unknown)
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
 
     @property
     def directory(self) -> Path:
@@ -237,11 +275,10 @@ class RequestLog:
 
     def relpath(self, ts: float) -> str:
         """The file (relative to the root) that a line written at ``ts`` goes to."""
-        day = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d")
-        return request_log_relpath(day, self.writer)
+        return request_log_relpath(_day(ts) or "0000-00-00", self.writer)
 
     def write(self, record: RequestRecord) -> None:
-        """Append the line of ``record``."""
+        """Append the line of ``record`` (a local append; uploads happen in the background)."""
         text = json.dumps(log_line(record, self.log_payloads), ensure_ascii=False) + "\n"
         with self._lock:
             relpath = self.relpath(record.started)
@@ -250,34 +287,117 @@ class RequestLog:
             assert self._handle is not None
             self._handle.write(text)
             self._handle.flush()
-            if self.storage.is_remote and time.monotonic() - self._uploaded > self.upload_every_s:
-                self._upload()
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=self._run, name="rayft-request-log", daemon=True
+                )
+                self._worker.start()
 
     def _reopen(self, relpath: str) -> None:
         if self._handle is not None:
             self._handle.close()
-            self._upload()
         path = self.storage.path(relpath)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open
         self._relpath = relpath
+        # Where uploads of this file resume is found out by the background thread.
+        self._shipped.setdefault(relpath, None)
 
-    def _upload(self) -> None:
-        self._uploaded = time.monotonic()
-        if self._relpath is None or not self.storage.is_remote:
-            return
+    def _run(self) -> None:
+        while not self._stop.wait(self.upload_every_s):
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload the lines not uploaded yet (URI roots) and delete days past retention.
+
+        Failures are logged; the next round carries the same lines again.
+        """
         try:
-            self.storage.mirror(self._relpath)
-        except OSError:  # the next upload carries these lines too
-            log.warning("cannot upload the request log %s", self._relpath, exc_info=True)
+            self._upload_new_lines()
+            self.prune()
+        except Exception:  # noqa: BLE001 - the log never fails the server
+            log.warning("cannot upload or prune the request log", exc_info=True)
+
+    def _upload_new_lines(self) -> None:
+        if not self.storage.is_remote:
+            return
+        with self._lock:
+            current, files = self._relpath, sorted(self._shipped)
+        # An earlier day's file may still hold lines written before midnight.
+        for relpath in files:
+            self._ship(relpath)
+            if relpath != current:
+                with self._lock:
+                    self._shipped.pop(relpath, None)
+
+    def _ship(self, relpath: str) -> None:
+        path = self.storage.path(relpath)
+        with self._lock:
+            offset = self._shipped.get(relpath)
+        if offset is None:
+            offset = self._uploaded_bytes(relpath)
+            with self._lock:
+                self._shipped[relpath] = offset
+        if not path.is_file() or path.stat().st_size <= offset:
+            return
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            fresh = handle.read()
+        whole = fresh[: fresh.rfind(b"\n") + 1]  # complete lines only
+        if not whole:
+            return
+        day, name = relpath.split("/")[-2:]
+        part = request_log_part_relpath(day, name.removesuffix(".jsonl"), offset)
+        self.storage.upload(part, whole)
+        with self._lock:
+            self._shipped[relpath] = offset + len(whole)
+
+    def _uploaded_bytes(self, relpath: str) -> int:
+        """How much of the local file ``relpath`` its uploaded parts hold (a writer that
+        restarts under the same name resumes there, neither repeating nor skipping lines)."""
+        import pyarrow.fs as pafs
+
+        day, name = relpath.split("/")[-2:]
+        parts = request_log_part_relpath(day, name.removesuffix(".jsonl"), 0).rsplit("/", 1)[0]
+        target = self.storage.remote(parts)
+        assert target is not None
+        fs, path = target
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        ends = [
+            int(i.base_name.split(".")[0]) + i.size for i in infos if i.type == pafs.FileType.File
+        ]
+        return max(ends, default=0)
+
+    def prune(self, now: float | None = None) -> list[str]:
+        """Delete the days older than ``retention_days`` (UTC); returns the days deleted."""
+        first_kept = _day((now or time.time()) - (self.retention_days - 1) * 86400)
+        assert first_kept is not None
+        days = set(_local_days(self.directory))
+        if self.storage.is_remote:
+            days.update(self.storage.list_dirs(LOG_DIR))
+        old = sorted(d for d in days if _DAY.fullmatch(d) and d < first_kept)
+        for day in old:
+            shutil.rmtree(self.directory / day, ignore_errors=True)
+            self.storage.delete(f"{LOG_DIR}/{day}")
+        return old
 
     def close(self) -> None:
-        """Flush, upload (URI roots) and close the file."""
+        """Stop the background thread, close the file and upload what is left (URI roots)."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join()
         with self._lock:
             if self._handle is not None:
                 self._handle.close()
                 self._handle = None
-                self._upload()
+        try:
+            self._upload_new_lines()
+        except Exception:  # noqa: BLE001 - the log never fails the server
+            log.warning("cannot upload the request log", exc_info=True)
+
+
+def _local_days(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.is_dir()] if directory.is_dir() else []
 
 
 # ---------------------------------------------------------------- the reader
@@ -324,10 +444,14 @@ def read_log(
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int | None = None,
+    where: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Logged lines of ``model`` between ``since`` and ``until``, oldest first.
 
-    Lines that do not parse (a line torn by a replica that died mid-write) are skipped.
+    Only the days in the range are opened. With ``limit`` the log is read newest first,
+    day by day and each file from its end, and reading stops once ``limit`` lines
+    matched: the cost follows ``limit``, not the size of the log. Lines that do not
+    parse (a line torn by a replica that died mid-write) are skipped.
 
     Args:
         storage: The rayft root.
@@ -335,20 +459,104 @@ def read_log(
         since: Only requests that arrived at or after this time.
         until: Only requests that arrived before this time.
         limit: Keep only the most recent ``limit`` lines.
+        where: Only lines for which this is true.
     """
     root = _root(storage).path(LOG_DIR)
     start, end = _epoch(since), _epoch(until)
-    first_day = _day(start)
-    last_day = _day(end)
+    first_day, last_day = _day(start), _day(end)
+    days = sorted(
+        day
+        for day in _local_days(root)
+        if not ((first_day and day < first_day) or (last_day and day > last_day))
+    )
+    match = _Match(model, start, end, where)
     lines: list[dict[str, Any]] = []
-    days = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    for day in days:
-        if (first_day and day.name < first_day) or (last_day and day.name > last_day):
-            continue
-        for file in sorted(day.glob("*.jsonl")):
-            lines.extend(_matching(file, model, start, end))
-    lines.sort(key=lambda line: line["ts"])
-    return lines[-limit:] if limit else lines
+    for day in reversed(days) if limit else days:
+        found: list[dict[str, Any]] = []
+        for file in sorted((root / day).glob("*.jsonl")):
+            found.extend(match.newest(file, limit) if limit else match.all(file))
+        found.sort(key=lambda line: line["ts"])
+        if limit:
+            lines[:0] = found[-(limit - len(lines)) :]
+            if len(lines) >= limit:
+                break
+        else:
+            lines.extend(found)
+    return lines
+
+
+# A line is written when its request ends: its arrival (``ts``) is at most a request's
+# deadline before the lines around it, so reading a file backwards stops this far
+# before ``since``.
+LATE_S = 3600.0
+
+
+@dataclass(frozen=True)
+class _Match:
+    """Which lines ``read_log`` keeps."""
+
+    model: str | None
+    start: float | None
+    end: float | None
+    where: Callable[[dict[str, Any]], bool] | None
+
+    def line(self, raw: bytes) -> dict[str, Any] | None:
+        try:
+            line = json.loads(raw)
+            ts = float(line["ts"])
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+            return None
+        line["ts"] = ts
+        return line
+
+    def keeps(self, line: dict[str, Any]) -> bool:
+        ts = line["ts"]
+        if self.model is not None and line.get("model") != self.model:
+            return False
+        if (self.start is not None and ts < self.start) or (
+            self.end is not None and ts >= self.end
+        ):
+            return False
+        return self.where is None or self.where(line)
+
+    def all(self, file: Path) -> list[dict[str, Any]]:
+        with open(file, "rb") as handle:
+            parsed = (self.line(raw) for raw in handle)
+            return [line for line in parsed if line is not None and self.keeps(line)]
+
+    def newest(self, file: Path, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` matching lines from the end of ``file``."""
+        out: list[dict[str, Any]] = []
+        for raw in _lines_backwards(file):
+            line = self.line(raw)
+            if line is None:
+                continue
+            if self.start is not None and line["ts"] < self.start - LATE_S:
+                break  # every line before it arrived earlier still
+            if self.keeps(line):
+                out.append(line)
+                if len(out) >= limit:
+                    break
+        return out
+
+
+def _lines_backwards(file: Path, block: int = 64 * 1024) -> Iterator[bytes]:
+    """The lines of ``file`` from the last to the first, read in blocks from its end."""
+    with open(file, "rb") as handle:
+        position = handle.seek(0, os.SEEK_END)
+        tail = b""
+        while position > 0:
+            step = min(block, position)
+            position -= step
+            handle.seek(position)
+            data = handle.read(step) + tail
+            parts = data.split(b"\n")
+            tail = parts[0]  # may continue in the block before
+            for part in reversed(parts[1:]):
+                if part.strip():
+                    yield part
+        if tail.strip():
+            yield tail
 
 
 def _root(storage: str | Path | StorageRoot | None) -> StorageRoot:
@@ -362,26 +570,6 @@ def _day(ts: float | None) -> str | None:
         return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d")
     except (OverflowError, OSError, ValueError):  # before 1970 or past 9999: no day bound
         return None
-
-
-def _matching(
-    file: Path, model: str | None, start: float | None, end: float | None
-) -> list[dict[str, Any]]:
-    out = []
-    with open(file, encoding="utf-8") as handle:
-        for raw in handle:
-            try:
-                line = json.loads(raw)
-                ts = float(line["ts"])
-            except (ValueError, KeyError, TypeError, IndexError):
-                continue
-            if model is not None and line.get("model") != model:
-                continue
-            if (start is not None and ts < start) or (end is not None and ts >= end):
-                continue
-            line["ts"] = ts
-            out.append(line)
-    return out
 
 
 def log_rows(lines: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:

@@ -9,15 +9,19 @@ in-process (``rayft eval --in-process``) and in tests without Ray.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+
+from rayft.serving.auth import Authenticator, KeyStore, Principal
 from rayft.serving.batching import DecodeLoop
 from rayft.serving.classify import TASK as CLASSIFICATION
 from rayft.serving.classify import (
@@ -33,6 +37,7 @@ from rayft.serving.engine import (
     SamplingParams,
     ServedAdapter,
     StepOutput,
+    model_not_found,
 )
 from rayft.serving.errors import BadRequest, TooLarge
 from rayft.serving.metrics import NullMetrics
@@ -43,6 +48,7 @@ from rayft.serving.request_log import (
     RequestRecord,
     note_model,
 )
+from rayft.trainers.job_limits import JobLimits
 
 MAX_NAME_CHARS = 256
 MAX_STOPS = 4
@@ -63,6 +69,11 @@ class Limits:
         max_n: Largest ``n`` (choices per prompt).
         max_file_bytes: Largest ``POST /v1/files`` upload (the other routes keep
             ``max_request_bytes``).
+        job_limits: Bounds on each fine-tuning job (``POST /v1/fine_tuning/jobs``).
+        max_queued_rows: Rows queued and decoding at once across all requests; past it a
+            request gets 429. An evaluation queues all its rows, so it is at least
+            ``max_eval_rows``.
+        max_concurrent_uploads: ``POST /v1/files`` uploads received at once (429 past it).
     """
 
     max_tokens_limit: int = 1024
@@ -71,6 +82,17 @@ class Limits:
     max_request_bytes: int = 16 * 1024 * 1024
     max_n: int = 16
     max_file_bytes: int = 512 * 1024 * 1024
+    job_limits: JobLimits = field(default_factory=JobLimits)
+    max_queued_rows: int = 2048
+    max_concurrent_uploads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_eval_rows > self.max_queued_rows:
+            raise ValueError(
+                f"max_eval_rows ({self.max_eval_rows}) is over max_queued_rows "
+                f"({self.max_queued_rows}): an evaluation with generation metrics would always "
+                "get 429; lower max_eval_rows or raise max_queued_rows"
+            )
 
 
 class ModelService:
@@ -80,14 +102,16 @@ class ModelService:
         engine: The model engine (base model + adapter LRU).
         limits: Request limits.
         batch_wait_timeout_s: See ``DecodeLoop``.
-        api_key: When set, every route but ``/health`` needs ``Authorization: Bearer``;
-            defaults to ``$RAYFT_API_KEY``.
+        api_key: An admin key of project ``default`` (``serving.auth``); defaults to
+            ``$RAYFT_API_KEY``. When it is set or the storage root has a key store, every
+            route but ``/health`` needs ``Authorization: Bearer``.
         api_key_sha256: The key's SHA-256 hex digest instead of the key itself (what a
             Serve deployment receives, so the key is never stored in Ray's state).
         request_timeout_s: Deadline of every request; see ``DecodeLoop``.
         metrics: Where requests, tokens, latencies and the adapter LRU are counted
             (``serving.metrics``); default: nowhere.
         request_log: Where a line per completion request is written; default: no log.
+        keys: The project key store; default the one in the engine's storage root.
     """
 
     def __init__(
@@ -100,6 +124,7 @@ class ModelService:
         request_timeout_s: float = 600.0,
         metrics: NullMetrics | None = None,
         request_log: RequestLog | None = None,
+        keys: KeyStore | None = None,
     ) -> None:
         self.engine = engine
         self.limits = limits or Limits()
@@ -108,25 +133,28 @@ class ModelService:
         self.request_log = request_log
         engine.listener = self.metrics
         self.loop = DecodeLoop(
-            engine, batch_wait_timeout_s, request_timeout_s=request_timeout_s, metrics=self.metrics
+            engine,
+            batch_wait_timeout_s,
+            max_queued_rows=self.limits.max_queued_rows,
+            request_timeout_s=request_timeout_s,
+            metrics=self.metrics,
         )
         if api_key_sha256 is None:
             key = api_key if api_key is not None else os.environ.get("RAYFT_API_KEY")
             api_key_sha256 = key_digest(key) if key else None
         # Only the digest is kept: a token is checked by hashing it (constant time).
-        self._key_digest = bytes.fromhex(api_key_sha256) if api_key_sha256 else None
+        digest = bytes.fromhex(api_key_sha256) if api_key_sha256 else None
+        self.auth = Authenticator(digest, keys or KeyStore(engine.storage))
         self.created = int(time.time())
 
     @property
     def requires_key(self) -> bool:
-        """True when every route but ``/health`` needs the API key."""
-        return self._key_digest is not None
+        """True when every route but ``/health`` needs a key."""
+        return self.auth.requires_key
 
     def authorized(self, token: bytes) -> bool:
-        """Whether ``token`` (raw header bytes, any encoding) is the API key."""
-        if self._key_digest is None:
-            return True
-        return hmac.compare_digest(hashlib.sha256(token).digest(), self._key_digest)
+        """Whether ``token`` (raw header bytes, any encoding) is an accepted key."""
+        return self.auth.principal(token) is not None
 
     @property
     def model_name(self) -> str:
@@ -134,8 +162,11 @@ class ModelService:
 
     # --------------------------------------------------------------- models
 
-    def list_models(self) -> list[dict[str, Any]]:
-        """The base model, then every published adapter trained on it (OpenAI model objects)."""
+    def list_models(self, principal: Principal | None = None) -> list[dict[str, Any]]:
+        """The base model, then every published adapter trained on it (OpenAI model objects).
+
+        With ``principal``, only the adapters it may call: shared ones and its project's.
+        """
         from rayft.trainers.registry import list_adapters
 
         out = [_model_object(self.model_name, self.created, root=self.model_name)]
@@ -143,16 +174,21 @@ class ModelService:
             base = adapter.base_model
             if base is not None and not self.engine.serves_base(base):
                 continue
+            if principal is not None and not principal.sees(adapter.project):
+                continue
             created = int(adapter.published_at or self.created)
             out.append(
                 _model_object(adapter.name, created, root=self.model_name, parent=self.model_name)
             )
         return out
 
-    def served_adapter(self, model: str) -> ServedAdapter | None:
+    def served_adapter(
+        self, model: str, principal: Principal | None = None
+    ) -> ServedAdapter | None:
         """The generation adapter an OpenAI ``model`` field names; ``None`` for the base.
 
-        Resolved once per request: the rows the request submits carry it.
+        Resolved once per request: the rows the request submits carry it. With
+        ``principal``, another project's adapter is not found (404), as if it did not exist.
 
         Raises:
             BadRequest / NotFound / Conflict / InvalidParameters: 400/404/409/422 when
@@ -164,17 +200,24 @@ class ModelService:
         if model == self.model_name:
             note_model(model)
             return None
-        served = self.engine.resolve_adapter(model)
+        served = self._visible_adapter(model, principal)
         if adapter_task(served.path, served.manifest) == CLASSIFICATION:
             raise classifier_refusal(model)
         note_model(model)
         return served
 
-    def adapter_for(self, model: str) -> str:
+    def adapter_for(self, model: str, principal: Principal | None = None) -> str:
         """The engine adapter name for an OpenAI ``model`` field (400/404/409/422 when
-        unusable)."""
-        served = self.served_adapter(model)
+        unusable, or another project's)."""
+        served = self.served_adapter(model, principal)
         return served.name if served is not None else BASE_ADAPTER
+
+    def _visible_adapter(self, model: str, principal: Principal | None) -> ServedAdapter:
+        """``engine.resolve_adapter``, with another project's adapter answered 404."""
+        served = self.engine.resolve_adapter(model)
+        if principal is not None and not principal.sees(served.manifest.project):
+            raise model_not_found(model, self.model_name)
+        return served
 
     def health(self) -> dict[str, Any]:
         """Liveness plus what this replica holds, for operators and tests."""
@@ -300,17 +343,24 @@ class ModelService:
         """Decode rows in the shared batch; see ``DecodeLoop.stream``."""
         return self.loop.stream(requests)
 
-    async def complete(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
+    async def complete(
+        self, requests: list[GenerationRequest], deadline: float | None = None
+    ) -> list[dict[str, Any]]:
         """Decode rows to the end; per row ``{"text", "finish_reason", "prompt_tokens",
         "completion_tokens"}`` in request order.
 
+        Args:
+            requests: The rows.
+            deadline: When they must be done (``DecodeLoop.deadline``); default
+                ``request_timeout_s`` from now.
+
         Raises:
-            ServingError: A row failed.
+            ServingError: A row failed (``RequestTimeout`` past the deadline).
         """
         texts = [[] for _ in requests]
         final: dict[int, StepOutput] = {}
         # aclosing: a failed row ends the request now and frees its other rows' routes.
-        async with aclosing(self.loop.stream(requests)) as outputs:
+        async with aclosing(self.loop.stream(requests, deadline)) as outputs:
             async for index, out in outputs:
                 texts[index].append(out.text)
                 if out.finished:
@@ -329,7 +379,9 @@ class ModelService:
 
     # ------------------------------------------------------- classification
 
-    async def classify(self, model: str, inputs: str | list[str]) -> dict[str, Any]:
+    async def classify(
+        self, model: str, inputs: str | list[str], principal: Principal | None = None
+    ) -> dict[str, Any]:
         """Label each text with the classifier ``model`` (``POST /v1/classifications``).
 
         Returns:
@@ -356,7 +408,7 @@ class ModelService:
         checked_text(model, "model", MAX_NAME_CHARS)
         if model == self.model_name:
             raise generator_refusal(model)
-        served = self.engine.resolve_adapter(model)
+        served = self._visible_adapter(model, principal)
         if adapter_task(served.path, served.manifest) != CLASSIFICATION:
             raise generator_refusal(model)
         note_model(model)
@@ -390,6 +442,7 @@ class ModelService:
         fmt: str = "auto",
         max_tokens: int = 128,
         max_seq_len: int | None = None,
+        principal: Principal | None = None,
     ) -> dict[str, Any]:
         """Run rows through ``model`` and compute the requested metrics.
 
@@ -403,6 +456,8 @@ class ModelService:
             max_tokens: Generation budget per row for the generation metrics.
             max_seq_len: Rows are cut to this many tokens for the loss; at most the
                 model's context window, which is also the default when it is under 2048.
+            principal: Who asks: only its project's adapters, uploaded files and logged
+                requests are read (``None``: everything, for in-process callers).
 
         Returns:
             ``{"object": "evaluation", "model", "rows", "tokens", "dropped_rows",
@@ -416,19 +471,26 @@ class ModelService:
         )
 
         metrics = check_metrics(metrics or ["loss", "perplexity"])
-        served = self.served_adapter(model)
+        # One deadline for the whole evaluation: reading, scoring and generating.
+        deadline = self.loop.deadline()
+        served = self.served_adapter(model, principal)
         adapter = served.name if served is not None else BASE_ADAPTER
         max_seq_len = self._eval_seq_len(max_seq_len)
-        rows = self._eval_rows(model, rows, dataset)
+        # Reading a dataset and tokenizing rows are file and CPU work: off the event loop.
+        rows = await run_in_threadpool(self._eval_rows, model, rows, dataset, principal)
         want_loss = any(m in ("loss", "perplexity") for m in metrics)
         want_gen = any(m in GENERATION_METRICS for m in metrics)
-        prepared = prepare_rows(rows, self.engine.tokenizer, fmt, max_seq_len, want_loss, want_gen)
+        prepared = await run_in_threadpool(
+            prepare_rows, rows, self.engine.tokenizer, fmt, max_seq_len, want_loss, want_gen
+        )
         loss_sum, loss_tokens = 0.0, 0
         if want_loss:
             if not prepared.scored:
                 raise BadRequest("no row has a labelled token to score (all were cut or empty)")
+            stop = threading.Event()  # set at the deadline: scoring stops on the engine thread
+            score = partial(self.engine.score, prepared.scored, adapter, stop=stop)
             loss_sum, loss_tokens = await self.loop.run_exclusive(
-                self.engine.score, prepared.scored, adapter
+                score, deadline=deadline, stop=stop
             )
         predictions: list[str] = []
         generated = 0
@@ -438,7 +500,7 @@ class ModelService:
                     "generation metrics need rows with an answer (chat, prompt_completion or alpaca)"
                 )
             requests = self._greedy_requests(prepared.prompts, adapter, served, max_tokens)
-            results = await self.complete(requests)
+            results = await self.complete(requests, deadline)
             predictions = [r["text"] for r in results]
             generated = sum(r["completion_tokens"] for r in results)
         return {
@@ -452,7 +514,11 @@ class ModelService:
         }
 
     def _eval_rows(
-        self, model: str, rows: list[Any] | None, dataset: str | LogDataset | None
+        self,
+        model: str,
+        rows: list[Any] | None,
+        dataset: str | LogDataset | None,
+        principal: Principal | None = None,
     ) -> list[Any]:
         """The rows to evaluate: inline, or read from ``dataset``; within the row limit."""
         from rayft.serving.evaluation import dataset_rows
@@ -461,8 +527,11 @@ class ModelService:
             raise BadRequest(
                 "give exactly one of rows (inline) or dataset (a registry name)", param="rows"
             )
+        project = principal.scope if principal is not None else None
         if dataset is not None:
-            rows = dataset_rows(dataset, model, self.engine.storage, self.limits.max_eval_rows)
+            rows = dataset_rows(
+                dataset, model, self.engine.storage, self.limits.max_eval_rows, project
+            )
         assert rows is not None
         if not rows:
             raise BadRequest("rows is empty", param="rows")

@@ -16,7 +16,8 @@ Heavy libraries are imported inside the functions that use them, as everywhere i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 _TRAIN_CALLBACK = "ray.train.v2._internal.execution.callback"
@@ -38,6 +39,7 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 PRIVATE_SYMBOLS: list[tuple[str, str]] = [
     ("deepspeed.runtime.engine", "DeepSpeedEngine._zero3_consolidated_16bit_state_dict"),
     ("torch.optim.lr_scheduler", "LRScheduler._last_lr"),
+    ("deepspeed.comm.torch", "build_shm_op"),
     *[("torch.ops.aten", name) for name in SDPA_KERNELS],
     (_TRAIN_CALLBACK, "WorkerGroupCallback"),
     (_TRAIN_CALLBACK, "WorkerGroupCallback.after_worker_group_start"),
@@ -50,10 +52,14 @@ PRIVATE_SYMBOLS: list[tuple[str, str]] = [
     ("ray.train.v2._internal.constants", "WORKER_GROUP_START_TIMEOUT_S_ENV_VAR"),
     ("ray.tune.result_grid", "ResultGrid._experiment_analysis"),
     ("ray._private.worker", "init._metrics_export_port"),
+    ("ray._private.worker", "init._node_ip_address"),
+    ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
+    ("ray._private.ray_constants", "ENABLE_RAY_CLUSTERS_ENV_VAR"),
     ("ray._common.constants", "HEAD_NODE_RESOURCE_NAME"),
     ("ray.serve.context", "_get_global_client"),
     ("ray.serve._private.client", "ServeControllerClient.http_config"),
     ("ray.serve.context", "_get_serve_request_context"),
+    ("ray.serve.deployment", "Deployment._version"),
     ("ray.serve.context", "_RequestContext.request_id"),
 ]
 """Every private symbol this module relies on, as ``(module, attribute)``."""
@@ -78,6 +84,20 @@ def zero3_full_state_dict(engine: Any) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------- torch
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from building or loading its shared-memory collective op.
+
+    ``deepspeed.comm.torch.build_shm_op`` JIT-compiles (first use on a machine: about a
+    minute of C++ on two cores) and then loads a C++ extension every time a process
+    initialises DeepSpeed's communication on CPU; only ``inference_all_reduce`` (DeepSpeed
+    inference with tensor parallelism) uses it, never training, whose collectives go
+    through ``torch.distributed``. No public setting turns the build off.
+    """
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
 
 
 def set_scheduler_last_lr(scheduler: Any, lrs: list[float]) -> None:
@@ -174,6 +194,43 @@ def metrics_export_port_option(port: int) -> dict[str, int]:
     return {"_metrics_export_port": port}
 
 
+@contextmanager
+def loopback_node(node_ip_address: str = "127.0.0.1") -> Iterator[dict[str, str]]:
+    """While ``ray.init`` starts a local cluster in this block, bind it to ``node_ip_address``.
+
+    Ray binds every server of a node (GCS, raylet, workers, agents, the metrics endpoint)
+    to loopback only when the node's address is loopback, and ``ray.init`` turns a
+    loopback ``_node_ip_address`` into the machine's address unless
+    ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` is false. Ray reads that constant
+    from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` at import, so the block sets the variable
+    (for the processes the cluster starts, which inherit it) and this process's
+    already-imported constant, and restores both after. No public ``ray.init`` keyword
+    names the node's bind address.
+
+    Yields:
+        The ``ray.init`` keyword that names the node's address.
+    """
+    import os
+
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    loopback = node_ip_address in ("127.0.0.1", "localhost", "::1")
+    if loopback:
+        os.environ[name] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield {"_node_ip_address": node_ip_address}
+    finally:
+        if loopback:
+            if saved[0] is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = saved[0]
+            ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
 def is_head_node(resources: dict[str, float]) -> bool:
     """Whether a node with these resources (a ``ray.nodes()`` entry's) is the head node.
 
@@ -199,6 +256,17 @@ def serve_proxy_address() -> tuple[str, int]:
 
     options = _get_global_client().http_config
     return options.host, options.port
+
+
+def with_serve_version(deployment: Any, version: str) -> Any:
+    """``deployment`` with a fixed code version, so a redeploy can reconfigure in place.
+
+    Uses ``Deployment.options(_internal=True, version=...)``, stored as
+    ``Deployment._version``: ``serve.run`` gives every deploy without one a random
+    version and so replaces every replica, even when only ``user_config`` changed; the
+    public ``version`` option was removed, and only Serve config files keep versions.
+    """
+    return deployment.options(_internal=True, version=version)
 
 
 def serve_request_id() -> str:

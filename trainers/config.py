@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from rayft.trainers import bounded_yaml
 from rayft.trainers.validation_errors import error_key
 
 # ':' is allowed after the first character for OpenAI-style names (``ft:<base>:<suffix>:<id>``);
@@ -52,8 +53,12 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Each field's docstring is its description: `rayft validate --schema` prints it.
+    # No Infinity or NaN in any float: every bound below assumes a finite number.
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+        extra="forbid",
+        validate_assignment=True,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
     )
 
 
@@ -753,7 +758,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in parts):
         raise ConfigError([(key, "an override key is dotted names, e.g. optim.lr=1e-4")])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = bounded_yaml.load(raw) if raw.strip() else ""
+    except bounded_yaml.SpecBoundsError as err:
+        where = ".".join(part for part in (key.strip(), err.key) if part)
+        raise ConfigError([(where, err.message)]) from None
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -797,8 +805,15 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError([("", f"config file not found: {p}")], str(p))
+    size, most = p.stat().st_size, bounded_yaml.MAX_BYTES
+    if size > most:
+        raise ConfigError([("", f"the file is {size} bytes; a spec has at most {most}")], str(p))
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = bounded_yaml.load(p.read_bytes()) or {}
+    except bounded_yaml.SpecBoundsError as err:
+        raise ConfigError([(err.key, err.message)], str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError([("", f"{p}: not UTF-8 text")], str(p)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)

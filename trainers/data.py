@@ -315,6 +315,9 @@ def scan_source(
     return SourceReport(path, checker.fmt, rows, blank, digest)
 
 
+_TOO_DEEP = "JSON nested too deeply to read; a row is an object of a few levels"
+
+
 def _scan_json_lines(path: str, checker: _FormatChecker, hasher: Any) -> tuple[int, int]:
     rows = blank = 0
     for lineno, raw in enumerate(_iter_lines(path, hasher), start=1):
@@ -336,6 +339,8 @@ def _scan_json_lines(path: str, checker: _FormatChecker, hasher: Any) -> tuple[i
                 f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); "
                 "each line must be one complete JSON object"
             ) from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: {_TOO_DEEP}") from None
         checker.check(row, f"{path}:{lineno}")
         rows += 1
     return rows, blank
@@ -344,13 +349,18 @@ def _scan_json_lines(path: str, checker: _FormatChecker, hasher: Any) -> tuple[i
 def _scan_json_array(path: str, checker: _FormatChecker) -> int:
     fs, inner = _filesystem(path)
     with fs.open_input_stream(inner) as stream:
-        text = stream.read().decode("utf-8").lstrip("\ufeff")
+        raw = stream.read()
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({err}); save the file as UTF-8") from None
     except json.JSONDecodeError as err:
         raise DataError(
             f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})"
         ) from None
+    except RecursionError:
+        raise DataError(f"{path}: {_TOO_DEEP}") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json file must hold an array of rows or JSON lines")
     for index, row in enumerate(data):

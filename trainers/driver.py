@@ -171,6 +171,7 @@ def run_training(
     start_from: Any = None,
     scanned: Any = None,
     publish: bool = True,
+    project: str | None = None,
 ) -> TrainOutcome:
     """Fine-tune according to ``spec`` on the connected Ray cluster and publish the result.
 
@@ -193,6 +194,8 @@ def run_training(
         publish: Publish the artifact under ``output.name``. Without, the export stays in
             the final checkpoint and the manifest it would carry is written to the run's
             directory (``rayft.json``): a sweep publishes only its best trial.
+        project: The project a fine-tuning job runs for: its artifact serves that
+            project only (the manifest's ``project``); ``None`` publishes a shared one.
     """
     import ray
 
@@ -247,7 +250,7 @@ def run_training(
         result = _fit_with_progress(trainer, sink, progress, runlog)
     try:
         artifact = _publish(
-            spec, root, run_id, name, kind, result, prepared, model_dir, parent, publish
+            spec, root, run_id, name, kind, result, prepared, model_dir, parent, publish, project
         )
     except Exception as err:  # e.g. an artifact that would not serve: nothing was published
         runlog.event("error", error=type(err).__name__, message=str(err)[:2000])
@@ -498,6 +501,7 @@ def _publish(
     model_dir,
     parent=None,
     publish: bool = True,
+    project: str | None = None,
 ) -> Path | None:
     """Publish the final checkpoint's export: its files are copied once, into the registry.
 
@@ -534,6 +538,7 @@ def _publish(
             parent_adapter=parent.record() if parent is not None else None,
             general=state.get("general") or None,  # eval.general: before, after, delta
             labels=spec.classification.labels if spec.objective == "classification" else None,
+            project=project,
         )
         if not publish:
             root.write(run_relpath(run_id, MANIFEST_FILE), manifest.to_json())

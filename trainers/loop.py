@@ -30,7 +30,11 @@ from typing import Any, TextIO
 import torch
 
 from rayft.trainers.collectives import all_sum
-from rayft.trainers.compat import set_scheduler_last_lr, zero3_full_state_dict
+from rayft.trainers.compat import (
+    set_scheduler_last_lr,
+    skip_deepspeed_shm_op,
+    zero3_full_state_dict,
+)
 from rayft.trainers.config import ADAPTER_METHODS, JobSpec
 from rayft.trainers.loss import IGNORE_INDEX
 from rayft.trainers.objective import Objective
@@ -229,6 +233,7 @@ def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
         param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr, betas=(0.9, 0.999)
     )
     scheduler = lr_schedule(optimizer, spec, inputs.total_steps)
+    skip_deepspeed_shm_op()  # an inference-only op; compiling it would delay the first run
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

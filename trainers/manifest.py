@@ -113,6 +113,8 @@ class ArtifactManifest(_Record):
         history: Progress records (train and eval) of the run.
         general: ``eval.general`` results before and after the fine-tune.
         sweep: For a sweep's artifacts: the trial it is and how it scored.
+        project: The project whose fine-tuning job published it: it serves that
+            project's keys only. ``None`` (published from the CLI or Python): shared.
     """
 
     kind: ArtifactKind
@@ -138,6 +140,7 @@ class ArtifactManifest(_Record):
     history: list[dict[str, Any]] = []
     general: dict[str, Any] | None = None
     sweep: SweepNote | None = None
+    project: str | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -14,6 +14,12 @@ one, never a mix and never nothing.
   follow. ``sync_artifact`` brings the pointed-to version into this machine's mirror,
   which uses the local layout.
 
+Publishers of one name take turns (``trainers.locks.held`` on
+``<folder>/.versions/<name>.lock``): under the lock a publisher checks ``overwrite``
+again, stages, switches the name and prunes the versions that are neither the new one nor
+the one it replaced, so two runs never both take a free name and no name points at a
+pruned version.
+
 A ``rayft.json`` that does not parse hides its artifact from listings (logged once)
 and makes resolving it raise ``ManifestError``. The manifest is the typed
 ``ArtifactManifest`` (``trainers.manifest``); every path comes from ``trainers.storage``.
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rayft.trainers.config import valid_name
+from rayft.trainers.locks import held
 from rayft.trainers.manifest import (
     MANIFEST,
     ArtifactManifest,
@@ -42,6 +49,7 @@ from rayft.trainers.manifest import (
 from rayft.trainers.storage import (
     VERSIONS,
     StorageRoot,
+    artifact_lock_relpath,
     artifact_manifest_relpath,
     artifact_relpath,
     artifact_version_relpath,
@@ -69,6 +77,8 @@ _reported_corrupt: set[tuple[str, str]] = set()
 log = logging.getLogger("rayft.registry")
 
 StorageLike = StorageRoot | str | None
+# How long a publisher waits while another one publishes the same name (uploads included).
+PUBLISH_WAIT_S = 1800.0
 
 
 def checked_name(name: str) -> str:
@@ -164,26 +174,50 @@ def publish_dir(
         UnservableError: The servability check failed; nothing was published.
     """
     root = StorageRoot.resolve(storage)
-    target = check_publishable(kind, name, overwrite, root)
+    check_publishable(kind, name, overwrite, root)
     fields = dict(manifest.model_dump() if isinstance(manifest, ArtifactManifest) else manifest)
     if base_dir is not None:
         from rayft.trainers.servable import base_fingerprint, check_servable
 
         check_servable(Path(src), kind, Path(base_dir))
         fields["base_fingerprint"] = base_fingerprint(base_dir, root.models)
-    version = new_version()
-    fields.update(kind=kind, name=name, published_at=time.time(), version=version)
-    manifest = ArtifactManifest.model_validate(fields)
-    staged = stage_version(Path(src), new_version_dir(target, version), manifest)
-    if root.is_remote:
-        upload_version(root, kind, name, staged)
-        write_pointer(root, kind, name, manifest)
-    swap_dir(staged, target)
-    if root.is_remote:
-        retire_remote_versions(root, kind, name, keep=version)
-        with _sync_lock:
-            _synced[(root.location, kind, name)] = time.monotonic()
+    # One publisher of a name at a time, from the overwrite check to the pruning: two
+    # runs publishing one name never both pass the check, and nobody prunes a version
+    # another publisher is still staging or has just pointed the name at.
+    with held(root, artifact_lock_relpath(kind, name), PUBLISH_WAIT_S):
+        try:
+            target = check_publishable(kind, name, overwrite, root)
+        except RegistryError as err:
+            raise RegistryError(
+                f"{err} (checked again when publishing: another run published it after this "
+                f"one started; nothing of this one was published, its files stay in {src})"
+            ) from None
+        version = new_version()
+        fields.update(kind=kind, name=name, published_at=time.time(), version=version)
+        checked = ArtifactManifest.model_validate(fields)
+        staged = stage_version(Path(src), new_version_dir(target, version), checked)
+        previous = pointed_version(root, kind, name) if root.is_remote else None
+        if root.is_remote:
+            upload_version(root, kind, name, staged)
+            write_pointer(root, kind, name, checked)
+        swap_dir(staged, target)
+        if root.is_remote:
+            retire_remote_versions(root, kind, name, keep=version, previous=previous)
+            with _sync_lock:
+                _synced[(root.location, kind, name)] = time.monotonic()
     return target
+
+
+def pointed_version(root: StorageRoot, kind: str, name: str) -> str | None:
+    """The version the URI root's pointer of ``name`` names (``None``: none, or unreadable)."""
+    relpath = artifact_manifest_relpath(kind, name)
+    raw = root.read(relpath)
+    if raw is None:
+        return None
+    try:
+        return ArtifactManifest.parse(raw, root.url(relpath)).version or None
+    except ManifestError:
+        return None
 
 
 def stage_version(src: Path, version_dir: Path, manifest: ArtifactManifest) -> Path:
@@ -210,16 +244,22 @@ def write_pointer(root: StorageRoot, kind: str, name: str, manifest: ArtifactMan
     root.upload(artifact_manifest_relpath(kind, name), manifest.to_json())
 
 
-def retire_remote_versions(root: StorageRoot, kind: str, name: str, keep: str) -> None:
-    """Delete old versions at the URI, keeping ``keep`` and the one before it.
+def retire_remote_versions(
+    root: StorageRoot, kind: str, name: str, keep: str, previous: str | None = None
+) -> None:
+    """Delete old versions at the URI, keeping ``keep`` (pointed at now) and ``previous``.
 
-    The one before stays a round because a reader that read the previous pointer may
-    still be downloading it.
+    The version pointed at before stays a round because a reader that read the previous
+    pointer may still be downloading it. Only call it holding the name's publish lock
+    and after the pointer names ``keep``: no other version is then being staged.
     """
     relpath = artifact_versions_relpath(kind, name)
-    older = [v for v in root.list_dirs(relpath) if v < keep]
-    for version in older[:-1]:
-        root.delete(f"{relpath}/{version}")
+    if previous is None:  # unknown: the newest older version stands in for it
+        older = [v for v in root.list_dirs(relpath) if v < keep]
+        previous = older[-1] if older else None
+    for version in root.list_dirs(relpath):
+        if version not in (keep, previous):
+            root.delete(f"{relpath}/{version}")
 
 
 def write_manifest(path: Path, manifest: ArtifactManifest, storage: StorageLike = None) -> None:
@@ -239,13 +279,14 @@ def remove_artifact(kind: str, name: str, storage: StorageLike = None) -> None:
     """Unpublish ``name``: remove it locally and from a URI root (its pointer first)."""
     root = StorageRoot.resolve(storage)
     local = artifact_path(kind, name, root)
-    if local.is_symlink():
-        local.unlink()
-    else:
-        shutil.rmtree(local, ignore_errors=True)
-    shutil.rmtree(local.parent / VERSIONS / name, ignore_errors=True)
-    root.delete(artifact_relpath(kind, name))
-    root.delete(artifact_versions_relpath(kind, name))
+    with held(root, artifact_lock_relpath(kind, name), PUBLISH_WAIT_S):
+        if local.is_symlink():
+            local.unlink()
+        else:
+            shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(local.parent / VERSIONS / name, ignore_errors=True)
+        root.delete(artifact_relpath(kind, name))
+        root.delete(artifact_versions_relpath(kind, name))
     with _sync_lock:
         _synced.pop((root.location, kind, name), None)
 

@@ -182,6 +182,7 @@ FILE_RECORDS_DIR = f"{DATASETS_DIR}/.files"
 JOB_DATASETS_DIR = f"{DATASETS_DIR}/jobs"
 JOBS_DIR = "fine_tuning/jobs"
 REQUEST_LOGS_DIR = "request_logs"
+AUTH_DIR = "auth"
 
 
 def registry_folder(kind: str) -> str:
@@ -202,6 +203,11 @@ def artifact_manifest_relpath(kind: str, name: str) -> str:
 def artifact_versions_relpath(kind: str, name: str) -> str:
     """``<folder>/.versions/<name>``: every stored version of a published artifact."""
     return f"{registry_folder(kind)}/{VERSIONS}/{name}"
+
+
+def artifact_lock_relpath(kind: str, name: str) -> str:
+    """``<folder>/.versions/<name>.lock``: the lock its publishers take (``trainers.locks``)."""
+    return f"{registry_folder(kind)}/{VERSIONS}/{name}.lock"
 
 
 def artifact_version_relpath(kind: str, name: str, version: str) -> str:
@@ -242,6 +248,17 @@ def job_relpath(job_id: str, suffix: str = ".json") -> str:
 def request_log_relpath(day: str, writer: str) -> str:
     """``request_logs/<day>/<writer>.jsonl``: one writer's request log of one day."""
     return f"{REQUEST_LOGS_DIR}/{day}/{writer}.jsonl"
+
+
+def request_log_part_relpath(day: str, writer: str, offset: int) -> str:
+    """``request_logs/<day>/<writer>.parts/<offset>.jsonl``: the lines of one writer's log
+    from byte ``offset`` on, as uploaded to a URI root (one object per upload)."""
+    return f"{REQUEST_LOGS_DIR}/{day}/{writer}.parts/{offset:015d}.jsonl"
+
+
+def keys_relpath() -> str:
+    """``auth/keys.json``: the API key store (salted hashes of project keys, never a secret)."""
+    return f"{AUTH_DIR}/keys.json"
 
 
 # ----------------------------------------------------------------- the root
@@ -481,7 +498,7 @@ class StorageRoot:
         return local
 
     def delete(self, relpath: str) -> None:
-        """Remove ``relpath`` and everything under it from a URI root (no-op when absent)."""
+        """Remove the file or directory ``relpath`` from a URI root (no-op when absent)."""
         import pyarrow.fs as pafs
 
         target = self.remote(relpath)
@@ -489,7 +506,10 @@ class StorageRoot:
             return
         fs, path = target
         try:
-            if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            kind = fs.get_file_info(path).type
+            if kind == pafs.FileType.File:
+                fs.delete_file(path)
+            elif kind != pafs.FileType.NotFound:
                 fs.delete_dir(path)
         except OSError as err:
             raise StorageError(f"cannot delete {self.url(relpath)}: {err}") from None

@@ -9,7 +9,6 @@ trial and it finishes.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -18,21 +17,6 @@ from rayft.trainers.config import validate_spec
 from rayft.trainers.registry import adapter_path
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(rayft_home, tiny_model_dir):
-    import ray
-
-    from rayft.cluster.connect import connect
-
-    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    connect(None)
-    yield
-    ray.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
 
 
 def test_a_crashing_trial_is_recorded_the_sweep_goes_on_and_resume_retries_it(

@@ -61,15 +61,6 @@ def chat_file(tmp_path_factory, color_chats) -> Path:
     return color_chats(path, 80, colors=4)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    from rayft.cluster.connect import connect
-
-    connect(None)
-    yield
-    ray.shutdown()
-
-
 def make_spec(chat_file: Path, name: str, max_failures: int = 3):
     return validate_spec(
         {

@@ -195,6 +195,7 @@ def test_a_dpo_job_on_openai_preference_rows_trains_and_publishes(client, server
     assert job.fine_tuned_model in [m.id for m in client.models.list().data]
     recorded = ArtifactManifest.read(resolve_adapter(job.fine_tuned_model, str(server["home"])))
     assert recorded.objective == "dpo" and recorded.spec["dpo"]["beta"] == 0.2
+    assert recorded.project == "default"  # the job's project (an open server's): its keys only
 
 
 def test_a_job_on_a_file_that_does_not_fit_fails_in_validating_files(client, uploaded):

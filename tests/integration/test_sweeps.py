@@ -46,17 +46,6 @@ def ray_env(tmp_path_factory) -> dict[str, str]:
             os.environ[key] = value
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(ray_env, rayft_home, tiny_model_dir):
-    import ray
-
-    from rayft.cluster.connect import connect
-
-    connect(None)
-    yield
-    ray.shutdown()
-
-
 def sweep_data(chat_file: Path, name: str, space: dict, **tune) -> dict:
     return {
         "model": {"name": "tiny-llama"},
@@ -224,18 +213,18 @@ def test_model_based_search_samples_the_space_and_publishes_the_best(
             },
             scheduler={"type": scheduler, "reduction_factor": 2},
             search=search,
-            num_samples=3,
+            num_samples=2,
         )
     )
     outcome = run_sweep(spec, sweep_id=f"{search}-{scheduler}", show_progress=False)
 
-    assert len(outcome.rows) == 3
+    assert len(outcome.rows) == 2
     assert {r["state"] for r in outcome.rows} <= {"finished", "early_stopped"}
     assert outcome.by_state("finished")
     for row in outcome.rows:
         assert 1e-4 <= row["optim.lr"] <= 3e-2 and row["lora.r"] in (2, 4, 8)
-    # The searcher proposed three different points, each trained as such.
-    assert len({r["optim.lr"] for r in outcome.rows}) == 3
+    # The searcher proposed two different points, each trained as such.
+    assert len({r["optim.lr"] for r in outcome.rows}) == 2
     best = outcome.best
     manifest = ArtifactManifest.read(outcome.artifact)
     assert manifest.sweep.params == {"optim.lr": best["optim.lr"], "lora.r": best["lora.r"]}

@@ -284,3 +284,42 @@ def test_failures_name_the_file_as_the_body_does():
     assert (code, param) == ("invalid_job_spec", "rayft.scaling.num_workers")
     code, message, _ = jobs.failure(RuntimeError("boom"), labels, "ftjob-1")
     assert code == "training_failed" and "runs/ftjob-1/events.jsonl" in message
+
+
+def test_racing_cancel_finish_and_watchers_leave_one_consistent_record(tmp_path):
+    import threading
+
+    root = StorageRoot.resolve(str(tmp_path))
+    writers = {
+        "runner": lambda job: jobs.transition(
+            root, job, jobs.SUCCEEDED, "published", fine_tuned_model="ft:x", finished_at=1
+        ),
+        "cancel": lambda job: jobs.transition(
+            root, job, jobs.CANCELLED, "cancelled", finished_at=2
+        ),
+        "refresh": lambda job: jobs.fail(root, job, "runner_lost", "the runner stopped"),
+        "watcher": lambda job: jobs.transition(root, job, jobs.RUNNING, "training started"),
+    }
+    for round_ in range(20):
+        job = f"ftjob-{round_:04d}"
+        _record(root, job)
+        start = threading.Barrier(len(writers))
+        answers: dict[str, dict] = {}
+
+        def write(name: str, job: str = job, start=start, answers=answers) -> None:
+            start.wait()
+            answers[name] = writers[name](job)
+
+        threads = [threading.Thread(target=write, args=(name,)) for name in writers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        final = jobs.read_job(root, job)  # parses: never torn
+        ends = [h["status"] for h in final["history"] if h["status"] in jobs.TERMINAL]
+        # Exactly one end, the last entry, and the record's status and fields are its own.
+        assert ends == [final["status"]] == [final["history"][-1]["status"]]
+        assert final.get("fine_tuned_model") == ("ft:x" if ends == ["succeeded"] else None)
+        # Every writer that ended the job was told the end the record keeps.
+        for name in ("runner", "cancel", "refresh"):
+            assert answers[name]["status"] == final["status"]

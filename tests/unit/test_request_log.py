@@ -54,7 +54,11 @@ def test_a_line_holds_counts_and_times_and_payloads_only_when_asked():
         "latency_s": 0.25,
         "ttft_s": 0.05,
         "error": None,
+        "project": None,
+        "key_id": None,
     }
+    keyed = log_line(record(T0, project="team-a", key_id="3f9c0a7d1e2b4c5d"))
+    assert (keyed["project"], keyed["key_id"]) == ("team-a", "3f9c0a7d1e2b4c5d")
     with_payloads = log_line(record(T0), log_payloads=True)
     assert with_payloads["messages"] == [{"role": "user", "content": "hi"}]
     assert with_payloads["outputs"] == ["hello there"]
@@ -176,3 +180,39 @@ def test_the_api_logs_every_completion_request_once_with_its_status(served):
     # Logged without payloads: nothing to evaluate on, and the answer says why.
     assert evaluation.status_code == 400
     assert evaluation.json()["error"]["code"] == "no_logged_payloads"
+
+
+def test_a_limited_read_takes_the_newest_lines_without_parsing_the_whole_log(
+    tmp_path: Path, monkeypatch
+):
+    from rayft.serving import request_log
+
+    log = RequestLog(tmp_path, "replica-1")
+    for i in range(2000):  # two days, served by two models
+        log.write(record(T0 - 1000 + i, model="a" if i % 4 else "b", status=200 if i % 3 else 500))
+    log.close()
+    parsed = []
+    real = request_log._Match.line
+    monkeypatch.setattr(
+        request_log._Match, "line", lambda self, raw: parsed.append(1) or real(self, raw)
+    )
+
+    def answered(line: dict) -> bool:
+        return line["status"] == 200
+
+    lines = read_log(tmp_path, "a", limit=30, where=answered)
+    expected = [T0 - 1000 + i for i in range(2000) if i % 4 and i % 3][-30:]
+    assert [line["ts"] for line in lines] == expected
+    assert len(parsed) < 100  # about 30 / (1/2 answered of 3/4 of model a) from the end
+    # A bounded range and no limit reads the range only, oldest first.
+    since = datetime.fromtimestamp(T0 + 990, tz=timezone.utc)
+    assert [line["ts"] for line in read_log(tmp_path, "b", since)] == [T0 + 992, T0 + 996]
+
+
+def test_days_past_the_retention_are_deleted_and_recent_ones_kept(tmp_path: Path):
+    log = RequestLog(tmp_path, "replica-1", retention_days=2)
+    for days_ago in (0, 1, 2, 40):
+        log.write(record(T0 - days_ago * 86400))
+    log.close()
+    assert log.prune(now=T0) == ["2026-10-22", "2026-11-29"]
+    assert sorted(p.name for p in (tmp_path / LOG_DIR).iterdir()) == ["2026-11-30", "2026-12-01"]

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from rayft.cluster.service_app import FINE_TUNING_ROUTES, ROUTERS, build_service_app
-from rayft.serving.app import build_app, import_router
+from rayft.serving.app import bind_app, build_app, import_router
 
 SERVING = Path(__file__).resolve().parents[2] / "serving"
 
@@ -29,9 +29,9 @@ def test_a_router_path_is_checked_when_the_app_is_built():
 
     assert isinstance(import_router(FINE_TUNING_ROUTES), APIRouter)
     with pytest.raises(ValueError, match="package.module:attribute"):
-        build_app({"model": "tiny-llama"}, routers=["rayft.cluster.fine_tuning_api"])
+        bind_app({"model": "tiny-llama"}, routers=["rayft.cluster.fine_tuning_api"])
     with pytest.raises(ValueError, match="no_such_router"):
-        build_app({"model": "tiny-llama"}, routers=["rayft.cluster.fine_tuning_api:no_such_router"])
+        bind_app({"model": "tiny-llama"}, routers=["rayft.cluster.fine_tuning_api:no_such_router"])
     with pytest.raises(ValueError, match="not a FastAPI APIRouter"):
         import_router("rayft.cluster.service_app:ROUTERS")
 
@@ -56,6 +56,34 @@ def test_the_fine_tuning_routes_answer_only_where_they_are_mounted(tiny_model_di
     assert [r.status_code for r in without] == [200, 404, 404]
     assert [r.status_code for r in mounted] == [200, 200, 200]
     assert mounted[1].json()["object"] == "list" and mounted[2].json()["object"] == "list"
+
+
+def test_build_app_is_a_one_argument_builder_as_serve_run_needs():
+    import inspect
+
+    assert len(inspect.signature(build_app).parameters) == 1
+    assert len(inspect.signature(build_service_app).parameters) == 1
+
+
+def test_the_builders_refuse_an_unkeyed_open_interface(monkeypatch):
+    from rayft.serving.client import InsecureServing
+
+    monkeypatch.delenv("RAYFT_API_KEY", raising=False)
+    # The interface Serve binds by default: Ray Serve's own environment variable.
+    monkeypatch.setenv("RAY_SERVE_DEFAULT_HTTP_HOST", "0.0.0.0")
+    for builder in (build_app, build_service_app):
+        with pytest.raises(InsecureServing, match="0.0.0.0"):
+            builder({"model": "tiny-llama"})
+    with pytest.raises(InsecureServing, match="10.1.2.3"):
+        bind_app({"model": "tiny-llama"}, http_host="10.1.2.3")
+    monkeypatch.setenv("RAYFT_API_KEY", "sekret")
+    served = build_app({"model": "tiny-llama"})._bound_deployment.init_args[0]
+    assert served["allowed_hosts"]  # the machine's names, for the wildcard bind
+    named = bind_app({"model": "tiny-llama", "allowed_hosts": ["a.example"]}, http_host="b.example")
+    assert named._bound_deployment.init_args[0]["allowed_hosts"] == ["a.example", "b.example"]
+    monkeypatch.delenv("RAYFT_API_KEY")
+    monkeypatch.delenv("RAY_SERVE_DEFAULT_HTTP_HOST")
+    assert build_app({"model": "tiny-llama"})._bound_deployment.init_args[0]["allowed_hosts"] == []
 
 
 def test_serving_never_imports_the_control_plane_or_the_training_driver():
