@@ -651,6 +651,8 @@ def runner(job_id: str) -> Any | None:
     """The live runner actor of ``job_id``, or ``None`` when there is none."""
     import ray
 
+    if not ray.is_initialized():  # get_actor would start a local Ray cluster to look
+        return None
     try:
         return ray.get_actor(runner_name(job_id), namespace=NAMESPACE)
     except ValueError:
@@ -662,9 +664,15 @@ def start_runner(root: StorageRoot, job_id: str, env: dict[str, str]) -> None:
 
     Args:
         env: Environment variables the run needs (model cache, offline mode, ...).
+
+    Raises:
+        RuntimeError: This process is not connected to a Ray cluster (a request handler
+            must never start a local one on the side).
     """
     import ray
 
+    if not ray.is_initialized():
+        raise RuntimeError("this server is not connected to a Ray cluster")
     actor = ray.remote(JobRunner).options(
         name=runner_name(job_id),
         namespace=NAMESPACE,

@@ -36,6 +36,7 @@ from fastapi.responses import FileResponse
 from rayft.cluster import fine_tuning as jobs
 from rayft.cluster import job_body
 from rayft.cluster.files_service import FileStore, check_purpose, page
+from rayft.cluster.quotas import CheckpointSweeper, FileUsage, check_file_quota, check_job_quota
 from rayft.cluster.uploads import UploadSlots, receive_upload
 from rayft.serving.errors import BadRequest
 from rayft.serving.openai_api import get_principal
@@ -59,6 +60,29 @@ def _files(request: Request) -> FileStore:
     return FileStore(service.engine.storage, service.limits.max_file_bytes, get_principal(request))
 
 
+def _replica_state(request: Request, name: str, make: Any) -> Any:
+    """``request.app.state.<name>``, made with ``make(service)`` on first use (per replica)."""
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        value = make(_service(request))
+        setattr(request.app.state, name, value)
+    return value
+
+
+def _file_usage(request: Request) -> FileUsage:
+    """The replica's count of each project's stored files (``project_quotas``)."""
+    return _replica_state(request, "file_usage", lambda s: FileUsage(s.engine.storage))
+
+
+def _sweeper(request: Request) -> CheckpointSweeper:
+    """The replica's remover of finished jobs' checkpoints (``checkpoint_retention_hours``)."""
+    return _replica_state(
+        request,
+        "checkpoint_sweeper",
+        lambda s: CheckpointSweeper(s.limits.project_quotas.checkpoint_retention_hours),
+    )
+
+
 def _job(request: Request, job_id: str) -> dict[str, Any]:
     """The record of ``job_id`` if the request's key may see it, else 404 as for no job."""
     root = _service(request).engine.storage
@@ -69,7 +93,7 @@ def _limit(request: Request, default: int) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # '²'.isdigit(), but int('²') fails
         raise BadRequest(f"limit is {raw!r}; give a whole number from 1", param="limit")
     return int(raw)
 
@@ -82,8 +106,12 @@ async def create_file(request: Request) -> dict[str, Any]:
     """Store an uploaded training file after checking every row as ``rayft train`` would.
 
     The body is streamed to disk as it arrives (``cluster.uploads``), never held whole.
+    A project at its ``max_files`` or ``max_file_bytes_total`` quota is refused before the
+    body is read; one that the received file would put past it, once it is received.
     """
     store = _files(request)
+    quotas, usage = _service(request).limits.project_quotas, _file_usage(request)
+    check_file_quota(await run_in_threadpool(usage.of, store.project), quotas, store.project)
     with _upload_slots(request).taken():
         upload = await receive_upload(
             request.headers.get("content-type", ""), request.stream(), store
@@ -92,6 +120,8 @@ async def create_file(request: Request) -> dict[str, Any]:
             if upload.staging is None:
                 raise BadRequest("send the file as the multipart form field 'file'", param="file")
             check_purpose(upload.purpose)
+            used = await run_in_threadpool(usage.of, store.project)
+            check_file_quota(used, quotas, store.project, adding=upload.size)
             return await run_in_threadpool(
                 store.accept,
                 upload.file_id,
@@ -158,17 +188,33 @@ async def create_job(request: Request) -> dict[str, Any]:
     """Check the body, the files and the job spec, record the job and start its runner."""
     body = job_body.load_json(await request.body())  # numbers bounded, keys named
     job = jobs.parse_request(body)
-    return await run_in_threadpool(start_job, _service(request), _files(request), job)
+    service, store = _service(request), _files(request)
+    return await run_in_threadpool(start_job, service, store, job, _sweeper(request))
 
 
-def start_job(service: ModelService, store: FileStore, job: jobs.JobRequest) -> dict[str, Any]:
+def start_job(
+    service: ModelService,
+    store: FileStore,
+    job: jobs.JobRequest,
+    sweeper: CheckpointSweeper | None = None,
+) -> dict[str, Any]:
     """Record a new job (``validating_files``) and start its runner on the Ray cluster.
 
+    Args:
+        sweeper: Removes finished jobs' checkpoints past retention, a few per new job.
+
     Raises:
+        QuotaExceeded: The project has ``max_active_jobs`` jobs that have not ended.
         BadRequest / NotFound / Conflict: The model is not this server's base model or a
             published adapter of it, a file is unknown, or the job spec is invalid.
     """
     from rayft.serving.engine import BASE_ADAPTER
+
+    records = jobs.list_jobs(store.root)
+    if sweeper is not None:
+        sweeper.sweep(store.root, records)
+    quotas = service.limits.project_quotas
+    check_job_quota(store.root, records, quotas, store.project, _refresh_if_connected)
 
     adapter = service.adapter_for(job.model, store.principal)  # another project's: 404
     parent = None if adapter == BASE_ADAPTER else adapter
@@ -214,6 +260,13 @@ def start_job(service: ModelService, store: FileStore, job: jobs.JobRequest) -> 
     return jobs.job_object(record)
 
 
+def _refresh_if_connected(root: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """``jobs.refresh`` when this process is connected to Ray (it looks up the runner)."""
+    import ray
+
+    return jobs.refresh(root, record) if ray.is_initialized() else record
+
+
 def _check_limits(spec: JobSpec, limits: JobLimits, job: jobs.JobRequest) -> None:
     """Refuse a job past the server's ``job_limits`` or the cluster's size (400 naming it)."""
     problems = limit_problems(spec, limits, cluster_size())
@@ -246,7 +299,9 @@ def list_jobs(request: Request) -> dict[str, Any]:
     the last job of the previous page."""
     root = _service(request).engine.storage
     principal = get_principal(request)
-    owned = [r for r in jobs.list_jobs(root) if principal.owns(jobs.job_project(r))]
+    every = jobs.list_jobs(root)
+    _sweeper(request).sweep(root, every)
+    owned = [r for r in every if principal.owns(jobs.job_project(r))]
     records = [jobs.refresh(root, r) for r in owned]
     items = [jobs.job_object(r) for r in records]
     return jobs.listing(items, request.query_params.get("after"), _limit(request, 20))

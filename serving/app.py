@@ -32,7 +32,7 @@ from pydantic import (
 )
 from ray import serve
 
-from rayft.trainers.job_limits import JobLimits
+from rayft.trainers.job_limits import JobLimits, ProjectQuotas
 
 DEPLOYMENT_NAME = "rayft"
 SERVE_HOST_ENV = "RAY_SERVE_DEFAULT_HTTP_HOST"
@@ -82,6 +82,10 @@ class ServeArgs(BaseModel):
     job_limits: JobLimits = Field(default_factory=JobLimits)
     """Bounds on each fine-tuning job: workers, CPUs, GPUs, steps, epochs, batch size,
     checkpoints (``trainers.job_limits.JobLimits``; 400 naming the key past one)."""
+    project_quotas: ProjectQuotas = Field(default_factory=ProjectQuotas)
+    """What each project may keep and ask for: files and their bytes, jobs that have not
+    ended, requests per second per replica, checkpoint retention
+    (``trainers.job_limits.ProjectQuotas``; 429 ``quota_exceeded`` past one)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs reserved per replica (``ray_actor_options``)."""
@@ -169,6 +173,7 @@ class ModelServer:
             max_concurrent_uploads=cfg.max_concurrent_uploads,
             max_queued_rows=cfg.max_queued_rows,
             job_limits=cfg.job_limits,
+            project_quotas=cfg.project_quotas,
         )
         self.service = ModelService(
             engine,
@@ -267,7 +272,7 @@ def bind_app(
 
     cfg = parse_args(args)
     host = http_host or serve_http_host()
-    check_exposure(host, insecure)
+    check_exposure(host, insecure, cfg.storage)
     routers = list(routers or [])
     for path in routers:
         import_router(path)  # a wrong path fails here, not in every replica

@@ -65,7 +65,8 @@ def run_app(
 
     from rayft.serving.app import bind_app
 
-    check_exposure(host, insecure)
+    storage = args.get("storage") if isinstance(args, dict) else getattr(args, "storage", None)
+    check_exposure(host, insecure, storage)
     version = app_version(args, routers)
     app = bind_app(args, routers, http_host=host, insecure=insecure, version=version)
     port = port or free_port(host)

@@ -89,6 +89,21 @@ class Overloaded(ServingError):
     type = "rate_limit_error"
 
 
+class QuotaExceeded(ServingError):
+    """A project past one of its quotas (429 ``quota_exceeded``; ``param`` names the quota).
+
+    ``retry_after_s`` is the ``Retry-After`` of the answer (whole seconds, at least 1), or
+    ``None`` when waiting alone does not help (delete files, or ask an admin for more).
+    """
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, quota: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message, code="quota_exceeded", param=quota)
+        self.retry_after_s = None if retry_after_s is None else max(1, int(retry_after_s))
+
+
 class Unavailable(ServingError):
     """The server cannot take requests right now (503)."""
 

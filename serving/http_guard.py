@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 
+from rayft.serving.auth import KeyStore
 from rayft.serving.errors import (
     BadRequest,
     Forbidden,
@@ -79,18 +80,27 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
-def check_exposure(host: str, insecure: bool = False) -> None:
-    """Refuse to serve on a non-loopback ``host`` without ``RAYFT_API_KEY``.
+def check_exposure(host: str, insecure: bool = False, storage: str | None = None) -> None:
+    """Refuse to serve on a non-loopback ``host`` when no key is required.
+
+    A key is required when ``RAYFT_API_KEY`` is set or the storage root's key store
+    (``serving.auth.KeyStore``) holds a key.
+
+    Args:
+        storage: The rayft root whose key store counts (default ``$RAYFT_HOME``).
 
     Raises:
         InsecureServing: Naming the host and the ways out.
     """
     if insecure or is_loopback(host) or os.environ.get("RAYFT_API_KEY"):
         return
+    if KeyStore(storage).records():  # the app then asks every request for a key
+        return
     raise InsecureServing(
         f"refusing to serve on {host} without an API key: anyone who reaches it could use "
         "every model and adapter; set RAYFT_API_KEY (clients then send "
-        "'Authorization: Bearer <key>'), serve on 127.0.0.1, or pass --insecure"
+        "'Authorization: Bearer <key>'), create a project key (serving.auth.KeyStore), serve on "
+        "127.0.0.1, or pass --insecure"
     )
 
 

@@ -60,6 +60,7 @@ from rayft.serving.errors import (
     BadRequest,
     Forbidden,
     InvalidParameters,
+    QuotaExceeded,
     ServingError,
     TooLarge,
     Unauthorized,
@@ -67,6 +68,7 @@ from rayft.serving.errors import (
 )
 from rayft.serving.http_guard import Admission, HttpGuard
 from rayft.serving.metrics import RequestMonitor
+from rayft.serving.rate_limit import ProjectRates
 from rayft.serving.request_log import LogDataset, note_error, note_principal, note_usage
 from rayft.serving.service import ModelService
 from rayft.trainers.storage import StorageError
@@ -155,7 +157,8 @@ REQUEST_MODELS = (
 
 def error_response(err: ServingError) -> JSONResponse:
     """``err`` as an HTTP response in OpenAI's error shape (429s say when to retry)."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
+    retry = err.retry_after_s if isinstance(err, QuotaExceeded) else RETRY_AFTER_S
+    headers = {"Retry-After": str(retry)} if err.status == 429 and retry is not None else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
@@ -343,13 +346,14 @@ class RequestGuard:
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.rates: ProjectRates | None = None  # the replica's, made on the first request
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         service: ModelService = scope["app"].state.service
-        refusal = _refusal(scope, service)
+        refusal = _refusal(scope, service) or self._over_rate(scope, service)
         if refusal is None and streams_body(scope):
             # An upload goes through unread, counted as the route reads it (413 past it).
             counted = _counted(receive, body_limit(scope, service), _hint(scope))
@@ -370,6 +374,21 @@ class RequestGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    def _over_rate(self, scope: dict[str, Any], service: ModelService) -> ServingError | None:
+        """429 when the request's project is past its ``requests_per_s`` quota (``/health``
+        and refused requests are not counted)."""
+        principal = scope_principal(scope)
+        if principal is None or scope.get("path", "").rstrip("/") == "/health":
+            return None
+        if self.rates is None:
+            quotas = service.limits.project_quotas
+            self.rates = ProjectRates(quotas.requests_per_s, quotas.burst)
+        try:
+            self.rates.check(principal)
+        except QuotaExceeded as err:
+            return err
+        return None
 
 
 def _refusal(scope: dict[str, Any], service: ModelService) -> ServingError | None:

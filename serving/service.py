@@ -48,7 +48,7 @@ from rayft.serving.request_log import (
     RequestRecord,
     note_model,
 )
-from rayft.trainers.job_limits import JobLimits
+from rayft.trainers.job_limits import JobLimits, ProjectQuotas
 
 MAX_NAME_CHARS = 256
 MAX_STOPS = 4
@@ -74,6 +74,8 @@ class Limits:
             request gets 429. An evaluation queues all its rows, so it is at least
             ``max_eval_rows``.
         max_concurrent_uploads: ``POST /v1/files`` uploads received at once (429 past it).
+        project_quotas: What each project may keep and ask for: files, bytes, jobs that
+            have not ended, requests per second, checkpoint retention (429 past one).
     """
 
     max_tokens_limit: int = 1024
@@ -85,6 +87,7 @@ class Limits:
     job_limits: JobLimits = field(default_factory=JobLimits)
     max_queued_rows: int = 2048
     max_concurrent_uploads: int = 4
+    project_quotas: ProjectQuotas = field(default_factory=ProjectQuotas)
 
     def __post_init__(self) -> None:
         if self.max_eval_rows > self.max_queued_rows:

@@ -145,3 +145,31 @@ def length_problems(spec: JobSpec, limits: JobLimits) -> Problems:
                 )
             )
     return problems
+
+
+GIB = 1024**3
+
+
+class ProjectQuotas(BaseModel):
+    """Bounds on what one project may hold and ask for on a server (``ServeArgs.project_quotas``).
+
+    Past a quota a request is answered 429 ``quota_exceeded`` naming the quota and the
+    project's current use. Admin keys and a server without keys count as project ``default``
+    for ``requests_per_s``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    max_files: int = Field(1000, ge=1)
+    """Most uploaded files a project keeps (``POST /v1/files``)."""
+    max_file_bytes_total: int = Field(10 * GIB, ge=1)
+    """Most bytes of uploaded files a project keeps."""
+    max_active_jobs: int = Field(4, ge=1)
+    """Most fine-tuning jobs of a project that have not ended (validating, queued, running)."""
+    requests_per_s: float = Field(50.0, ge=0, allow_inf_nan=False)
+    """Requests per second one replica takes from a project (a token bucket); 0: no bound."""
+    burst: int = Field(100, ge=1)
+    """Requests a project may send at once before ``requests_per_s`` applies."""
+    checkpoint_retention_hours: float = Field(72.0, ge=0, allow_inf_nan=False)
+    """Hours a finished job's checkpoints are kept (its published artifact stays); 0 keeps
+    them for good."""

@@ -608,3 +608,20 @@ def test_the_key_reaches_replicas_as_a_digest_only(monkeypatch, engine):
     service = ModelService(engine, api_key_sha256=digest)
     assert service.authorized(b"plain-secret") and not service.authorized(b"plain-secreT")
     service.close()
+
+
+def test_a_project_key_store_counts_as_keys_required(monkeypatch, tmp_path):
+    from rayft.serving.auth import KeyStore
+    from rayft.serving.client import InsecureServing, check_exposure
+
+    monkeypatch.delenv("RAYFT_API_KEY", raising=False)
+    monkeypatch.setenv("RAYFT_HOME", str(tmp_path / "home"))
+    root = tmp_path / "root"
+    with pytest.raises(InsecureServing, match="RAYFT_API_KEY"):
+        check_exposure("0.0.0.0", storage=str(root))  # no store yet
+    KeyStore(str(root)).create("alpha", "member")
+    check_exposure("0.0.0.0", storage=str(root))
+    with pytest.raises(InsecureServing):
+        check_exposure("0.0.0.0")  # $RAYFT_HOME's store is empty
+    KeyStore(str(tmp_path / "home")).create("beta", "member")
+    check_exposure("10.1.2.3")

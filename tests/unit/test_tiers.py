@@ -93,3 +93,13 @@ def test_every_forbidden_form_is_found_with_its_line():
         "t.py:11: calls subprocess.Popen",
         "t.py:12: calls os.system",
     ]
+
+
+def test_every_test_module_has_a_name_of_its_own():
+    # pytest imports test modules by their base name (rootdir-relative "prepend" mode), so
+    # two tiers' modules of one name stop the whole suite at collection.
+    seen: dict[str, list[str]] = {}
+    for path in sorted(UNIT.parent.rglob("test_*.py")):
+        seen.setdefault(path.name, []).append(str(path.relative_to(UNIT.parent)))
+    clashes = {name: where for name, where in seen.items() if len(where) > 1}
+    assert not clashes, f"rename one of each: {clashes}"
