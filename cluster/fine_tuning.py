@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rayft.cluster import job_queue
 from rayft.cluster.files_service import list_names, page, read_json
 from rayft.cluster.job_body import check_extension
 from rayft.serving.auth import DEFAULT_PROJECT
@@ -523,7 +524,7 @@ def job_object(record: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI ``fine_tuning.job`` object of a record (rayft's part kept as ``rayft``)."""
     out = {k: v for k, v in record.items() if k not in ("history", "rayft")}
     extra = record.get("rayft", {})
-    keys = ("run_id", "output_name", "method", "parent_adapter", "project")
+    keys = ("run_id", "output_name", "method", "parent_adapter", "project", "queue_position")
     out["rayft"] = {k: extra.get(k) for k in keys}
     out["rayft"]["spec"] = extra.get("spec")
     return out
@@ -685,9 +686,95 @@ def start_runner(root: StorageRoot, job_id: str, env: dict[str, str]) -> None:
     handle.run.remote()  # nobody waits: the record says how it went
 
 
+RUNNER_ENV = ("RAYFT_HOME", "RAYFT_CACHE", "RAYFT_MODEL_CACHE", "HF_HUB_OFFLINE", "HF_HOME")
+"""What a job's runner needs from the server's environment to find models and data."""
+
+
+def runner_env() -> dict[str, str]:
+    """The ``RUNNER_ENV`` variables set in this process."""
+    import os
+
+    return {k: os.environ[k] for k in RUNNER_ENV if os.environ.get(k)}
+
+
+def with_queue_positions(everyone: list[dict[str, Any]], record: Any = None) -> Any:
+    """Waiting records with ``rayft.queue_position`` set (1 starts next), computed over
+    ``everyone`` (every project's jobs: the queue is the cluster's).
+
+    With ``record``, that one record; without, every record of ``everyone``.
+    """
+    order = {r["id"]: i for i, r in enumerate(job_queue.waiting_in_order(everyone), start=1)}
+
+    def placed(one: dict[str, Any]) -> dict[str, Any]:
+        if one["id"] not in order or not job_queue.is_waiting(one):
+            return one
+        return {**one, "rayft": {**one["rayft"], "queue_position": order[one["id"]]}}
+
+    return placed(record) if record is not None else [placed(r) for r in everyone]
+
+
+def enqueue(root: StorageRoot, job_id: str, env: dict[str, str]) -> dict[str, Any]:
+    """Put a recorded job in the queue and admit what fits: the job as it now stands.
+
+    A job that fits in the cluster's free CPUs and GPUs (and has no job waiting before it)
+    starts its runner at once and stays ``validating_files``; any other waits in ``queued``
+    with its position, holding nothing on the cluster (``cluster.job_queue``).
+    """
+    with held(root, job_lock_relpath(job_id)):
+        record = read_job(root, job_id)
+        if record["status"] in TERMINAL:
+            return record
+        record["rayft"]["waiting"] = True
+        save_job(root, record)
+    admit_waiting(root, env)
+    record = read_job(root, job_id)
+    if job_queue.is_waiting(record) and record["status"] != QUEUED:
+        needs = job_queue.job_needs(record["rayft"]["spec"])
+        want = f"{needs['CPU']:g} CPUs" + (f" and {needs['GPU']:g} GPUs" if needs["GPU"] else "")
+        record = transition(
+            root, job_id, QUEUED, f"waiting for {want} on the cluster (jobs start in order)"
+        )
+    return record
+
+
+def admit_waiting(root: StorageRoot, env: dict[str, str]) -> list[str]:
+    """Start the runners of waiting jobs that now fit, in order (``job_queue.admit``)."""
+
+    def start(job_id: str) -> None:
+        try:
+            start_runner(root, job_id, env)
+        except Exception as err:  # noqa: BLE001 - the job records why it could not start
+            fail(root, job_id, "runner_not_started", f"the job could not start on Ray: {err}")
+
+    return job_queue.admit(
+        root,
+        lambda: list_jobs(root),
+        lambda job_id: mark_admitted(root, job_id) is not None,
+        job_queue.free_resources,
+        start,
+    )
+
+
+def mark_admitted(root: StorageRoot, job_id: str) -> dict[str, Any] | None:
+    """Record that a waiting job leaves the queue; ``None`` when it ended meanwhile."""
+    with held(root, job_lock_relpath(job_id)):
+        record = read_job(root, job_id)
+        if record["status"] in TERMINAL:
+            return None
+        record["rayft"]["waiting"] = False
+        record["status"] = VALIDATING  # its runner checks the files first, as for any job
+        record["history"].append(
+            {"time": time.time(), "status": VALIDATING, "message": "admitted: starting"}
+        )
+        save_job(root, record)
+    return record
+
+
 def refresh(root: StorageRoot, record: dict[str, Any]) -> dict[str, Any]:
     """``record``, marked failed first when it is not terminal and its runner is gone."""
-    if record["status"] in TERMINAL or runner(record["id"]) is not None:
+    if record["status"] in TERMINAL or job_queue.is_waiting(record):
+        return record  # a waiting job has no runner yet, by design
+    if runner(record["id"]) is not None:
         return record
     # The runner may have written its last status and exited since ``record`` was read.
     record = read_job(root, record["id"])
@@ -790,7 +877,11 @@ class JobRunner:
         try:
             status = self._run()
         finally:
-            ray.actor.exit_actor()  # a finished runner frees its process at once
+            try:
+                # What this run held is free: the jobs waiting behind it may start now.
+                admit_waiting(self.root, runner_env())
+            finally:
+                ray.actor.exit_actor()  # a finished runner frees its process at once
         return status
 
     def _run(self) -> str:

@@ -26,7 +26,6 @@ slow storage root never stalls decoding.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -43,9 +42,6 @@ from rayft.serving.openai_api import get_principal
 from rayft.serving.service import ModelService
 from rayft.trainers.config import JobSpec, set_dotted
 from rayft.trainers.job_limits import JobLimits, cluster_size, limit_problems
-
-# What a job's runner needs from the server's environment to find models and data.
-RUNNER_ENV = ("RAYFT_HOME", "RAYFT_CACHE", "RAYFT_MODEL_CACHE", "HF_HUB_OFFLINE", "HF_HOME")
 
 router = APIRouter()
 
@@ -250,14 +246,8 @@ def start_job(
     key_id = store.principal.key_id if store.principal is not None else None
     record = jobs.new_record(job_id, job, checked, hyperparameters, labels, store.project, key_id)
     jobs.save_job(store.root, record)
-    env = {k: os.environ[k] for k in RUNNER_ENV if os.environ.get(k)}
-    try:
-        jobs.start_runner(store.root, job_id, env)
-    except Exception as err:  # noqa: BLE001 - the job records why it could not start
-        record = jobs.fail(
-            store.root, job_id, "runner_not_started", f"the job could not start on Ray: {err}"
-        )
-    return jobs.job_object(record)
+    record = jobs.enqueue(store.root, job_id, jobs.runner_env())  # starts it if it fits
+    return jobs.job_object(jobs.with_queue_positions(jobs.list_jobs(store.root), record))
 
 
 def _refresh_if_connected(root: Any, record: dict[str, Any]) -> dict[str, Any]:
@@ -299,10 +289,11 @@ def list_jobs(request: Request) -> dict[str, Any]:
     the last job of the previous page."""
     root = _service(request).engine.storage
     principal = get_principal(request)
+    _admit_if_connected(root)
     every = jobs.list_jobs(root)
     _sweeper(request).sweep(root, every)
     owned = [r for r in every if principal.owns(jobs.job_project(r))]
-    records = [jobs.refresh(root, r) for r in owned]
+    records = jobs.with_queue_positions([jobs.refresh(root, r) for r in owned])
     items = [jobs.job_object(r) for r in records]
     return jobs.listing(items, request.query_params.get("after"), _limit(request, 20))
 
@@ -310,7 +301,17 @@ def list_jobs(request: Request) -> dict[str, Any]:
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 def retrieve_job(job_id: str, request: Request) -> dict[str, Any]:
     root = _service(request).engine.storage
-    return jobs.job_object(jobs.refresh(root, _job(request, job_id)))
+    _admit_if_connected(root)
+    record = jobs.refresh(root, _job(request, job_id))
+    return jobs.job_object(jobs.with_queue_positions(jobs.list_jobs(root), record))
+
+
+def _admit_if_connected(root: Any) -> None:
+    """Start waiting jobs that fit now (the queue moves as it is looked at)."""
+    import ray
+
+    if ray.is_initialized():
+        jobs.admit_waiting(root, jobs.runner_env())
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")

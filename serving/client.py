@@ -93,13 +93,22 @@ def drain_app(
     ``grace_period_s`` passed; ``serve.run`` returns when every replica has.
     Fine-tuning jobs run in detached actors of their own and are not touched.
     """
+    import logging
+
     from ray import serve
 
     from rayft.serving.app import bind_app
 
     version = app_version(args, routers)
     app = bind_app(args, routers, http_host=host, insecure=insecure, draining=True, version=version)
-    serve.run(app, name=name, route_prefix="/", blocking=False)
+    # Serve announces a redeploy as a new app ("connecting", "ready"); stopping says one line.
+    serve_logger = logging.getLogger("ray.serve")
+    level = serve_logger.level
+    serve_logger.setLevel(logging.WARNING)
+    try:
+        serve.run(app, name=name, route_prefix="/", blocking=False)
+    finally:
+        serve_logger.setLevel(level)
 
 
 def app_version(args: dict[str, Any], routers: list[str] | None = None) -> str:

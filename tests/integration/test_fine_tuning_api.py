@@ -317,3 +317,34 @@ def test_a_job_from_a_fine_tuned_model_continues_its_adapter(client, uploaded, t
     model = extra["spec"]["model"]
     assert (model["name"], model["adapter"]) == ("tiny-llama", trained.fine_tuned_model)
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+
+
+def test_a_job_beyond_free_capacity_waits_in_order_holding_no_actor(client, server, uploaded):
+    import ray
+
+    from rayft.cluster.fine_tuning import NAMESPACE, runner_name
+
+    # 4 CPUs, 1 held by the replica: a job of 1 worker takes 2 (its worker and data), so
+    # the first starts and the second waits for it.
+    options = {**NO_EVAL, "optim": {**RUN_OPTIONS["optim"], "max_steps": 2}}
+    first, second = (
+        client.fine_tuning.jobs.create(
+            model="tiny-llama",
+            training_file=uploaded,
+            suffix=f"q{i}",
+            extra_body={"rayft": options},
+        )
+        for i in (1, 2)
+    )
+    assert first.status == "validating_files"
+    assert second.status == "queued" and second.model_extra["rayft"]["queue_position"] == 1
+    with pytest.raises(ValueError):
+        ray.get_actor(runner_name(second.id), namespace=NAMESPACE)  # nothing on the cluster
+
+    done = [
+        wait_for(client, job.id, {"succeeded", "failed", "cancelled"}) for job in (first, second)
+    ]
+    assert [job.status for job in done] == ["succeeded", "succeeded"], [j.error for j in done]
+    assert done[1].created_at >= done[0].created_at
+    events = [e.message for e in client.fine_tuning.jobs.list_events(second.id, limit=50).data]
+    assert any("waiting for 2 CPUs" in m for m in events), events
