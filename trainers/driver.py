@@ -543,8 +543,11 @@ def _publish(
         if not publish:
             root.write(run_relpath(run_id, MANIFEST_FILE), manifest.to_json())
             return None
-        # Overwriting was checked before training started; a resumed run replaces its own.
-        return publish_dir(export, kind, name, manifest, True, root, base_dir=model_dir)
+        # Checked before training and again under the name's lock: a run that finished
+        # second does not replace what another published meanwhile, unless output.overwrite.
+        return publish_dir(
+            export, kind, name, manifest, spec.output.overwrite, root, base_dir=model_dir
+        )
 
 
 GENERAL_MAX_SEQ_LEN = 512

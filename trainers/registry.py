@@ -174,8 +174,10 @@ def publish_dir(
         UnservableError: The servability check failed; nothing was published.
     """
     root = StorageRoot.resolve(storage)
-    check_publishable(kind, name, overwrite, root)
     fields = dict(manifest.model_dump() if isinstance(manifest, ArtifactManifest) else manifest)
+    check_publishable(
+        kind, name, overwrite or _published_by_run(root, kind, name, fields.get("run_id")), root
+    )
     if base_dir is not None:
         from rayft.trainers.servable import base_fingerprint, check_servable
 
@@ -185,8 +187,10 @@ def publish_dir(
     # runs publishing one name never both pass the check, and nobody prunes a version
     # another publisher is still staging or has just pointed the name at.
     with held(root, artifact_lock_relpath(kind, name), PUBLISH_WAIT_S):
+        # A resumed run may replace what its own earlier attempt published.
+        mine = overwrite or _published_by_run(root, kind, name, fields.get("run_id"))
         try:
-            target = check_publishable(kind, name, overwrite, root)
+            target = check_publishable(kind, name, mine, root)
         except RegistryError as err:
             raise RegistryError(
                 f"{err} (checked again when publishing: another run published it after this "
@@ -206,6 +210,23 @@ def publish_dir(
             with _sync_lock:
                 _synced[(root.location, kind, name)] = time.monotonic()
     return target
+
+
+def _published_by_run(root: StorageRoot, kind: str, name: str, run_id: str | None) -> bool:
+    """Whether ``name`` is published now by the run ``run_id``."""
+    if not run_id:
+        return False
+    relpath = artifact_manifest_relpath(kind, name)
+    raw = root.read(relpath) if root.is_remote else None
+    if not root.is_remote:
+        local = artifact_path(kind, name, root) / MANIFEST
+        raw = local.read_text() if local.is_file() else None
+    if raw is None:
+        return False
+    try:
+        return ArtifactManifest.parse(raw, relpath).run_id == run_id
+    except ManifestError:
+        return False
 
 
 def pointed_version(root: StorageRoot, kind: str, name: str) -> str | None:

@@ -115,3 +115,15 @@ def test_publishing_a_taken_name_says_what_to_change(tmp_path: Path, overwrite: 
         return
     with pytest.raises(RegistryError, match="output.overwrite=true"):
         publish_dir(artifact(tmp_path, "b"), "adapter", "taken", {"tag": "b"}, False, root)
+
+
+def test_a_resumed_run_replaces_only_what_its_own_run_published(tmp_path: Path) -> None:
+    root = StorageRoot.resolve(str(tmp_path / "root"))
+    publish_dir(artifact(tmp_path, "a"), "adapter", "mine", {"run_id": "run-1"}, False, root)
+    # The same run, resumed after it published: it replaces its own artifact.
+    path = publish_dir(artifact(tmp_path, "b"), "adapter", "mine", {"run_id": "run-1"}, False, root)
+    assert (path / "adapter_model.safetensors").read_bytes() == b"b" * 1000
+    # Another run that finished second, without output.overwrite: refused, nothing replaced.
+    with pytest.raises(RegistryError, match="output.overwrite=true"):
+        publish_dir(artifact(tmp_path, "c"), "adapter", "mine", {"run_id": "run-2"}, False, root)
+    assert (resolve_adapter("mine", root) / "adapter_model.safetensors").read_bytes() == b"b" * 1000
