@@ -143,6 +143,32 @@ def parse_request(body: Any) -> JobRequest:
 # ----------------------------------------------------------- body → job spec
 
 
+def take_shared(request: JobRequest) -> bool:
+    """``rayft.shared``: publish the job's model for every project, not only its own.
+
+    A job option, not a job-spec key: it is taken out of the extension before the spec is
+    built from it.
+
+    Raises:
+        BadRequest: ``rayft.shared`` is not ``true`` or ``false``.
+    """
+    if not request.rayft or "shared" not in request.rayft:
+        return False
+    shared = request.rayft.pop("shared")
+    if not isinstance(shared, bool):
+        raise BadRequest(
+            f"rayft.shared is {shared!r}; write true (every project may call the model) "
+            "or false (only this job's project)",
+            param="rayft.shared",
+        )
+    return shared
+
+
+def artifact_project(record: dict[str, Any]) -> str | None:
+    """The project a job's published model serves; ``None`` (every project) when shared."""
+    return None if record.get("rayft", {}).get("shared") else job_project(record)
+
+
 def fine_tuned_name(base_model: str, suffix: str | None, job_id: str) -> str:
     """The OpenAI-shaped registry name of a job's result: ``ft:<base>:<suffix>:<job id>``.
 
@@ -907,14 +933,14 @@ class JobRunner:
         watcher = threading.Thread(target=self._watch, args=(done,), daemon=True)
         watcher.start()
         try:
-            outcome = self._train(spec, scanned, job_project(record))
+            outcome = self._train(spec, scanned, artifact_project(record))
         except Exception as err:  # noqa: BLE001 - every failure becomes the job's error
             return self._fail(err, labels)["status"]
         finally:
             done.set()
         return self._succeed(outcome)["status"]
 
-    def _train(self, spec: Any, scanned: Any, project: str) -> Any:
+    def _train(self, spec: Any, scanned: Any, project: str | None) -> Any:
         from rayft.trainers.driver import run_training
 
         recorder = placement_group_recorder(self.root.location, self.job_id)
@@ -924,7 +950,7 @@ class JobRunner:
             show_progress=False,
             scanned=scanned,
             callbacks=[recorder],
-            project=project,  # the adapter serves this project's keys only
+            project=project,  # the adapter serves this project's keys only (None: all)
         )
 
     def _watch(self, done: threading.Event) -> None:

@@ -212,6 +212,7 @@ def start_job(
     quotas = service.limits.project_quotas
     check_job_quota(store.root, records, quotas, store.project, _refresh_if_connected)
 
+    shared = jobs.take_shared(job)  # a job option, not a spec key
     adapter = service.adapter_for(job.model, store.principal)  # another project's: 404
     parent = None if adapter == BASE_ADAPTER else adapter
     labels: dict[str, str] = {}
@@ -245,6 +246,7 @@ def start_job(
     checked = validated.to_dict()  # every key, defaults filled in
     key_id = store.principal.key_id if store.principal is not None else None
     record = jobs.new_record(job_id, job, checked, hyperparameters, labels, store.project, key_id)
+    record["rayft"]["shared"] = shared
     jobs.save_job(store.root, record)
     record = jobs.enqueue(store.root, job_id, jobs.runner_env())  # starts it if it fits
     return jobs.job_object(jobs.with_queue_positions(jobs.list_jobs(store.root), record))

@@ -90,3 +90,25 @@ def test_a_job_asks_for_its_workers_cpus_and_gpus_plus_one_cpu_for_data():
         "scaling": {"num_workers": 3, "cpus_per_worker": 2, "use_gpu": True},
     }
     assert job_queue.job_needs(spec) == {"CPU": 7.0, "GPU": 3.0}
+
+
+def test_a_shared_job_publishes_for_every_project_and_a_bad_value_is_400():
+    import pytest
+
+    from rayft.serving.errors import BadRequest
+
+    def request(rayft: dict) -> jobs.JobRequest:
+        return jobs.parse_request(
+            {"model": "tiny-llama", "training_file": "file-abc", "rayft": rayft}
+        )
+
+    shared = request({"shared": True, "lora": {"r": 4}})
+    assert jobs.take_shared(shared) is True and shared.rayft == {"lora": {"r": 4}}
+    assert jobs.take_shared(request({"lora": {"r": 4}})) is False
+    with pytest.raises(BadRequest) as refused:
+        jobs.take_shared(request({"shared": "yes"}))
+    assert refused.value.param == "rayft.shared"
+
+    record = {"rayft": {"project": "search", "shared": True}}
+    assert jobs.artifact_project(record) is None
+    assert jobs.artifact_project({"rayft": {"project": "search"}}) == "search"
