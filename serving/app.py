@@ -152,7 +152,9 @@ class ModelServer:
         from rayft.serving.metrics import replica_metrics
         from rayft.serving.request_log import RequestLog
         from rayft.serving.service import Limits, ModelService
+        from rayft.trainers.compat import replica_grpc_on_loopback
 
+        replica_grpc_on_loopback()  # before Serve starts this replica's gRPC server
         cfg = ServeArgs.model_validate(args)
         self.routers = list(routers or [])
         self.allowed_hosts = list(cfg.allowed_hosts)

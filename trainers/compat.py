@@ -40,6 +40,7 @@ PRIVATE_SYMBOLS: list[tuple[str, str]] = [
     ("deepspeed.runtime.engine", "DeepSpeedEngine._zero3_consolidated_16bit_state_dict"),
     ("torch.optim.lr_scheduler", "LRScheduler._last_lr"),
     ("deepspeed.comm.torch", "build_shm_op"),
+    ("ray.serve._private.replica", "add_port_to_grpc_server"),
     *[("torch.ops.aten", name) for name in SDPA_KERNELS],
     (_TRAIN_CALLBACK, "WorkerGroupCallback"),
     (_TRAIN_CALLBACK, "WorkerGroupCallback.after_worker_group_start"),
@@ -229,6 +230,33 @@ def loopback_node(node_ip_address: str = "127.0.0.1") -> Iterator[dict[str, str]
             else:
                 os.environ[name] = saved[0]
             ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
+def replica_grpc_on_loopback() -> None:
+    """In a Serve replica on a loopback node, bind its inter-deployment gRPC server there.
+
+    ``ray.serve._private.replica`` starts that server on ``[::]:0`` (every interface)
+    whatever the node's address; this process's later binds of ``[::]`` become
+    ``127.0.0.1`` while the node itself is on loopback, so nothing of an embedded
+    cluster answers beyond the machine. A node on a real address keeps Serve's bind
+    (replicas on other nodes must reach it). No public setting names that address.
+    """
+    import ray
+    import ray.serve._private.replica as serve_replica
+
+    if not ray.is_initialized() or ray.util.get_node_ip_address() not in ("127.0.0.1", "::1"):
+        return
+    bind = serve_replica.add_port_to_grpc_server
+    if getattr(bind, "rayft_loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return bind(server, address)
+
+    on_loopback.rayft_loopback = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = on_loopback
 
 
 def is_head_node(resources: dict[str, float]) -> bool:

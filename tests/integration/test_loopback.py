@@ -9,6 +9,7 @@ proxy, the replica) must be bound to 127.0.0.1 or ::1.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -63,8 +64,15 @@ def test_every_socket_of_the_embedded_cluster_and_the_app_is_on_loopback(
     port = int(report["url"].rsplit(":", 1)[1])
     assert port in {p for _, _, p in listeners}, report  # the proxy was seen
     assert len(listeners) >= 4, report  # GCS, raylet, agents, proxy at least
-    exposed = [entry for entry in listeners if entry[1] not in ("127.0.0.1", "::1")]
+    # An IPv6 socket bound to ::ffff:127.0.0.1 (an IPv4-mapped address) is loopback too.
+    exposed = [entry for entry in listeners if not _loopback(entry[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def _loopback(address: str) -> bool:
+    parsed = ipaddress.ip_address(address)
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    return (mapped or parsed).is_loopback
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
