@@ -327,6 +327,10 @@ def test_a_job_beyond_free_capacity_waits_in_order_holding_no_actor(client, serv
     # 4 CPUs, 1 held by the replica: a job of 1 worker takes 2 (its worker and data), so
     # the first starts and the second waits for it.
     options = {**NO_EVAL, "optim": {**RUN_OPTIONS["optim"], "max_steps": 2}}
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 60  # earlier jobs' workers give their CPUs back first
+    while ray.available_resources().get("CPU", 0) < total - 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
     first, second = (
         client.fine_tuning.jobs.create(
             model="tiny-llama",
