@@ -788,10 +788,11 @@ def mark_admitted(root: StorageRoot, job_id: str) -> dict[str, Any] | None:
         if record["status"] in TERMINAL:
             return None
         record["rayft"]["waiting"] = False
-        record["status"] = VALIDATING  # its runner checks the files first, as for any job
-        record["history"].append(
-            {"time": time.time(), "status": VALIDATING, "message": "admitted: starting"}
-        )
+        if record["status"] != VALIDATING:  # it waited in the queue: say it left it
+            record["status"] = VALIDATING  # its runner checks the files first, as any job's
+            record["history"].append(
+                {"time": time.time(), "status": VALIDATING, "message": "admitted: starting"}
+            )
         save_job(root, record)
     return record
 
