@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+from processes import kill_tree
 
 from rayft.trainers.records import INTERRUPTED, live_state, newest_checkpoint, read_record
 from rayft.trainers.storage import StorageRoot
@@ -31,22 +30,6 @@ RUN_ID = "driver-kill-run"
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "rayft.cluster.cli", *args]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and every process under it, each by its pid."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    for child in tree:
-        try:
-            os.kill(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    psutil.wait_procs(tree, timeout=60)
 
 
 def test_killed_driver_is_interrupted_and_resume_finishes(

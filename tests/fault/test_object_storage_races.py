@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness import s3_server
+from publishing import artifact, race
 
 from rayft.cluster.files_service import FileStore
 from rayft.serving.errors import NotFound
@@ -59,33 +59,6 @@ def test_deleting_an_uploaded_file_removes_it_from_object_storage(root, tmp_path
         with pytest.raises(NotFound):
             seen_by.content(record["id"])
     assert remote_files(root, "datasets") == []
-
-
-def artifact(tmp_path: Path, tag: str) -> Path:
-    src = tmp_path / f"src-{tag}"
-    src.mkdir()
-    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
-    (src / "adapter_model.safetensors").write_bytes(tag.encode() * 1000)
-    return src
-
-
-def race(count: int, body) -> list[object]:
-    start = threading.Barrier(count)
-    results: list[object] = [None] * count
-
-    def run(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = body(i)
-        except Exception as err:  # noqa: BLE001 - the outcome under test
-            results[i] = err
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return results
 
 
 def test_the_object_storage_lock_lets_one_holder_in_at_a_time(root):

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
+from processes import kill_tree
 
 pytestmark = pytest.mark.fault
 
@@ -32,19 +32,6 @@ LONG = {
     "temperature": 1.0,
     "seed": 7,
 }
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in [proc, *tree]:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=60)
 
 
 def _wait_for_url(out: Path, proc: subprocess.Popen, timeout_s: float) -> str:
@@ -102,7 +89,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(rayft_home, tiny_model
         rc = proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc)
+            kill_tree(proc)
     said = err.read_text()
     after = [line for line in said.splitlines()[said_before:] if line.strip()]
     assert answers and answers[0].status_code == 200, answers and answers[0].text

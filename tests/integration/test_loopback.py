@@ -12,13 +12,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
+from processes import kill_tree
 
 LISTENERS = """
 import json, psutil
@@ -55,7 +54,7 @@ def test_every_socket_of_the_embedded_cluster_and_the_app_is_on_loopback(
     try:
         out, err = proc.communicate(timeout=420)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc)
+        kill_tree(proc)
         pytest.fail("the embedded cluster and the app did not start and stop within 420 s")
     lines = [line for line in out.splitlines() if line.startswith("LISTENERS ")]
     assert proc.returncode == 0 and lines, f"rc {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
@@ -73,16 +72,3 @@ def _loopback(address: str) -> bool:
     parsed = ipaddress.ip_address(address)
     mapped = getattr(parsed, "ipv4_mapped", None)
     return (mapped or parsed).is_loopback
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in [proc, *tree]:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=60)

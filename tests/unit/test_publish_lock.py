@@ -7,43 +7,15 @@ open file, so threads of one process exclude each other as processes do.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from publishing import artifact, race
 
 from rayft.trainers.locks import LockTimeout, held
 from rayft.trainers.registry import RegistryError, publish_dir, resolve_adapter
 from rayft.trainers.storage import StorageRoot
-
-
-def artifact(tmp_path: Path, tag: str) -> Path:
-    src = tmp_path / f"src-{tag}"
-    src.mkdir()
-    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
-    (src / "adapter_model.safetensors").write_bytes(tag.encode() * 1000)
-    return src
-
-
-def race(count: int, body) -> list[object]:
-    """Run ``body(i)`` on ``count`` threads released at once; their results or errors."""
-    start = threading.Barrier(count)
-    results: list[object] = [None] * count
-
-    def run(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = body(i)
-        except Exception as err:  # noqa: BLE001 - the outcome under test
-            results[i] = err
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return results
 
 
 def test_the_lock_lets_one_holder_in_at_a_time(tmp_path: Path) -> None:
