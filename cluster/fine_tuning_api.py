@@ -33,7 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from rayft.cluster import fine_tuning as jobs
-from rayft.cluster import job_body
+from rayft.cluster import job_body, job_queue
 from rayft.cluster.files_service import FileStore, check_purpose, page
 from rayft.cluster.quotas import CheckpointSweeper, FileUsage, check_file_quota, check_job_quota
 from rayft.cluster.uploads import UploadSlots, receive_upload
@@ -249,7 +249,9 @@ def start_job(
     record["rayft"]["shared"] = shared
     jobs.save_job(store.root, record)
     record = jobs.enqueue(store.root, job_id, jobs.runner_env())  # starts it if it fits
-    return jobs.job_object(jobs.with_queue_positions(jobs.list_jobs(store.root), record))
+    if job_queue.is_waiting(record):
+        record = jobs.with_queue_positions(jobs.list_jobs(store.root), record)
+    return jobs.job_object(record)
 
 
 def _refresh_if_connected(root: Any, record: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +307,9 @@ def retrieve_job(job_id: str, request: Request) -> dict[str, Any]:
     root = _service(request).engine.storage
     _admit_if_connected(root)
     record = jobs.refresh(root, _job(request, job_id))
-    return jobs.job_object(jobs.with_queue_positions(jobs.list_jobs(root), record))
+    if job_queue.is_waiting(record):  # its place is counted over every job
+        record = jobs.with_queue_positions(jobs.list_jobs(root), record)
+    return jobs.job_object(record)
 
 
 def _admit_if_connected(root: Any) -> None:

@@ -81,6 +81,8 @@ def admit(
         The ids admitted, in order.
     """
     admitted: list[str] = []
+    if not waiting_in_order(records()):
+        return admitted  # nothing waits: no lock to take (the common case)
     with held(root, QUEUE_LOCK):
         found = records()
         waiting = waiting_in_order(found)
