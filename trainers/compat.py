@@ -96,8 +96,11 @@ def skip_deepspeed_shm_op() -> None:
     inference with tensor parallelism) uses it, never training, whose collectives go
     through ``torch.distributed``. No public setting turns the build off.
     """
-    import deepspeed.comm.torch as ds_torch_comm
+    import importlib
 
+    # ``import deepspeed.comm.torch as m`` would bind torch itself: ``deepspeed.comm``
+    # has an attribute ``torch`` (the torch package) that shadows the submodule.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ds_torch_comm.build_shm_op = lambda: None
 
 
