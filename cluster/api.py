@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
 from rayft.cluster.errors import TrainingFailed, UserError, is_bad_input, root_cause
+from rayft.raytune.sweep import SweepOutcome
 from rayft.trainers.config import JobSpec, apply_overrides, read_yaml, validate_spec
 from rayft.trainers.manifest import ArtifactManifest
 from rayft.trainers.registry import artifact_location
@@ -113,36 +114,30 @@ class TrainResult:
     checkpoint: str | None = None
 
 
-@dataclass(frozen=True)
-class SweepResult:
-    """What :func:`tune` produced.
+@dataclass
+class SweepResult(SweepOutcome):
+    """What :func:`tune` produced: the sweep's outcome, with its best artifact typed.
 
     Attributes:
         sweep_id: The sweep's id (``sweeps/<sweep_id>/``; ``tune(resume=sweep_id)``).
         path: The sweep's directory: Tune's state, the results table and plot.
         trials: One row per trial, best first: rank, trial, the searched keys, step,
-            the metric, state, run id and artifact (:meth:`frame` gives a DataFrame).
+            the metric, state, run id and artifact (:meth:`frame` gives a DataFrame);
+            ``rows`` is the same list.
         columns: The table's column order.
         best: The best trial's row (its searched keys and metrics), if any finished.
-        best_artifact: The best trial's artifact, published under ``output.name``.
-        table_csv: ``results.csv``.
+        best_artifact: The best trial's artifact, published under ``output.name``, with
+            its manifest (``artifact`` is its path).
+        table_csv: ``results.csv``; ``table_json`` the same as JSON.
         plot: The sweep's plot.
         trial_artifacts: Every trial's artifact with ``tune.publish_all``.
     """
 
-    sweep_id: str
-    path: Path
-    trials: list[dict[str, Any]]
-    columns: list[str]
-    best: dict[str, Any] | None
-    best_artifact: Artifact | None
-    table_csv: Path
-    plot: Path
-    trial_artifacts: list[Path] = field(default_factory=list)
+    best_artifact: Artifact | None = None
 
-    def by_state(self, state: str) -> list[dict[str, Any]]:
-        """The trials that ended in ``state`` (``finished``, ``early_stopped``, ``error``)."""
-        return [row for row in self.trials if row.get("state") == state]
+    @property
+    def trials(self) -> list[dict[str, Any]]:
+        return self.rows
 
     def frame(self) -> Any:
         """The trials table as a ``pandas.DataFrame`` (needs pandas)."""
@@ -355,8 +350,9 @@ def train(
     """
     from rayft.cluster.connect import connected
     from rayft.trainers.data import scan_sources
-    from rayft.trainers.driver import new_run_id, run_training
+    from rayft.trainers.driver import new_run_id
     from rayft.trainers.lineage import resolve_parent
+    from rayft.trainers.runs import start_run
 
     job = _train_spec(spec, overrides, resume, storage, (data, eval_data))
     if resume:
@@ -370,13 +366,14 @@ def train(
     resolve_parent(job)  # so does an unusable model.adapter
     with connected(address):
         try:
-            outcome = run_training(
+            # Driven here: the console shows the progress and Ctrl-C interrupts the run.
+            outcome = start_run(
                 job,
-                run_id=run_id,
+                run_id,
                 resume=bool(resume),
                 scanned=scanned,
                 show_progress=show_progress,
-            )
+            ).result()
         except Exception as err:
             if is_bad_input(err):
                 raise
@@ -458,17 +455,7 @@ def tune(
             job, sweep_id=resume or sweep_id, resume=bool(resume), show_progress=show_progress
         )
     best = Artifact.at(outcome.artifact, job.storage) if outcome.artifact else None
-    return SweepResult(
-        sweep_id=outcome.sweep_id,
-        path=outcome.path,
-        trials=list(outcome.rows),
-        columns=list(outcome.columns),
-        best=outcome.best,
-        best_artifact=best,
-        table_csv=outcome.table_csv,
-        plot=outcome.plot,
-        trial_artifacts=list(outcome.trial_artifacts),
-    )
+    return SweepResult(**vars(outcome), best_artifact=best)
 
 
 # --------------------------------------------------------------------------- submit

@@ -34,6 +34,9 @@ FILES_DIR = DATASETS_DIR
 RECORDS_DIR = FILE_RECORDS_DIR
 UPLOAD_SUFFIXES = (".jsonl", ".json")
 PURPOSE = "fine-tune"
+EVALS_PURPOSE = "evals"
+PURPOSES = (PURPOSE, EVALS_PURPOSE)
+"""What a file may be uploaded for: training data, or an eval's data source rows."""
 MAX_FILENAME_CHARS = 256
 MAX_ROW_BYTES = 4 * 1024 * 1024
 """Longest line of an uploaded file: one row, parsed on its own by the check."""
@@ -155,7 +158,7 @@ class FileStore:
 
         Args:
             filename: The name the client gave.
-            purpose: Must be ``fine-tune``.
+            purpose: ``fine-tune`` (training data) or ``evals`` (an eval run's rows).
             source: A binary file object holding the upload (read in chunks).
 
         Raises:
@@ -167,7 +170,7 @@ class FileStore:
         file_id, suffix, staging = self.begin(filename)
         try:
             size = _copy_limited(source, staging, self.max_bytes)
-            return self.accept(file_id, filename, suffix, staging, size)
+            return self.accept(file_id, filename, suffix, staging, size, purpose)
         finally:
             staging.unlink(missing_ok=True)
 
@@ -192,15 +195,26 @@ class FileStore:
         return too_large(self.max_bytes)
 
     def accept(
-        self, file_id: str, filename: str, suffix: str, staging: Path, size: int
+        self,
+        file_id: str,
+        filename: str,
+        suffix: str,
+        staging: Path,
+        size: int,
+        purpose: str = PURPOSE,
     ) -> dict[str, Any]:
         """Check the received bytes at ``staging`` row by row and store them as ``file_id``.
+
+        A ``fine-tune`` file is checked as ``rayft train`` checks data; an ``evals`` file
+        as an eval's data source (``cluster.eval_data.scan_eval_rows``: one JSON object
+        per line holding an ``item`` object and maybe a ``sample`` object).
 
         Raises:
             BadRequest: An empty file, a ``.json`` array over ``MAX_JSON_ARRAY_BYTES``
                 (it is parsed whole; JSON lines are read a line at a time), or a row
                 that ``rayft train`` would refuse (the message names the line).
         """
+        from rayft.cluster.eval_data import scan_eval_rows
         from rayft.trainers.data import DataError, scan_source
 
         filename = _clean_name(filename)
@@ -216,7 +230,10 @@ class FileStore:
             )
         relpath = dataset_relpath(f"{file_id}{suffix}")
         try:
-            report = scan_source(str(staging), "auto")
+            if purpose == EVALS_PURPOSE:
+                report = scan_eval_rows(staging, suffix)
+            else:
+                report = scan_source(str(staging), "auto")
         except DataError as err:
             raise BadRequest(
                 str(err).replace(str(staging), filename), code="invalid_file", param="file"
@@ -229,7 +246,7 @@ class FileStore:
             "bytes": size,
             "created_at": int(time.time()),
             "filename": filename,
-            "purpose": PURPOSE,
+            "purpose": purpose,
             "status": "processed",
             "status_details": None,
             "expires_at": None,
@@ -305,12 +322,13 @@ def too_large(limit: int) -> TooLarge:
 
 
 def check_purpose(purpose: Any) -> None:
-    """Refuse a ``purpose`` other than ``fine-tune`` (400 naming the field)."""
+    """Refuse a ``purpose`` other than ``fine-tune`` or ``evals`` (400 naming the field)."""
     if purpose is None:
         raise BadRequest("purpose is required; send purpose=fine-tune", param="purpose")
-    if purpose != PURPOSE:
+    if purpose not in PURPOSES:
         raise BadRequest(
-            f"purpose is {purpose!r}; this server stores files with purpose 'fine-tune'",
+            f"purpose is {purpose!r}; this server stores files with purpose 'fine-tune' "
+            "(training data) or 'evals' (an eval run's rows)",
             code="invalid_purpose",
             param="purpose",
         )

@@ -5,7 +5,8 @@
   atomically on every change. Any replica, and a restarted one, reads jobs back from it.
 * Each job runs in its own detached, named Ray actor (``JobRunner``, namespace
   ``NAMESPACE``, no CPUs of its own) on the cluster that serves: it checks the files,
-  calls ``trainers.driver.run_training`` (Ray Train workers, owned by the actor) and the
+  starts the run with ``trainers.runs.start_run`` (Ray Train workers, owned by the actor; the
+  one lifecycle of every rayft run, whose placement-group clean-up ``cancel`` uses) and the
   driver publishes the adapter under the job's ``fine_tuned_model`` name, where the
   serving engine finds it on the next request. A detached actor outlives the HTTP
   replica that started it, and killing it takes the whole run with it (Ray Train's
@@ -16,6 +17,12 @@
 Statuses move ``validating_files → queued → running → succeeded | failed | cancelled``;
 a terminal record is never changed again. A job whose actor is gone while it is not
 terminal (the cluster restarted, the node died) is marked failed when it is next read.
+
+``pause`` asks the run to checkpoint at its next optimizer step and end there
+(``trainers.loop.PauseOnRequest``): the job is ``paused``, its runner exits and its CPUs go
+to the jobs waiting in the queue; nothing is published. ``resume`` puts it back in the
+queue, and its new runner continues the run from its newest complete checkpoint with the
+same steps and data order. A paused job holds no actor, like a waiting one.
 """
 
 from __future__ import annotations
@@ -36,10 +43,18 @@ from rayft.cluster import job_queue
 from rayft.cluster.files_service import list_names, page, read_json
 from rayft.cluster.job_body import check_extension
 from rayft.serving.auth import DEFAULT_PROJECT
-from rayft.serving.errors import BadRequest, NotFound
-from rayft.trainers.compat import placement_group_callback
+from rayft.serving.errors import BadRequest, Conflict, NotFound
 from rayft.trainers.locks import held
-from rayft.trainers.records import EVENTS_FILE
+from rayft.trainers.records import (
+    EVENTS_FILE,
+    clear_pause,
+    live_state,
+    newest_checkpoint,
+    read_record,
+    request_pause,
+)
+from rayft.trainers.records import RUNNING as RUN_RUNNING
+from rayft.trainers.runs import free_stopped_runs, start_run
 from rayft.trainers.storage import JOBS_DIR, StorageRoot, run_relpath
 from rayft.trainers.storage import job_relpath as _job_file
 from rayft.trainers.validation_errors import error_key
@@ -47,7 +62,10 @@ from rayft.trainers.validation_errors import error_key
 NAMESPACE = "rayft-fine-tuning"
 VALIDATING, QUEUED, RUNNING = "validating_files", "queued", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+PAUSED = "paused"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+PAUSABLE = (VALIDATING, QUEUED, RUNNING)
+PAUSE_POLL_S = 0.5
 MAX_SUFFIX_CHARS = 40
 MAX_BASE_CHARS = 40
 # The job-spec key each OpenAI hyperparameter sets.
@@ -302,7 +320,7 @@ def build_spec(
         optim["batch_size"] = _per_worker_batch(hyper.batch_size, spec, where)
     multiplier = hyper.learning_rate_multiplier
     if isinstance(multiplier, (int, float)):
-        base_lr = optim.get("lr", OptimSpec.model_fields["lr"].default)
+        base_lr = optim.get("lr", _default_lr(spec))
         if isinstance(base_lr, (int, float)):
             optim["lr"] = float(base_lr) * float(multiplier)
     if request.seed is not None:
@@ -320,6 +338,16 @@ def build_spec(
 
         reported["beta"] = spec["dpo"].get("beta", DpoSpec().beta)
     return spec, reported
+
+
+def _default_lr(spec: dict[str, Any]) -> float:
+    """The learning rate the spec gets when it sets none (``trainers.defaults.default_lr``)."""
+    from rayft.trainers.config import JobSpec
+    from rayft.trainers.defaults import default_lr
+
+    weights = spec["dpo"].get("weights") if isinstance(spec.get("dpo"), dict) else None
+    method = spec.get("method") or weights or JobSpec.model_fields["method"].default
+    return default_lr(str(spec.get("objective") or ""), str(method))
 
 
 def _section(spec: dict[str, Any], name: str) -> dict[str, Any]:
@@ -349,6 +377,9 @@ def _per_worker_batch(batch_size: int, spec: dict[str, Any], where: str) -> int:
 def _global_batch(optim: dict[str, Any], workers: Any) -> Any:
     from rayft.trainers.config import OptimSpec
 
+    if "batch_size" not in optim and "grad_accum" not in optim:
+        # Both are split from optim.effective_batch (trainers.config.resolve_defaults).
+        return optim.get("effective_batch", OptimSpec().effective_batch)
     per_worker = optim.get("batch_size", OptimSpec().batch_size)
     accum = optim.get("grad_accum", OptimSpec().grad_accum)
     if all(isinstance(v, int) for v in (per_worker, accum, workers)):
@@ -785,7 +816,7 @@ def mark_admitted(root: StorageRoot, job_id: str) -> dict[str, Any] | None:
     """Record that a waiting job leaves the queue; ``None`` when it ended meanwhile."""
     with held(root, job_lock_relpath(job_id)):
         record = read_job(root, job_id)
-        if record["status"] in TERMINAL:
+        if record["status"] in TERMINAL or record["status"] == PAUSED:
             return None
         record["rayft"]["waiting"] = False
         if record["status"] != VALIDATING:  # it waited in the queue: say it left it
@@ -799,13 +830,13 @@ def mark_admitted(root: StorageRoot, job_id: str) -> dict[str, Any] | None:
 
 def refresh(root: StorageRoot, record: dict[str, Any]) -> dict[str, Any]:
     """``record``, marked failed first when it is not terminal and its runner is gone."""
-    if record["status"] in TERMINAL or job_queue.is_waiting(record):
-        return record  # a waiting job has no runner yet, by design
+    if record["status"] in (*TERMINAL, PAUSED) or job_queue.is_waiting(record):
+        return record  # a waiting or paused job has no runner, by design
     if runner(record["id"]) is not None:
         return record
     # The runner may have written its last status and exited since ``record`` was read.
     record = read_job(root, record["id"])
-    if record["status"] in TERMINAL:
+    if record["status"] in (*TERMINAL, PAUSED):
         return record
     return fail(
         root,
@@ -840,7 +871,7 @@ def cancel(root: StorageRoot, job_id: str, key_id: str | None = None) -> dict[st
     if handle is not None:
         # The run's Train controller and workers are the actor's children: they die with it.
         ray.kill(handle, no_restart=True)
-    remove_placement_group(root, job_id)
+    free_stopped_runs(root, [job_id], background=True)  # the run's id is the job's
     message = f"cancelled with key {key_id}" if key_id else "cancelled"
     record = transition(root, job_id, CANCELLED, message, finished_at=int(time.time()))
     if record["status"] == CANCELLED:
@@ -852,37 +883,123 @@ def cancel(root: StorageRoot, job_id: str, key_id: str | None = None) -> dict[st
     return record
 
 
-def placement_group_relpath(job_id: str) -> str:
-    return _job_file(job_id, ".placement_group")
+def check_pausable(record: dict[str, Any]) -> None:
+    """Refuse to pause a job that has ended or is paused already.
 
-
-def placement_group_recorder(storage: str, job_id: str) -> Any:
-    """A Ray Train callback (run in the Train controller) that records the id of the
-    workers' placement group each time a worker group starts, for ``cancel``.
-
-    Ray Train's own cleaner removes the group of a dead controller only when Ray's state
-    API (the dashboard) is up; a cancelled job must free its CPUs either way.
+    Raises:
+        Conflict: The job is not ``validating_files``, ``queued`` or ``running``.
     """
+    if record["status"] not in PAUSABLE:
+        raise Conflict(
+            f"job {record['id']} is {record['status']}; only validating_files, queued or "
+            "running jobs can be paused",
+            code="job_not_pausable",
+            param="job_id",
+        )
 
-    def record(group_id: str) -> None:
-        StorageRoot.resolve(storage).write(placement_group_relpath(job_id), group_id)
 
-    return placement_group_callback(record)
+def check_resumable(record: dict[str, Any]) -> None:
+    """Refuse to resume a job that is not paused.
+
+    Raises:
+        Conflict: The job is not ``paused``.
+    """
+    if record["status"] != PAUSED:
+        raise Conflict(
+            f"job {record['id']} is {record['status']}; only a paused job can be resumed "
+            "(POST /v1/fine_tuning/jobs/{job_id}/pause pauses a running one)",
+            code="job_not_resumable",
+            param="job_id",
+        )
 
 
-def remove_placement_group(root: StorageRoot, job_id: str) -> None:
-    """Free the CPUs (GPUs) of a stopped job's Train workers: remove their placement group."""
-    from ray import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup
-    from ray.util.placement_group import remove_placement_group as remove
+def _by(key_id: str | None) -> str:
+    return f" with key {key_id}" if key_id else ""
 
-    raw = root.read(placement_group_relpath(job_id))
-    if not raw:
-        return
-    try:
-        remove(PlacementGroup(PlacementGroupID(bytes.fromhex(raw.decode()))))
-    except Exception:  # noqa: BLE001 - already removed (the run ended, or Train cleaned it)
-        pass
+
+def _record_change(record: dict[str, Any], status: str, message: str, key_id: str | None) -> None:
+    """Set ``status`` on ``record`` (held under its lock) and add it to the history."""
+    record["status"] = status
+    entry = {"time": time.time(), "status": status, "message": message}
+    record["history"].append({**entry, "key_id": key_id} if key_id else entry)
+
+
+def pause(
+    root: StorageRoot, job_id: str, key_id: str | None = None, wait_s: float = 60.0
+) -> dict[str, Any]:
+    """Pause a job: its run checkpoints at its next optimizer step and ends, unpublished.
+
+    A job still waiting in the queue is paused at once. A training job's run is asked to
+    pause (``trainers.records.request_pause``) and this waits up to ``wait_s`` for its
+    runner to record ``paused``; a job whose run has not started yet (its files are being
+    checked), or does not reach a step in time, is stopped (as cancel stops it) and resumes
+    from its newest complete checkpoint. Either way its CPUs are free for the queue
+    (``admit_waiting``).
+
+    Args:
+        key_id: The key that asked (named in the job's events).
+        wait_s: ``JobLimits.pause_wait_s``.
+
+    Raises:
+        Conflict: The job cannot be paused (``check_pausable``).
+    """
+    with held(root, job_lock_relpath(job_id)):
+        record = read_job(root, job_id)
+        check_pausable(record)
+        if job_queue.is_waiting(record):  # no runner, nothing trained: nothing to stop
+            record["rayft"]["waiting"] = False
+            _record_change(record, PAUSED, f"paused{_by(key_id)} before it started", key_id)
+            save_job(root, record)
+            return record
+        # Its run has started (workers starting or training): it reaches a step soon.
+        trained = live_state(read_record(root, job_id)) == RUN_RUNNING
+        message = f"pause requested{_by(key_id)}: checkpointing at the next step"
+        _record_change(record, record["status"], message, key_id)
+        save_job(root, record)
+    request_pause(root, job_id)  # the run's PauseOnRequest reads it
+    deadline = time.monotonic() + (wait_s if trained else 0.0)
+    while True:
+        record = read_job(root, job_id)
+        if record["status"] in (*TERMINAL, PAUSED) or time.monotonic() >= deadline:
+            break
+        time.sleep(PAUSE_POLL_S)
+    if record["status"] in (*TERMINAL, PAUSED):
+        return record
+    return _stop_for_pause(root, job_id, wait_s if trained else None)
+
+
+def _stop_for_pause(root: StorageRoot, job_id: str, waited_s: float | None) -> dict[str, Any]:
+    """Stop a job's runner and run, and mark it paused at its newest complete checkpoint."""
+    import ray
+
+    handle = runner(job_id)
+    if handle is not None:
+        ray.kill(handle, no_restart=True)
+    free_stopped_runs(root, [job_id], background=True)
+    record = read_job(root, job_id)
+    if record["status"] in (*TERMINAL, PAUSED):  # it ended or paused before it was stopped
+        return record
+    newest = newest_checkpoint(root, job_id)
+    where = f"checkpoint step {newest[1]}" if newest else "the first step (no checkpoint yet)"
+    why = f"no step within {waited_s:g} s" if waited_s is not None else "its run had not started"
+    return transition(root, job_id, PAUSED, f"paused ({why}: stopped); resumes at {where}")
+
+
+def resume(root: StorageRoot, job_id: str, key_id: str | None = None) -> dict[str, Any]:
+    """Put a paused job back in the queue (``queued``, waiting); ``admit_waiting`` starts
+    its next runner, which continues the run from its newest complete checkpoint.
+
+    Raises:
+        Conflict: The job is not paused (``check_resumable``).
+    """
+    with held(root, job_lock_relpath(job_id)):
+        record = read_job(root, job_id)
+        check_resumable(record)
+        clear_pause(root, job_id)
+        record["rayft"]["waiting"] = True  # admitted in order, as a new job is
+        _record_change(record, QUEUED, f"resumed{_by(key_id)}: waiting to start", key_id)
+        save_job(root, record)
+    return record
 
 
 class JobRunner:
@@ -939,27 +1056,42 @@ class JobRunner:
             return self._fail(err, labels)["status"]
         finally:
             done.set()
+        if outcome.paused:
+            return self._paused(outcome)["status"]
         return self._succeed(outcome)["status"]
 
     def _train(self, spec: Any, scanned: Any, project: str | None) -> Any:
-        from rayft.trainers.driver import run_training
+        from rayft.trainers.loop import PauseOnRequest
 
-        recorder = placement_group_recorder(self.root.location, self.job_id)
-        return run_training(
+        run = start_run(
             spec,
-            run_id=self.job_id,
-            show_progress=False,
+            self.job_id,
+            # A paused job's run goes on from its newest complete checkpoint.
+            resume=bool(read_record(self.root, self.job_id)),
             scanned=scanned,
-            callbacks=[recorder],
             project=project,  # the adapter serves this project's keys only (None: all)
+            loop_callbacks=(PauseOnRequest(self.root.location, self.job_id),),
+        )
+        return run.result()
+
+    def _paused(self, outcome: Any) -> dict[str, Any]:
+        step = outcome.metrics.get("step")
+        return transition(
+            self.root,
+            self.job_id,
+            PAUSED,
+            f"paused after step {step}; POST /v1/fine_tuning/jobs/{self.job_id}/resume "
+            "continues from its checkpoint",
         )
 
     def _watch(self, done: threading.Event) -> None:
-        """``running`` once the first training or evaluation step is recorded."""
+        """``running`` once this runner's first training or evaluation step is recorded."""
         from rayft.trainers.records import read_events
 
+        started = time.time()  # a resumed run's log holds the steps before its pause
         while not done.wait(1.0):
-            kinds = {e.get("type") for e in read_events(self.root, self.job_id)}
+            events = read_events(self.root, self.job_id)
+            kinds = {e.get("type") for e in events if float(e.get("time", 0)) >= started}
             if kinds & {"train", "eval"}:
                 transition(self.root, self.job_id, RUNNING, "training started")
                 return

@@ -11,8 +11,13 @@ The rayft service (``cluster.service_app``) passes this ``router`` to ``serving.
     GET    /v1/fine_tuning/jobs                   newest first (``after``, ``limit``)
     GET    /v1/fine_tuning/jobs/{job_id}
     POST   /v1/fine_tuning/jobs/{job_id}/cancel
+    POST   /v1/fine_tuning/jobs/{job_id}/pause    checkpoint at the next step and stop
+    POST   /v1/fine_tuning/jobs/{job_id}/resume   continue a paused job from its checkpoint
     GET    /v1/fine_tuning/jobs/{job_id}/events   newest first (``after``, ``limit``)
     GET    /v1/fine_tuning/jobs/{job_id}/checkpoints
+    POST   /v1/fine_tuning/alpha/graders/run      OpenAI's graders (``cluster.graders_api``)
+    POST   /v1/fine_tuning/alpha/graders/validate
+    ...    /v1/evals/...                          OpenAI's evals API (``cluster.evals_api``)
 
 A key sees and changes only its project's files and jobs (``serving.auth``): another
 project's id answers 404 as an unknown one does, lists leave them out, an admin key sees
@@ -34,7 +39,9 @@ from fastapi.responses import FileResponse
 
 from rayft.cluster import fine_tuning as jobs
 from rayft.cluster import job_body, job_queue
+from rayft.cluster.evals_api import router as evals_router
 from rayft.cluster.files_service import FileStore, check_purpose, page
+from rayft.cluster.graders_api import router as graders_router
 from rayft.cluster.quotas import CheckpointSweeper, FileUsage, check_file_quota, check_job_quota
 from rayft.cluster.uploads import UploadSlots, receive_upload
 from rayft.serving.errors import BadRequest
@@ -44,6 +51,8 @@ from rayft.trainers.config import JobSpec, set_dotted
 from rayft.trainers.job_limits import JobLimits, cluster_size, limit_problems
 
 router = APIRouter()
+router.include_router(graders_router)  # /v1/fine_tuning/alpha/graders/run, /validate
+router.include_router(evals_router)  # /v1/evals, its runs and output items
 
 
 def _service(request: Request) -> ModelService:
@@ -125,6 +134,7 @@ async def create_file(request: Request) -> dict[str, Any]:
                 upload.suffix,
                 upload.staging,
                 upload.size,
+                upload.purpose,
             )
         finally:
             if upload.staging is not None:
@@ -326,6 +336,31 @@ def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     _job(request, job_id)  # another project's job is not found
     root = _service(request).engine.storage
     return jobs.job_object(jobs.cancel(root, job_id, get_principal(request).key_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+def pause_job(job_id: str, request: Request) -> dict[str, Any]:
+    """Checkpoint the job's run at its next step and stop it (``paused``); nothing is
+    published. Waits up to ``job_limits.pause_wait_s`` for the checkpoint."""
+    _job(request, job_id)  # another project's job is not found
+    service = _service(request)
+    root, wait_s = service.engine.storage, service.limits.job_limits.pause_wait_s
+    record = jobs.pause(root, job_id, get_principal(request).key_id, wait_s)
+    _admit_if_connected(root)  # its CPUs are free: jobs waiting behind it may start
+    return jobs.job_object(record)
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+def resume_job(job_id: str, request: Request) -> dict[str, Any]:
+    """Queue a paused job again; its run continues from its newest complete checkpoint."""
+    _job(request, job_id)  # another project's job is not found
+    root = _service(request).engine.storage
+    jobs.resume(root, job_id, get_principal(request).key_id)
+    _admit_if_connected(root)  # it starts now if it fits, in its turn
+    record = jobs.read_job(root, job_id)
+    if job_queue.is_waiting(record):
+        record = jobs.with_queue_positions(jobs.list_jobs(root), record)
+    return jobs.job_object(record)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")

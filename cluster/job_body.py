@@ -95,6 +95,7 @@ ALLOWED: dict[str, Allowed] = {
             "optim.lr",
             "optim.epochs",
             "optim.max_steps",
+            "optim.effective_batch",
             "optim.batch_size",
             "optim.grad_accum",
             "optim.scheduler",

@@ -1,6 +1,6 @@
 """The sweep driver: a Ray Tune experiment whose trials are real rayft training runs.
 
-Each trial is a Tune function trainable that calls ``trainers.driver.run_training``
+Each trial is a Tune function trainable that starts a run with ``trainers.runs.start_run``
 (a ``TorchTrainer`` with DeepSpeed, exactly as ``rayft train`` runs it) with the
 trial's spec and a run id derived from the trial. Train V2 workers report through
 Ray Train; ``TuneReportCallback`` on the run forwards each report to the trial, so
@@ -45,7 +45,7 @@ from rayft.raytune.search_space import (
     trial_values,
     validate_search_space,
 )
-from rayft.trainers.compat import placement_group_callback, trials_of_this_run
+from rayft.trainers.compat import trials_of_this_run
 from rayft.trainers.config import (
     ADAPTER_METHODS,
     ConfigError,
@@ -55,6 +55,7 @@ from rayft.trainers.config import (
 )
 from rayft.trainers.driver import new_run_id
 from rayft.trainers.registry import artifact_location
+from rayft.trainers.runs import free_run_groups, free_stopped_runs, start_run
 from rayft.trainers.storage import (
     MANIFEST_FILE,
     StorageRoot,
@@ -66,7 +67,7 @@ from rayft.trainers.storage import (
 
 SWEEP_SPEC = "sweep.yaml"
 TRIALS_DIR = "trials"
-GROUPS_SUFFIX = ".placement_groups"
+STARTS_SUFFIX = ".starts.jsonl"
 
 
 class SweepInterrupted(RuntimeError):
@@ -345,6 +346,7 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     from ray import tune
 
     from rayft.trainers.driver import run_recorded
+    from rayft.trainers.loop import ReportEveryEval  # torch: imported where a trial runs
 
     trial_id = tune.get_context().get_trial_id()
     index = trial_index(trial_id, config)
@@ -352,11 +354,12 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     spec = trial_spec(sweep, values, index)
     run_id = trial_run_id(sweep["id"], index)
     storage = StorageRoot.resolve(sweep["storage"])
-    starts, groups = f"{index}.starts.jsonl", f"{index}{GROUPS_SUFFIX}"
+    starts = f"{index}{STARTS_SUFFIX}"
     # A trial that starts again (PBT exploit or pause, Tuner.restore) had its previous
     # actors killed; the placement group of that start's Train workers may still hold
     # its CPUs, which the new run needs.
-    remove_trial_groups(read_trial_record(storage, sweep["id"], groups))
+    for earlier in trial_run_ids(storage, sweep["id"], index):
+        free_run_groups(storage, earlier)
     pbt = bool(sweep.get("pbt_every_steps"))
     start_from = tune.get_checkpoint() if pbt else None
     donor = None
@@ -386,25 +389,26 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         from ray.util.queue import Queue
 
         bridge = Queue(actor_options={"num_cpus": 0})
-    callbacks = [
-        _train_report_callback(sweep["metric"], sweep["mode"], sweep["eval_every"], bridge),
-        _worker_group_recorder(storage, sweep["id"], groups),
-    ]
     # Tune places a trial's child tasks inside the trial's placement group, where Ray
     # Data's tokenise/shuffle tasks (CPU and memory) cannot fit. The run's driver runs
     # in an actor that leaves the group, so the run places its tasks as under `rayft
     # train`. The actor is owned by this trial: when the scheduler stops the trial,
     # Ray kills the actor and with it the Train controller and its workers; the
     # sweep driver then frees their placement group (``TrialTeardown``).
-    runner = (
-        ray.remote(num_cpus=0, max_restarts=0)(TrialRun)
-        .options(scheduling_strategy="DEFAULT")
-        .remote()
+    run = start_run(
+        spec,
+        run_id,
+        in_actor=True,
+        resume=resume,
+        loop_callbacks=(ReportEveryEval(),),
+        callbacks=(
+            _train_report_callback(sweep["metric"], sweep["mode"], sweep["eval_every"], bridge),
+        ),
+        start_from=start_from,
+        publish=bool(sweep.get("publish_all")),
     )
-    publish = bool(sweep.get("publish_all"))
-    future = runner.run.remote(spec, run_id, resume, callbacks, start_from, publish)
     try:
-        outcome = ray.get(future) if bridge is None else _relay_reports(future, bridge)
+        outcome = run.result() if bridge is None else _relay_reports(run.future, bridge)
     except (ray.exceptions.RayActorError, ray.exceptions.TaskCancelledError):
         # The trial's run was torn down with the sweep (Ctrl-C, a stop): it is unfinished,
         # not errored, and ``rayft tune --resume`` continues it from its checkpoint.
@@ -477,41 +481,10 @@ def _record_relpath(sweep_id: str, name: str) -> str:
     return sweep_relpath(sweep_id, TRIALS_DIR, name)
 
 
-def _worker_group_recorder(storage: StorageRoot, sweep_id: str, name: str):
-    """A Train callback that records the placement group of every worker group it starts.
-
-    When a scheduler stops a trial, Ray kills the trial's actors but the worker group's
-    placement group outlives its (killed) controller unless Train's cleaner can reach
-    the dashboard's state API, which an embedded cluster does not run. The sweep
-    driver removes the recorded groups of every stopped trial (``TrialTeardown``).
-    """
-
-    def record(group_id: str) -> None:
-        write_trial_record(storage, sweep_id, name, group_id + "\n", append=True)
-
-    return placement_group_callback(record)
-
-
-def remove_trial_groups(recorded: str) -> int:
-    """Remove the placement groups a stopped trial recorded (one id per line) that are still held.
-
-    Returns:
-        How many groups were removed.
-    """
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    group_ids = {line.strip() for line in recorded.splitlines() if line.strip()}
-    if not group_ids:
-        return 0
-    table = ray.util.placement_group_table()
-    removed = 0
-    for group_id in group_ids:
-        if table.get(group_id, {}).get("state") in (None, "REMOVED"):
-            continue
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
-        removed += 1
-    return removed
+def trial_run_ids(storage: StorageRoot, sweep_id: str, index: int) -> set[str]:
+    """The id of every run trial ``index`` started (a PBT trial starts one per generation)."""
+    started = read_trial_record(storage, sweep_id, f"{index}{STARTS_SUFFIX}").splitlines()
+    return {json.loads(line)["run_id"] for line in started if line.strip()}
 
 
 def _teardown_callback(sweep_id: str, storage: StorageRoot):
@@ -521,8 +494,9 @@ def _teardown_callback(sweep_id: str, storage: StorageRoot):
         """Frees what a stopped or failed trial's Train run still holds."""
 
         def _free(self, trial) -> None:
-            name = f"{trial_index(trial.trial_id, trial.config)}{GROUPS_SUFFIX}"
-            remove_trial_groups(read_trial_record(storage, sweep_id, name))
+            # The trial's actors are being killed; Tune's loop goes on meanwhile.
+            index = trial_index(trial.trial_id, trial.config)
+            free_stopped_runs(storage, trial_run_ids(storage, sweep_id, index), background=True)
 
         def on_trial_complete(self, iteration: int, trials, trial, **info) -> None:
             self._free(trial)
@@ -531,33 +505,6 @@ def _teardown_callback(sweep_id: str, storage: StorageRoot):
             self._free(trial)
 
     return TrialTeardown()
-
-
-class TrialRun:
-    """Drives one trial's training run (a Ray actor outside the trial's placement group)."""
-
-    def run(
-        self,
-        spec: JobSpec,
-        run_id: str,
-        resume: bool,
-        callbacks: list[Any],
-        start_from: Any,
-        publish: bool = False,
-    ) -> Any:
-        from rayft.trainers.driver import run_training
-        from rayft.trainers.loop import ReportEveryEval
-
-        return run_training(
-            spec,
-            run_id=run_id,
-            resume=resume,
-            show_progress=False,
-            loop_callbacks=[ReportEveryEval()],
-            callbacks=callbacks,
-            start_from=start_from,
-            publish=publish,
-        )
 
 
 # --------------------------------------------------------------------------- live table
@@ -956,14 +903,14 @@ def _publish_best(
     """Publish the export in the best trial's final checkpoint under ``name``.
 
     The manifest is the one the trial's run wrote next to it (``runs/<id>/rayft.json``),
-    with the sweep's note added. ``publish_dir`` checks the export serves on the base
-    model and records the base's weights fingerprint.
+    with the sweep's note added. The trial's rank 0 checked the export serves when it
+    wrote it (its note is read here); ``publish_dir`` records the base's fingerprint.
     """
     import shutil
 
-    from rayft.trainers.loop import EXPORT_DIR
-    from rayft.trainers.models import resolve_model
-    from rayft.trainers.registry import ArtifactManifest, RegistryError, publish_dir
+    from rayft.trainers.loop import EXPORT_DIR, SERVABLE_FILE
+    from rayft.trainers.registry import ArtifactManifest, RegistryError
+    from rayft.trainers.servable import export_was_checked
 
     if spec.tune.publish_all:
         return _republish_best_trial(spec, root, sweep_id, kind, name, best)
@@ -977,16 +924,17 @@ def _publish_best(
             f"({root.url(relpath)} or its trial record is missing); run the sweep again"
         )
     manifest = ArtifactManifest.parse(raw, root.url(relpath))
-    manifest.sweep = _sweep_note(spec, sweep_id, best, best)
     export = run_relpath(run_id, record["checkpoint"], EXPORT_DIR)
-    model_dir = resolve_model(spec.model.name, root.models, root)
+    checked = export_was_checked(
+        root.read(run_relpath(run_id, record["checkpoint"], SERVABLE_FILE))
+    )
     if not root.is_remote:
-        # Overwriting was checked before the first trial started.
-        return publish_dir(root.path(export), kind, name, manifest, True, root, model_dir)
+        source = root.path(export)
+        return _publish_as_best(spec, root, sweep_id, kind, name, best, source, manifest, checked)
     local = staging_dir(root.sweep_dir(sweep_id) / "best-export")
     try:
         root.download_dir(export, local)
-        return publish_dir(local, kind, name, manifest, True, root, model_dir)
+        return _publish_as_best(spec, root, sweep_id, kind, name, best, local, manifest, checked)
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -996,13 +944,7 @@ def _republish_best_trial(
 ) -> Path:
     """With ``tune.publish_all`` every trial published itself: the best one's artifact is
     published again under ``name``, with the sweep's note."""
-    from rayft.trainers.models import resolve_model
-    from rayft.trainers.registry import (
-        RegistryError,
-        publish_dir,
-        published_manifest,
-        sync_artifact,
-    )
+    from rayft.trainers.registry import RegistryError, published_manifest, sync_artifact
 
     trial_dir = sync_artifact(kind, trial_artifact_name(name, best["trial"]), root)
     manifest = published_manifest(trial_dir)
@@ -1011,10 +953,30 @@ def _republish_best_trial(
             f"the best trial {best['trial']} of sweep {sweep_id} has no published artifact "
             f"({trial_dir}); run the sweep again"
         )
+    # It was checked when the trial published it.
+    return _publish_as_best(spec, root, sweep_id, kind, name, best, trial_dir, manifest, True)
+
+
+def _publish_as_best(
+    spec: JobSpec,
+    root: StorageRoot,
+    sweep_id: str,
+    kind: str,
+    name: str,
+    best: dict[str, Any],
+    source: Path,
+    manifest: Any,
+    checked: bool,
+) -> Path:
+    """Publish ``source`` (the best trial's export or artifact) under ``name``, its
+    manifest carrying the sweep's note. Overwriting was checked before the first trial
+    started; ``checked``: the servability check passed where the files were made."""
+    from rayft.trainers.models import resolve_model
+    from rayft.trainers.registry import publish_dir
+
     manifest.sweep = _sweep_note(spec, sweep_id, best, best)
     model_dir = resolve_model(spec.model.name, root.models, root)
-    # Overwriting was checked before the first trial started.
-    return publish_dir(trial_dir, kind, name, manifest, True, root, model_dir)
+    return publish_dir(source, kind, name, manifest, True, root, model_dir, checked=checked)
 
 
 def _note_trial_artifacts(

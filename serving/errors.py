@@ -70,7 +70,8 @@ class NotFound(ServingError):
 
 
 class Conflict(ServingError):
-    """An adapter trained for a different base model than the one this server holds (409)."""
+    """A request the state of what it names refuses (409): an adapter trained for a different
+    base model than the one this server holds, a fine-tuning job that cannot pause or resume."""
 
     status = 409
     type = "invalid_request_error"

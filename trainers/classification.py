@@ -27,16 +27,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from torch import nn
-
-from rayft.trainers.formats import ROLES, RowError, _normalise_message
-from rayft.trainers.loss import IGNORE_INDEX
-from rayft.trainers.objective import Objective
+from rayft.trainers.formats import IGNORE_INDEX, ROLES, RowError, _normalise_message
+from rayft.trainers.objective import Objective, Problems
+from rayft.trainers.validation_errors import ConfigError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
     from rayft.trainers.config import ClassificationSpec, JobSpec
+    from rayft.trainers.data import SourceScan
     from rayft.trainers.loop import Worker, WorkerInputs
 
 # Where sequence-classification models keep their head (Llama/Mistral/Qwen: score;
@@ -116,6 +117,25 @@ def check_row(row: dict[str, Any], cls: ClassificationSpec) -> str:
     return label_name(row[cls.label_column], cls.labels)
 
 
+class LabelledRows:
+    """The data scan's check of classification rows: :func:`check_row`, labels collected."""
+
+    format = "classification"
+    described = "task classification"
+
+    def __init__(self, cls: ClassificationSpec) -> None:
+        self.cls = cls
+        self.found: set[str] = set()
+
+    def check(self, row: dict[str, Any]) -> None:
+        """Check one row and collect its label; raises ``RowError``."""
+        self.found.add(check_row(row, self.cls))
+
+    def labels(self) -> list[str]:
+        """The distinct labels of the rows checked so far, in class-id order."""
+        return sorted_labels(self.found)
+
+
 def _check_conversation(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise RowError("field 'messages' must be a non-empty list of {role, content}")
@@ -179,6 +199,9 @@ def collate(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
         class ids), ``sample_ids`` and the python ints ``num_tokens``,
         ``num_truncated`` and ``num_dropped``.
     """
+    import numpy as np
+    import torch
+
     rows = [np.asarray(r).reshape(-1) for r in batch["input_ids"]]
     keep = [i for i, r in enumerate(rows) if len(r) > 0]
     width = max((len(rows[i]) for i in keep), default=0)
@@ -228,6 +251,7 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
     prediction, so the result is ``f1_score`` on the gathered predictions: labels
     never seen as true nor predicted are left out of the macro average.
     """
+    import numpy as np
     from sklearn.metrics import accuracy_score, f1_score
 
     confusion = np.asarray(confusion, dtype=np.float64)
@@ -248,6 +272,11 @@ class ClassificationObjective(Objective):
 
     peft_task_type = "SEQ_CLS"
     """PEFT's ``SEQ_CLS`` also trains (and saves) the new head whole, as ``modules_to_save``."""
+    generation_metrics = False
+    language_model = False
+    scan_tokenizes = False
+    """A row keeps its one label whatever its length: the scan counts rows, checked by
+    :class:`LabelledRows`, without tokenizing them."""
 
     def __init__(self, spec: JobSpec) -> None:
         labels = spec.classification.labels
@@ -261,12 +290,64 @@ class ClassificationObjective(Objective):
         cells = tuple(f"confusion_{t}_{p}" for t in range(n) for p in range(n))
         self.eval_keys = ("loss_sum", "count", *cells)
 
+    @classmethod
+    def spec_problems(cls, spec: JobSpec) -> Problems:
+        """No packing, no adapter to continue, and given labels at least two distinct names."""
+        problems: Problems = []
+        if spec.data.packing:
+            problems.append(
+                (
+                    "data.packing",
+                    "objective classification classifies each row on its own; set "
+                    "data.packing=false",
+                )
+            )
+        if spec.model.adapter is not None:
+            problems.append(
+                (
+                    "model.adapter",
+                    "objective classification starts a new head on the base model; "
+                    "leave model.adapter out",
+                )
+            )
+        labels = spec.classification.labels
+        if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
+            problems.append(
+                (
+                    "classification.labels",
+                    f"give at least 2 distinct label names, got {labels}",
+                )
+            )
+        return problems + super().spec_problems(spec)
+
+    @classmethod
+    def row_check(cls, spec: JobSpec) -> LabelledRows:
+        """Rows are read by ``classification``'s columns, whatever ``data.format`` says."""
+        return LabelledRows(spec.classification)
+
+    @classmethod
+    def with_scan(cls, spec: JobSpec, scanned: SourceScan, say: Callable[[str], None]) -> JobSpec:
+        """The spec with the labels resolved (:func:`with_labels`), said in one line.
+
+        The run's spec carries them from here on, so the workers, checkpoints and
+        ``rayft.json`` share one id -> label map.
+        """
+        spec = with_labels(spec, scanned.labels)
+        say(f"[rayft] classification labels: {', '.join(spec.classification.labels or [])}")
+        return spec
+
+    @classmethod
+    def manifest_fields(cls, spec: JobSpec) -> dict[str, Any]:
+        """The labels, in head order, so the artifact loads and serves with no other context."""
+        return {"labels": spec.classification.labels}
+
     def trainable_head(self, model: nn.Module) -> list[nn.Parameter]:
         """The new head starts random: it trains whatever else ``method: freeze`` freezes."""
         return head_parameters(model)
 
     def load_model(self, spec: JobSpec, inputs: WorkerInputs) -> nn.Module:
         """``AutoModelForSequenceClassification`` on the base, with the run's labels."""
+        import torch
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
@@ -295,6 +376,8 @@ class ClassificationObjective(Objective):
 
     def train_loss(self, worker: Worker, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over the micro-batch's examples, and their number."""
+        from torch import nn
+
         logits, labels = self._logits(worker, batch)
         total = nn.functional.cross_entropy(
             logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"
@@ -303,6 +386,9 @@ class ClassificationObjective(Objective):
 
     def eval_sums(self, worker: Worker, batch: dict[str, Any]) -> dict[str, float]:
         """Loss sum, example count and the confusion counts of this batch."""
+        import torch
+        from torch import nn
+
         logits, labels = self._logits(worker, batch)
         valid = labels != IGNORE_INDEX
         total = nn.functional.cross_entropy(
@@ -317,6 +403,8 @@ class ClassificationObjective(Objective):
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """``eval_loss`` (mean cross-entropy), ``eval_accuracy``, ``eval_f1_macro``, ``eval_examples``."""
+        import numpy as np
+
         n = len(self.labels)
         confusion = np.array([sums[key] for key in self.eval_keys[2:]]).reshape(n, n)
         return {
@@ -348,6 +436,8 @@ def load_classifier(
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The classification head's parameters (:data:`HEAD_MODULES`), for method freeze."""
+    from torch import nn
+
     params: list[nn.Parameter] = []
     for name in HEAD_MODULES:
         module = getattr(model, name, None)
@@ -362,8 +452,6 @@ def with_labels(spec: JobSpec, found: list[str]) -> JobSpec:
     Raises:
         ConfigError: Fewer than two labels.
     """
-    from rayft.trainers.config import ConfigError
-
     labels = spec.classification.labels or sorted_labels(found)
     if len(labels) < 2:
         raise ConfigError(

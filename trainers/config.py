@@ -25,30 +25,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from rayft.trainers import bounded_yaml
-from rayft.trainers.validation_errors import error_key
+from rayft.trainers import bounded_yaml, defaults
+from rayft.trainers.objectives import objective_class
+from rayft.trainers.validation_errors import ConfigError, error_key
 
 # ':' is allowed after the first character for OpenAI-style names (``ft:<base>:<suffix>:<id>``);
 # it is an ordinary character in local paths and object-store keys, never a separator.
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-
-
-class ConfigError(ValueError):
-    """A job spec that cannot run; ``problems`` holds ``(dotted_key, message)`` pairs."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str | None = None) -> None:
-        self.problems = problems
-        self.source = source
-        head = f"invalid job spec {source}" if source else "invalid job spec"
-        lines = [f"{head}: {len(problems)} problem(s)"]
-        lines += [f"  {key or '<root>'}: {message}" for key, message in problems]
-        super().__init__("\n".join(lines))
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Raised inside Ray workers and re-raised on the driver: rebuild from the pairs.
-        return type(self), (self.problems, self.source)
 
 
 class _Section(BaseModel):
@@ -93,10 +78,12 @@ class DataSpec(_Section):
 
 
 class LoraSpec(_Section):
-    r: int = Field(16, ge=1, le=1024)
-    """Rank of the LoRA update matrices."""
-    alpha: float = Field(32, gt=0)
-    """LoRA scaling numerator: the update is scaled by ``alpha / r``."""
+    r: int = Field(defaults.LORA_RANK, ge=1, le=1024)
+    """Rank of the LoRA update matrices (``trainers.defaults.LORA_RANK`` says why 16)."""
+    alpha: float = Field(defaults.RSLORA_ALPHA, gt=0)
+    """LoRA scaling numerator: the update is scaled by ``alpha / sqrt(r)`` (``use_rslora``)
+    or ``alpha / r``. Default: 8 with rank-stabilised scaling (rank 16's scale is 2, as
+    with the classic alpha 32 / r 16), ``2 r`` when ``use_rslora`` is set false."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
@@ -104,8 +91,11 @@ class LoraSpec(_Section):
     list of module names (e.g. ``[q_proj, v_proj]``)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA, Liu et al. 2024): PEFT's ``use_dora``."""
-    use_rslora: bool = False
-    """Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``."""
+    use_rslora: bool = True
+    """Rank-stabilised LoRA (Kalajdzievski 2023): scale by ``alpha / sqrt(r)`` instead of
+    ``alpha / r``, so raising the rank does not shrink the update and the learning rate
+    carries over between ranks. Default: true, unless the spec sets ``alpha`` (then the
+    classic ``alpha / r`` it was written for)."""
 
 
 class DpoSpec(_Section):
@@ -116,8 +106,9 @@ class DpoSpec(_Section):
     frozen copy sharded like the policy.
     """
 
-    beta: float = Field(0.1, gt=0)
-    """Strength of the KL penalty towards the reference model."""
+    beta: float = Field(defaults.DPO_BETA, gt=0)
+    """Strength of the KL penalty towards the reference model (0.1: the DPO paper's,
+    TRL's and LLaMA-Factory's default)."""
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     """``sigmoid``: the DPO loss; ``ipo``: the squared IPO loss (Azar et al. 2023)."""
 
@@ -149,20 +140,32 @@ class DeepSpeedSpec(_Section):
 
 
 class OptimSpec(_Section):
-    lr: float = Field(2e-4, gt=0)
-    """Peak learning rate of AdamW."""
+    lr: float = Field(defaults.LORA_LR, gt=0)
+    """Peak learning rate of AdamW. Default per objective and method
+    (``trainers.defaults``, which gives the evidence): LoRA/QLoRA 1e-3, full and freeze
+    2e-5, DPO 5e-6 with LoRA and 5e-7 with full. The LoRA rate suits small models
+    (SmolLM2-135M); for 7B+ models 2e-4..3e-4 is safer."""
     epochs: int = Field(1, ge=1)
     """Passes over the training data (unless ``max_steps`` is set)."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; overrides ``epochs`` when set."""
+    effective_batch: int = Field(defaults.EFFECTIVE_BATCH, ge=1)
+    """Examples per optimizer step over all workers (``batch_size x grad_accum x
+    num_workers``). When neither ``batch_size`` nor ``grad_accum`` is set, both are derived
+    from it (micro-batch at most 8), so 1, 2 or 4 workers take the same optimizer steps;
+    with one of them set, the other is derived; with both set they decide and this key
+    shows their product. Rounded up to a multiple of the workers. Default 8: LoRA pays for
+    large batches and small datasets need the steps (``trainers.defaults.EFFECTIVE_BATCH``)."""
     batch_size: int = Field(8, ge=1)
-    """Micro-batch per worker."""
+    """Micro-batch per worker; derived from ``effective_batch`` when not set."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step; derived from ``effective_batch`` when
+    not set."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warm-up."""
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
-    """Fraction of the steps spent warming the learning rate up from 0."""
+    warmup_ratio: float = Field(defaults.WARMUP_RATIO, ge=0.0, le=1.0)
+    """Fraction of the steps spent warming the learning rate up from 0 (0.03: Alpaca's
+    and the QLoRA paper's)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay (never applied to biases and norms)."""
     max_grad_norm: float = Field(1.0, ge=0.0)
@@ -343,6 +346,13 @@ class JobSpec(_Section):
     tune: TuneSpec | None = None
     """Sweep settings, read by ``rayft tune`` only."""
 
+    @model_validator(mode="after")
+    def _defaults(self) -> JobSpec:
+        # Every JobSpec, however made (validate_spec, model_validate, JobSpec(...)), carries
+        # the per-method defaults in the keys it left unset.
+        resolve_defaults(self)
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _older_spellings(cls, data: Any) -> Any:
@@ -451,8 +461,7 @@ def combination_problems(spec: JobSpec) -> Problems:
         eval_data_problems,
         output_problems,
         adapter_problems,
-        classification_problems,
-        dpo_problems,
+        objective_problems,
         eval_problems,
         qlora_problems,
     )
@@ -560,7 +569,8 @@ def eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 f"unknown metric {unknown[0]!r}; choose from {', '.join(GENERATION_METRICS)}",
             )
         )
-    if names and spec.objective != "sft":
+    objective = objective_class(spec)
+    if names and not objective.generation_metrics:
         problems.append(
             (
                 "eval.metrics",
@@ -588,12 +598,12 @@ def eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
             )
         )
     if general is not None:
-        if spec.objective == "classification":
+        if not objective.language_model:
             problems.append(
                 (
                     "eval.general",
                     "the general-knowledge check scores a language model's answers; a "
-                    "classification model has none: leave eval.general out",
+                    f"{spec.objective} model has none: leave eval.general out",
                 )
             )
         if general.startswith("builtin:") and general not in BUILTIN_EVAL_SETS:
@@ -635,68 +645,10 @@ def qlora_problems(spec: JobSpec) -> list[tuple[str, str]]:
     ]
 
 
-def dpo_problems(spec: JobSpec) -> Problems:
-    """What ``objective: dpo`` cannot be combined with, and preference rows without it."""
-    if spec.objective != "dpo":
-        if spec.data.format == "preference":
-            return [("data.format", "preference rows (chosen/rejected) train with objective dpo")]
-        return []
-    problems: Problems = []
-    if spec.method not in ("lora", "full"):
-        problems.append(
-            (
-                "method",
-                f"objective dpo trains method lora (the reference is the base with the adapter "
-                f"disabled) or full (a frozen reference copy), not {spec.method}",
-            )
-        )
-    if spec.data.packing:
-        problems.append(
-            (
-                "data.packing",
-                "objective dpo compares whole chosen and rejected answers; set data.packing=false",
-            )
-        )
-    if spec.data.format not in ("auto", "preference"):
-        problems.append(
-            (
-                "data.format",
-                f"objective dpo trains on preference rows, not {spec.data.format}; set "
-                "data.format=preference or auto",
-            )
-        )
-    return problems
-
-
-def classification_problems(spec: JobSpec) -> Problems:
-    """What ``objective: classification`` cannot be combined with."""
-    if spec.objective != "classification":
-        return []
-    problems: Problems = []
-    if spec.data.packing:
-        problems.append(
-            (
-                "data.packing",
-                "objective classification classifies each row on its own; set data.packing=false",
-            )
-        )
-    if spec.model.adapter is not None:
-        problems.append(
-            (
-                "model.adapter",
-                "objective classification starts a new head on the base model; "
-                "leave model.adapter out",
-            )
-        )
-    labels = spec.classification.labels
-    if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
-        problems.append(
-            (
-                "classification.labels",
-                f"give at least 2 distinct label names, got {labels}",
-            )
-        )
-    return problems
+def objective_problems(spec: JobSpec) -> Problems:
+    """What ``spec.objective`` refuses in the rest of the spec (its ``spec_problems`` hook,
+    ``trainers.objective``)."""
+    return objective_class(spec).spec_problems(spec)
 
 
 def adapter_problems(spec: JobSpec) -> list[tuple[str, str]]:
@@ -734,6 +686,35 @@ def validate_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
     if problems:
         raise ConfigError(problems, source)
     return spec
+
+
+def resolve_defaults(spec: JobSpec) -> None:
+    """Write the per-method defaults (``trainers.defaults``) into the keys ``spec`` left unset.
+
+    Only keys the spec did not set change (pydantic's ``model_fields_set``); a value the
+    user wrote always wins. ``optim.lr`` follows the objective and method;
+    ``optim.batch_size``/``grad_accum`` are split from ``optim.effective_batch`` over the
+    workers (``defaults.split_batch``) and ``effective_batch`` then says their product;
+    ``lora.use_rslora`` is false when the spec sets ``lora.alpha``, and ``lora.alpha`` is
+    ``2 r`` when the spec turns rsLoRA off. Every resolved key is then set, so resolving
+    again, or validating ``to_dict()``, gives the same spec. ``JobSpec`` runs it on
+    construction.
+    """
+    optim, lora = spec.optim, spec.lora
+    optim_set, lora_set = set(optim.model_fields_set), set(lora.model_fields_set)
+    if "lr" not in optim_set:
+        optim.lr = defaults.default_lr(spec.objective, spec.method)
+    workers = spec.scaling.num_workers
+    given = {k: getattr(optim, k) for k in ("batch_size", "grad_accum") if k in optim_set}
+    if "effective_batch" in optim_set or not given:
+        optim.batch_size, optim.grad_accum = defaults.split_batch(
+            optim.effective_batch, workers, **given
+        )
+    # else batch_size or grad_accum alone keeps the other at its plain default
+    optim.effective_batch = optim.batch_size * optim.grad_accum * workers
+    lora.use_rslora = lora.use_rslora if "use_rslora" in lora_set else "alpha" not in lora_set
+    if "alpha" not in lora_set:
+        lora.alpha = defaults.lora_alpha(lora.r, lora.use_rslora)
 
 
 def _pydantic_problem(error: dict[str, Any]) -> tuple[str, str]:

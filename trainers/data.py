@@ -39,10 +39,10 @@ from rayft.trainers.formats import (
     RowError,
     check_row,
     detect_format,
-    tokenize_example,
 )
 from rayft.trainers.loss import IGNORE_INDEX
 from rayft.trainers.models import resolve_model
+from rayft.trainers.objectives import objective_class, objective_for
 from rayft.trainers.packing import first_fit_decreasing, pack_examples
 from rayft.trainers.storage import StorageRoot, is_uri, local_path
 from rayft.trainers.storage import filesystem as _filesystem
@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from rayft.trainers.config import ClassificationSpec, JobSpec
+    from rayft.trainers.config import JobSpec
+    from rayft.trainers.objective import RowCheck
 
 # Fields each format reads; everything else in a row is ignored (and not hashed).
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -211,21 +212,14 @@ def _hash_files(path: str) -> str:
 class _FormatChecker:
     """Detects the format on the first row (``auto``) and checks every row against it."""
 
-    def __init__(
-        self,
-        path: str,
-        fmt: str,
-        classification: ClassificationSpec | None = None,
-        labels_found: set[str] | None = None,
-    ) -> None:
-        if fmt != "auto" and fmt not in FORMATS and fmt != "classification":
+    def __init__(self, path: str, fmt: str, rows: RowCheck | None = None) -> None:
+        if rows is None and fmt != "auto" and fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}")
         self.path = path
-        self.fmt = fmt
+        # An objective's own row check replaces the formats' (``Objective.row_check``).
+        self.rows = rows
+        self.fmt = rows.format if rows is not None else fmt
         self.detected_at: str | None = None
-        # task classification: rows are checked by its own columns, their labels collected.
-        self.classification = classification
-        self.labels_found = labels_found if labels_found is not None else set()
 
     def check(self, row: Any, where: str) -> None:
         if not isinstance(row, dict):
@@ -233,8 +227,8 @@ class _FormatChecker:
                 f"{where}: a row must be a JSON object, got {type(row).__name__}; "
                 "write one object per line"
             )
-        if self.fmt == "classification":
-            self._check_classification(row, where)
+        if self.rows is not None:
+            self._check_own(self.rows, row, where)
             return
         if self.fmt == "auto":
             try:
@@ -254,22 +248,15 @@ class _FormatChecker:
                 f"{where}: {err} ({how}); fix the row, or set data.format if the format is wrong"
             ) from None
 
-    def _check_classification(self, row: dict[str, Any], where: str) -> None:
-        from rayft.trainers.classification import check_row as check_classification_row
-
-        assert self.classification is not None
+    @staticmethod
+    def _check_own(rows: RowCheck, row: dict[str, Any], where: str) -> None:
         try:
-            self.labels_found.add(check_classification_row(row, self.classification))
+            rows.check(row)
         except RowError as err:
-            raise DataError(f"{where}: {err} (task classification); fix the row") from None
+            raise DataError(f"{where}: {err} ({rows.described}); fix the row") from None
 
 
-def scan_source(
-    path: str,
-    fmt: str = "auto",
-    classification: ClassificationSpec | None = None,
-    labels_found: set[str] | None = None,
-) -> SourceReport:
+def scan_source(path: str, fmt: str = "auto", row_check: RowCheck | None = None) -> SourceReport:
     """Check a data source on the driver, before any Ray work.
 
     JSON lines are streamed line by line; parquet, csv and saved Hugging Face datasets
@@ -280,10 +267,9 @@ def scan_source(
         path: A ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a directory written
             by ``datasets.Dataset.save_to_disk`` (local path or pyarrow URI).
         fmt: ``auto`` (detect on the first row, then require every row to fit) or one
-            of ``trainers.formats.FORMATS``, or ``classification`` (rows of
-            ``trainers.classification``, checked by ``classification``'s columns).
-        classification: The job's classification settings (format ``classification``).
-        labels_found: Where the label names of classification rows are added.
+            of ``trainers.formats.FORMATS``.
+        row_check: The objective's own check of every row (``Objective.row_check``),
+            which replaces ``fmt``'s; it collects what it finds (e.g. label names).
 
     Returns:
         The source's format, row count, blank lines skipped and sha256 (of the file's
@@ -295,7 +281,7 @@ def scan_source(
             missing a field of the format.
     """
     kind = _source_kind(path)
-    checker = _FormatChecker(path, fmt, classification, labels_found)
+    checker = _FormatChecker(path, fmt, row_check)
     if kind == "jsonl" or (kind == "json" and not _json_is_array(path)):
         hasher = hashlib.sha256()
         rows, blank = _scan_json_lines(path, checker, hasher)
@@ -341,6 +327,8 @@ def _scan_json_lines(path: str, checker: _FormatChecker, hasher: Any) -> tuple[i
             ) from None
         except RecursionError:
             raise DataError(f"{path}:{lineno}: {_TOO_DEEP}") from None
+        except ValueError as err:  # e.g. an integer past Python's 4300-digit limit
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err})") from None
         checker.check(row, f"{path}:{lineno}")
         rows += 1
     return rows, blank
@@ -361,6 +349,8 @@ def _scan_json_array(path: str, checker: _FormatChecker) -> int:
         ) from None
     except RecursionError:
         raise DataError(f"{path}: {_TOO_DEEP}") from None
+    except ValueError as err:  # e.g. an integer past Python's 4300-digit limit
+        raise DataError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json file must hold an array of rows or JSON lines")
     for index, row in enumerate(data):
@@ -590,7 +580,7 @@ def _shuffle_key(seed: int, sample_id: str) -> str:
 
 BASE_EXAMPLE_KEYS = ("input_ids", "labels", "truncated")
 """Keys every tokenized example has; an objective's row tokenizer may add its own columns
-(e.g. the rejected completion of a DPO pair), which travel with the row to its collate."""
+(e.g. the second answer of a preference pair), which travel with the row to its collate."""
 
 
 def _tokenize(
@@ -604,7 +594,6 @@ def _tokenize(
     import pyarrow as pa
 
     from rayft.trainers.config import JobSpec
-    from rayft.trainers.objectives import objective_for
 
     tokenizer = load_tokenizer(tokenizer_dir)
     job = JobSpec.from_dict(spec)
@@ -816,25 +805,18 @@ def _first_row(path: str) -> dict[str, Any]:
     return next(iter(source)).slice(0, 1).to_pylist()[0]
 
 
-def _check_tokenizer(path: str, fmt: str, tokenizer_dir: str, max_seq_len: int) -> None:
+def _check_tokenizer(path: str, fmt: str, tokenizer_dir: str, spec: JobSpec) -> None:
     """Tokenize the first row on the driver, so a tokenizer or chat-template problem is
     reported here rather than from inside a Ray task."""
-    from rayft.trainers.formats import ChatTemplateError
-
-    if fmt == "classification":
-        return  # its rows are plain text or a rendered conversation (no label masks)
+    if not objective_class(spec).scan_tokenizes:
+        return  # the objective's rows are counted, not tokenized, by the scan as well
 
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
     except Exception as err:  # noqa: BLE001 - any loader failure means the same thing
         raise DataError(f"cannot load a tokenizer from {tokenizer_dir} ({err})") from None
     try:
-        if fmt == "preference":
-            from rayft.trainers.dpo import preference_tokens
-
-            preference_tokens(_first_row(path), tokenizer, max_seq_len)
-        else:
-            tokenize_example(_first_row(path), fmt, tokenizer, max_seq_len)
+        objective_for(spec).row_tokenizer(spec)(_first_row(path), fmt, tokenizer)
     except ChatTemplateError as err:
         raise DataError(f"{path}: cannot tokenize {fmt} rows with {tokenizer_dir}: {err}") from None
 
@@ -856,7 +838,8 @@ class SourceScan:
     eval: list[SourceReport]
     format: str
     labels: list[str] = field(default_factory=list)
-    """objective classification: the distinct labels of every row, in class-id order."""
+    """The distinct labels of every row, in class-id order, when the objective's own row
+    check collects them (``RowCheck.labels``)."""
     rows: RowScan | None = None
     """Every row tokenized as training will tokenize it (``scan_rows``)."""
 
@@ -871,21 +854,13 @@ def _first_row_at(path: str) -> str:
     return f"{path}: row index 0"
 
 
-def _check_objective_format(objective: str, reports: list[SourceReport]) -> None:
-    """Preference rows train with ``objective: dpo``, and ``objective: dpo`` only with them."""
+def _check_objective_format(spec: JobSpec, reports: list[SourceReport]) -> None:
+    """Every source is in a format the objective trains on (``Objective.format_problem``)."""
+    objective = objective_class(spec)
     for report in reports:
-        if objective == "dpo" and report.format != "preference":
-            raise DataError(
-                f"{_first_row_at(report.path)}: objective dpo needs preference rows ('prompt', "
-                "'chosen', 'rejected', or OpenAI's 'input', 'preferred_output', "
-                f"'non_preferred_output'), got a {report.format} row; give preference data "
-                "or choose another objective"
-            )
-        if objective != "dpo" and report.format == "preference":
-            raise DataError(
-                f"{_first_row_at(report.path)}: a preference row (chosen/rejected) trains with "
-                "objective: dpo; set objective=dpo, or give rows with one answer each"
-            )
+        problem = objective.format_problem(report.format)
+        if problem is not None:
+            raise DataError(f"{_first_row_at(report.path)}: {problem}")
 
 
 # ---------------------------------------------------------------- lengths
@@ -1058,8 +1033,8 @@ def scan_rows(spec: JobSpec, scan: SourceScan, tokenizer_dir: str | None) -> Row
     ``data.eval_fraction`` split of train, by the same sample ids as ``build_datasets``)
     goes through ``objective_for(spec).row_tokenizer(spec)`` with the base model's
     tokenizer, chat template included; a dropped or truncated row is tokenized again
-    whole to measure what it needs. Task classification loses no label to truncation:
-    its rows are counted, not tokenized.
+    whole to measure what it needs. Rows of an objective that loses no label to truncation
+    (``Objective.scan_tokenizes`` false) are counted, not tokenized.
 
     Cost: one more pass over the files and one tokenization per row, on the driver, the
     same work Ray Data's tokenize tasks do: with a chat template, rendering dominates
@@ -1074,12 +1049,9 @@ def scan_rows(spec: JobSpec, scan: SourceScan, tokenizer_dir: str | None) -> Row
         tokenizer_dir: The base model's directory; ``None`` resolves ``spec.model.name``
             as the run will (``trainers.models.resolve_model``).
     """
-    from rayft.trainers.objectives import objective_for
-
     data = spec.data
-    classifying = scan.format == "classification"
     tokenizer = cut = whole = None
-    if not classifying:
+    if objective_class(spec).scan_tokenizes:
         if tokenizer_dir is None:
             root = StorageRoot.resolve(spec.storage)
             tokenizer_dir = str(resolve_model(spec.model.name, root.models, root))
@@ -1225,31 +1197,20 @@ def scan_sources(spec: JobSpec, tokenizer_dir: str | None = None) -> SourceScan:
     train_paths, eval_paths = _as_list(data.train), _as_list(data.eval)
     if not train_paths:
         raise DataError("data.train lists no files; give at least one")
-    classifying = spec.objective == "classification"
-    found: set[str] = set()
-
-    def scan(path: str) -> SourceReport:
-        if classifying:
-            # objective classification reads its own columns whatever data.format says.
-            return scan_source(path, "classification", spec.classification, found)
-        return scan_source(path, data.format)
-
-    train_reports = [scan(p) for p in train_paths]
-    eval_reports = [scan(p) for p in eval_paths]
+    # An objective with its own row check reads its rows whatever data.format says.
+    own = objective_class(spec).row_check(spec)
+    train_reports = [scan_source(p, data.format, own) for p in train_paths]
+    eval_reports = [scan_source(p, data.format, own) for p in eval_paths]
     reports = train_reports + eval_reports
-    _check_objective_format(spec.objective, reports)
+    _check_objective_format(spec, reports)
     formats = {r.format for r in reports}
     if len(formats) > 1:
         listing = ", ".join(f"{r.path} ({r.format})" for r in reports)
         raise DataError(
             f"data sources are in different formats: {listing}; convert them to one format"
         )
-    if classifying:
-        from rayft.trainers.classification import sorted_labels
-
-        scan = SourceScan(train_reports, eval_reports, formats.pop(), sorted_labels(found))
-    else:
-        scan = SourceScan(train_reports, eval_reports, formats.pop())
+    labels = own.labels() if own is not None else []
+    scan = SourceScan(train_reports, eval_reports, formats.pop(), labels)
     rows = scan_rows(spec, scan, tokenizer_dir)
     check_trainable(spec, rows)
     if rows.notice:
@@ -1287,7 +1248,7 @@ def build_datasets(
     reports = train_reports + eval_reports
     train_rows = sum(r.rows for r in train_reports)
     if scanned.rows is None:  # the scan tokenized every row already, this tokenizer included
-        _check_tokenizer(train_paths[0], fmt, tokenizer_dir, data.max_seq_len)
+        _check_tokenizer(train_paths[0], fmt, tokenizer_dir, spec)
 
     rows = read_rows(train_paths, fmt)
     eval_ds = None

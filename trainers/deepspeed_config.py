@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rayft.trainers.config import JobSpec
+if TYPE_CHECKING:
+    from rayft.trainers.config import JobSpec
 
 
 def zero_config(spec: JobSpec, world_size: int, dtype: str, on_gpu: bool) -> dict[str, Any]:

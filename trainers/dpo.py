@@ -25,11 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 from rayft.trainers.formats import (
+    IGNORE_INDEX,
     ChatTemplateError,
     RowError,
     _encode,
@@ -38,11 +35,11 @@ from rayft.trainers.formats import (
     end_of_turn_ids,
     preference_pair,
 )
-from rayft.trainers.loss import IGNORE_INDEX, sequence_logps
-from rayft.trainers.objective import Objective
-from rayft.trainers.packing import pad_rows, row_arrays
+from rayft.trainers.objective import Objective, Problems
 
 if TYPE_CHECKING:
+    import torch
+
     from rayft.trainers.config import JobSpec
     from rayft.trainers.loop import Worker
 
@@ -164,6 +161,11 @@ def collate_pairs(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
         counts ``num_tokens`` (both sequences), ``num_label_tokens``, ``num_truncated``,
         ``num_dropped``.
     """
+    import numpy as np
+    import torch
+
+    from rayft.trainers.packing import pad_rows, row_arrays
+
     chosen = row_arrays(batch["input_ids"])
     keep = [i for i, row in enumerate(chosen) if len(row) > 0]
     rejected, c_labels = row_arrays(batch.get("rejected_input_ids")), row_arrays(batch["labels"])
@@ -212,6 +214,8 @@ def dpo_losses(
         ``losses`` ``[B]``, ``chosen_rewards`` and ``rejected_rewards`` ``[B]``
         (``beta * (policy - reference)``, detached).
     """
+    import torch.nn.functional as F
+
     ratios = policy - reference
     chosen, rejected = ratios.chunk(2)
     if loss == "sigmoid":
@@ -237,6 +241,48 @@ class DpoObjective(Objective):
     """``objective: dpo``: the DPO loss against a frozen reference; reward metrics at eval."""
 
     eval_keys = ("loss_sum", "pairs", "correct", "margin_sum", "chosen_sum", "rejected_sum")
+    generation_metrics = False
+
+    @classmethod
+    def spec_problems(cls, spec: JobSpec) -> Problems:
+        """Methods lora or full (those have a reference), no packing, preference rows."""
+        problems: Problems = []
+        if spec.method not in ("lora", "full"):
+            problems.append(
+                (
+                    "method",
+                    f"objective dpo trains method lora (the reference is the base with the "
+                    f"adapter disabled) or full (a frozen reference copy), not {spec.method}",
+                )
+            )
+        if spec.data.packing:
+            problems.append(
+                (
+                    "data.packing",
+                    "objective dpo compares whole chosen and rejected answers; set "
+                    "data.packing=false",
+                )
+            )
+        if spec.data.format not in ("auto", "preference"):
+            problems.append(
+                (
+                    "data.format",
+                    f"objective dpo trains on preference rows, not {spec.data.format}; set "
+                    "data.format=preference or auto",
+                )
+            )
+        return problems
+
+    @classmethod
+    def format_problem(cls, fmt: str) -> str | None:
+        """Preference rows only."""
+        if fmt == "preference":
+            return None
+        return (
+            "objective dpo needs preference rows ('prompt', 'chosen', 'rejected', or OpenAI's "
+            "'input', 'preferred_output', 'non_preferred_output'), got a "
+            f"{fmt} row; give preference data or choose another objective"
+        )
 
     def __init__(self, spec: JobSpec) -> None:
         self.beta = spec.dpo.beta
@@ -306,6 +352,10 @@ class DpoObjective(Objective):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Policy log-probs (differentiable when autograd is on), reference log-probs and
         labelled-token counts of the ``[2B]`` sequences."""
+        import torch
+
+        from rayft.trainers.loss import sequence_logps
+
         engine = worker.engine
         policy, counts = sequence_logps(engine, _module(engine).get_output_embeddings(), batch)
         with torch.no_grad(), self._reference_mode(worker) as forward:

@@ -18,11 +18,13 @@ from typing import Any
 import yaml
 
 from rayft.trainers.config import ADAPTER_METHODS, ConfigError, JobSpec, validate_spec
+from rayft.trainers.objectives import objective_class
 from rayft.trainers.records import (
     FAILED,
     FINISHED,
     HEARTBEAT_S,
     INTERRUPTED,
+    PAUSED,
     SPEC_FILE,
     RunLog,
     newest_checkpoint,
@@ -48,6 +50,8 @@ class TrainOutcome:
     artifact: Path | None
     checkpoint_path: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    paused: bool = False
+    """A pause ended the run at ``checkpoint_path`` (nothing published); resume it."""
 
     def evals(self) -> list[dict[str, Any]]:
         return [r for r in self.history if r.get("kind") == "eval"]
@@ -95,6 +99,34 @@ def plan_steps(spec: JobSpec, train_rows: int, world: int) -> int:
         )
     micro_per_epoch = math.ceil(rows_per_worker / spec.optim.batch_size)
     return max(1, (spec.optim.epochs * micro_per_epoch) // spec.optim.grad_accum)
+
+
+def plan_line(spec: JobSpec, total_steps: int, train_rows: int) -> str:
+    """The one line saying what the run will do: steps, effective batch and learning rate.
+
+    Printed before training so a user sees what the defaults chose
+    (``trainers.config.resolve_defaults``), e.g. ``[rayft] plan: 25 optimizer steps (1
+    epoch of 200 rows), effective batch 8 (4 per worker x 1 accumulation x 2 workers),
+    lr 0.001 (the lora default), cosine, 1 warm-up step``.
+    """
+    from rayft.trainers.defaults import default_lr
+
+    optim, workers = spec.optim, spec.scaling.num_workers
+    if optim.max_steps is not None:
+        length = "optim.max_steps"
+    else:
+        length = f"{optim.epochs} epoch{'s' if optim.epochs != 1 else ''} of {train_rows} rows"
+    plain = spec.objective == JobSpec.model_fields["objective"].default
+    what = spec.method if plain else f"{spec.objective} {spec.method}"
+    chosen = f" (the {what} default)" if optim.lr == default_lr(spec.objective, spec.method) else ""
+    warmup = math.ceil(optim.warmup_ratio * total_steps)
+    return (
+        f"[rayft] plan: {total_steps} optimizer steps ({length}), effective batch "
+        f"{optim.batch_size * optim.grad_accum * workers} ({optim.batch_size} per worker x "
+        f"{optim.grad_accum} accumulation x {workers} worker{'s' if workers != 1 else ''}), "
+        f"lr {optim.lr:g}{chosen}, {optim.scheduler}, {warmup} warm-up step"
+        f"{'s' if warmup != 1 else ''}"
+    )
 
 
 def check_model_fits(spec: JobSpec, model_dir: Path) -> None:
@@ -183,7 +215,9 @@ def run_training(
         resume: Continue ``run_id`` from its newest complete checkpoint.
         show_progress: Print a progress bar and a line per logging step.
         loop_callbacks: ``trainers.loop.LoopCallback`` objects run inside every worker's
-            loop (sweeps pass ``ReportEveryEval`` so a scheduler sees every evaluation).
+            loop (sweeps pass ``ReportEveryEval`` so a scheduler sees every evaluation; a
+            fine-tuning job passes ``PauseOnRequest``: a paused run's outcome has ``paused``
+            set, its state is ``paused`` and nothing is published).
         callbacks: Ray Train ``UserCallback``s for the run's ``RunConfig`` (sweeps pass
             Tune's ``TuneReportCallback`` so worker reports reach the Tune trial).
         start_from: A ``ray.train.Checkpoint`` of another run to start this new run from
@@ -224,6 +258,7 @@ def run_training(
     spec, prepared, train_ds, eval_ds = _prepare_data(spec, model_dir, scanned, say)
     train_rows = train_ds.count()
     total_steps = plan_steps(spec, train_rows, spec.scaling.num_workers)
+    say(plan_line(spec, total_steps, train_rows))
     general = general_examples(spec, model_dir)
 
     runlog = _start_record(root, run_id, spec, resume, model_dir, prepared.fingerprint, total_steps)
@@ -248,6 +283,8 @@ def run_training(
     progress = ConsoleProgress(enabled=show_progress)
     with bounded_worker_start(spec):  # fails after scaling.start_timeout_s
         result = _fit_with_progress(trainer, sink, progress, runlog)
+    if (result.metrics or {}).get("paused"):
+        return _paused(runlog, result, say)
     try:
         artifact = _publish(
             spec, root, run_id, name, kind, result, prepared, model_dir, parent, publish, project
@@ -274,6 +311,16 @@ def run_training(
     return TrainOutcome(run_id, metrics, artifact, result.checkpoint.path, history)
 
 
+def _paused(runlog: RunLog, result: Any, say: Any) -> TrainOutcome:
+    """A paused run's outcome: its checkpoint recorded, nothing exported or published."""
+    metrics = dict(result.metrics or {})
+    step, where = int(metrics.get("step", 0)), result.checkpoint.path
+    runlog.event("paused", step=step, checkpoint=where)
+    runlog.state(PAUSED, paused_at=time.time(), checkpoint=where)
+    say(f"[rayft] paused after step {step}; resuming the run continues from {where}")
+    return TrainOutcome(runlog.run_id, metrics, None, where, _history_from(result), paused=True)
+
+
 def _placement(spec: JobSpec) -> tuple[bool, Any]:
     """Whether the workers use GPUs (``scaling.use_gpu``, or the cluster's for ``auto``) and
     the dtype they compute in.
@@ -295,7 +342,9 @@ def _placement(spec: JobSpec) -> tuple[bool, Any]:
 
 def _announce(say: Any, spec: JobSpec, run_id: str, dtype: Any, parent: Any) -> None:
     """The run's first lines: what is trained on how many workers, and the parent adapter."""
-    what = spec.method if spec.objective == "sft" else f"{spec.objective} {spec.method}"
+    # The default objective goes without saying; another is named before the method.
+    default = JobSpec.model_fields["objective"].default
+    what = spec.method if spec.objective == default else f"{spec.objective} {spec.method}"
     say(
         f"[rayft] run {run_id}: {what} fine-tune of {spec.model.name} "
         f"on {spec.scaling.num_workers} worker(s), ZeRO-{spec.deepspeed.zero_stage}, {dtype}"
@@ -309,19 +358,13 @@ def _announce(say: Any, spec: JobSpec, run_id: str, dtype: Any, parent: Any) -> 
 def _prepare_data(spec: JobSpec, model_dir: Path, scanned: Any, say: Any) -> tuple:
     """The run's datasets, materialized: ``(spec, prepared, train_ds, eval_ds)``.
 
-    For classification the returned spec carries the labels the scan found.
+    The returned spec carries what the objective takes from the scan
+    (``Objective.with_scan``, e.g. the label names the rows carry).
     """
-    from rayft.trainers.data import build_datasets
+    from rayft.trainers.data import build_datasets, scan_sources
 
-    if spec.objective == "classification":
-        from rayft.trainers.classification import with_labels
-        from rayft.trainers.data import scan_sources
-
-        # The scan finds the labels; the run's spec carries them from here on, so the
-        # workers, checkpoints and rayft.json share one id -> label map.
-        scanned = scanned or scan_sources(spec)
-        spec = with_labels(spec, scanned.labels)
-        say(f"[rayft] classification labels: {', '.join(spec.classification.labels or [])}")
+    scanned = scanned or scan_sources(spec, str(model_dir))
+    spec = objective_class(spec).with_scan(spec, scanned, say)
     prepared = build_datasets(spec, str(model_dir), scanned)
     wait_for_data_cpu(spec.scaling.start_timeout_s, say)
     train_ds = prepared.train.materialize()
@@ -505,12 +548,14 @@ def _publish(
 ) -> Path | None:
     """Publish the final checkpoint's export: its files are copied once, into the registry.
 
-    ``publish_dir`` first checks the export serves on ``model_dir`` and records the base's
-    weights fingerprint; ``parent`` is the adapter a continued run started from. Without
+    Rank 0 checked the export serves when it wrote it (``trainers.loop.check_export``):
+    here its note is read, an export that did not serve is refused, and ``publish_dir``
+    records the base's weights fingerprint; ``parent`` is the adapter a continued run started from. Without
     ``publish`` only the manifest is written, to ``runs/<run_id>/rayft.json``.
     """
-    from rayft.trainers.loop import EXPORT_DIR, TRAINER_STATE
+    from rayft.trainers.loop import EXPORT_DIR, SERVABLE_FILE, TRAINER_STATE
     from rayft.trainers.registry import ArtifactManifest, publish_dir
+    from rayft.trainers.servable import export_was_checked
 
     with result.checkpoint.as_directory() as ckpt:
         export = Path(ckpt) / EXPORT_DIR
@@ -537,16 +582,25 @@ def _publish(
             history=state["history"],
             parent_adapter=parent.record() if parent is not None else None,
             general=state.get("general") or None,  # eval.general: before, after, delta
-            labels=spec.classification.labels if spec.objective == "classification" else None,
+            **objective_class(spec).manifest_fields(spec),  # e.g. the head's labels
             project=project,
         )
+        note = Path(ckpt) / SERVABLE_FILE
+        checked = export_was_checked(note.read_bytes() if note.is_file() else None)
         if not publish:
             root.write(run_relpath(run_id, MANIFEST_FILE), manifest.to_json())
             return None
         # Checked before training and again under the name's lock: a run that finished
         # second does not replace what another published meanwhile, unless output.overwrite.
         return publish_dir(
-            export, kind, name, manifest, spec.output.overwrite, root, base_dir=model_dir
+            export,
+            kind,
+            name,
+            manifest,
+            spec.output.overwrite,
+            root,
+            base_dir=model_dir,
+            checked=checked,
         )
 
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rayft.trainers.loss import IGNORE_INDEX
+# Defined here, not in trainers.loss, so that the formats (and the objectives' checks built
+# on them) import without torch; trainers.loss takes it from here.
+IGNORE_INDEX = -100
+"""Label of a position that carries no loss (prompt tokens, padding, packed-sample starts)."""
 
 FORMATS = ("chat", "prompt_completion", "alpaca", "text", "preference")
 ROLES = ("system", "user", "assistant", "tool")

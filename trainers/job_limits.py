@@ -42,6 +42,20 @@ class JobLimits(BaseModel):
     """Smallest ``checkpoint.every_steps``."""
     max_failures: int = Field(3, ge=0)
     """Most worker-group restarts (``scaling.max_failures``; -1, unlimited, is refused)."""
+    pause_wait_s: float = Field(60.0, gt=0, le=600, allow_inf_nan=False)
+    """How long ``POST .../pause`` waits for the run to checkpoint at its next step; past
+    it the run is stopped and resumes from its newest complete checkpoint."""
+    eval_max_rows: int = Field(1000, ge=1)
+    """Most data-source rows one eval run grades (``POST /v1/evals/{id}/runs``)."""
+    eval_max_criteria: int = Field(16, ge=1)
+    """Most ``testing_criteria`` of one eval."""
+    eval_max_completion_tokens: int = Field(512, ge=1)
+    """Largest ``sampling_params.max_completion_tokens`` of an eval run (the server's
+    ``max_tokens_limit`` also applies)."""
+    eval_max_concurrent_runs: int = Field(2, ge=1)
+    """Eval runs one replica computes at once; one more is answered 429."""
+    eval_run_timeout_s: float = Field(3600.0, gt=0, allow_inf_nan=False)
+    """Longest an eval run may compute; past it the run fails with ``run_timeout``."""
 
 
 @dataclass(frozen=True)

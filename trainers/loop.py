@@ -39,10 +39,15 @@ from rayft.trainers.config import ADAPTER_METHODS, JobSpec
 from rayft.trainers.loss import IGNORE_INDEX
 from rayft.trainers.objective import Objective
 from rayft.trainers.objectives import objective_for
+from rayft.trainers.records import pause_pending
+from rayft.trainers.storage import StorageRoot
 
 TRAINER_STATE = "trainer_state.json"
 DS_TAG = "state"
 EXPORT_DIR = "export"
+SERVABLE_FILE = "servable.json"
+"""In the final checkpoint, next to ``export/``: the servability check's outcome there
+(``{"ok": true}`` or ``{"ok": false, "error": ...}``), made on rank 0 at export."""
 # Eval sets up to this size (collated tensors, per worker) are kept in memory after the first pass.
 EVAL_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -59,6 +64,9 @@ class TrainerState:
     evals_without_improvement: int = 0
     finished: bool = False
     stopped_early: bool = False
+    paused: bool = False
+    """A pause ended the run after its checkpoint; set once that checkpoint was saved, so no
+    checkpoint holds ``true`` and a resumed run goes on."""
     history: list[dict[str, Any]] = field(default_factory=list)
     general: dict[str, Any] | None = None
     """``eval.general``: the untrained model's scores, then ``trainers.generation_eval.general_record``."""
@@ -89,6 +97,15 @@ class LoopCallback:
     def on_train_end(self, state: TrainerState) -> None:
         """After the final checkpoint (with the exported artifact) was reported."""
 
+    def pause_requested(self, state: TrainerState) -> bool:
+        """After every optimizer step: whether to checkpoint now and end the run there.
+
+        A paused run skips its final evaluation and export; its last report carries
+        ``paused: true`` and it resumes from that checkpoint (``run_training(resume=True)``).
+        Every worker must answer alike (decide with a collective such as ``all_sum``).
+        """
+        return False
+
 
 class ReportEveryEval(LoopCallback):
     """Reports every periodic evaluation to Ray Train, so a Tune scheduler decides there.
@@ -105,6 +122,31 @@ class ReportEveryEval(LoopCallback):
         if state.step == 0 or checkpoint_follows:
             return
         ray.train.report({**metrics, **_position(state), "final": False})
+
+
+class PauseOnRequest(LoopCallback):
+    """Pauses the run once ``trainers.records.request_pause`` asked it to (a job's pause).
+
+    Rank 0 looks for the request at most every ``poll_s`` seconds (one storage read, not
+    one per step on every worker); ``all_sum`` gives its answer to every worker, so all
+    checkpoint and stop after the same step.
+    """
+
+    def __init__(self, storage: str, run_id: str, poll_s: float = 1.0) -> None:
+        self.storage = storage
+        self.run_id = run_id
+        self.poll_s = poll_s
+        self._next_poll = 0.0
+
+    def pause_requested(self, state: TrainerState) -> bool:
+        import ray.train
+
+        asked = 0.0
+        now = time.monotonic()
+        if ray.train.get_context().get_world_rank() == 0 and now >= self._next_poll:
+            self._next_poll = now + self.poll_s
+            asked = float(pause_pending(StorageRoot.resolve(self.storage), self.run_id))
+        return all_sum([asked])[0] > 0
 
 
 class InterruptedRun(RuntimeError):
@@ -190,6 +232,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The untrained model is the first reference for early stopping.
         update_early_stopping(state, latest_eval, spec)
     latest_eval = train(worker, state, order_log, latest_eval)
+    if state.paused:
+        _close(worker, order_log)
+        return
     if not state.stopped_early or not latest_eval:
         latest_eval = run_eval(worker, state, checkpoint_follows=True) or latest_eval
     if inputs.general and state.general is not None and "after" not in state.general:
@@ -199,13 +244,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             spec.eval.general, len(inputs.general), state.general["before"], general_scores(worker)
         )
     state.finished = True
+    _close(worker, order_log)
+    save_checkpoint(worker, state, latest_eval, final=True)
+    for callback in inputs.callbacks:
+        callback.on_train_end(state)
+
+
+def _close(worker: Worker, order_log: TextIO | None) -> None:
     if order_log is not None:
         order_log.close()
     if worker.writer is not None:
         worker.writer.close()
-    save_checkpoint(worker, state, latest_eval, final=True)
-    for callback in inputs.callbacks:
-        callback.on_train_end(state)
 
 
 def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
@@ -351,10 +400,15 @@ def train(
             if state.step >= total_steps or stop_early:
                 state.stopped_early = stop_early
                 return latest_eval
-            if _due(state.step, worker.spec.checkpoint.every_steps):
-                save_checkpoint(worker, state, latest_eval, final=False)
+            # Every callback is asked on every worker: each may decide collectively.
+            pause = any([c.pause_requested(state) for c in worker.inputs.callbacks])
+            if pause or _due(state.step, worker.spec.checkpoint.every_steps):
+                save_checkpoint(worker, state, latest_eval, final=False, paused=pause)
                 for callback in worker.inputs.callbacks:
                     callback.on_checkpoint(state)
+            if pause:
+                state.paused = True
+                return latest_eval
         if state.batches_in_epoch == 0:
             # An empty shard would otherwise start epoch after epoch forever.
             raise NoTrainingDataError(
@@ -479,11 +533,16 @@ def evaluate(worker: Worker) -> dict[str, float]:
 
 
 def save_checkpoint(
-    worker: Worker, state: TrainerState, metrics: dict[str, Any], final: bool
+    worker: Worker,
+    state: TrainerState,
+    metrics: dict[str, Any],
+    final: bool,
+    paused: bool = False,
 ) -> None:
     """Save engine state and trainer state and report them to Ray Train (all ranks).
 
-    The final checkpoint also holds the exported artifact in ``export/``.
+    The final checkpoint also holds the exported artifact in ``export/``; a pause's report
+    says ``paused: true`` (the run ends there without one).
     """
     import ray.train
 
@@ -498,6 +557,8 @@ def save_checkpoint(
             export(worker, Path(tmp) / EXPORT_DIR)
         write_manifest(tmp, worker.rank, worker.world, state.step)  # last: it vouches for the rest
         report = {**metrics, **_position(state), "final": final}
+        if paused:
+            report["paused"] = True
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -522,11 +583,27 @@ def export(worker: Worker, out: Path) -> None:
                 out, state_dict=adapter, safe_serialization=True, selected_adapters=["default"]
             )
         else:
-            # Only the trained adapter (a DPO reference adapter stays out of the artifact).
+            # Only the trained adapter (an objective's frozen reference adapter stays out).
             module.save_pretrained(out, safe_serialization=True, selected_adapters=["default"])
     else:
         module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     worker.tokenizer.save_pretrained(out)
+    check_export(out, spec, Path(worker.inputs.model_dir))
+
+
+def check_export(out: Path, spec: JobSpec, model_dir: Path) -> None:
+    """Check the export serves, here where its weights are, and note the outcome beside it
+    (``SERVABLE_FILE``): publishing reads the note and loads nothing again. A failed check
+    fails no run (Train would retry it); publishing refuses the artifact, saying why."""
+    from rayft.trainers.servable import UnservableError, check_servable
+
+    kind = "adapter" if spec.method in ADAPTER_METHODS else "model"
+    try:
+        check_servable(out, kind, model_dir if kind == "adapter" else None)
+        outcome: dict[str, Any] = {"ok": True}
+    except UnservableError as err:
+        outcome = {"ok": False, "error": str(err)}
+    (out.parent / SERVABLE_FILE).write_text(json.dumps(outcome))
 
 
 # --------------------------------------------------------------------------- the pieces

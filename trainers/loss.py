@@ -23,8 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
-"""Label of a position that carries no loss (prompt tokens, padding, packed-sample starts)."""
+from rayft.trainers.formats import IGNORE_INDEX
 
 CHUNK_POSITIONS = 256
 """Labelled positions per head + cross-entropy chunk: ``256 x vocab`` float32 logits at most

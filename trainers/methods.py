@@ -17,7 +17,7 @@ def apply_lora(model: nn.Module, lora: LoraSpec, task_type: str = "CAUSAL_LM") -
     """Wrap ``model`` in a PEFT LoRA model; only the adapter weights require grad.
 
     ``task_type`` is the objective's (``Objective.peft_task_type``): ``SEQ_CLS`` also
-    trains (and saves) a new classification head whole, as ``modules_to_save``.
+    trains (and saves) a new sequence-level head whole, as ``modules_to_save``.
 
     ``lora.use_dora`` adds DoRA's per-output magnitude vector (``lora_magnitude_vector``);
     ``lora.use_rslora`` scales the update by ``alpha / sqrt(r)`` instead of ``alpha / r``.

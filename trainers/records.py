@@ -5,7 +5,7 @@
   atomically on every change.
 * ``events.jsonl``: one JSON object per line, each with ``time`` and ``type``:
   ``state``, ``train`` and ``eval`` (metrics at a step), ``checkpoint``, ``resumed``,
-  ``artifact``, ``error``. Appended by the driver; ``rayft jobs status/logs`` and the
+  ``paused``, ``artifact``, ``error``. Appended by the driver; ``rayft jobs status/logs`` and the
   sweep table read it.
 
 Both live in the run's local directory and, under a URI root, are mirrored there.
@@ -28,7 +28,7 @@ SPEC_FILE = "spec.yaml"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 TRAINER_STATE = "trainer_state.json"
 # Event types whose line is uploaded at once under a URI root; step events are batched.
-URGENT_EVENTS = ("state", "checkpoint", "artifact", "error", "resumed")
+URGENT_EVENTS = ("state", "checkpoint", "artifact", "error", "resumed", "paused")
 UPLOAD_EVERY_S = 5.0
 # A running record whose heartbeat is older than this is a dead driver's.
 HEARTBEAT_S = 10.0
@@ -38,6 +38,10 @@ RUNNING = "running"
 FINISHED = "finished"
 FAILED = "failed"
 INTERRUPTED = "interrupted"
+PAUSED = "paused"
+PAUSE_FILE = "pause_requested"
+"""Per run: present while a pause is asked of it (``request_pause``); the loop's
+``PauseOnRequest`` checkpoints and ends the run at its next optimizer step."""
 
 
 class RunLog:
@@ -143,6 +147,23 @@ def _read_json(root: StorageRoot, relpath: str) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def request_pause(root: StorageRoot, run_id: str) -> None:
+    """Ask the run to checkpoint and end at its next optimizer step (``PAUSE_FILE``)."""
+    root.write(run_relpath(run_id, PAUSE_FILE), json.dumps({"requested_at": time.time()}))
+
+
+def pause_pending(root: StorageRoot, run_id: str) -> bool:
+    """Whether a pause is asked of the run and not yet cleared."""
+    return root.read(run_relpath(run_id, PAUSE_FILE)) is not None
+
+
+def clear_pause(root: StorageRoot, run_id: str) -> None:
+    """Withdraw a pause request (a resumed run goes on to its end)."""
+    relpath = run_relpath(run_id, PAUSE_FILE)
+    root.path(relpath).unlink(missing_ok=True)
+    root.delete(relpath)
 
 
 def newest_checkpoint(root: StorageRoot, run_id: str) -> tuple[str, int] | None:

@@ -145,6 +145,7 @@ def publish_dir(
     overwrite: bool,
     storage: StorageLike = None,
     base_dir: Path | None = None,
+    checked: bool = False,
 ) -> Path:
     """Publish the finished artifact files in ``src`` under ``name``, crash-safely.
 
@@ -166,6 +167,8 @@ def publish_dir(
             artifact must serve before anything is published (``trainers.servable``:
             it loads and gives finite logits, an adapter on this base), and the base's
             weights fingerprint is recorded as ``base_fingerprint``.
+        checked: The servability check already passed where the files were made (rank 0
+            at export, ``trainers.loop.check_export``): only the fingerprint is recorded.
 
     Returns:
         The artifact's local path (``<folder>/<name>``).
@@ -181,7 +184,8 @@ def publish_dir(
     if base_dir is not None:
         from rayft.trainers.servable import base_fingerprint, check_servable
 
-        check_servable(Path(src), kind, Path(base_dir))
+        if not checked:
+            check_servable(Path(src), kind, Path(base_dir))
         fields["base_fingerprint"] = base_fingerprint(base_dir, root.models)
     # One publisher of a name at a time, from the overwrite check to the pruning: two
     # runs publishing one name never both pass the check, and nobody prunes a version

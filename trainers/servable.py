@@ -153,6 +153,22 @@ def check_servable(artifact_dir: Path, kind: str, base_dir: Path | None = None) 
         )
 
 
+def export_was_checked(note: bytes | None) -> bool:
+    """Whether the servability check passed where the export was made (the note
+    ``trainers.loop.check_export`` wrote); ``False`` when there is no note (a checkpoint
+    made before the check moved there), so publishing checks it itself.
+
+    Raises:
+        UnservableError: The check failed there; its message says why and what to do.
+    """
+    if note is None:
+        return False
+    outcome = json.loads(note)
+    if not outcome.get("ok"):
+        raise UnservableError(str(outcome.get("error") or "the export did not serve"))
+    return True
+
+
 def classifier_labels(artifact_dir: Path, kind: str) -> int | None:
     """How many labels a classifier artifact has; ``None`` for a causal LM.
 

@@ -181,6 +181,7 @@ DATASETS_DIR = "datasets"
 FILE_RECORDS_DIR = f"{DATASETS_DIR}/.files"
 JOB_DATASETS_DIR = f"{DATASETS_DIR}/jobs"
 JOBS_DIR = "fine_tuning/jobs"
+EVALS_DIR = "evals"
 REQUEST_LOGS_DIR = "request_logs"
 AUTH_DIR = "auth"
 
@@ -243,6 +244,14 @@ def job_dataset_relpath(key: str, filename: str) -> str:
 def job_relpath(job_id: str, suffix: str = ".json") -> str:
     """``fine_tuning/jobs/<job_id>.json`` (or another ``suffix``): a fine-tuning job's record."""
     return f"{JOBS_DIR}/{job_id}{suffix}"
+
+
+def eval_relpath(eval_id: str, *parts: str) -> str:
+    """``evals/<eval_id>.json``, or a file under ``evals/<eval_id>/`` (``eval_relpath(id,
+    "runs", "<run_id>.json")``): an eval's record, its runs and their output items."""
+    if not parts:
+        return f"{EVALS_DIR}/{eval_id}.json"
+    return "/".join((EVALS_DIR, eval_id, *parts))
 
 
 def request_log_relpath(day: str, writer: str) -> str:

@@ -142,3 +142,23 @@ def _discriminator_values(ann: Any, name: str) -> set[str]:
         elif typing.get_args(member):
             values.update(_discriminator_values(member, name))
     return values
+
+
+class ConfigError(ValueError):
+    """A job spec that cannot run; ``problems`` holds ``(dotted_key, message)`` pairs.
+
+    It lives here, beside :func:`error_key`, so that a module the spec's checks ask (an
+    objective) can raise it without importing ``trainers.config``; that module re-exports it.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        head = f"invalid job spec {source}" if source else "invalid job spec"
+        lines = [f"{head}: {len(problems)} problem(s)"]
+        lines += [f"  {key or '<root>'}: {message}" for key, message in problems]
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Raised inside Ray workers and re-raised on the driver: rebuild from the pairs.
+        return type(self), (self.problems, self.source)

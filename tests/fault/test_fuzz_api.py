@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +56,9 @@ def api(rayft_home: Path, tiny_model_dir: Path) -> Iterator[SimpleNamespace]:
         max_eval_rows=8,
         max_n=4,
         max_file_bytes=MAX_FILE_BYTES,
-        job_limits=JobLimits(max_workers=2, max_cpus_per_worker=2, max_gpus=0, max_steps=10),
+        job_limits=JobLimits(
+            max_workers=2, max_cpus_per_worker=2, max_gpus=0, max_steps=10, eval_max_rows=8
+        ),
         # The fuzz is one project sending thousands of requests: no per-second bound.
         project_quotas=ProjectQuotas(requests_per_s=0),
     )
@@ -397,6 +400,138 @@ def create_job(rng: random.Random, pool: SimpleNamespace) -> dict[str, Any]:
     return json_request(rng, "POST", "/v1/fine_tuning/jobs", mutate(rng, body))
 
 
+def a_grader(rng: random.Random, depth: int = 0) -> Any:
+    """A grader in OpenAI's JSON, plausible or broken; python sources end quickly."""
+    template = rng.choice(["{{ sample.output_text }}", "{{ item.answer }}", "{{ 7*7 }}", "x"])
+    graders: list[dict[str, Any]] = [
+        {"type": "string_check", "operation": rng.choice(["eq", "ilike", "regex"])},
+        {"type": "text_similarity", "evaluation_metric": rng.choice(["bleu", "rouge_5", "cosine"])},
+        {
+            "type": "python",
+            "source": rng.choice(
+                [
+                    "def grade(sample, item):\n    return 1.0",
+                    "def grade(sample, item):\n    raise ValueError(item)",
+                    "def grade(s, i):\n    return float('nan')",
+                    "import os\nos.fork()",
+                    "def grade(",
+                ]
+            ),
+        },
+        {
+            "type": rng.choice(["score_model", "label_model"]),
+            "model": rng.choice(["tiny-llama", "nope", "../adapters/x"]),
+            "input": [{"role": rng.choice(["user", "robot"]), "content": template}],
+            "labels": ["a", "b"],
+            "passing_labels": ["a"],
+            "range": rng.choice([[0, 1], [1, 0], [Raw("NaN"), 1]]),
+        },
+    ]
+    grader = {"name": rng.choice(["g", "", "x" * 300]), "input": template, "reference": "y"}
+    grader |= rng.choice(graders)
+    if grader["type"] != "label_model":
+        grader.pop("labels", None), grader.pop("passing_labels", None)
+    if depth == 0 and rng.random() < 0.2:
+        grader = {
+            "type": "multi",
+            "name": "m",
+            "graders": {"a": a_grader(rng, 1), "b": a_grader(rng, 1)},
+            "calculate_output": rng.choice(["a + b", "max(a, b) / 2", "__import__('os')", "c"]),
+        }
+    return mutate(rng, grader) if rng.random() < 0.5 else grader
+
+
+def grader_run(rng: random.Random, pool: SimpleNamespace) -> dict[str, Any]:
+    body = {
+        "grader": a_grader(rng),
+        "model_sample": rng.choice(["Paris", '{"a": 1}', "", "x" * 5000]),
+        "item": rng.choice([{"answer": "Paris"}, {}, [1], "s"]),
+    }
+    return json_request(rng, "POST", "/v1/fine_tuning/alpha/graders/run", mutate(rng, body))
+
+
+def grader_validate(rng: random.Random, pool: SimpleNamespace) -> dict[str, Any]:
+    body = mutate(rng, {"grader": a_grader(rng)})
+    return json_request(rng, "POST", "/v1/fine_tuning/alpha/graders/validate", body)
+
+
+# ----------------------------------------------------------------------- evals
+
+
+def eval_create(rng: random.Random, pool: SimpleNamespace) -> dict[str, Any]:
+    config = rng.choice(
+        [
+            {"type": "custom", "item_schema": {"type": "object"}, "include_sample_schema": True},
+            {"type": "custom", "item_schema": junk(rng)},
+            {"type": rng.choice(["logs", "stored_completions", "x"])},
+        ]
+    )
+    body = {
+        "name": rng.choice(["e", "", "x" * 300]),
+        "data_source_config": mutate(rng, config) if rng.random() < 0.3 else config,
+        "testing_criteria": [a_grader(rng) for _ in range(rng.choice([0, 1, 2, 40]))],
+        "metadata": rng.choice([{"a": "b"}, {str(i): "v" for i in range(20)}, {"k": 1}]),
+    }
+    return json_request(rng, "POST", "/v1/evals", mutate(rng, body))
+
+
+def eval_update(rng: random.Random, pool: SimpleNamespace) -> dict[str, Any]:
+    body = mutate(rng, {"name": rng.choice(["n", "x" * 300]), "metadata": {"a": "b"}})
+    path = f"/v1/evals/{an_id(rng, pool.eval_ids, 'eval_')}"
+    return json_request(rng, "POST", path, body)
+
+
+def a_run_source(rng: random.Random, pool: SimpleNamespace) -> dict[str, Any]:
+    """A run's ``data_source``: jsonl or completions, inline rows or a file, often broken."""
+    row = {"item": {"answer": "a", "messages": CHAT["messages"]}, "sample": {"output_text": "a"}}
+    source = rng.choice(
+        [
+            {"type": "file_content", "content": [mutate(rng, row) for _ in range(3)]},
+            {"type": "file_content", "content": [row] * rng.choice([1, 9])},
+            {"type": "file_id", "id": rng.choice([*pool.file_ids, *STRINGS[:14]])},
+            {"type": rng.choice(["stored_completions", "responses"])},
+        ]
+    )
+    if rng.random() < 0.4:
+        return {"type": "jsonl", "source": source}
+    template = rng.choice(["{{ item.answer }}", "{{ sample.output_text }}", "{{ 7*7 }}", "hi"])
+    inputs = rng.choice(
+        [
+            {"type": "template", "template": [{"role": "user", "content": template}]},
+            {"type": "item_reference", "item_reference": rng.choice(["item.messages", "x"])},
+        ]
+    )
+    data = {
+        "type": rng.choice(["completions"] * 4 + ["responses"]),
+        "model": rng.choice(["tiny-llama"] * 3 + STRINGS[:12]),
+        "source": source,
+        "input_messages": mutate(rng, inputs) if rng.random() < 0.3 else inputs,
+        "sampling_params": mutate(rng, {"max_completion_tokens": rng.choice([1, 4, 10**6])}),
+    }
+    return mutate(rng, data) if rng.random() < 0.3 else data
+
+
+def run_create(rng: random.Random, pool: SimpleNamespace) -> dict[str, Any]:
+    body = mutate(rng, {"name": "r", "data_source": a_run_source(rng, pool)})
+    path = f"/v1/evals/{an_id(rng, pool.eval_ids, 'eval_')}/runs"
+    return json_request(rng, "POST", path, body)
+
+
+def eval_getter(method: str, tail: str = "") -> Callable:
+    """Requests to ``/v1/evals/{eval_id}<tail>``, ids from the pool or made up."""
+
+    def make(rng: random.Random, pool: SimpleNamespace) -> dict[str, Any]:
+        path = f"/v1/evals/{an_id(rng, pool.eval_ids, 'eval_')}{tail}"
+        path = path.replace("{run_id}", an_id(rng, pool.run_ids, "evalrun_"))
+        path = path.replace("{output_item_id}", an_id(rng, pool.item_ids, "outputitem_"))
+        params = query(rng)
+        if rng.random() < 0.3:
+            params["status"] = rng.choice(["pass", "fail", "completed", "x"])
+        return {"method": method, "url": path, "params": params}
+
+    return make
+
+
 # ------------------------------------------------------------------- uploads
 
 
@@ -431,6 +566,8 @@ def file_bytes(rng: random.Random) -> bytes:
         lambda: ROWS + b"\x00\x00\x00",
         lambda: b"\n\n\n",
         lambda: dumps(CHAT).encode(),
+        lambda: b'{"item": {"answer": "a"}, "sample": {"output_text": "a"}}\n',
+        lambda: dumps({"item": junk(rng), "sample": junk(rng)}).encode() + b"\n",
     ]
     return rng.choice(choices)()
 
@@ -451,7 +588,7 @@ def upload(rng: random.Random, pool: SimpleNamespace) -> dict[str, Any]:
             "",
         ]
     )
-    purpose = rng.choice(["fine-tune"] * 4 + ["assistants", "", "FINE-TUNE", "x" * 5000])
+    purpose = rng.choice(["fine-tune"] * 4 + ["evals", "assistants", "", "FINE-TUNE", "x" * 5000])
     parts: list[tuple[str, str | None, str | None, bytes]] = [
         ("file", name, rng.choice([None, "application/octet-stream", "image/png", "x"]), b""),
         ("purpose", None, None, purpose.encode()),
@@ -499,6 +636,28 @@ def getter(method: str, template: str, prefix: str = "", field: str = "") -> Cal
     return make
 
 
+EVAL_ROUTES: dict[tuple[str, str], tuple[Callable, int]] = {
+    ("POST", "/v1/evals"): (eval_create, 1),
+    ("GET", "/v1/evals"): (getter("GET", "/v1/evals"), 0),
+    ("GET", "/v1/evals/{eval_id}"): (eval_getter("GET"), 0),
+    ("POST", "/v1/evals/{eval_id}"): (eval_update, 0),
+    ("DELETE", "/v1/evals/{eval_id}"): (eval_getter("DELETE"), 0),
+    ("POST", "/v1/evals/{eval_id}/runs"): (run_create, 1),
+    **{
+        (method, f"/v1/evals/{{eval_id}}/runs{tail}"): (eval_getter(method, f"/runs{tail}"), 0)
+        for method, tail in (
+            ("GET", ""),
+            ("GET", "/{run_id}"),
+            ("POST", "/{run_id}/cancel"),
+            ("DELETE", "/{run_id}"),
+            ("GET", "/{run_id}/output_items"),
+            ("GET", "/{run_id}/output_items/{output_item_id}"),
+        )
+    },
+}
+"""The evals routes' generators (``GENERATORS`` takes them in)."""
+
+
 GENERATORS: dict[tuple[str, str], tuple[Callable, int]] = {
     ("GET", "/health"): (getter("GET", "/health"), 1),
     ("GET", "/v1/models"): (getter("GET", "/v1/models"), 1),
@@ -528,10 +687,15 @@ GENERATORS: dict[tuple[str, str], tuple[Callable, int]] = {
         for method, tail in (
             ("GET", ""),
             ("POST", "/cancel"),
+            ("POST", "/pause"),
+            ("POST", "/resume"),
             ("GET", "/events"),
             ("GET", "/checkpoints"),
         )
     },
+    ("POST", "/v1/fine_tuning/alpha/graders/run"): (grader_run, 1),
+    ("POST", "/v1/fine_tuning/alpha/graders/validate"): (grader_validate, 1),
+    **EVAL_ROUTES,
     # FastAPI's own pages: no key needed is fine, a 5xx is not.
     ("GET", "/openapi.json"): (getter("GET", "/openapi.json"), 0),
     ("GET", "/docs"): (getter("GET", "/docs"), 0),
@@ -545,9 +709,13 @@ def app_routes(app: Any) -> set[tuple[str, str]]:
     """``(method, path)`` of every route of ``app`` (HEAD, which Starlette adds, left out)."""
     found = set()
     for route in app.routes:
-        # FastAPI keeps an included router as one entry, which lists its routes itself.
+        # FastAPI keeps an included router as one entry, which lists its routes itself
+        # (and a router included in it as one of those).
         listed = getattr(route, "effective_candidates", None)
         for entry in listed() if listed else [route]:
+            if getattr(entry, "effective_candidates", None):
+                found |= app_routes(SimpleNamespace(routes=[entry]))
+                continue
             found |= {(m, entry.path) for m in getattr(entry, "methods", None) or () if m != "HEAD"}
     return found
 
@@ -600,6 +768,34 @@ def problem(request: dict[str, Any], response: httpx.Response) -> str | None:
     return None
 
 
+def _an_eval(http: httpx.Client) -> tuple[str, str, str]:
+    """An eval with one completed jsonl run: its id, the run's and an output item's."""
+    criterion = {
+        "type": "string_check",
+        "name": "exact",
+        "input": "{{ sample.output_text }}",
+        "reference": "{{ item.answer }}",
+        "operation": "eq",
+    }
+    config = {"type": "custom", "item_schema": {"type": "object"}}
+    made = http.post(
+        "/v1/evals", json={"data_source_config": config, "testing_criteria": [criterion]}
+    )
+    assert made.status_code == 200, made.text
+    eval_id = made.json()["id"]
+    row = {"item": {"answer": "a"}, "sample": {"output_text": "a"}}
+    source = {"type": "jsonl", "source": {"type": "file_content", "content": [row]}}
+    run = http.post(f"/v1/evals/{eval_id}/runs", json={"data_source": source})
+    assert run.status_code == 200, run.text
+    run_id = run.json()["id"]
+    for _ in range(100):
+        items = http.get(f"/v1/evals/{eval_id}/runs/{run_id}/output_items").json()["data"]
+        if items:
+            return eval_id, run_id, items[0]["id"]
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} wrote no output item")
+
+
 def test_every_route_body_query_and_id_gets_no_5xx(api):
     import ray
 
@@ -619,7 +815,15 @@ def test_every_route_body_query_and_id_gets_no_5xx(api):
         )
         assert job.status_code == 200, job.text
         assert job.json()["error"]["code"] == "runner_not_started"  # no Ray here: never started
-    pool = SimpleNamespace(file_ids=file_ids, job_ids=[job.json()["id"]], models=["tiny-llama"])
+        evals = [_an_eval(http) for _ in range(2)]
+    pool = SimpleNamespace(
+        file_ids=file_ids,
+        job_ids=[job.json()["id"]],
+        models=["tiny-llama"],
+        eval_ids=[e[0] for e in evals],
+        run_ids=[e[1] for e in evals],
+        item_ids=[e[2] for e in evals],
+    )
     requests = generated(pool)
     assert len(requests) >= 2000
     limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)

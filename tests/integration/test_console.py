@@ -74,6 +74,11 @@ def test_quiet_console_shows_rayft_lines_and_no_ray_worker_logs(job: Path) -> No
     assert json.loads(lines[0])["metrics"]["step"] == 3
     err = done.stderr
     assert "[rayft] run " in err and "[rayft] data: " in err
+    # One line says what the run chose: its steps, effective batch and learning rate.
+    assert (
+        "[rayft] plan: 3 optimizer steps (optim.max_steps), effective batch 8 "
+        "(4 per worker x 1 accumulation x 2 workers), lr 0.001"
+    ) in err
     assert "train step 3/3" in err and "eval  step 3/3" in err
     assert "[rayft] adapter published: " in err
     assert "training:" in err  # the bar

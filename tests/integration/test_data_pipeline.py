@@ -238,9 +238,9 @@ def test_each_source_is_scanned_once_per_run(
     scanned_paths: list[str] = []
     real = data.scan_source
 
-    def counting(path: str, fmt: str = "auto") -> data.SourceReport:
+    def counting(path: str, *args: Any) -> data.SourceReport:
         scanned_paths.append(path)
-        return real(path, fmt)
+        return real(path, *args)
 
     monkeypatch.setattr(data, "scan_source", counting)
     scanned = data.scan_sources(spec)

@@ -352,3 +352,58 @@ def test_a_job_beyond_free_capacity_waits_in_order_holding_no_actor(client, serv
     assert done[1].created_at >= done[0].created_at
     events = [e.message for e in client.fine_tuning.jobs.list_events(second.id, limit=50).data]
     assert any("waiting for 2 CPUs" in m for m in events), events
+
+
+def test_pause_checkpoints_frees_the_cpus_and_resume_finishes_the_run(client, server, uploaded):
+    import ray
+
+    from rayft.cluster.fine_tuning import NAMESPACE, runner_name
+    from rayft.trainers.records import newest_checkpoint, read_events
+    from rayft.trainers.storage import StorageRoot
+
+    steps, root = 24, StorageRoot.resolve(str(server["home"]))
+    options = {**NO_EVAL, "optim": {**RUN_OPTIONS["optim"], "max_steps": steps}}
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=uploaded, suffix="pause", extra_body={"rayft": options}
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # polled closely: the run must not end first
+        status = client.fine_tuning.jobs.retrieve(job.id).status
+        trained = any(e.get("type") == "train" for e in read_events(root, job.id))
+        if trained or status not in ("validating_files", "queued"):
+            break
+        time.sleep(0.2)
+    paused = client.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused", paused
+    at = newest_checkpoint(root, job.id)
+    assert at is not None and 0 < at[1] < steps  # stopped at a checkpoint, midway
+    name = paused.model_extra["rayft"]["output_name"]
+    assert paused.fine_tuned_model is None and not (server["home"] / "adapters" / name).exists()
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < total - 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == total - 1  # only the replica's is held
+    with pytest.raises(ValueError):
+        ray.get_actor(runner_name(job.id), namespace=NAMESPACE)
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.pause(job.id)
+
+    resumed = client.fine_tuning.jobs.resume(job.id)
+    assert resumed.status in ("validating_files", "queued")
+    done = wait_for(client, job.id, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    events = read_events(root, job.id)
+    # Every step trained once: the resumed run went on from the pause's checkpoint.
+    assert [e["step"] for e in events if e.get("type") == "train"] == list(range(1, steps + 1))
+    assert [e["step"] for e in events if e.get("type") == "resumed"] == [at[1]]
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert any(m.startswith("Job paused: paused after step") for m in messages), messages
+    assert any(m.startswith("Job queued: resumed") for m in messages), messages
+    chat = client.chat.completions.create(
+        model=done.fine_tuned_model,
+        messages=[{"role": "user", "content": "name a red thing"}],
+        max_tokens=4,
+        temperature=0,
+    )
+    assert chat.model == done.fine_tuned_model and chat.choices[0].message.content is not None

@@ -260,3 +260,40 @@ def test_early_stopping_ends_a_diverging_run(ray_cluster, chat_file):
     # It stopped right after `patience` evaluations without a new best (NaN is no gain).
     best = min((loss for loss in losses[:-patience] if loss == loss), default=float("inf"))
     assert not any(loss < best for loss in losses[-patience:])
+
+
+def test_a_run_started_in_an_actor_reports_its_state_and_cancel_frees_its_cpus(
+    ray_cluster, chat_file, rayft_home
+):
+    import time
+
+    from rayft.trainers.runs import PLACEMENT_GROUPS_FILE, start_run
+    from rayft.trainers.storage import StorageRoot, run_relpath
+
+    spec = make_spec(
+        chat_file, "cancelled-run", optim={"max_steps": 400}, eval={"every_steps": 400}
+    )
+    run = start_run(spec, "cancel-me", in_actor=True)
+    assert run.status() in ("starting", "running")
+    deadline = time.time() + 300
+    while not any(event["type"] == "train" for event in run.events()):
+        assert not run.done(), run.result()
+        assert time.time() < deadline, "no training step within 300 s"
+        time.sleep(0.5)
+    assert run.status() == "running" and not run.done()
+    recorded = StorageRoot.resolve(None).read(run_relpath("cancel-me", PLACEMENT_GROUPS_FILE))
+    assert recorded is not None and len(recorded.split()) == 1
+
+    run.cancel()
+    with pytest.raises(ray.exceptions.RayActorError):
+        run.result(timeout=60)
+    # Its driver is gone (read as interrupted: resume continues it), and so are the
+    # workers' CPUs, however the controller raced the cancel.
+    deadline = time.time() + 30
+    while (
+        run.status() != "interrupted"
+        or ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]
+    ):
+        assert time.time() < deadline, (run.status(), ray.available_resources())
+        time.sleep(0.5)
+    assert not (rayft_home / "adapters" / "cancelled-run").exists()

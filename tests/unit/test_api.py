@@ -215,3 +215,30 @@ def test_training_failed_keeps_its_run_id_across_pickling():
     assert isinstance(err, rayft.ClusterError) and err.run_id == "run-7"
     assert str(err) == "run run-7 failed"
     assert Path(rayft.__file__).name == "__init__.py"
+
+
+def test_a_sweep_result_is_the_sweeps_outcome_with_its_best_artifact_typed(tmp_path):
+    from rayft.cluster.api import SweepResult
+    from rayft.raytune.sweep import SweepOutcome
+
+    rows = [
+        {"rank": 1, "trial": 1, "optim.lr": 3e-3, "eval_loss": 1.5, "state": "finished"},
+        {"rank": 2, "trial": 0, "optim.lr": 50.0, "eval_loss": 9.0, "state": "early_stopped"},
+    ]
+    outcome = SweepOutcome(
+        sweep_id="s",
+        path=tmp_path,
+        rows=rows,
+        columns=["rank", "trial", "optim.lr", "eval_loss", "state"],
+        best=rows[0],
+        artifact=None,
+        table_csv=tmp_path / "results.csv",
+        table_json=tmp_path / "results.json",
+        plot=tmp_path / "plot.png",
+    )
+    result = SweepResult(**vars(outcome), best_artifact=None)
+    assert isinstance(result, SweepOutcome)
+    assert result.trials is result.rows and result.best["trial"] == 1
+    assert [r["trial"] for r in result.by_state("early_stopped")] == [0]
+    frame = result.frame()
+    assert list(frame.columns) == outcome.columns and frame["optim.lr"].tolist() == [3e-3, 50.0]

@@ -93,8 +93,9 @@ def test_dpo_jobs_map_onto_objective_dpo_with_beta_and_method():
 def test_auto_and_legacy_hyperparameters_keep_rayfts_defaults():
     auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     spec, reported = spec_of({"hyperparameters": auto})
-    assert (spec.optim.epochs, spec.optim.batch_size, spec.optim.lr) == (1, 8, 2e-4)
-    assert reported == {"n_epochs": 1, "batch_size": 16, "learning_rate_multiplier": 1.0}
+    # The effective batch of 8 split over the default 2 workers; LoRA's learning rate.
+    assert (spec.optim.epochs, spec.optim.batch_size, spec.optim.lr) == (1, 4, 1e-3)
+    assert reported == {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 1.0}
     legacy, _ = spec_of({"hyperparameters": {"n_epochs": 2}})
     assert legacy.optim.epochs == 2
 
@@ -323,3 +324,97 @@ def test_racing_cancel_finish_and_watchers_leave_one_consistent_record(tmp_path)
         # Every writer that ended the job was told the end the record keeps.
         for name in ("runner", "cancel", "refresh"):
             assert answers[name]["status"] == final["status"]
+
+
+def test_learning_rate_multiplier_scales_the_methods_default_rate():
+    from rayft.trainers import defaults
+
+    times_two = {"learning_rate_multiplier": 2}
+    lora, _ = spec_of({"hyperparameters": times_two})
+    assert lora.optim.lr == pytest.approx(2 * defaults.LORA_LR)
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": times_two}}
+    full, _ = spec_of({"method": dpo, "rayft": {"method": "full"}})
+    assert full.optim.lr == pytest.approx(2 * defaults.DPO_FULL_LR)
+    older, _ = spec_of({"method": dpo, "rayft": {"method": "dpo", "dpo": {"weights": "full"}}})
+    assert older.optim.lr == pytest.approx(2 * defaults.DPO_FULL_LR)
+
+
+def _refused(call, *args, **kw) -> tuple[int, str | None, str | None]:
+    with pytest.raises(Exception) as caught:
+        call(*args, **kw)
+    return getattr(caught.value, "status", None), caught.value.code, caught.value.param
+
+
+def test_pause_and_resume_follow_the_job_status_rules(tmp_path):
+    from rayft.cluster import job_queue
+    from rayft.trainers.records import pause_pending
+
+    root = StorageRoot.resolve(str(tmp_path))
+    job = _record(root)["id"]
+    jobs.transition(root, job, jobs.QUEUED, "waiting for 3 CPUs")
+    record = jobs.read_job(root, job)
+    record["rayft"]["waiting"] = True  # in the queue, no runner yet
+    jobs.save_job(root, record)
+    paused = jobs.pause(root, job, "key-1", wait_s=5)
+    assert paused["status"] == "paused" and not job_queue.is_waiting(paused)
+    assert paused["history"][-1]["key_id"] == "key-1"
+    assert jobs.mark_admitted(root, job) is None  # the queue never starts a paused job
+    assert jobs.refresh(root, paused)["status"] == "paused"  # no runner, by design
+    assert _refused(jobs.pause, root, job) == (409, "job_not_pausable", "job_id")
+
+    resumed = jobs.resume(root, job, "key-2")
+    assert resumed["status"] == "queued" and job_queue.is_waiting(resumed)
+    assert "resumed with key key-2" in resumed["history"][-1]["message"]
+    assert not pause_pending(root, job)
+    assert _refused(jobs.resume, root, job) == (409, "job_not_resumable", "job_id")
+    events = [e["message"] for e in jobs.job_events(root, jobs.read_job(root, job))]
+    assert any("Job paused" in m for m in events) and any("resumed with key" in m for m in events)
+
+    jobs.pause(root, job)
+    cancelled = jobs.cancel(root, job, "key-3")  # a paused job can be cancelled
+    assert cancelled["status"] == "cancelled"
+    assert _refused(jobs.pause, root, job)[:2] == (409, "job_not_pausable")
+    assert _refused(jobs.resume, root, job)[:2] == (409, "job_not_resumable")
+
+
+def test_pausing_a_training_job_waits_for_its_checkpoint_then_stops_it(tmp_path):
+    import threading
+    import time
+
+    from rayft.trainers.records import RunLog, pause_pending
+
+    root = StorageRoot.resolve(str(tmp_path))
+    job = _record(root, "ftjob-0001")["id"]
+    jobs.transition(root, job, jobs.RUNNING, "training started")
+    RunLog(root, job).state("running")  # its run's driver is up
+
+    def runner() -> None:  # what a runner does when its run pauses at the next step
+        while not pause_pending(root, job):
+            threading.Event().wait(0.05)
+        jobs.transition(root, job, jobs.PAUSED, "paused after step 3")
+
+    answering = threading.Thread(target=runner)
+    answering.start()
+    paused = jobs.pause(root, job, "key-1", wait_s=30)
+    answering.join(5)
+    assert paused["status"] == "paused"
+    assert [h["message"] for h in paused["history"][-2:]] == [
+        "pause requested with key key-1: checkpointing at the next step",
+        "paused after step 3",
+    ]
+
+    # A run that reaches no step within the wait is stopped; it resumes at its checkpoint.
+    late = _record(root, "ftjob-0002")["id"]
+    jobs.transition(root, late, jobs.RUNNING, "training started")
+    RunLog(root, late).state("running")
+    forced = jobs.pause(root, late, wait_s=0.2)
+    assert forced["status"] == "paused"
+    assert "no step within 0.2 s" in forced["history"][-1]["message"]
+    assert "no checkpoint yet" in forced["history"][-1]["message"]
+
+    # A job admitted but still checking its files has no run to wait for: stopped at once.
+    early = _record(root, "ftjob-0003")["id"]
+    started = time.monotonic()
+    stopped = jobs.pause(root, early, wait_s=30)
+    assert stopped["status"] == "paused" and time.monotonic() - started < 10
+    assert "its run had not started" in stopped["history"][-1]["message"]

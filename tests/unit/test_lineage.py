@@ -134,6 +134,34 @@ def test_publish_refuses_an_adapter_with_nan_weights_and_publishes_nothing(
     assert not (home / "adapters" / "nan").exists()
 
 
+def test_the_check_at_export_notes_its_outcome_and_publishing_reads_the_note(
+    base_dir: Path, home: Path, tmp_path: Path
+):
+    from rayft.trainers.config import validate_spec
+    from rayft.trainers.loop import SERVABLE_FILE, check_export
+    from rayft.trainers.servable import export_was_checked
+
+    spec = validate_spec({"model": {"name": "tiny-llama"}, "data": {"train": "t.jsonl"}})
+    good = peft_files(base_dir, tmp_path / "ckpt-good" / "export", seed=1)
+    check_export(good, spec, base_dir)
+    assert export_was_checked((good.parent / SERVABLE_FILE).read_bytes()) is True
+
+    poisoned = peft_files(base_dir, tmp_path / "ckpt-nan" / "export", seed=2, poison=True)
+    check_export(poisoned, spec, base_dir)
+    note = (poisoned.parent / SERVABLE_FILE).read_bytes()
+    with pytest.raises(UnservableError, match="non-finite logits"):
+        export_was_checked(note)
+    assert export_was_checked(None) is False  # no note: publishing checks the files itself
+
+    # A checked export is published without loading it again; the fingerprint is recorded.
+    path = publish_dir(
+        good, "adapter", "noted", {"base_model": "tiny-llama"}, False, str(home), base_dir, True
+    )
+    assert json.loads((path / "rayft.json").read_text())["base_fingerprint"] == (
+        weights_fingerprint(base_dir)
+    )
+
+
 def test_servability_check_refuses_truncated_and_misshapen_weights(base_dir: Path, tmp_path: Path):
     src = peft_files(base_dir, tmp_path / "torn", seed=3)
     weights = src / "adapter_model.safetensors"
