@@ -55,7 +55,7 @@ from rayft.trainers.config import (
 )
 from rayft.trainers.driver import new_run_id
 from rayft.trainers.registry import artifact_location
-from rayft.trainers.runs import free_run_groups, free_stopped_runs, start_run
+from rayft.trainers.runs import free_stopped_runs, start_run
 from rayft.trainers.storage import (
     MANIFEST_FILE,
     StorageRoot,
@@ -358,8 +358,7 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     # A trial that starts again (PBT exploit or pause, Tuner.restore) had its previous
     # actors killed; the placement group of that start's Train workers may still hold
     # its CPUs, which the new run needs.
-    for earlier in trial_run_ids(storage, sweep["id"], index):
-        free_run_groups(storage, earlier)
+    free_stopped_runs(storage, trial_run_ids(storage, sweep["id"], index))
     pbt = bool(sweep.get("pbt_every_steps"))
     start_from = tune.get_checkpoint() if pbt else None
     donor = None

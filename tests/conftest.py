@@ -10,10 +10,6 @@ from pathlib import Path
 import pytest
 from color_data import write_color_chats
 
-# Ray Train's controller looks at its workers every 2 s by default; the suite's runs last
-# seconds, so a finished run is noticed sooner. Clusters the tests start inherit this.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
 
 @pytest.fixture(scope="session")
 def rayft_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

@@ -35,6 +35,11 @@ PLACEMENT_GROUPS_FILE = "placement_groups"
 STARTING = "starting"
 """A run's status before its driver wrote the first record."""
 
+RUN_NAMESPACE = "rayft-runs"
+"""Ray namespace of the actors that drive runs started with ``in_actor=True``."""
+DRIVER_EXIT_S = 15.0
+"""How long stopping a run waits for its driver actor to be gone."""
+
 SETTLE_ROUNDS = 3
 """Rounds of one second with no group left to remove before a stopped run counts as freed."""
 FREE_LIMIT_S = 30.0
@@ -94,22 +99,59 @@ def free_run_groups(root: StorageRoot, run_id: str) -> int:
     return removed
 
 
+def driver_name(run_id: str) -> str:
+    """The Ray actor name of the driver of a run started with ``in_actor=True``."""
+    return f"rayft-run-{run_id}"
+
+
+def stop_driver(run_id: str) -> bool:
+    """Kill the actor driving ``run_id`` (if any is alive) and wait until it is gone.
+
+    Its Train controller and workers are its children: they die with it. Whoever stops a
+    run (a sweep stopping a trial, a trial starting again) kills the driver before it frees
+    the run's placement groups, so no live controller sees its workers go and starts new
+    ones. Returns whether a driver was found.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:
+        actor = ray.get_actor(driver_name(run_id), namespace=RUN_NAMESPACE)
+    except ValueError:
+        return False
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + DRIVER_EXIT_S
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(driver_name(run_id), namespace=RUN_NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.2)
+    return True
+
+
 def free_stopped_runs(
     root: StorageRoot, run_ids: Iterable[str], background: bool = False
 ) -> threading.Thread | None:
-    """Free the groups of runs whose drivers were just killed, until nothing is left.
+    """Stop runs and free their placement groups, until nothing of them is left.
 
-    Killing a run's driver reaches its Train controller a moment later; a controller that
-    sees its workers gone first (their group was removed) starts a new worker group in a
-    new placement group. So the groups are removed again each second, the new ones
-    included, until ``SETTLE_ROUNDS`` rounds find none (``FREE_LIMIT_S`` at most).
+    Each run's driver actor (if it has one) is killed first (:func:`stop_driver`). Killing
+    a driver reaches its Train controller a moment later; a controller that sees its
+    workers gone first (their group was removed) starts a new worker group in a new
+    placement group. So the groups are removed again each second, the new ones included,
+    until ``SETTLE_ROUNDS`` rounds find none (``FREE_LIMIT_S`` at most).
 
     Args:
         background: Watch from a daemon thread (returned) instead of blocking.
     """
     run_ids = sorted(set(run_ids))
+    if not run_ids:
+        return None
 
     def watch() -> None:
+        for run_id in run_ids:
+            stop_driver(run_id)
         quiet, deadline = 0, time.monotonic() + FREE_LIMIT_S
         while quiet < SETTLE_ROUNDS and time.monotonic() < deadline:
             removed = sum(free_run_groups(root, run_id) for run_id in run_ids)
@@ -241,6 +283,13 @@ def start_run(
         return RunHandle(root, run_id, outcome=outcome)
     import ray
 
-    settings = {"num_cpus": 0, "max_restarts": 0, "scheduling_strategy": "DEFAULT"}
+    stop_driver(run_id)  # an earlier start's driver of this run, if one is still alive
+    settings = {
+        "num_cpus": 0,
+        "max_restarts": 0,
+        "scheduling_strategy": "DEFAULT",
+        "name": driver_name(run_id),
+        "namespace": RUN_NAMESPACE,
+    }
     actor = ray.remote(RunDriver).options(**{**settings, **(actor_options or {})}).remote()
     return RunHandle(root, run_id, actor=actor, future=actor.run.remote(spec, run_id, run_options))

@@ -220,9 +220,11 @@ def test_sweep_records_results_and_adapters_live_in_object_storage(
         assert record["artifact"] is None
         [start] = files[f"trials/{k}.starts.jsonl"].decode().splitlines()
         assert json.loads(start)["run_id"] == f"s3-sweep-trial-{k}"
-        groups = files[f"trials/{k}.placement_groups"].decode().split()
+        run_files = remote_files(f"runs/s3-sweep-trial-{k}")
+        # Each run records its workers' placement groups, for the one clean-up of runs.
+        groups = run_files["placement_groups"].decode().split()
         assert groups and all(int(g, 16) for g in groups)
-        assert "spec.yaml" in remote_files(f"runs/s3-sweep-trial-{k}")
+        assert "spec.yaml" in run_files
 
     published = {key.split("/")[0] for key in remote_files("adapters")}
     assert not {n for n in published if "-trial-" in n}, published
