@@ -45,7 +45,7 @@ from rayft.cluster.eval_data import (
 )
 from rayft.cluster.eval_runner import REPLICA, EvalRuns, RunPlan, compute, settle
 from rayft.cluster.eval_store import EvalRecord, EvalStore, RunRecord, new_id, now
-from rayft.cluster.files_service import FileStore, page
+from rayft.cluster.files_service import FileStore, id_page, limit_param
 from rayft.cluster.job_body import load_json
 from rayft.serving.errors import BadRequest, NotFound, ServingError
 from rayft.serving.openai_api import get_principal
@@ -89,17 +89,7 @@ def _listing(request: Request, items: list[dict[str, Any]], default_limit: int =
         raise BadRequest(f"order is {order!r}; use asc or desc", param="order")
     if order == "desc":
         items = items[::-1]
-    raw = params.get("limit")
-    if raw is not None and not (raw.isascii() and raw.isdigit()):
-        raise BadRequest(f"limit is {raw!r}; give a whole number from 1", param="limit")
-    data, more = page(items, params.get("after"), default_limit if raw is None else int(raw))
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": more,
-    }
+    return id_page(items, params.get("after"), limit_param(params.get("limit"), default_limit))
 
 
 def _choice(request: Request, name: str, allowed: tuple[str, ...]) -> str | None:

@@ -127,6 +127,31 @@ def page(
     return items[:limit], len(items) > limit
 
 
+def limit_param(raw: str | None, default: int) -> int:
+    """A list route's ``limit`` query parameter (``default`` when absent).
+
+    Raises:
+        BadRequest: Not a whole number.
+    """
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()):  # '²'.isdigit(), but int('²') fails
+        raise BadRequest(f"limit is {raw!r}; give a whole number from 1", param="limit")
+    return int(raw)
+
+
+def id_page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """OpenAI's list object of one page of ``items``, with its first and last ids."""
+    data, more = page(items, after, limit)
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": more,
+    }
+
+
 class FileStore:
     """The uploaded files of one rayft root.
 

@@ -40,7 +40,7 @@ from fastapi.responses import FileResponse
 from rayft.cluster import fine_tuning as jobs
 from rayft.cluster import job_body, job_queue
 from rayft.cluster.evals_api import router as evals_router
-from rayft.cluster.files_service import FileStore, check_purpose, page
+from rayft.cluster.files_service import FileStore, check_purpose, id_page, limit_param
 from rayft.cluster.graders_api import router as graders_router
 from rayft.cluster.quotas import CheckpointSweeper, FileUsage, check_file_quota, check_job_quota
 from rayft.cluster.uploads import UploadSlots, receive_upload
@@ -95,12 +95,7 @@ def _job(request: Request, job_id: str) -> dict[str, Any]:
 
 
 def _limit(request: Request, default: int) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None:
-        return default
-    if not (raw.isascii() and raw.isdigit()):  # '²'.isdigit(), but int('²') fails
-        raise BadRequest(f"limit is {raw!r}; give a whole number from 1", param="limit")
-    return int(raw)
+    return limit_param(request.query_params.get("limit"), default)
 
 
 # --------------------------------------------------------------------- files
@@ -157,14 +152,7 @@ def list_files(request: Request) -> dict[str, Any]:
     items = _files(request).list(params.get("purpose"))
     if params.get("order") == "asc":
         items = items[::-1]
-    data, more = page(items, params.get("after"), _limit(request, 10000))
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": more,
-    }
+    return id_page(items, params.get("after"), _limit(request, 10000))
 
 
 @router.get("/v1/files/{file_id}")
