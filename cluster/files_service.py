@@ -240,7 +240,7 @@ class FileStore:
                 that ``rayft train`` would refuse (the message names the line).
         """
         from rayft.cluster.eval_data import scan_eval_rows
-        from rayft.trainers.data import DataError, scan_source
+        from rayft.trainers.data import DataError
 
         filename = _clean_name(filename)
         if size == 0 or not staging.is_file():
@@ -258,7 +258,7 @@ class FileStore:
             if purpose == EVALS_PURPOSE:
                 report = scan_eval_rows(staging, suffix)
             else:
-                report = scan_source(str(staging), "auto")
+                report = _scan_training_rows(staging)
         except DataError as err:
             raise BadRequest(
                 str(err).replace(str(staging), filename), code="invalid_file", param="file"
@@ -379,3 +379,19 @@ def _copy_limited(source: Any, target: Path, limit: int) -> int:
                 raise too_large(limit)
             out.write(chunk)
     return size
+
+
+def _scan_training_rows(path: Path) -> Any:
+    """A ``fine-tune`` file's scan: rows of a training format, or else GRPO's prompt rows
+    (OpenAI's reinforcement data: chat messages ending with the user's, plus the grader's
+    fields). The first refusal is the one reported when neither fits."""
+    from rayft.trainers.data import DataError, scan_source
+    from rayft.trainers.grpo import PromptRows
+
+    try:
+        return scan_source(str(path), "auto")
+    except DataError as err:
+        try:
+            return scan_source(str(path), "auto", row_check=PromptRows())
+        except DataError:
+            raise err from None

@@ -98,6 +98,27 @@ class DpoHyperparameters(Hyperparameters):
     beta: Literal["auto"] | PositiveFloat | None = None
 
 
+class ReinforcementHyperparameters(Hyperparameters):
+    """OpenAI's reinforcement hyperparameters (``objective: grpo``).
+
+    ``eval_interval`` is ``eval.every_steps``; ``compute_multiplier`` scales the answers
+    sampled per prompt (``grpo.num_generations``, 4 at 1.0). ``eval_samples`` (answers per
+    validation prompt) and ``reasoning_effort`` are accepted and reported: rayft grades one
+    greedy answer per validation prompt, and an open model has no reasoning-effort setting
+    (its chat template decides whether it reasons).
+    """
+
+    eval_interval: Literal["auto"] | PositiveInt | None = None
+    eval_samples: Literal["auto"] | PositiveInt | None = None
+    compute_multiplier: Literal["auto"] | PositiveFloat | None = None
+    reasoning_effort: Literal["default", "low", "medium", "high"] | None = None
+
+
+class ReinforcementMethod(_Body):
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class SupervisedMethod(_Body):
     hyperparameters: Hyperparameters | None = None
 
@@ -110,7 +131,7 @@ class Method(_Body):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: ReinforcementMethod | None = None
 
 
 class JobRequest(_Body):
@@ -204,18 +225,17 @@ def method_type(request: JobRequest) -> str:
     method = request.method
     if method is None:
         return "supervised"
-    if method.type == "reinforcement":
+    for other in ("supervised", "dpo", "reinforcement"):
+        if other != method.type and getattr(method, other) is not None:
+            raise BadRequest(
+                f"method.{other} is given but method.type is {method.type!r}; give the "
+                f"hyperparameters under method.{method.type}",
+                param=f"method.{other}",
+            )
+    if method.type == "reinforcement" and method.reinforcement is None:
         raise BadRequest(
-            "method.type 'reinforcement' is not supported; use 'supervised' or 'dpo' "
-            "(choose LoRA, full or freeze fine-tuning with rayft.method)",
-            param="method.type",
-        )
-    other = "dpo" if method.type == "supervised" else "supervised"
-    if getattr(method, other) is not None:
-        raise BadRequest(
-            f"method.{other} is given but method.type is {method.type!r}; give the "
-            f"hyperparameters under method.{method.type}",
-            param=f"method.{other}",
+            "method.type 'reinforcement' needs method.reinforcement with its grader",
+            param="method.reinforcement",
         )
     return method.type
 
@@ -233,7 +253,9 @@ def _hyperparameters(request: JobRequest) -> tuple[Hyperparameters, str]:
         )
     if nested is not None:
         return nested, f"method.{kind}.hyperparameters"
-    empty = DpoHyperparameters() if kind == "dpo" else Hyperparameters()
+    empty = {"dpo": DpoHyperparameters, "reinforcement": ReinforcementHyperparameters}.get(
+        kind, Hyperparameters
+    )()
     return request.hyperparameters or empty, "hyperparameters"
 
 
@@ -245,7 +267,11 @@ def _method(spec: dict[str, Any], request: JobRequest, hyper: Hyperparameters) -
     ``dpo.beta``. ``rayft.method: dpo`` is the older spelling of ``method.type: dpo``.
     """
     given = spec.get("method")
-    if method_type(request) == "supervised":
+    kind = method_type(request)
+    if kind == "reinforcement":
+        _reinforcement(spec, request, hyper)
+        return
+    if kind == "supervised":
         for key in ("method", "objective"):
             if spec.get(key) == "dpo":
                 raise BadRequest(
@@ -272,6 +298,48 @@ def _method(spec: dict[str, Any], request: JobRequest, hyper: Hyperparameters) -
     beta = getattr(hyper, "beta", None)
     if isinstance(beta, (int, float)):
         dpo["beta"] = float(beta)
+
+
+def _method_record(request: JobRequest, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The job's ``method`` as OpenAI reports it (a reinforcement job's grader included)."""
+    kind = method_type(request)
+    section: dict[str, Any] = {"hyperparameters": hyperparameters}
+    if kind == "reinforcement" and request.method and request.method.reinforcement:
+        section["grader"] = request.method.reinforcement.grader
+    return {"type": kind, kind: section}
+
+
+def _reinforcement(spec: dict[str, Any], request: JobRequest, hyper: Hyperparameters) -> None:
+    """``method.type: reinforcement`` is ``objective: grpo`` with the method's grader."""
+    from rayft.trainers.graders import GraderError, parse_grader
+
+    if spec.get("objective", "grpo") != "grpo":
+        raise BadRequest(
+            f"method.type 'reinforcement' is objective grpo, not {spec['objective']!r}; "
+            "leave rayft.objective out",
+            param="rayft.objective",
+        )
+    if spec.get("method") not in (None, "lora", "full"):
+        raise BadRequest(
+            f"a reinforcement job trains LoRA or full weights, not {spec['method']!r}",
+            param="rayft.method",
+        )
+    assert request.method is not None and request.method.reinforcement is not None
+    grader = request.method.reinforcement.grader
+    try:
+        parse_grader(grader)
+    except GraderError as err:
+        param = err.param.replace("grader", "method.reinforcement.grader", 1)
+        raise BadRequest(str(err), param=param) from None
+    spec["objective"] = "grpo"
+    grpo = spec["grpo"] = _section(spec, "grpo")
+    grpo["grader"] = grader
+    multiplier = getattr(hyper, "compute_multiplier", None)
+    if isinstance(multiplier, (int, float)):
+        grpo["num_generations"] = min(64, max(2, round(4 * float(multiplier))))
+    interval = getattr(hyper, "eval_interval", None)
+    if isinstance(interval, int) and request.validation_file is not None:
+        spec["eval"] = {**_section(spec, "eval"), "every_steps": interval}
 
 
 def build_spec(
@@ -337,7 +405,23 @@ def build_spec(
         from rayft.trainers.config import DpoSpec
 
         reported["beta"] = spec["dpo"].get("beta", DpoSpec().beta)
+    if spec.get("objective") == "grpo":
+        reported.update(_reported_reinforcement(spec, hyper))
     return spec, reported
+
+
+def _reported_reinforcement(spec: dict[str, Any], hyper: Hyperparameters) -> dict[str, Any]:
+    from rayft.trainers.config import GrpoSpec
+
+    multiplier = getattr(hyper, "compute_multiplier", None)
+    samples = getattr(hyper, "eval_samples", None)
+    return {
+        "compute_multiplier": float(multiplier) if isinstance(multiplier, (int, float)) else 1.0,
+        "eval_interval": spec.get("eval", {}).get("every_steps") or "auto",
+        "eval_samples": samples if isinstance(samples, int) else 1,
+        "reasoning_effort": getattr(hyper, "reasoning_effort", None) or "default",
+        "num_generations": spec["grpo"].get("num_generations", GrpoSpec().num_generations),
+    }
 
 
 def _default_lr(spec: dict[str, Any]) -> float:
@@ -486,10 +570,7 @@ def new_record(
         "estimated_finish": None,
         "integrations": [],
         "metadata": request.metadata,
-        "method": {
-            "type": method_type(request),
-            method_type(request): {"hyperparameters": hyperparameters},
-        },
+        "method": _method_record(request, hyperparameters),
         "user_provided_suffix": request.suffix,
         "rayft": {
             "run_id": job_id,
@@ -617,12 +698,18 @@ def _run_event(job_id: str, event: dict[str, Any]) -> dict[str, Any] | None:
         data = {"step": step, "total_steps": total, "train_loss": event["loss"]}
         data.update({k: event[k] for k in ("lr", "tokens_per_s", "tokens_seen") if k in event})
         message = f"{at}: training loss={event['loss']:.4f}"
+        if isinstance(event.get("reward"), (int, float)):  # a reinforcement job
+            data["train_reward_mean"] = event["reward"]
+            message += f", mean grade={event['reward']:.4f}"
         return _event(job_id, when, message, type="metrics", **data)
     if kind == "eval" and isinstance(event.get("eval_loss"), (int, float)):
         data = {"step": step, "total_steps": total, "valid_loss": event["eval_loss"]}
         if "eval_perplexity" in event:
             data["valid_perplexity"] = event["eval_perplexity"]
         message = f"{at}: validation loss={event['eval_loss']:.4f}"
+        if isinstance(event.get("eval_reward"), (int, float)):
+            data["valid_reward_mean"] = event["eval_reward"]
+            message = f"{at}: validation mean grade={event['eval_reward']:.4f}"
         return _event(job_id, when, message, type="metrics", **data)
     if kind == "checkpoint":
         return _event(job_id, when, f"Checkpoint saved at step {step}", step=step)
@@ -664,6 +751,7 @@ def job_checkpoints(root: StorageRoot, record: dict[str, Any]) -> list[dict[str,
 
     train_loss: float | None = None
     valid: dict[Any, float] = {}
+    grades: dict[Any, float] = {}  # a reinforcement job's validation mean grade
     out = []
     for event in read_events(root, record["rayft"]["run_id"]):
         kind = event.get("type")
@@ -671,6 +759,8 @@ def job_checkpoints(root: StorageRoot, record: dict[str, Any]) -> list[dict[str,
             train_loss = float(event["loss"])
         elif kind == "eval" and isinstance(event.get("eval_loss"), (int, float)):
             valid[event.get("step")] = float(event["eval_loss"])
+            if isinstance(event.get("eval_reward"), (int, float)):
+                grades[event.get("step")] = float(event["eval_reward"])
         elif kind == "checkpoint" and isinstance(event.get("step"), int):
             step = event["step"]
             out.append(
@@ -684,6 +774,7 @@ def job_checkpoints(root: StorageRoot, record: dict[str, Any]) -> list[dict[str,
                         "step": step,
                         "train_loss": train_loss,
                         "valid_loss": valid.get(step),
+                        **({"valid_reward_mean": grades[step]} if step in grades else {}),
                     },
                     "step_number": step,
                 }

@@ -63,6 +63,7 @@ NAMES_NOTHING = {
     "classification.text_column": "a column of the data",
     "classification.label_column": "a column of the data",
     "eval.metrics": "metric names (exact_match, ...)",
+    "eval.benchmarks": "lm-eval task names of rayft's allow-list (rayft_capitals, ...)",
 }
 ALLOWED: dict[str, Allowed] = {
     **{
@@ -85,6 +86,21 @@ ALLOWED: dict[str, Allowed] = {
             "lora.use_rslora",
             "dpo.beta",
             "dpo.loss",
+            "grpo.num_generations",
+            "grpo.max_new_tokens",
+            "grpo.temperature",
+            "grpo.top_p",
+            "grpo.beta",
+            "grpo.epsilon",
+            "grpo.epsilon_high",
+            "grpo.loss",
+            "grpo.scale_rewards",
+            "grpo.reward_scale",
+            "grpo.num_iterations",
+            "grpo.rollout_workers",
+            "grpo.rollout_cpus",
+            "grpo.rollout_gpus",
+            "model.attn_implementation",
             "classification.labels",
             "classification.text_column",
             "classification.label_column",
@@ -117,6 +133,7 @@ ALLOWED: dict[str, Allowed] = {
             "eval.at_start",
             "eval.metrics",
             "eval.max_new_tokens",
+            "eval.benchmarks",
             "logging.every_steps",
         )
     },
@@ -134,6 +151,8 @@ SET_BY_JOB = {
     "model.name": "set model",
     "model.adapter": "set model to the adapter or fine_tuned_model to start from",
     "scaling.resources_per_worker": "where workers are placed is the server's choice",
+    "eval.benchmarks_dir": "a job runs rayft's own benchmarks only (eval.benchmarks)",
+    "grpo.grader": "set method.reinforcement.grader (method.type reinforcement)",
 }
 """Keys (or whole sections) a job body may not set, and what to do instead."""
 

@@ -4,6 +4,7 @@
                 [--allowed-host NAME ...] [--grace-period S]
                 [--metrics-port P] [--dashboard [--dashboard-port P]]
     rayft eval --model NAME --data FILE [--metrics loss bleu ...] [--url URL | --in-process]
+    rayft eval --model NAME --benchmarks TASK ... [--tasks-dir DIR] [--limit N] [--url URL]
 
 ``SERVE.yaml`` is either a mapping of ``serving.app.ServeArgs`` fields or a Ray Serve
 config file (``applications: [{import_path: rayft.cluster.service_app:build_service_app,
@@ -88,9 +89,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_serve)
 
-    e = subparsers.add_parser("eval", help="loss, perplexity and generation metrics of a model")
+    e = subparsers.add_parser(
+        "eval", help="loss, perplexity and generation metrics of a model, or lm-eval benchmarks"
+    )
     e.add_argument("--model", required=True, help="base model or published adapter name")
-    e.add_argument("--data", required=True, help=".jsonl or .json file of rows")
+    e.add_argument("--data", default=None, help=".jsonl or .json file of rows")
+    e.add_argument(
+        "--benchmarks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="lm-evaluation-harness tasks instead of --data: rayft_capitals rayft_arithmetic, "
+        "or tasks of --tasks-dir",
+    )
+    e.add_argument("--tasks-dir", default=None, help="a folder of more lm-eval task YAML files")
+    e.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+    e.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the served base model's tokenizer directory for --benchmarks with --url "
+        "(default: the base model in the rayft root)",
+    )
+    e.add_argument(
+        "--samples", default=None, help="write lm-eval's per-document records to this folder"
+    )
     e.add_argument(
         "--metrics",
         nargs="+",
@@ -211,6 +233,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rayft.serving.errors import ServingError
     from rayft.serving.evaluation import check_metrics, read_rows
 
+    if args.benchmarks is not None:
+        return _benchmarks(args)
+    if args.data is None:
+        raise UserError(
+            "give --data FILE (loss, perplexity, generation metrics) or --benchmarks TASK ..."
+        )
     path = Path(args.data)
     if not path.is_file():
         raise UserError(f"--data {path}: no such file")
@@ -223,6 +251,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
             result = _eval_in_process(args, rows)
     except ServingError as err:
         raise UserError(err.message) from None
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _benchmarks(args: argparse.Namespace) -> int:
+    """``--benchmarks``: lm-eval tasks, a JSON object of scores per task on stdout."""
+    from rayft.cluster.benchmarking import benchmark
+
+    if args.data is not None:
+        raise UserError("--data and --benchmarks: give one of them")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give at least 1 document per task")
+    scores = benchmark(
+        args.model,
+        args.benchmarks,
+        url=args.url,
+        storage=args.storage,
+        tokenizer=args.tokenizer,
+        tasks_dir=args.tasks_dir,
+        limit=args.limit,
+        dtype=args.dtype,
+        samples_out=Path(args.samples) if args.samples else None,
+    )
+    result = {"model": args.model, "benchmarks": {t: s.model_dump() for t, s in scores.items()}}
     print(json.dumps(result, indent=2))
     return 0
 

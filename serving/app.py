@@ -73,6 +73,9 @@ class ServeArgs(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1)
     max_prompt_tokens: int = Field(4096, ge=1)
     max_eval_rows: int = Field(2000, ge=1)
+    max_logprob_tokens: int = Field(65536, ge=1)
+    """Most tokens one completion with ``logprobs`` or ``echo`` may have scored (prompts plus
+    ``max_tokens``, times ``n``; 400 past it)."""
     max_file_bytes: int = Field(512 * 1024 * 1024, ge=1)
     """Largest training file ``POST /v1/files`` accepts (413 past it)."""
     max_concurrent_uploads: int = Field(4, ge=1)
@@ -171,6 +174,7 @@ class ModelServer:
             max_tokens_limit=cfg.max_tokens_limit,
             max_prompt_tokens=cfg.max_prompt_tokens,
             max_eval_rows=cfg.max_eval_rows,
+            max_logprob_tokens=cfg.max_logprob_tokens,
             max_file_bytes=cfg.max_file_bytes,
             max_concurrent_uploads=cfg.max_concurrent_uploads,
             max_queued_rows=cfg.max_queued_rows,

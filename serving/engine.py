@@ -41,6 +41,7 @@ from rayft.serving.errors import (
     ServingError,
     Unavailable,
 )
+from rayft.serving.logprobs import TokenScores
 from rayft.trainers.storage import MANIFEST_FILE
 
 if TYPE_CHECKING:
@@ -439,6 +440,35 @@ class ModelEngine:
         if old != new and self.listener is not None:
             self.listener.adapter_evicted(old)
 
+    # -------------------------------------------------------------- rollouts
+
+    def set_adapter_weights(self, name: str, config: dict[str, Any], weights: dict) -> None:
+        """Load (or overwrite in place) adapter ``name`` from a LoRA config and its weights.
+
+        This is how a training run's policy reaches its rollout engines after every
+        optimizer step: no file, no registry, the tensors as PEFT's
+        ``get_peft_model_state_dict`` gives them. Only for engines no request reaches.
+        """
+        import dataclasses
+
+        from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+
+        if name not in self._loaded:
+            known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+            lora = LoraConfig(**{k: v for k, v in config.items() if k in known})
+            if self.model is self.base:
+                self.model = PeftModel(self.base, lora, adapter_name=name)
+            else:
+                self.model.add_adapter(name, lora)
+            self._loaded[name] = 0.0
+        set_peft_model_state_dict(self.model, weights, adapter_name=name)
+        self.model.eval()
+
+    def set_base_weights(self, weights: dict) -> None:
+        """Overwrite the base model's weights (a full-weight policy's broadcast)."""
+        self.base.load_state_dict(weights, strict=False)
+        self.base.eval()
+
     # ------------------------------------------------------------- requests
 
     def submit(self, request: GenerationRequest) -> int:
@@ -833,12 +863,7 @@ class ModelEngine:
         Raises:
             RequestTimeout: ``stop`` was set before the last forward pass.
         """
-        if adapter != BASE_ADAPTER and not self._ensure_adapter(
-            adapter, {r.request.adapter for r in self._running}
-        ):
-            raise Unavailable(
-                "every adapter slot is in use by running requests; retry shortly", code="busy"
-            )
+        self._hold_adapter(adapter)
         from contextlib import nullcontext
         from functools import partial
 
@@ -848,11 +873,7 @@ class ModelEngine:
         base_only = adapter == BASE_ADAPTER and self.model is not self.base
         total, count = 0.0, 0
         for start in range(0, len(examples), batch_size):
-            if stop is not None and stop.is_set():
-                raise RequestTimeout(
-                    "the evaluation passed its deadline (request_timeout_s); scoring stopped",
-                    code="request_timeout",
-                )
+            _check_stop(stop)
             chunk = examples[start : start + batch_size]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
@@ -877,6 +898,108 @@ class ModelEngine:
         if adapter != BASE_ADAPTER and adapter in self._loaded:
             self._loaded.move_to_end(adapter)
         return total, count
+
+    @torch.inference_mode()
+    def token_scores(
+        self,
+        sequences: list[list[int]],
+        adapter: str = BASE_ADAPTER,
+        top_k: int = 0,
+        served: ServedAdapter | None = None,
+        batch_size: int = 8,
+        stop: threading.Event | None = None,
+    ) -> list[TokenScores]:
+        """Log-probability of every token of each sequence given the ones before it.
+
+        One teacher-forced pass per ``batch_size`` sequences (right-padded, masked), the
+        head applied a chunk of positions at a time (``trainers.loss.CHUNK_POSITIONS``),
+        so no ``[batch, seq, vocab]`` logits are built. ``POST /v1/completions`` with
+        ``logprobs`` or ``echo`` reports these (``serving.logprobs``).
+
+        Args:
+            sequences: Token ids (prompt then completion), each non-empty.
+            adapter: Adapter name or ``"__base__"``.
+            top_k: Likeliest tokens to report at each position besides the actual one.
+            served: The adapter as the request resolved it.
+            batch_size: Sequences per forward pass.
+            stop: Set when the caller no longer wants the result (its deadline passed).
+
+        Raises:
+            RequestTimeout: ``stop`` was set before the last forward pass.
+        """
+        from contextlib import nullcontext
+        from functools import partial
+
+        self._hold_adapter(adapter, served)
+        head = self.model.get_output_embeddings()
+        base_only = adapter == BASE_ADAPTER and self.model is not self.base
+        scores: list[TokenScores] = []
+        for start in range(0, len(sequences), batch_size):
+            _check_stop(stop)
+            chunk = sequences[start : start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, row in enumerate(chunk):
+                ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+                mask[i, : len(row)] = 1
+            # The head runs inside the adapter's scope, so a LoRA-wrapped head scores too.
+            with self.model.disable_adapter() if base_only else nullcontext():
+                forward = (
+                    self.model if base_only else partial(self._run_model, [adapter] * len(chunk))
+                )
+                out = forward(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    use_cache=False,
+                    output_hidden_states=True,
+                    logits_to_keep=1,
+                )
+                hidden = out.hidden_states[-1]
+                for i, row in enumerate(chunk):
+                    scores.append(_row_scores(head, hidden[i, : len(row) - 1], row[1:], top_k))
+        if adapter != BASE_ADAPTER and adapter in self._loaded:
+            self._loaded.move_to_end(adapter)
+        return scores
+
+    def _hold_adapter(self, adapter: str, served: ServedAdapter | None = None) -> None:
+        """Load ``adapter`` for scoring, or 503 ``busy`` when running rows hold every slot."""
+        if adapter != BASE_ADAPTER and not self._ensure_adapter(
+            adapter, {r.request.adapter for r in self._running}, served
+        ):
+            raise Unavailable(
+                "every adapter slot is in use by running requests; retry shortly", code="busy"
+            )
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise RequestTimeout(
+            "the request passed its deadline (request_timeout_s); scoring stopped",
+            code="request_timeout",
+        )
+
+
+def _row_scores(head: Any, hidden: torch.Tensor, targets: list[int], top_k: int) -> TokenScores:
+    """Scores of ``targets`` from the hidden states of the positions that predict them."""
+    from rayft.trainers.loss import CHUNK_POSITIONS
+
+    wanted = torch.tensor(targets, dtype=torch.long, device=hidden.device)
+    logprobs: list[float] = []
+    top: list[list[tuple[int, float]]] = []
+    for start in range(0, len(targets), CHUNK_POSITIONS):
+        end = start + CHUNK_POSITIONS
+        table = torch.log_softmax(head(hidden[start:end]).float(), dim=-1)
+        logprobs += table.gather(1, wanted[start:end, None])[:, 0].tolist()
+        if top_k:
+            values, indices = table.topk(min(top_k, table.shape[-1]), dim=-1)
+            top += [
+                list(zip(row_ids, row_values, strict=True))
+                for row_ids, row_values in zip(indices.tolist(), values.tolist(), strict=True)
+            ]
+        else:
+            top += [[] for _ in range(table.shape[0])]
+    return TokenScores(logprobs, top)
 
 
 def _version_of(path: Path) -> str:

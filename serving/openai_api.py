@@ -7,7 +7,9 @@ around one ``ModelService``, which handlers reach through ``request.app.state``)
                                   replica holds, its pid and queue figures
     GET  /v1/models               base model and every published adapter trained on it
     GET  /v1/models/{model}
-    POST /v1/completions          ``model`` = base or adapter name; ``stream`` → SSE
+    POST /v1/completions          ``model`` = base or adapter name; ``stream`` → SSE;
+                                  ``echo`` / ``logprobs`` / ``max_tokens: 0`` → token
+                                  log-probabilities (``serving.logprobs``), as lm-eval reads them
     POST /v1/chat/completions     rendered with the base model's chat template
     POST /v1/evaluations          loss / perplexity / generation metrics over rows, a
                                   registry dataset, or the request log's traffic
@@ -52,6 +54,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayft.serving.auth import Principal, bearer_token, permits
@@ -67,6 +70,7 @@ from rayft.serving.errors import (
     Unavailable,
 )
 from rayft.serving.http_guard import Admission, HttpGuard
+from rayft.serving.logprobs import MAX_LOGPROBS, TokenScores, completion_ids, legacy_logprobs
 from rayft.serving.metrics import RequestMonitor
 from rayft.serving.rate_limit import ProjectRates
 from rayft.serving.request_log import LogDataset, note_error, note_principal, note_usage
@@ -105,9 +109,16 @@ class _SamplingFields(_Body):
 
 
 class CompletionRequest(_SamplingFields):
-    """``POST /v1/completions`` body (OpenAI's legacy completions)."""
+    """``POST /v1/completions`` body (OpenAI's legacy completions).
+
+    ``max_tokens: 0`` generates nothing (with ``echo``: the prompt is scored only);
+    ``logprobs: k`` (at most ``MAX_LOGPROBS``) reports each token's log-probability and the
+    ``k`` likeliest alternatives (``serving.logprobs``).
+    """
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -226,10 +237,10 @@ async def completions(
     service: ModelService = Depends(get_service),
     principal: Principal = Depends(get_principal),
 ):
-    """OpenAI's legacy completions: text or token-id prompts, ``n`` choices each."""
+    """OpenAI's legacy completions: text or token-id prompts, ``n`` choices each; with
+    ``echo`` and/or ``logprobs``, token log-probabilities as OpenAI's legacy API gives them."""
     _refuse_unsupported(body)
-    if body.echo:
-        raise BadRequest("echo is not supported", param="echo")
+    _check_scoring(body)
     if body.suffix:
         raise BadRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -243,6 +254,8 @@ async def completions(
             param="prompt",
         )
     encoded = [service.encode_prompt(p) for p in prompts]
+    if body.echo or body.logprobs is not None:
+        return await _scored_completion(service, body, adapter, prompts, encoded)
     return await _generate(service, _COMPLETION, body, adapter, encoded, body.max_tokens)
 
 
@@ -254,6 +267,12 @@ async def chat_completions(
 ):
     """Chat completions, rendered with the base model's chat template."""
     _refuse_unsupported(body)
+    if body.logprobs not in (None, False, 0):
+        raise BadRequest(
+            "logprobs are not supported by chat completions on this server; use "
+            "/v1/completions with logprobs",
+            param="logprobs",
+        )
     if not body.messages:
         raise BadRequest(
             "messages is empty; send at least one message",
@@ -662,6 +681,118 @@ async def _events(
     yield "data: [DONE]\n\n"
 
 
+# ------------------------------------------------- echo and logprobs
+
+
+async def _scored_completion(
+    service: ModelService,
+    body: CompletionRequest,
+    adapter: ServedAdapter | None,
+    prompts: list[str | list[int]],
+    encoded: list[list[int]],
+) -> dict[str, Any]:
+    """A completion with ``echo`` and/or ``logprobs``: the rows are generated (none for
+    ``max_tokens: 0``), then each prompt + completion is scored in one teacher-forced pass."""
+    results = await _completions_of(service, body, adapter, encoded)
+    rows = [
+        (prompt, ids) for prompt, ids in zip(prompts, encoded, strict=True) for _ in range(body.n)
+    ]
+    sequences = [ids + r["token_ids"] for (_, ids), r in zip(rows, results, strict=True)]
+    scores: list[TokenScores] | None = None
+    if body.logprobs is not None:
+        scores = await service.token_scores(sequences, adapter, body.logprobs)
+    # Decoding every token is CPU work: off the event loop.
+    choices = await run_in_threadpool(
+        _scored_choices, service.engine.tokenizer, body.echo, rows, sequences, results, scores
+    )
+    completion_tokens = sum(r["completion_tokens"] for r in results)
+    note_usage(
+        sum(len(ids) for ids in encoded),
+        completion_tokens,
+        [r["text"] for r in results],
+        stream=False,
+    )
+    return {
+        "id": f"{_COMPLETION.id_prefix}-{uuid.uuid4().hex}",
+        "object": _COMPLETION.object,
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": choices,
+        "usage": _usage(encoded, completion_tokens),
+    }
+
+
+async def _completions_of(
+    service: ModelService,
+    body: CompletionRequest,
+    adapter: ServedAdapter | None,
+    encoded: list[list[int]],
+) -> list[dict[str, Any]]:
+    """Each row's completion (``n`` per prompt), with the token ids its ``logprobs`` report."""
+    engine = service.engine
+    if body.max_tokens == 0:
+        for ids in encoded:
+            if len(ids) > engine.context_window:
+                raise BadRequest(
+                    f"the prompt has {len(ids)} tokens, beyond this model's context window of "
+                    f"{engine.context_window}",
+                    code="context_length_exceeded",
+                    param="prompt",
+                )
+        if body.logprobs is not None:
+            service.check_logprob_tokens(sum(len(ids) for ids in encoded) * body.n)
+        empty = {"text": "", "finish_reason": "length", "completion_tokens": 0, "token_ids": []}
+        return [dict(empty) for _ in encoded for _ in range(body.n)]
+    requests = _rows(service, encoded, adapter, body, body.max_tokens)
+    if body.logprobs is not None:
+        service.check_logprob_tokens(sum(len(r.prompt_ids) + r.params.max_tokens for r in requests))
+    results = await service.complete(requests)
+
+    def decode(ids: list[int]) -> str:
+        return engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+    for result in results:
+        result["token_ids"] = completion_ids(
+            result["token_ids"], result["text"], result["finish_reason"], decode, engine.stop_ids
+        )
+    return results
+
+
+def _scored_choices(
+    tokenizer: Any,
+    echo: bool,
+    rows: list[tuple[str | list[int], list[int]]],
+    sequences: list[list[int]],
+    results: list[dict[str, Any]],
+    scores: list[TokenScores] | None,
+) -> list[dict[str, Any]]:
+    """The choices of a scored completion: echoed prompt text and the ``logprobs`` object."""
+    texts: dict[int, str] = {}
+
+    def token_text(token: int) -> str:
+        if token not in texts:
+            texts[token] = tokenizer.decode([token])
+        return texts[token]
+
+    choices = []
+    for i, ((prompt, ids), result) in enumerate(zip(rows, results, strict=True)):
+        # A token-id prompt is echoed as its tokens' text, special tokens included.
+        prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+        logprobs = None
+        if scores is not None:
+            start, offset = (0, 0) if echo else (len(ids), len(prompt_text))
+            logprobs = legacy_logprobs(sequences[i], scores[i], token_text, start, offset)
+        choices.append(
+            {
+                "index": i,
+                "text": prompt_text + result["text"] if echo else result["text"],
+                "logprobs": logprobs,
+                "finish_reason": result["finish_reason"],
+            }
+        )
+    return choices
+
+
 # ------------------------------------------------------------ helpers
 
 
@@ -688,8 +819,27 @@ def _refuse_unsupported(body: _SamplingFields) -> None:
         value = getattr(body, name)
         if value not in (None, 0, 0.0):
             raise BadRequest(f"{name} is not supported by this server; leave it at 0", param=name)
-    if body.logprobs not in (None, False, 0):
-        raise BadRequest("logprobs are not supported by this server", param="logprobs")
+
+
+def _check_scoring(body: CompletionRequest) -> None:
+    """400 for ``echo`` / ``logprobs`` / ``max_tokens: 0`` combinations not served."""
+    if body.logprobs is not None and body.logprobs > MAX_LOGPROBS:
+        raise BadRequest(
+            f"logprobs is {body.logprobs}; at most {MAX_LOGPROBS} alternatives per token",
+            code="invalid_logprobs",
+            param="logprobs",
+        )
+    if body.stream and (body.echo or body.logprobs is not None):
+        raise BadRequest(
+            "echo and logprobs are not supported with stream: true; send stream: false",
+            param="stream",
+        )
+    if body.max_tokens == 0 and not body.echo:
+        raise BadRequest(
+            "max_tokens is 0, which returns nothing without echo; set echo: true to score "
+            "the prompt, or ask for at least 1 token",
+            param="max_tokens",
+        )
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:

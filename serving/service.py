@@ -40,6 +40,7 @@ from rayft.serving.engine import (
     model_not_found,
 )
 from rayft.serving.errors import BadRequest, TooLarge
+from rayft.serving.logprobs import TokenScores
 from rayft.serving.metrics import NullMetrics
 from rayft.serving.request_log import (
     GENERATION_ROUTES,
@@ -76,6 +77,8 @@ class Limits:
         max_concurrent_uploads: ``POST /v1/files`` uploads received at once (429 past it).
         project_quotas: What each project may keep and ask for: files, bytes, jobs that
             have not ended, requests per second, checkpoint retention (429 past one).
+        max_logprob_tokens: Most tokens one completion request with ``logprobs`` or
+            ``echo`` may have scored: prompt plus ``max_tokens`` over all its choices.
     """
 
     max_tokens_limit: int = 1024
@@ -88,6 +91,7 @@ class Limits:
     max_queued_rows: int = 2048
     max_concurrent_uploads: int = 4
     project_quotas: ProjectQuotas = field(default_factory=ProjectQuotas)
+    max_logprob_tokens: int = 65536
 
     def __post_init__(self) -> None:
         if self.max_eval_rows > self.max_queued_rows:
@@ -350,7 +354,8 @@ class ModelService:
         self, requests: list[GenerationRequest], deadline: float | None = None
     ) -> list[dict[str, Any]]:
         """Decode rows to the end; per row ``{"text", "finish_reason", "prompt_tokens",
-        "completion_tokens"}`` in request order.
+        "completion_tokens", "token_ids"}`` in request order (``token_ids``: every token
+        sampled, an end-of-turn token included).
 
         Args:
             requests: The rows.
@@ -361,11 +366,14 @@ class ModelService:
             ServingError: A row failed (``RequestTimeout`` past the deadline).
         """
         texts = [[] for _ in requests]
+        tokens: list[list[int]] = [[] for _ in requests]
         final: dict[int, StepOutput] = {}
         # aclosing: a failed row ends the request now and frees its other rows' routes.
         async with aclosing(self.loop.stream(requests, deadline)) as outputs:
             async for index, out in outputs:
                 texts[index].append(out.text)
+                if out.token is not None:
+                    tokens[index].append(out.token)
                 if out.finished:
                     if out.error is not None:
                         raise out.error
@@ -376,9 +384,38 @@ class ModelService:
                 "finish_reason": final[i].finish_reason,
                 "prompt_tokens": final[i].prompt_tokens,
                 "completion_tokens": final[i].completion_tokens,
+                "token_ids": tokens[i],
             }
             for i in range(len(requests))
         ]
+
+    async def token_scores(
+        self, sequences: list[list[int]], served: ServedAdapter | None, top_k: int
+    ) -> list[TokenScores]:
+        """Every token's log-probability in each sequence under the base or ``served``
+        (``ModelEngine.token_scores``), on the engine's thread, within the request deadline.
+
+        Raises:
+            BadRequest: The sequences hold more than ``max_logprob_tokens`` tokens.
+            RequestTimeout: Scoring passed the request's deadline.
+        """
+        self.check_logprob_tokens(sum(len(ids) for ids in sequences))
+        adapter = served.name if served is not None else BASE_ADAPTER
+        stop = threading.Event()  # set at the deadline: scoring stops on the engine thread
+        score = partial(self.engine.token_scores, sequences, adapter, top_k, served, stop=stop)
+        return await self.loop.run_exclusive(score, deadline=self.loop.deadline(), stop=stop)
+
+    def check_logprob_tokens(self, tokens: int) -> None:
+        """A 400 naming the limit when a request would have ``tokens`` tokens scored."""
+        limit = self.limits.max_logprob_tokens
+        if tokens > limit:
+            raise BadRequest(
+                f"this request would score {tokens} tokens (prompts plus max_tokens, times n); "
+                f"this server scores at most {limit} per request (max_logprob_tokens): send "
+                "fewer or shorter prompts, or a smaller max_tokens",
+                code="too_many_tokens",
+                param="prompt",
+            )
 
     # ------------------------------------------------------- classification
 

@@ -350,11 +350,19 @@ class ClassificationObjective(Objective):
         import torch
         from transformers import AutoTokenizer
 
+        from rayft.trainers.attention import resolve_attention
+
         tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
         pad = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
-        return load_classifier(inputs.model_dir, self.labels, pad, getattr(torch, inputs.dtype))
+        return load_classifier(
+            inputs.model_dir,
+            self.labels,
+            pad,
+            getattr(torch, inputs.dtype),
+            resolve_attention(spec.model.attn_implementation),
+        )
 
     def row_tokenizer(self, spec: JobSpec) -> Callable[[dict[str, Any], str, Any], dict | None]:
         """``tokenize(row, fmt, tokenizer)``: :func:`tokenize_row` with the run's settings."""
@@ -415,11 +423,16 @@ class ClassificationObjective(Objective):
 
 
 def load_classifier(
-    model_dir: str, labels: list[str], pad_token_id: int | None, dtype: Any = None
+    model_dir: str,
+    labels: list[str],
+    pad_token_id: int | None,
+    dtype: Any = None,
+    attn_implementation: str = "sdpa",
 ) -> nn.Module:
     """``AutoModelForSequenceClassification`` of ``model_dir`` with a head for ``labels``.
 
-    ``pad_token_id`` is set so that a padded batch pools each row's last real token.
+    ``pad_token_id`` is set so that a padded batch pools each row's last real token;
+    ``attn_implementation`` is resolved (``trainers.attention.resolve_attention``).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -430,7 +443,7 @@ def load_classifier(
         label2id={name: i for i, name in enumerate(labels)},
         pad_token_id=pad_token_id,
         dtype=dtype if dtype is not None else "auto",
-        attn_implementation="sdpa",
+        attn_implementation=attn_implementation,
     )
 
 

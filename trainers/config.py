@@ -7,6 +7,7 @@ Every problem is reported with the dotted key the user must change.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -26,6 +27,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from rayft.trainers import bounded_yaml, defaults
+from rayft.trainers.attention import AttnImplementation
+from rayft.trainers.benchmarks import benchmark_problems
 from rayft.trainers.objectives import objective_class
 from rayft.trainers.validation_errors import ConfigError, error_key
 
@@ -51,7 +54,11 @@ class ModelSpec(_Section):
     name: str = "smollm2-135m-instruct"
     """Builtin id (``rayft models list``), a local HF directory, or a hub id."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """``auto`` is bfloat16 on GPUs/CPUs with native bf16 and float32 elsewhere."""
+    """``auto`` is bfloat16 on GPUs that have it (float16 on older GPUs) and float32 on CPUs."""
+    attn_implementation: AttnImplementation = "auto"
+    """Attention kernels: ``auto`` is ``flash_attention_2`` where the ``flash_attn`` package
+    and a CUDA GPU are there (packed rows then need no mask), else ``sdpa``; or ``sdpa``,
+    ``eager`` or ``flash_attention_2`` (CUDA and ``flash_attn`` only)."""
     adapter: str | None = None
     """A published LoRA adapter for ``name`` to continue training (its weights and LoRA
     shape); the new adapter records it as ``parent_adapter``."""
@@ -122,6 +129,56 @@ class ClassificationSpec(_Section):
     """Column holding each row's text."""
     label_column: str = "label"
     """Column holding each row's label (a name or a class id)."""
+
+
+class GrpoSpec(_Section):
+    """Group relative policy optimisation (Shao et al. 2024), ``objective: grpo``.
+
+    Each prompt row is answered ``num_generations`` times by the policy, on rayft's serving
+    engine running as Ray actors beside the training workers; ``grader`` scores every
+    answer, and each answer's advantage is its reward against its group's. The loss, the
+    advantages and the log-probabilities are TRL's ``GRPOTrainer``'s for the same keys.
+    """
+
+    grader: dict[str, Any] | None = None
+    """The reward: a grader in OpenAI's JSON (``string_check``, ``text_similarity``,
+    ``python``, ``score_model``, ``label_model`` or ``multi``), with ``{{ item.<field> }}``
+    naming the row's other fields and ``{{ sample.output_text }}`` the answer. Required."""
+    num_generations: int = Field(4, ge=2, le=64)
+    """Answers sampled per prompt (the group)."""
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    """Longest sampled answer (TRL's ``max_completion_length``)."""
+    temperature: float = Field(1.0, gt=0.0, le=2.0)
+    """Sampling temperature; log-probabilities are taken at the same temperature, as TRL."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    beta: float = Field(0.0, ge=0.0)
+    """KL penalty towards the reference (the base, or ``model.adapter``'s adapter). 0, the
+    default as in TRL, holds no reference at all."""
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0)
+    """Lower clip of the importance ratio, ``1 - epsilon``."""
+    epsilon_high: float | None = Field(None, gt=0.0)
+    """Upper clip, ``1 + epsilon_high`` (DAPO's clip-higher); ``epsilon`` when unset."""
+    loss: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """How token losses are aggregated, as TRL defines them: ``grpo`` (per-answer mean,
+    then mean), ``bnpo`` (mean over the micro-batch's answer tokens), ``dr_grpo`` (sum over
+    ``answers x max_new_tokens``), ``dapo`` (mean over the answer tokens of the step across
+    workers; TRL's default)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's reward standard deviation, the batch's, or not
+    at all (Dr. GRPO)."""
+    reward_scale: float = Field(1.0, gt=0.0)
+    """Multiplies every grade before advantages are taken (a grader scores 0..1)."""
+    num_iterations: int = Field(1, ge=1, le=16)
+    """Optimizer passes over each generated batch (TRL's ``num_iterations``, the paper's
+    mu); above 1 the ratio to the sampling policy is clipped by ``epsilon``."""
+    rollout_workers: int = Field(1, ge=1, le=16)
+    """Rollout engines (Ray actors holding the policy for sampling); worker ``r`` samples
+    on engine ``r % rollout_workers``."""
+    rollout_cpus: float = Field(1.0, gt=0.0, le=64)
+    """CPUs each rollout engine reserves."""
+    rollout_gpus: float = Field(0.0, ge=0.0, le=8)
+    """GPUs each rollout engine reserves."""
 
 
 class FreezeSpec(_Section):
@@ -241,6 +298,12 @@ class EvalSpec(_Section):
     """A general-knowledge set evaluated before and after training (loss, perplexity and
     exact match of greedy answers), so the artifact records what the fine-tune cost:
     ``builtin:general`` (shipped with rayft) or a data file of chat/prompt-completion rows."""
+    benchmarks: list[str] = Field(default_factory=list)
+    """lm-evaluation-harness tasks scored before and after training and recorded in
+    ``rayft.json`` (``benchmarks``): rayft's ``rayft_capitals`` and ``rayft_arithmetic``,
+    or tasks of ``eval.benchmarks_dir``. Needs ``pip install 'rayft[eval]'``."""
+    benchmarks_dir: str | None = None
+    """A local folder of lm-eval task YAML files whose tasks ``eval.benchmarks`` may name."""
 
 
 class LoggingSpec(_Section):
@@ -300,7 +363,7 @@ class TuneSpec(_Section):
         return {"type": value} if isinstance(value, str) else value
 
 
-ObjectiveName = Literal["sft", "dpo", "classification"]
+ObjectiveName = Literal["sft", "dpo", "classification", "grpo"]
 MethodName = Literal["lora", "qlora", "full", "freeze"]
 ADAPTER_METHODS = ("lora", "qlora")
 """Methods whose run trains, and publishes, a LoRA adapter (the others publish a model)."""
@@ -314,7 +377,8 @@ class JobSpec(_Section):
     objective: ObjectiveName = "sft"
     """What a step minimises: ``sft`` (the next-token loss on the labelled tokens), ``dpo``
     (the DPO loss on preference pairs, see ``dpo``) or ``classification`` (a new
-    classification head, see ``classification``). Older spellings ``method: dpo`` and
+    classification head, see ``classification``) or ``grpo`` (reinforcement fine-tuning
+    on graded samples, see ``grpo``). Older spellings ``method: dpo`` and
     ``task: classification`` are still read."""
     method: MethodName = "lora"
     """What trains: ``lora`` (a PEFT adapter), ``qlora`` (LoRA on a 4-bit base, CUDA only),
@@ -325,6 +389,8 @@ class JobSpec(_Section):
     """DPO settings (objective dpo)."""
     classification: ClassificationSpec = Field(default_factory=ClassificationSpec)
     """Classification columns and labels (objective classification)."""
+    grpo: GrpoSpec = Field(default_factory=GrpoSpec)
+    """Rollouts, grader and loss (objective grpo)."""
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
     """What trains under method freeze."""
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
@@ -463,7 +529,9 @@ def combination_problems(spec: JobSpec) -> Problems:
         adapter_problems,
         objective_problems,
         eval_problems,
+        benchmark_spec_problems,
         qlora_problems,
+        attention_problems,
     )
     return [problem for check in checks for problem in check(spec)]
 
@@ -617,6 +685,47 @@ def eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 
 BUILTIN_EVAL_SETS = ("builtin:general",)
+
+
+def benchmark_spec_problems(spec: JobSpec) -> Problems:
+    """``eval.benchmarks``: tasks rayft ships or ``eval.benchmarks_dir`` holds, for a
+    language model."""
+    tasks, folder = spec.eval.benchmarks, spec.eval.benchmarks_dir
+    if not tasks:
+        return (
+            [("eval.benchmarks_dir", "no task of it is named in eval.benchmarks")] if folder else []
+        )
+    if not objective_class(spec).language_model:
+        return [
+            (
+                "eval.benchmarks",
+                f"lm-eval benchmarks score a language model; a {spec.objective} model has "
+                "none: leave eval.benchmarks out",
+            )
+        ]
+    problems = [("eval.benchmarks", problem) for problem in benchmark_problems(tasks, folder)]
+    if importlib.util.find_spec("lm_eval") is None:
+        problems.append(
+            ("eval.benchmarks", "benchmarks need lm-evaluation-harness: pip install 'rayft[eval]'")
+        )
+    return problems
+
+
+def attention_problems(spec: JobSpec) -> Problems:
+    """``flash_attention_2`` runs on CUDA only: refused where the spec keeps workers off GPUs.
+
+    With ``scaling.use_gpu`` ``true`` or ``auto`` the workers check again when they load the
+    model (``trainers.attention.resolve_attention``), where the GPU and ``flash_attn`` are.
+    """
+    if spec.model.attn_implementation != "flash_attention_2" or spec.scaling.use_gpu is not False:
+        return []
+    return [
+        (
+            "model.attn_implementation",
+            "flash_attention_2 needs a CUDA GPU, but scaling.use_gpu is false; set "
+            "model.attn_implementation=auto or sdpa, or scaling.use_gpu=true",
+        )
+    ]
 
 
 def qlora_problems(spec: JobSpec) -> list[tuple[str, str]]:

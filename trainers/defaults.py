@@ -55,6 +55,14 @@ DPO_BETA = 0.1
 """DPO's KL strength: the DPO paper's value for most tasks, TRL's and LLaMA-Factory's
 default. Smaller (Zephyr used 0.01) lets the policy move further from the reference."""
 
+GRPO_LORA_LR = 1e-5
+"""Peak learning rate of GRPO with LoRA: TRL's LoRA GRPO examples (1e-5), ten times its
+``GRPOConfig`` full-weight rate below, as for the other objectives. Sampled answers move
+with every step, so a supervised rate makes the policy collapse onto one answer."""
+
+GRPO_FULL_LR = 1e-6
+"""Peak learning rate of GRPO on every weight: TRL's ``GRPOConfig`` default."""
+
 LORA_RANK = 16
 """LoRA rank. With rank-stabilised scaling the rank no longer changes the update's size,
 and on small data rank hardly matters ("LoRA Without Regret"); 16 is TRL's, Unsloth's
@@ -93,12 +101,14 @@ def default_lr(objective: str, method: str) -> float:
     """The peak learning rate for an objective trained by a method.
 
     Args:
-        objective: ``sft``, ``dpo`` or ``classification``.
+        objective: ``sft``, ``dpo``, ``classification`` or ``grpo``.
         method: ``lora``, ``qlora``, ``full`` or ``freeze``.
     """
     adapter = method in ("lora", "qlora")
     if objective == "dpo":
         return DPO_LORA_LR if adapter else DPO_FULL_LR
+    if objective == "grpo":
+        return GRPO_LORA_LR if adapter else GRPO_FULL_LR
     return LORA_LR if adapter else FULL_LR
 
 

@@ -31,6 +31,7 @@ from rayft.trainers.records import (
     read_record,
 )
 from rayft.trainers.registry import artifact_location
+from rayft.trainers.rollout import RolloutEngines
 from rayft.trainers.startup import (
     CONTROLLER_FAILURE_LIMIT,
     bounded_worker_start,
@@ -278,6 +279,7 @@ def run_training(
         callbacks=tuple(loop_callbacks or ()),
         parent_adapter=parent,
         general=general,
+        rollouts=RolloutEngines(),
     )
     trainer = _torch_trainer(spec, root, run_id, inputs, train_ds, eval_ds, callbacks)
     progress = ConsoleProgress(enabled=show_progress)
@@ -287,8 +289,9 @@ def run_training(
         return _paused(runlog, result, say)
     try:
         artifact = _publish(
-            spec, root, run_id, name, kind, result, prepared, model_dir, parent, publish, project
-        )
+            spec, root, run_id, name, kind, result, prepared, model_dir, parent, publish, project,
+            say=say,
+        )  # fmt: skip
     except Exception as err:  # e.g. an artifact that would not serve: nothing was published
         runlog.event("error", error=type(err).__name__, message=str(err)[:2000])
         runlog.state(FAILED, failed_at=time.time())
@@ -330,12 +333,14 @@ def _placement(spec: JobSpec) -> tuple[bool, Any]:
     """
     import ray
 
-    from rayft.trainers.methods import resolve_dtype
+    from rayft.trainers.methods import gpu_has_bf16, resolve_dtype
 
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    cluster_gpus = resources.get("GPU", 0)
     use_gpu = bool(cluster_gpus) if spec.scaling.use_gpu == "auto" else bool(spec.scaling.use_gpu)
     try:
-        return use_gpu, resolve_dtype(spec.model.dtype, use_gpu)
+        bf16 = gpu_has_bf16(resources) if use_gpu else None
+        return use_gpu, resolve_dtype(spec.model.dtype, use_gpu, bf16)
     except ValueError as err:
         raise ConfigError([("model.dtype", str(err))]) from None
 
@@ -545,6 +550,7 @@ def _publish(
     parent=None,
     publish: bool = True,
     project: str | None = None,
+    say: Any = None,
 ) -> Path | None:
     """Publish the final checkpoint's export: its files are copied once, into the registry.
 
@@ -582,6 +588,8 @@ def _publish(
             history=state["history"],
             parent_adapter=parent.record() if parent is not None else None,
             general=state.get("general") or None,  # eval.general: before, after, delta
+            # eval.benchmarks: lm-eval scores of the weights the run started from and of these
+            benchmarks=_benchmark_report(spec, kind, export, model_dir, parent, say or _silent),
             **objective_class(spec).manifest_fields(spec),  # e.g. the head's labels
             project=project,
         )
@@ -623,6 +631,39 @@ def general_examples(spec: JobSpec, model_dir: Path) -> tuple:
         return tokenized(spec.eval.general, load_tokenizer(str(model_dir)), GENERAL_MAX_SEQ_LEN)
     except Exception as err:  # noqa: BLE001 - a missing or malformed file, said with its key
         raise ConfigError([("eval.general", f"cannot read {spec.eval.general!r}: {err}")]) from None
+
+
+def _benchmark_report(
+    spec: JobSpec, kind: str, export: Path, model_dir: Path, parent: Any, say: Any
+) -> Any:
+    """``eval.benchmarks`` of the weights the run started from (the base, or
+    ``model.adapter`` on it) and of its export, for the manifest's ``benchmarks``
+    (``None`` without benchmarks). Both are scored once training is done, in this process,
+    when the workers have released their devices; a failure of lm-eval is reported and
+    leaves that side empty, it does not fail the run."""
+    if not spec.eval.benchmarks:
+        return None
+    from rayft.trainers.benchmarks import BenchmarkError, benchmark_line, run_benchmarks
+    from rayft.trainers.benchmarks import weights_model_args as weights
+    from rayft.trainers.manifest import BenchmarkReport
+
+    start = weights(model_dir, parent.local_dir() if parent is not None else None)
+    end = weights(model_dir, export) if kind == "adapter" else weights(export, tokenizer=model_dir)
+    scores: dict[str, dict] = {}
+    for side, args in (("before", start), ("after", end)):
+        try:
+            scores[side] = run_benchmarks(
+                spec.eval.benchmarks, args, model="hf", tasks_dir=spec.eval.benchmarks_dir
+            )
+        except BenchmarkError as err:
+            say(f"[rayft] benchmarks {side} training failed, none recorded: {err}")
+    report = BenchmarkReport(**scores)
+    say(benchmark_line(report))
+    return report
+
+
+def _silent(_line: str) -> None:
+    """Says nothing (``_publish`` called without a printer)."""
 
 
 def _say_general(say: Any, result: Any) -> None:

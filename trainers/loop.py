@@ -189,6 +189,9 @@ class WorkerInputs:
     parent_adapter: Any = None
     general: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
     """``eval.general``'s tokenized rows, ``(input_ids, labels)`` pairs."""
+    rollouts: Any = None
+    """Starts and finds the rollout engines of an objective that samples its own training
+    data (``trainers.rollout.RolloutEngines``; GRPO)."""
 
 
 @dataclass
@@ -393,22 +396,26 @@ def train(
     while state.step < total_steps:
         window.micro = 0
         for batch in train_batches(worker, state):
-            if not train_step(worker, state, batch, window, order_log):
-                continue  # inside a gradient-accumulation window
-            log_step(worker, state, window)
-            latest_eval, stop_early = periodic_eval(worker, state, latest_eval)
-            if state.step >= total_steps or stop_early:
-                state.stopped_early = stop_early
-                return latest_eval
-            # Every callback is asked on every worker: each may decide collectively.
-            pause = any([c.pause_requested(state) for c in worker.inputs.callbacks])
-            if pause or _due(state.step, worker.spec.checkpoint.every_steps):
-                save_checkpoint(worker, state, latest_eval, final=False, paused=pause)
-                for callback in worker.inputs.callbacks:
-                    callback.on_checkpoint(state)
-            if pause:
-                state.paused = True
-                return latest_eval
+            # The data position counts batches of the data, however many passes each feeds
+            # (``Objective.expand``): a resumed run starts at the next unused batch.
+            state.batches_in_epoch += 1
+            for part in worker.objective.expand(worker, batch):
+                if not train_step(worker, state, part, window, order_log):
+                    continue  # inside a gradient-accumulation window
+                log_step(worker, state, window)
+                latest_eval, stop_early = periodic_eval(worker, state, latest_eval)
+                if state.step >= total_steps or stop_early:
+                    state.stopped_early = stop_early
+                    return latest_eval
+                # Every callback is asked on every worker: each may decide collectively.
+                pause = any([c.pause_requested(state) for c in worker.inputs.callbacks])
+                if pause or _due(state.step, worker.spec.checkpoint.every_steps):
+                    save_checkpoint(worker, state, latest_eval, final=False, paused=pause)
+                    for callback in worker.inputs.callbacks:
+                        callback.on_checkpoint(state)
+                if pause:
+                    state.paused = True
+                    return latest_eval
         if state.batches_in_epoch == 0:
             # An empty shard would otherwise start epoch after epoch forever.
             raise NoTrainingDataError(
@@ -457,7 +464,6 @@ def train_step(
     engine.backward(total / max(count, 1))
     steps_before = engine.global_steps
     engine.step()
-    state.batches_in_epoch += 1
     state.tokens_seen += int(batch["num_tokens"])
     window.add(float(total.detach()), count, int(batch["num_tokens"]))
     window.step_labels += count
@@ -647,6 +653,7 @@ def log_step(worker: Worker, state: TrainerState, window: LogWindow) -> None:
         "lr": worker.scheduler.get_last_lr()[0],
         "tokens_per_s": tokens / max(time.time() - window.start, 1e-9),
         "tokens_seen": state.tokens_seen * worker.world,
+        **worker.objective.log_fields(worker),
     }
     state.history.append(record)
     emit(worker, record)
@@ -734,9 +741,10 @@ def update_early_stopping(state: TrainerState, metrics: dict[str, float], spec: 
     return patience is not None and state.evals_without_improvement >= patience
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The tensors of a collated batch (model inputs, labels, objective extras), on ``device``."""
-    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch with its tensors (model inputs, labels, objective extras) on
+    ``device``; its other values (counts, ids, an objective's own) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def nonempty(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
@@ -745,8 +753,8 @@ def nonempty(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
     Every worker must still run forward/backward/step in lockstep (ZeRO's collectives),
     so the batch is replaced rather than skipped; with no labels its loss is zero.
     """
-    if batch["input_ids"].numel() > 0:
-        return batch
+    if "input_ids" not in batch or batch["input_ids"].numel() > 0:
+        return batch  # tokens, or an objective's own batch (prompts that expand samples)
     one = torch.full((1, 1), pad_id, dtype=torch.long)
     mask = torch.zeros((1, 1, 1, 1)) if batch["attention_mask"].dim() == 4 else torch.ones_like(one)
     return {

@@ -84,6 +84,29 @@ class SweepNote(_Record):
     best_trial: int | None = None
 
 
+class BenchmarkScores(_Record):
+    """One lm-eval task's scores (``trainers.benchmarks``).
+
+    Attributes:
+        metrics: lm-eval's ``<metric>,<filter>`` keys and values (``acc,none``).
+        stderr: The standard error of each, under the same key.
+        samples: Documents scored.
+        lm_eval_version: The lm-evaluation-harness version that scored them.
+    """
+
+    metrics: dict[str, float] = {}
+    stderr: dict[str, float] = {}
+    samples: int = 0
+    lm_eval_version: str | None = None
+
+
+class BenchmarkReport(_Record):
+    """``eval.benchmarks`` before and after a fine-tune (``benchmarks``), per task."""
+
+    before: dict[str, BenchmarkScores] = {}
+    after: dict[str, BenchmarkScores] = {}
+
+
 class ArtifactManifest(_Record):
     """What ``rayft.json`` records about a published adapter, model or cached base model.
 
@@ -112,6 +135,7 @@ class ArtifactManifest(_Record):
         stopped_early: Early stopping ended the run.
         history: Progress records (train and eval) of the run.
         general: ``eval.general`` results before and after the fine-tune.
+        benchmarks: ``eval.benchmarks`` (lm-eval tasks) scores before and after it.
         sweep: For a sweep's artifacts: the trial it is and how it scored.
         project: The project whose fine-tuning job published it: it serves that
             project's keys only. ``None`` (published from the CLI or Python): shared.
@@ -139,6 +163,7 @@ class ArtifactManifest(_Record):
     stopped_early: bool | None = None
     history: list[dict[str, Any]] = []
     general: dict[str, Any] | None = None
+    benchmarks: BenchmarkReport | None = None
     sweep: SweepNote | None = None
     project: str | None = None
 

@@ -21,7 +21,7 @@ light.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rayft.trainers.formats import tokenize_example
@@ -131,6 +131,8 @@ class Objective:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from rayft.trainers.attention import resolve_attention
+
         extra: dict[str, Any] = {}
         if spec.method == "qlora":
             from rayft.trainers.quantization import qlora_load_kwargs
@@ -139,7 +141,7 @@ class Objective:
         return AutoModelForCausalLM.from_pretrained(
             inputs.model_dir,
             dtype=getattr(torch, inputs.dtype),
-            attn_implementation="sdpa",
+            attn_implementation=resolve_attention(spec.model.attn_implementation),
             **extra,
         )
 
@@ -161,10 +163,33 @@ class Objective:
         """Called once the DeepSpeed engine exists (e.g. to build a reference model)."""
 
     def collate(self, pad_id: int, spec: JobSpec) -> Any:
-        """The ``collate_fn`` for this objective's Ray Data rows."""
+        """The ``collate_fn`` for this objective's Ray Data rows.
+
+        Packed rows are flattened with restarting ``position_ids`` and no mask where the
+        model runs flash-attention 2 (resolved on this worker as in :meth:`load_model`),
+        else they carry the 4-D block-diagonal mask.
+        """
+        from rayft.trainers.attention import resolve_attention, uses_varlen_packing
         from rayft.trainers.packing import collate_fn
 
-        return collate_fn(pad_id, spec.data.packing)
+        packed = spec.data.packing
+        if not packed:
+            return collate_fn(pad_id, packed)
+        attn = resolve_attention(spec.model.attn_implementation)
+        return collate_fn(pad_id, packed, varlen=uses_varlen_packing(attn, packed))
+
+    def expand(self, worker: Worker, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The micro-batches one collated batch of the data trains as (this batch, once).
+
+        An online objective makes its training batches here: GRPO samples and grades
+        answers to the batch's prompts and yields the result once per optimizer pass.
+        Called on every worker in lockstep, so it may use collectives.
+        """
+        yield batch
+
+    def log_fields(self, worker: Worker) -> dict[str, float]:
+        """Fields this objective adds to each logged ``train`` record (collective)."""
+        return {}
 
     def train_loss(self, worker: Worker, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """Summed loss of one micro-batch (differentiable) and what it is a sum over.

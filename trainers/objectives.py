@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from rayft.trainers.classification import ClassificationObjective
 from rayft.trainers.dpo import DpoObjective
+from rayft.trainers.grpo import GrpoObjective
 from rayft.trainers.objective import CausalLMObjective, Objective
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "sft": CausalLMObjective,
     "dpo": DpoObjective,
     "classification": ClassificationObjective,
+    "grpo": GrpoObjective,
 }
 """``JobSpec.objective`` -> the objective of a run of that spec."""
 

@@ -4,7 +4,10 @@ Packing puts several tokenized samples into one row of at most ``max_seq_len``
 tokens. Two things keep packed samples independent, and both are tested:
 
 * attention: a 4-D block-diagonal causal mask (``block_causal_mask``); resetting
-  ``position_ids`` alone does not isolate samples in transformers' sdpa/eager kernels;
+  ``position_ids`` alone does not isolate samples in transformers' sdpa/eager kernels.
+  With flash-attention 2 it does: the batch's rows are flattened into one sequence whose
+  ``position_ids`` restart at 0 per sample and no mask is given (``varlen_inputs``);
+  transformers then runs the variable-length kernels, one causal block per sample;
 * loss: Hugging Face causal LMs shift labels inside the model (the logits at position
   ``t - 1`` predict ``labels[t]``), so the first label of every sample is set to -100;
   otherwise the last token of one sample would be trained to predict the first token
@@ -160,7 +163,40 @@ def pad_rows(rows: list[np.ndarray], width: int, value: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int, packed: bool) -> dict[str, Any]:
+def varlen_inputs(
+    input_rows: list[np.ndarray],
+    label_rows: list[np.ndarray],
+    position_rows: list[np.ndarray],
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """Packed rows flattened into one ``[1, N]`` sequence for flash-attention's
+    variable-length kernels: no padding and no mask.
+
+    Transformers (``_is_packed_sequence``) finds the samples from ``position_ids`` that
+    restart at 0, for a batch of one row only, hence the flattening. Every sample's first
+    label is already -100 (``pack_examples``), so no label is predicted across a row's end
+    either. With no tokens at all the sequence is one unlabelled pad token, so every worker
+    still runs its step.
+
+    Returns:
+        ``input_ids``, ``labels`` and ``position_ids``, each ``[1, N]`` long.
+    """
+    if not input_rows:
+        input_rows, label_rows = [np.array([pad_id])], [np.array([IGNORE_INDEX])]
+        position_rows = [np.array([0])]
+    return {
+        name: torch.from_numpy(np.concatenate(rows).astype(np.int64)).reshape(1, -1)
+        for name, rows in (
+            ("input_ids", input_rows),
+            ("labels", label_rows),
+            ("position_ids", position_rows),
+        )
+    }
+
+
+def collate(
+    batch: dict[str, np.ndarray], pad_id: int, packed: bool, varlen: bool = False
+) -> dict[str, Any]:
     """Turn a Ray Data batch into model inputs; the ``collate_fn`` of ``iter_torch_batches``.
 
     Rows are right-padded to the longest row in the batch. Rows with no tokens (they
@@ -172,14 +208,18 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed: bool) -> dict[str
             ``segment_ids`` when packed.
         pad_id: Token id written into padding.
         packed: Whether rows are packed (``segment_ids`` present).
+        varlen: Packed rows go to flash-attention 2 (``trainers.attention``): flattened by
+            :func:`varlen_inputs`, with no ``attention_mask``.
 
     Returns:
         ``input_ids`` and ``labels`` (``[B, T]`` long, labels -100 on padding),
         ``position_ids`` (``[B, T]`` long), ``attention_mask`` (``[B, T]`` 0/1 long when
-        not packed, the ``[B, 1, T, T]`` float32 ``block_causal_mask`` when packed),
-        ``sample_ids`` (list of lists of str), and python ints ``num_tokens``
-        (non-padding tokens), ``num_label_tokens`` (tokens that contribute to the loss:
-        ``labels[:, 1:] != -100``), ``num_truncated`` and ``num_dropped``.
+        not packed, the ``[B, 1, T, T]`` float32 ``block_causal_mask`` when packed; absent
+        with ``varlen``, where the three tensors are ``[1, N]`` and ``position_ids``
+        restart at 0 per sample), ``sample_ids`` (list of lists of str, one list per
+        packed row), and python ints ``num_tokens`` (non-padding tokens),
+        ``num_label_tokens`` (tokens that contribute to the loss: ``labels[:, 1:] !=
+        -100``), ``num_truncated`` and ``num_dropped``.
     """
     input_rows = row_arrays(batch["input_ids"])
     keep = [i for i, row in enumerate(input_rows) if len(row) > 0]
@@ -188,24 +228,34 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed: bool) -> dict[str
     lengths = [len(row) for row in input_rows]
     width = max(lengths, default=0)
 
-    input_ids = pad_rows(input_rows, width, pad_id)
-    labels = pad_rows(label_rows, width, IGNORE_INDEX)
-    if packed:
-        position_ids = pad_rows([row_arrays(batch["position_ids"])[i] for i in keep], width, 0)
+    tensors: dict[str, torch.Tensor]
+    if packed and varlen:
+        position_rows = [row_arrays(batch["position_ids"])[i] for i in keep]
+        tensors = varlen_inputs(input_rows, label_rows, position_rows, pad_id)
+    elif packed:
         segment_ids = pad_rows([row_arrays(batch["segment_ids"])[i] for i in keep], width, 0)
-        attention_mask = block_causal_mask(segment_ids, torch.float32)
+        tensors = {
+            "input_ids": pad_rows(input_rows, width, pad_id),
+            "labels": pad_rows(label_rows, width, IGNORE_INDEX),
+            "attention_mask": block_causal_mask(segment_ids, torch.float32),
+            "position_ids": pad_rows(
+                [row_arrays(batch["position_ids"])[i] for i in keep], width, 0
+            ),
+        }
     else:
-        position_ids = torch.arange(width, dtype=torch.long).expand(len(keep), width).clone()
         lengths_t = torch.tensor(lengths, dtype=torch.long).reshape(-1, 1)
-        attention_mask = (torch.arange(width)[None, :] < lengths_t).long()
+        tensors = {
+            "input_ids": pad_rows(input_rows, width, pad_id),
+            "labels": pad_rows(label_rows, width, IGNORE_INDEX),
+            "attention_mask": (torch.arange(width)[None, :] < lengths_t).long(),
+            "position_ids": torch.arange(width, dtype=torch.long).expand(len(keep), width).clone(),
+        }
 
+    labels = tensors["labels"]
     sample_ids = [[str(s) for s in row_arrays(batch["sample_ids"])[i]] for i in keep]
     dropped = batch.get("num_dropped")
     return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
+        **tensors,
         "sample_ids": sample_ids,
         "num_tokens": int(sum(lengths)),
         "num_label_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
@@ -214,7 +264,7 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed: bool) -> dict[str
     }
 
 
-def collate_fn(pad_id: int, packed: bool) -> Any:
+def collate_fn(pad_id: int, packed: bool, varlen: bool = False) -> Any:
     """The ``collate_fn`` for ``Dataset.iter_torch_batches`` over ``PreparedData`` rows.
 
     Ray 2.60 deprecates plain functions as ``collate_fn``; this wraps
@@ -223,6 +273,7 @@ def collate_fn(pad_id: int, packed: bool) -> Any:
     Args:
         pad_id: The tokenizer's pad token id (its EOS id when it has no pad token).
         packed: ``PreparedData.packed``.
+        varlen: Flatten packed rows for flash-attention 2 (see :func:`collate`).
 
     Returns:
         A callable turning a batch of numpy columns into the dict ``collate`` returns.
@@ -233,8 +284,9 @@ def collate_fn(pad_id: int, packed: bool) -> Any:
         def __init__(self) -> None:
             self.pad_id = pad_id
             self.packed = packed
+            self.varlen = varlen
 
         def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-            return collate(batch, self.pad_id, self.packed)
+            return collate(batch, self.pad_id, self.packed, self.varlen)
 
     return PackingCollateFn()

@@ -68,12 +68,17 @@ def format_record(record: dict[str, Any]) -> str:
             parts.append(f"eval_loss {record['eval_loss']:.4f}")
         if "eval_perplexity" in record:
             parts.append(f"eval_ppl {record['eval_perplexity']:.3f}")
+        if "eval_reward" in record:
+            parts.append(f"eval_reward {record['eval_reward']:.4f}")
         parts.append(f"({record.get('eval_tokens', 0)} tokens)")
         return "  ".join(parts)
-    return (
+    line = (
         f"train step {step}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.3e}  "
         f"tokens/s {record['tokens_per_s']:.0f}  epoch {record.get('epoch', 0)}"
     )
+    if "reward" in record:  # objective grpo: the mean grade of the step's sampled answers
+        line += f"  reward {record['reward']:.4f}"
+    return line
 
 
 def pace(

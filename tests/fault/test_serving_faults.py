@@ -242,20 +242,14 @@ CAPACITY = {"max_ongoing_requests": 2, "max_queued_requests": 2}
 
 
 @pytest.fixture(scope="module")
-def serve_url(rayft_home: Path, tiny_model_dir: Path) -> Iterator[str]:
-    """One rayft Serve application for the module's overload and replica-loss tests."""
-    import ray
+def serve_url(ray_cluster, rayft_home: Path) -> Iterator[str]:
+    """One rayft Serve application for the module's overload and replica-loss tests, on
+    the shared cluster (which outlives the module: only Serve is shut down)."""
     from ray import serve
 
     from rayft.serving.client import run_app
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"RAYFT_HOME": str(rayft_home)}},
-    )
     args = {
         "model": "tiny-llama",
         "storage": str(rayft_home),
@@ -268,7 +262,6 @@ def serve_url(rayft_home: Path, tiny_model_dir: Path) -> Iterator[str]:
         yield run_app(args)
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 LONG = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 400, "temperature": 0}

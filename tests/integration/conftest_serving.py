@@ -45,9 +45,9 @@ def train_adapter(data: Path, name: str, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def serving_home(rayft_home: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
+def serving_home(ray_cluster, rayft_home: Path, tmp_path_factory) -> Path:
     """RAYFT_HOME holding two trained adapters (t1, t2) and PEFT-made ones for
-    properties a short training run cannot guarantee."""
+    properties a short training run cannot guarantee; trained on the shared cluster."""
     data = tmp_path_factory.mktemp("serving-data") / "colors.jsonl"
     with open(data, "w") as handle:
         for i in range(32):
@@ -59,14 +59,6 @@ def serving_home(rayft_home: Path, tiny_model_dir: Path, tmp_path_factory) -> Pa
                 ]
             }
             handle.write(json.dumps(row) + "\n")
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"RAYFT_HOME": str(rayft_home)}},
-    )
     for name, seed in (("t1", 1), ("t2", 2)):
         if not (rayft_home / "adapters" / name).is_dir():
             train_adapter(data, name, seed)
@@ -78,8 +70,9 @@ def serving_home(rayft_home: Path, tiny_model_dir: Path, tmp_path_factory) -> Pa
 
 @pytest.fixture(scope="module")
 def serve_url(serving_home: Path):
-    """One rayft Serve application for the module, HTTP on 127.0.0.1 and a free port."""
-    import ray
+    """One rayft Serve application for the module, HTTP on 127.0.0.1 and a free port.
+
+    It runs on the shared cluster, which outlives the module: only Serve is shut down."""
     from ray import serve
 
     from rayft.serving.client import run_app
@@ -98,4 +91,3 @@ def serve_url(serving_home: Path):
         yield run_app(args)
     finally:
         serve.shutdown()
-        ray.shutdown()

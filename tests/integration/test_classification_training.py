@@ -39,10 +39,8 @@ def sentiment_rows() -> tuple[list[dict], list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def trained(rayft_home: Path, tiny_model_dir: Path, tmp_path_factory) -> dict:
-    """One LoRA classification run on a Ray cluster the module shares with Serve."""
-    import ray
-
+def trained(ray_cluster, tmp_path_factory) -> dict:
+    """One LoRA classification run on the shared cluster, which Serve then uses too."""
     from rayft.trainers.config import validate_spec
     from rayft.trainers.driver import run_training
 
@@ -52,12 +50,6 @@ def trained(rayft_home: Path, tiny_model_dir: Path, tmp_path_factory) -> dict:
         # Integer class ids in the eval file, names in train: both read the same.
         lines = [{**r, "label": LABELS.index(r["label"])} if name == "eval" else r for r in rows]
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"RAYFT_HOME": str(rayft_home)}},
-    )
     spec = validate_spec(
         {
             "model": {"name": "tiny-llama", "dtype": "float32"},
@@ -89,7 +81,6 @@ def trained(rayft_home: Path, tiny_model_dir: Path, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def serve_url(trained: dict, rayft_home: Path):
-    import ray
     from ray import serve
 
     from rayft.serving.client import run_app
@@ -106,7 +97,6 @@ def serve_url(trained: dict, rayft_home: Path):
         yield run_app(args)
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def test_held_out_accuracy_beats_the_majority_class_and_is_recorded(trained: dict) -> None:

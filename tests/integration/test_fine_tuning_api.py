@@ -5,6 +5,8 @@ result, cancel, fail on bad data, and survive a restart of the app."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -35,25 +37,19 @@ SERVE_ARGS = {
 
 
 @pytest.fixture(scope="module")
-def server(rayft_home: Path, tiny_model_dir: Path):
-    import ray
+def server(ray_cluster, rayft_home: Path):
+    """The Serve app with the jobs API on the shared cluster (which outlives the module:
+    only Serve is shut down)."""
     from ray import serve
 
     from rayft.cluster.service_app import ROUTERS
     from rayft.serving.client import run_app
 
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"RAYFT_HOME": str(rayft_home)}},
-    )
     args = {**SERVE_ARGS, "storage": str(rayft_home)}
     try:
         yield {"url": run_app(args, routers=ROUTERS), "args": args, "home": rayft_home}
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +215,7 @@ def test_a_job_on_a_file_that_does_not_fit_fails_in_validating_files(client, upl
         ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs"),
         ({"extra_body": {"rayft": {"lora": {"r": 0}}}}, 400, "rayft.lora.r"),
         ({"extra_body": {"rayft": {"scaling": {"num_gpus": 1}}}}, 400, "rayft.scaling.num_gpus"),
-        ({"method": {"type": "reinforcement"}}, 400, "method.type"),
+        ({"method": {"type": "reinforcement"}}, 400, "method.reinforcement"),
         ({"model": "no-such-adapter"}, 404, "model"),
     ],
 )
@@ -319,6 +315,26 @@ def test_a_job_from_a_fine_tuned_model_continues_its_adapter(client, uploaded, t
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
 
 
+@contextmanager
+def cluster_of(cpus: int) -> Iterator[None]:
+    """Hold every CPU of the shared cluster beyond ``cpus`` (in a placement group) for the
+    block, so that a scenario sized for a ``cpus``-CPU cluster plays out the same on a
+    larger one (the embedded cluster's size follows the machine's cores)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    surplus = int(ray.cluster_resources()["CPU"]) - cpus
+    if surplus <= 0:
+        yield
+        return
+    group = placement_group([{"CPU": surplus}])
+    ray.get(group.ready(), timeout=60)
+    try:
+        yield
+    finally:
+        remove_placement_group(group)
+
+
 def test_a_job_beyond_free_capacity_waits_in_order_holding_no_actor(client, server, uploaded):
     import ray
 
@@ -331,23 +347,25 @@ def test_a_job_beyond_free_capacity_waits_in_order_holding_no_actor(client, serv
     deadline = time.monotonic() + 60  # earlier jobs' workers give their CPUs back first
     while ray.available_resources().get("CPU", 0) < total - 1 and time.monotonic() < deadline:
         time.sleep(0.5)
-    first, second = (
-        client.fine_tuning.jobs.create(
-            model="tiny-llama",
-            training_file=uploaded,
-            suffix=f"q{i}",
-            extra_body={"rayft": options},
+    with cluster_of(4):
+        first, second = (
+            client.fine_tuning.jobs.create(
+                model="tiny-llama",
+                training_file=uploaded,
+                suffix=f"q{i}",
+                extra_body={"rayft": options},
+            )
+            for i in (1, 2)
         )
-        for i in (1, 2)
-    )
-    assert first.status == "validating_files"
-    assert second.status == "queued" and second.model_extra["rayft"]["queue_position"] == 1
-    with pytest.raises(ValueError):
-        ray.get_actor(runner_name(second.id), namespace=NAMESPACE)  # nothing on the cluster
+        assert first.status == "validating_files"
+        assert second.status == "queued" and second.model_extra["rayft"]["queue_position"] == 1
+        with pytest.raises(ValueError):
+            ray.get_actor(runner_name(second.id), namespace=NAMESPACE)  # nothing on the cluster
 
-    done = [
-        wait_for(client, job.id, {"succeeded", "failed", "cancelled"}) for job in (first, second)
-    ]
+        done = [
+            wait_for(client, job.id, {"succeeded", "failed", "cancelled"})
+            for job in (first, second)
+        ]
     assert [job.status for job in done] == ["succeeded", "succeeded"], [j.error for j in done]
     assert done[1].created_at >= done[0].created_at
     events = [e.message for e in client.fine_tuning.jobs.list_events(second.id, limit=50).data]

@@ -63,14 +63,41 @@ def train_losses(outcome) -> list[float]:
     return [r["loss"] for r in outcome.history if r["kind"] == "train"]
 
 
+class LibrariesMapped(LoopCallback):
+    """Writes each worker's allocator (libjemalloc mapped, ``MALLOC_CONF``) to ``out/rank<r>.json``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, state: TrainerState) -> None:
+        import ray.train
+
+        maps = Path("/proc/self/maps").read_text()
+        rank = ray.train.get_context().get_world_rank()
+        mapped = {"jemalloc": "libjemalloc" in maps, "conf": os.environ.get("MALLOC_CONF")}
+        Path(self.out, f"rank{rank}.json").write_text(json.dumps(mapped))
+
+
+@pytest.fixture(scope="module")
+def lora_run(ray_cluster, chat_file, tmp_path_factory) -> tuple[object, object, Path]:
+    """One LoRA ZeRO-2 run on two workers: ``(spec, outcome, allocators)``, shared by the
+    tests that check what it published and what its workers ran on (each worker writes
+    its allocator to ``allocators/rank<r>.json``, see :class:`LibrariesMapped`)."""
+    allocators = tmp_path_factory.mktemp("allocators")
+    spec = make_spec(chat_file, "colors-lora", deepspeed={"zero_stage": 2})
+    outcome = run_training(
+        spec, show_progress=False, loop_callbacks=[LibrariesMapped(str(allocators))]
+    )
+    return spec, outcome, allocators
+
+
 def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(
-    ray_cluster, chat_file, tiny_model_dir, rayft_home, tmp_path
+    lora_run, tiny_model_dir, rayft_home, tmp_path
 ):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    spec = make_spec(chat_file, "colors-lora", deepspeed={"zero_stage": 2})
-    outcome = run_training(spec, show_progress=False)
+    _, outcome, _ = lora_run
 
     evals = outcome.evals()
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
@@ -143,34 +170,14 @@ def test_full_zero3_offload_two_workers_publishes_an_hf_model(ray_cluster, chat_
     assert (outcome.artifact / "tokenizer_config.json").is_file()
 
 
-class LibrariesMapped(LoopCallback):
-    """Writes each worker's allocator (libjemalloc mapped, ``MALLOC_CONF``) to ``out/rank<r>.json``."""
-
-    def __init__(self, out: str) -> None:
-        self.out = out
-
-    def on_train_end(self, state: TrainerState) -> None:
-        import ray.train
-
-        maps = Path("/proc/self/maps").read_text()
-        rank = ray.train.get_context().get_world_rank()
-        mapped = {"jemalloc": "libjemalloc" in maps, "conf": os.environ.get("MALLOC_CONF")}
-        Path(self.out, f"rank{rank}.json").write_text(json.dumps(mapped))
-
-
-def test_workers_run_on_jemalloc_by_default(ray_cluster, chat_file, tmp_path):
+def test_workers_run_on_jemalloc_by_default(lora_run):
     from rayft.trainers.driver import JEMALLOC_CONF
 
-    spec = make_spec(
-        chat_file, "colors-jemalloc", optim={"max_steps": 4}, eval={"every_steps": None}
-    )
+    spec, outcome, allocators = lora_run
     assert spec.scaling.allocator == "auto"
-    outcome = run_training(
-        spec, show_progress=False, loop_callbacks=[LibrariesMapped(str(tmp_path))]
-    )
     assert all(map(math.isfinite, train_losses(outcome)))
-    assert sorted(p.name for p in tmp_path.glob("rank*.json")) == ["rank0.json", "rank1.json"]
-    mapped = [json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")]
+    assert sorted(p.name for p in allocators.glob("rank*.json")) == ["rank0.json", "rank1.json"]
+    mapped = [json.loads(p.read_text()) for p in allocators.glob("rank*.json")]
     assert mapped == [{"jemalloc": True, "conf": JEMALLOC_CONF}] * 2
 
 

@@ -90,6 +90,55 @@ def test_dpo_jobs_map_onto_objective_dpo_with_beta_and_method():
     assert record["rayft"]["method"] == "dpo"  # what clients read before `objective` existed
 
 
+EXACT = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "operation": "eq",
+}
+
+
+def test_reinforcement_jobs_map_onto_objective_grpo_with_the_grader():
+    method = {
+        "type": "reinforcement",
+        "reinforcement": {
+            "grader": EXACT,
+            "hyperparameters": {
+                "n_epochs": 2,
+                "compute_multiplier": 2.0,
+                "eval_interval": 3,
+                "eval_samples": 2,
+                "reasoning_effort": "low",
+            },
+        },
+    }
+    spec, reported = spec_of({"method": method, "rayft": {"grpo": {"beta": 0.02}}})
+    assert (spec.objective, spec.method, spec.optim.epochs) == ("grpo", "lora", 2)
+    assert spec.grpo.grader == EXACT and spec.grpo.beta == 0.02
+    # eval_interval needs a validation file to evaluate; without one it is reported only.
+    assert spec.grpo.num_generations == 8 and spec.eval.every_steps is None
+    assert spec.optim.lr == 1e-5  # GRPO's LoRA default
+    assert reported["compute_multiplier"] == 2.0 and reported["reasoning_effort"] == "low"
+    record = jobs.new_record(
+        "ftjob-1",
+        jobs.parse_request({"model": "tiny-llama", "training_file": "file-a", "method": method}),
+        spec.to_dict(),
+        reported,
+        {},
+    )
+    assert record["method"]["type"] == "reinforcement"
+    assert record["method"]["reinforcement"]["grader"] == EXACT
+    validated, _ = spec_of(
+        {"method": method, "validation_file": "file-b"}, eval_url="/data/eval.jsonl"
+    )
+    assert validated.eval.every_steps == 3
+    auto, reported = spec_of(
+        {"method": {"type": "reinforcement", "reinforcement": {"grader": EXACT}}}
+    )
+    assert auto.grpo.num_generations == 4 and reported["eval_interval"] == "auto"
+
+
 def test_auto_and_legacy_hyperparameters_keep_rayfts_defaults():
     auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     spec, reported = spec_of({"hyperparameters": auto})
@@ -107,7 +156,23 @@ def test_auto_and_legacy_hyperparameters_keep_rayfts_defaults():
         ({"hyperparameter": {}}, "hyperparameter"),
         ({"hyperparameters": {"n_epochs": "3"}}, "hyperparameters.n_epochs"),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
-        ({"method": {"type": "reinforcement"}}, "method.type"),
+        ({"method": {"type": "reinforcement"}}, "method.reinforcement"),
+        (
+            {"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "x"}}}},
+            "method.reinforcement.grader.type",
+        ),
+        (
+            {
+                "method": {
+                    "type": "reinforcement",
+                    "reinforcement": {
+                        "grader": {"type": "string_check"},
+                        "hyperparameters": {"reasoning_effort": "max"},
+                    },
+                }
+            },
+            "method.reinforcement.hyperparameters.reasoning_effort",
+        ),
         (
             {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
             "method.dpo.hyperparameters.beta",
