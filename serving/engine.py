@@ -228,6 +228,8 @@ class ModelEngine:
         self._resolved: OrderedDict[tuple[str, str], ServedAdapter] = OrderedDict()
         # Loaded DoRA adapters: PEFT's mixed-adapter forward refuses them (see _run_model).
         self._dora: set[str] = set()
+        # Adapters set from tensors (set_adapter_weights): no file or registry entry behind them.
+        self._in_memory: set[str] = set()
         self.peak_loaded = 0
         # Told of loads and evictions (serving.metrics: NullMetrics or ServingMetrics).
         self.listener: Any = None
@@ -368,6 +370,9 @@ class ModelEngine:
         """
         if name == BASE_ADAPTER:
             return True
+        if name in self._in_memory and name in self._loaded:
+            self._loaded.move_to_end(name)
+            return True
         path = (served or self.resolve_adapter(name)).path
         mtime = (path / SAFE_WEIGHTS).stat().st_mtime
         if name in self._loaded:
@@ -451,16 +456,17 @@ class ModelEngine:
         """
         import dataclasses
 
-        from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         if name not in self._loaded:
             known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
             lora = LoraConfig(**{k: v for k, v in config.items() if k in known})
             if self.model is self.base:
-                self.model = PeftModel(self.base, lora, adapter_name=name)
+                self.model = get_peft_model(self.base, lora, adapter_name=name)
             else:
                 self.model.add_adapter(name, lora)
             self._loaded[name] = 0.0
+            self._in_memory.add(name)
         set_peft_model_state_dict(self.model, weights, adapter_name=name)
         self.model.eval()
 

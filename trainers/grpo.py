@@ -302,13 +302,18 @@ def grade_groups(
     import ray
 
     rows = range(first, first + len(groups))
+    work = list(zip(groups, items, rows, strict=True))
     if not ray.is_initialized():
-        return [
-            grade_group(grader_json, g, i, r) for g, i, r in zip(groups, items, rows, strict=True)
-        ]
-    task = ray.remote(num_cpus=0, scheduling_strategy="DEFAULT")(grade_group)
-    refs = [task.remote(grader_json, g, i, r) for g, i, r in zip(groups, items, rows, strict=True)]
-    return ray.get(refs)
+        return [grade_group(grader_json, g, i, r) for g, i, r in work]
+    global _GRADE_TASK
+    if _GRADE_TASK is None:
+        # No CPU reserved: the run's workers and rollout engines may hold every CPU, and a
+        # python grader runs in its own limited process anyway.
+        _GRADE_TASK = ray.remote(num_cpus=0, scheduling_strategy="DEFAULT")(grade_group)
+    return ray.get([_GRADE_TASK.remote(grader_json, g, i, r) for g, i, r in work])
+
+
+_GRADE_TASK: Any = None
 
 
 # --------------------------------------------------------------------------- the objective
@@ -410,6 +415,9 @@ class GrpoObjective(Objective):
         self.grpo = spec.grpo
         self.engine: Any = None
         """This worker's rollout engine (a Ray actor handle)."""
+        self.owned_engines: list[Any] = []
+        """Rank 0's handles to the engines it started: Ray ends an actor that is not
+        detached once every handle to it is gone, so rank 0 keeps them for the run."""
         self.synced_step: int | None = None
         self.ref_adapter = False
         self.rewards = [0.0, 0.0]
@@ -446,7 +454,9 @@ class GrpoObjective(Objective):
         run = ray.train.get_context().get_experiment_name()
         batch = worker.spec.optim.batch_size * self.grpo.num_generations
         if worker.rank == 0:
-            rollouts.start(worker.spec, run, worker.inputs.model_dir, worker.inputs.dtype, batch)
+            self.owned_engines = rollouts.start(
+                worker.spec, run, worker.inputs.model_dir, worker.inputs.dtype, batch
+            )
         all_sum([0.0])  # every engine exists before any worker looks for its own
         self.engine = rollouts.find(worker.spec, run, worker.rank)
         if self.grpo.beta > 0 and worker.inputs.parent_adapter is not None:

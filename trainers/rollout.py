@@ -41,11 +41,8 @@ class RolloutEngine:
     """A ``ModelEngine`` that answers batches of prompts with the run's current policy."""
 
     def __init__(self, model_dir: str, storage: str | None, dtype: str, batch: int) -> None:
-        import torch
-
         from rayft.serving.engine import ModelEngine
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.engine = ModelEngine(
             model_dir, storage=storage, dtype=dtype, max_batch_size=max(1, batch)
         )

@@ -79,3 +79,119 @@ def test_lora_grpo_samples_on_rollout_engines_and_publishes(ray_cluster, tmp_pat
     # The rollout engine ended with the run's workers that owned it.
     alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if "rollout" in a["name"]]
     assert alive == []
+
+
+def test_full_weight_grpo_under_zero3_on_two_workers_publishes_a_model(ray_cluster, tmp_path):
+    spec = validate_spec(
+        {
+            "model": {"name": "tiny-llama", "dtype": "float32"},
+            "data": {
+                "train": str(write_prompts(tmp_path / "train.jsonl", [(a, 1) for a in range(8)])),
+                "max_seq_len": 64,
+            },
+            "objective": "grpo",
+            "method": "full",
+            "deepspeed": {"zero_stage": 3},
+            "grpo": {"grader": FUZZY, "num_generations": 2, "max_new_tokens": 4},
+            "optim": {"lr": 1e-4, "max_steps": 2, "batch_size": 2, "warmup_ratio": 0.0},
+            "scaling": {"num_workers": 2},
+            "output": {"name": "grpo-full", "overwrite": True},
+        }
+    )
+    outcome = run_training(spec, show_progress=False)
+    meta = json.loads((Path(outcome.artifact) / "rayft.json").read_text())
+    assert (meta["kind"], meta["objective"], meta["method"]) == ("model", "grpo", "full")
+    trains = [r for r in meta["history"] if r["kind"] == "train"]
+    # Step 2 sampled on the weights step 1 made: the broadcast reached the engine.
+    assert [r["step"] for r in trains] == [1, 2] and trains[1]["sync_s"] > 1e-3
+
+
+EXACT = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "operation": "eq",
+}
+QUESTION = "What is {a} + {b}? Reply with only the number."
+
+
+def write_sums(path: Path, pairs: list[tuple[int, int]]) -> Path:
+    with open(path, "w") as handle:
+        for a, b in pairs:
+            content = QUESTION.format(a=a, b=b)
+            row = {"messages": [{"role": "user", "content": content}], "answer": str(a + b)}
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sums(tmp_path_factory) -> dict[str, Path]:
+    import random
+
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    random.Random(7).shuffle(pairs)
+    folder = tmp_path_factory.mktemp("sums")
+    return {
+        "train": write_sums(folder / "train.jsonl", pairs[:64]),
+        "eval": write_sums(folder / "eval.jsonl", pairs[64:88]),
+    }
+
+
+def grpo_on_sums(sums: dict[str, Path], name: str, **model: str) -> dict:
+    spec = validate_spec(
+        {
+            "model": {"name": "smollm2-135m-instruct", "dtype": "float32", **model},
+            "data": {"train": str(sums["train"]), "eval": str(sums["eval"]), "max_seq_len": 96},
+            "objective": "grpo",
+            "grpo": {"grader": EXACT, "num_generations": 4, "max_new_tokens": 6},
+            "lora": {"r": 16, "dropout": 0.0},
+            "optim": {"lr": 5e-4, "max_steps": 16, "batch_size": 4, "warmup_ratio": 0.0},
+            "scaling": {"num_workers": 1},
+            "output": {"name": name, "overwrite": True},
+        }
+    )
+    outcome = run_training(spec, show_progress=False)
+    return json.loads((Path(outcome.artifact) / "rayft.json").read_text())
+
+
+def grades(meta: dict) -> tuple[float, float]:
+    evals = [r for r in meta["history"] if r["kind"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == meta["steps"]
+    return evals[0]["eval_reward"], evals[-1]["eval_reward"]
+
+
+def test_smollm2_learns_to_answer_sums_exactly_from_the_base(ray_cluster, sums):
+    meta = grpo_on_sums(sums, "grpo-sums")
+    before, after = grades(meta)
+    assert after >= before + 0.15, (before, after)
+
+
+def test_grpo_continues_an_sft_adapter_and_records_its_lineage(ray_cluster, sums, tmp_path):
+    # SFT first, on the task's shape but other numbers and words: "c" for "a plus b".
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Add {a} and {b}. Only the number, please."},
+                {"role": "assistant", "content": str(a + b)},
+            ]
+        }
+        for a in range(10, 14)
+        for b in range(10, 14)
+    ]
+    chats = tmp_path / "sft.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = validate_spec(
+        {
+            "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+            "data": {"train": str(chats), "max_seq_len": 96},
+            "optim": {"lr": 1e-3, "max_steps": 4, "batch_size": 4, "warmup_ratio": 0.0},
+            "scaling": {"num_workers": 1},
+            "output": {"name": "sums-sft", "overwrite": True},
+        }
+    )
+    run_training(sft, show_progress=False)
+    meta = grpo_on_sums(sums, "grpo-after-sft", adapter="sums-sft")
+    assert meta["parent_adapter"]["name"] == "sums-sft"
+    before, after = grades(meta)
+    assert after >= before + 0.1, (before, after)
