@@ -322,13 +322,7 @@ class DpoObjective(Objective):
         if spec.method == "full":
             self.reference = reference_engine(self, worker)
         elif worker.inputs.parent_adapter is not None:
-            module = _module(worker.engine)
-            path = str(worker.inputs.parent_adapter.local_dir())
-            module.load_adapter(
-                path, adapter_name=REF_ADAPTER, is_trainable=False, torch_device=str(worker.device)
-            )
-            module.set_adapter("default")
-            self.ref_adapter = True
+            self.ref_adapter = load_reference_adapter(worker)
 
     @contextmanager
     def _reference_mode(self, worker: Worker) -> Iterator[Any]:
@@ -336,16 +330,8 @@ class DpoObjective(Objective):
         if self.reference is not None:
             yield self.reference
             return
-        module = _module(worker.engine)
-        if self.ref_adapter:
-            module.set_adapter(REF_ADAPTER)
-            try:
-                yield worker.engine
-            finally:
-                module.set_adapter("default")
-        else:
-            with module.disable_adapter():
-                yield worker.engine
+        with adapter_reference(worker, self.ref_adapter) as forward:
+            yield forward
 
     def pair_logps(
         self, worker: Worker, batch: dict[str, torch.Tensor]
@@ -404,6 +390,35 @@ def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
         "eval_rewards_rejected": sums["rejected_sum"] / pairs,
         "eval_pairs": int(sums["pairs"]),
     }
+
+
+def load_reference_adapter(worker: Worker) -> bool:
+    """Load the continued adapter (``model.adapter``) again, frozen, as adapter ``ref``:
+    the reference of a LoRA run that continues a published adapter (as TRL's
+    ``ref_adapter_name``). Returns True once it is loaded."""
+    module = _module(worker.engine)
+    path = str(worker.inputs.parent_adapter.local_dir())
+    module.load_adapter(
+        path, adapter_name=REF_ADAPTER, is_trainable=False, torch_device=str(worker.device)
+    )
+    module.set_adapter("default")
+    return True
+
+
+@contextmanager
+def adapter_reference(worker: Worker, ref_adapter: bool) -> Iterator[Any]:
+    """The policy's engine answering as the reference of a LoRA run: adapter ``ref``
+    (:func:`load_reference_adapter`) when ``ref_adapter``, else the base (adapter off)."""
+    module = _module(worker.engine)
+    if ref_adapter:
+        module.set_adapter(REF_ADAPTER)
+        try:
+            yield worker.engine
+        finally:
+            module.set_adapter("default")
+    else:
+        with module.disable_adapter():
+            yield worker.engine
 
 
 def reference_config(config: dict[str, Any]) -> dict[str, Any]:

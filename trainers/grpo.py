@@ -35,9 +35,9 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from rayft.trainers.dpo import adapter_reference, load_reference_adapter
 from rayft.trainers.formats import IGNORE_INDEX, ChatTemplateError, RowError, _encode, _render
 from rayft.trainers.objective import Objective, Problems
 
@@ -51,7 +51,6 @@ PROMPT_FORMAT = "prompt"
 """The format the data scan reports for GRPO's rows."""
 PROMPT_KEYS = ("messages", "prompt")
 """Row fields that make the prompt; every other field is the grader's ``item``."""
-REF_ADAPTER = "ref"
 PHASES = ("sync_s", "generate_s", "grade_s", "reference_s")
 """Where a step's time goes before its forward and backward (``train`` records)."""
 STD_EPS = 1e-4
@@ -460,13 +459,7 @@ class GrpoObjective(Objective):
         all_sum([0.0])  # every engine exists before any worker looks for its own
         self.engine = rollouts.find(worker.spec, run, worker.rank)
         if self.grpo.beta > 0 and worker.inputs.parent_adapter is not None:
-            module = _module(worker.engine)
-            path = str(worker.inputs.parent_adapter.local_dir())
-            module.load_adapter(
-                path, adapter_name=REF_ADAPTER, is_trainable=False, torch_device=str(worker.device)
-            )
-            module.set_adapter("default")
-            self.ref_adapter = True
+            self.ref_adapter = load_reference_adapter(worker)
 
     # ------------------------------------------------------------------ rollouts
 
@@ -549,7 +542,7 @@ class GrpoObjective(Objective):
             if grpo.num_iterations > 1:
                 part["old_logps"] = self.policy_logps(worker, tensors).detach()
             if grpo.beta > 0:
-                with self._reference_mode(worker) as forward:
+                with adapter_reference(worker, self.ref_adapter) as forward:
                     head = _module(forward).get_output_embeddings()
                     part["ref_logps"] = token_logps(forward, head, tensors, grpo.temperature)
         self._lap("reference_s", clock)
@@ -580,19 +573,6 @@ class GrpoObjective(Objective):
             for e in errs
         ]
         return torch.tensor(scores, dtype=torch.float32), errors
-
-    @contextmanager
-    def _reference_mode(self, worker: Worker) -> Iterator[Any]:
-        module = _module(worker.engine)
-        if self.ref_adapter:
-            module.set_adapter(REF_ADAPTER)
-            try:
-                yield worker.engine
-            finally:
-                module.set_adapter("default")
-        else:
-            with module.disable_adapter():
-                yield worker.engine
 
     def policy_logps(self, worker: Worker, batch: dict[str, Any]) -> torch.Tensor:
         engine = worker.engine
