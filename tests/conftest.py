@@ -10,6 +10,13 @@ from pathlib import Path
 import pytest
 from color_data import write_color_chats
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default), so a finished tiny run is noticed up to that late, at start and at the end.
+# Polling every 0.5 s takes about 3 s off each of the suite's training runs (a warm 2-step
+# run: 19.4 s -> 16.4 s). Set before any Ray process starts; inherited by the CLIs and
+# clusters the tests start, and propagated by Ray Train to its controller.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 @pytest.fixture(scope="session")
 def rayft_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

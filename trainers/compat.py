@@ -57,6 +57,14 @@ PRIVATE_SYMBOLS: list[tuple[str, str]] = [
     ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
     ("ray._private.ray_constants", "ENABLE_RAY_CLUSTERS_ENV_VAR"),
     ("ray._common.constants", "HEAD_NODE_RESOURCE_NAME"),
+    ("ray._private.state", "GlobalState._connect_and_get_accessor"),
+    ("ray._raylet", "GlobalStateAccessor.get_placement_group_table"),
+    ("ray.core.generated.gcs_pb2", "PlacementGroupTableData.creator_actor_id"),
+    ("ray.core.generated.gcs_pb2", "PlacementGroupTableData.creator_actor_dead"),
+    ("ray.core.generated.gcs_pb2", "PlacementGroupTableData.creator_job_id"),
+    ("ray.core.generated.gcs_pb2", "PlacementGroupTableData.is_detached"),
+    ("ray.core.generated.gcs_pb2", "PlacementGroupTableData.state"),
+    ("ray.core.generated.gcs_pb2", "PlacementGroupTableData.REMOVED"),
     ("ray.serve.context", "_get_global_client"),
     ("ray.serve._private.client", "ServeControllerClient.http_config"),
     ("ray.serve.context", "_get_serve_request_context"),
@@ -260,6 +268,41 @@ def replica_grpc_on_loopback() -> None:
 
     on_loopback.rayft_loopback = True  # type: ignore[attr-defined]
     serve_replica.add_port_to_grpc_server = on_loopback
+
+
+def orphaned_placement_groups() -> list[str]:
+    """Ids of this job's live placement groups whose creator actor has died.
+
+    Such a group belongs to no running code: the Train controller that made it was killed
+    (a stopped trial or run) before it could use, record or remove it, for instance while
+    it was starting a new worker group. Ray frees a group only once both its creator actor
+    and the creator's job are dead, so in a long-lived job (a sweep, a server) it would
+    hold its CPUs until the job ends. Groups of other jobs, detached groups and groups made
+    by a driver (no creator actor) are never listed.
+
+    Uses ``GlobalState._connect_and_get_accessor`` and the raw GCS table
+    (``PlacementGroupTableData``): ``ray.util.placement_group_table()`` leaves out the
+    creator fields, and no public API says whether a group's creator is alive.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+    if not ray.is_initialized():
+        return []
+    job = ray.get_runtime_context().get_job_id()
+    groups = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        data = PlacementGroupTableData.FromString(raw)
+        if (
+            data.state != PlacementGroupTableData.REMOVED
+            and data.creator_actor_dead
+            and not ray.ActorID(data.creator_actor_id).is_nil()
+            and not data.is_detached
+            and data.creator_job_id.hex() == job
+        ):
+            groups.append(data.placement_group_id.hex())
+    return groups
 
 
 def is_head_node(resources: dict[str, float]) -> bool:

@@ -280,39 +280,81 @@ def grpo_loss_sums(
 # --------------------------------------------------------------------------- grading
 
 
+GRADER_THREADS = 8
+"""Groups one grading actor grades at once, and answers of one group graded at once: at
+most 64 sandboxed grader processes per training worker."""
+
+
 def grade_group(
     grader_json: dict[str, Any], texts: list[str], item: dict[str, Any], row: int
 ) -> list[tuple[float, list[str]]]:
-    """Grade one prompt's answers: ``(score, error details)`` per answer."""
+    """Grade one prompt's answers: ``(score, error details)`` per answer.
+
+    The answers are graded at once, one thread each: a ``python`` grader spends its time
+    waiting for the sandboxed process it starts per call, a model grader for its reply.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from rayft.trainers.graders import GradeContext, grade, parse_grader
 
     grader = parse_grader(grader_json)
-    out = []
-    for text in texts:
+
+    def one(text: str) -> tuple[float, list[str]]:
         result = grade(grader, text, item, GradeContext(row=row))
-        out.append((float(result.score), [issue.details for issue in result.errors]))
-    return out
+        return float(result.score), [issue.details for issue in result.errors]
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(texts), GRADER_THREADS))) as pool:
+        return list(pool.map(one, texts))
+
+
+class GradingActor:
+    """Grades groups of answers for one training worker, in threads.
+
+    An actor rather than a task per group: it starts once per run and keeps its process,
+    where a task would wait, at every step, for Ray to start a worker process while the
+    run's workers and rollout engines hold every CPU. ``python`` graders still run each
+    call in a sandboxed process of their own (``trainers.grader_sandbox``).
+    """
+
+    def grade(
+        self, grader_json: dict[str, Any], texts: list[str], item: dict[str, Any], row: int
+    ) -> list[tuple[float, list[str]]]:
+        return grade_group(grader_json, texts, item, row)
 
 
 def grade_groups(
     grader_json: dict[str, Any], groups: list[list[str]], items: list[dict[str, Any]], first: int
 ) -> list[list[tuple[float, list[str]]]]:
-    """Grade every group, each in a Ray task of its own (in this process without Ray)."""
+    """Grade every group, in parallel on this process's grading actor (here without Ray)."""
     import ray
 
     rows = range(first, first + len(groups))
     work = list(zip(groups, items, rows, strict=True))
     if not ray.is_initialized():
         return [grade_group(grader_json, g, i, r) for g, i, r in work]
-    global _GRADE_TASK
-    if _GRADE_TASK is None:
+    try:
+        return ray.get([_grader().grade.remote(grader_json, g, i, r) for g, i, r in work])
+    except ray.exceptions.RayActorError:
+        _GRADER.clear()  # the actor died (its node went): start another, once
+        return ray.get([_grader().grade.remote(grader_json, g, i, r) for g, i, r in work])
+
+
+def _grader() -> Any:
+    """This process's grading actor, started on first use; it ends with the process."""
+    import ray
+
+    if not _GRADER:
         # No CPU reserved: the run's workers and rollout engines may hold every CPU, and a
         # python grader runs in its own limited process anyway.
-        _GRADE_TASK = ray.remote(num_cpus=0, scheduling_strategy="DEFAULT")(grade_group)
-    return ray.get([_GRADE_TASK.remote(grader_json, g, i, r) for g, i, r in work])
+        _GRADER.append(
+            ray.remote(GradingActor)
+            .options(num_cpus=0, max_concurrency=GRADER_THREADS, scheduling_strategy="DEFAULT")
+            .remote()
+        )
+    return _GRADER[0]
 
 
-_GRADE_TASK: Any = None
+_GRADER: list[Any] = []
 
 
 # --------------------------------------------------------------------------- the objective

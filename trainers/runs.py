@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from rayft.trainers.compat import placement_group_callback
+from rayft.trainers.compat import orphaned_placement_groups, placement_group_callback
 from rayft.trainers.config import JobSpec
 from rayft.trainers.records import live_state, read_events, read_record
 from rayft.trainers.storage import StorageRoot, run_relpath
@@ -99,6 +99,29 @@ def free_run_groups(root: StorageRoot, run_id: str) -> int:
     return removed
 
 
+def free_orphaned_groups() -> int:
+    """Remove this job's placement groups whose creator (a Train controller) has died.
+
+    A controller killed while it starts a worker group (a trial stopped by its scheduler
+    just as its run restarts its workers) has made a group it never recorded; nothing
+    else would free it while the job lives (:func:`compat.orphaned_placement_groups`).
+
+    Returns:
+        How many groups were removed.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    for group_id in orphaned_placement_groups():
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+        except Exception:  # noqa: BLE001 - removed meanwhile
+            continue
+        removed += 1
+    return removed
+
+
 def driver_name(run_id: str) -> str:
     """The Ray actor name of the driver of a run started with ``in_actor=True``."""
     return f"rayft-run-{run_id}"
@@ -140,7 +163,8 @@ def free_stopped_runs(
     a driver reaches its Train controller a moment later; a controller that sees its
     workers gone first (their group was removed) starts a new worker group in a new
     placement group. So the groups are removed again each second, the new ones included,
-    until ``SETTLE_ROUNDS`` rounds find none (``FREE_LIMIT_S`` at most).
+    until ``SETTLE_ROUNDS`` rounds find none (``FREE_LIMIT_S`` at most). A group such a
+    controller made and died before recording is removed too (:func:`free_orphaned_groups`).
 
     Args:
         background: Watch from a daemon thread (returned) instead of blocking.
@@ -155,6 +179,7 @@ def free_stopped_runs(
         quiet, deadline = 0, time.monotonic() + FREE_LIMIT_S
         while quiet < SETTLE_ROUNDS and time.monotonic() < deadline:
             removed = sum(free_run_groups(root, run_id) for run_id in run_ids)
+            removed += free_orphaned_groups()
             quiet = 0 if removed else quiet + 1
             time.sleep(1.0)
 

@@ -121,14 +121,23 @@ SUMS = {
 }
 """The sum alone scores 1, an answer that ends on the sum (``2 + 3 = 5``) 0.5."""
 QUESTION = "What is {a} + {b}? Reply with only the number."
+SYSTEM = "You add numbers."
+"""A short system message: SmolLM2's template otherwise adds a 17-token default one to each
+prompt, which a step pays for in every sampled and trained sequence."""
 
 
-def write_sums(path: Path, pairs: list[tuple[int, int]]) -> Path:
+def write_sums(path: Path, pairs: list[tuple[int, int]], answered: bool = False) -> Path:
+    """Prompt rows (``answer`` for the grader); with ``answered``, chat rows whose assistant
+    message is the sum, for supervised fine-tuning."""
     with open(path, "w") as handle:
         for a, b in pairs:
-            content = QUESTION.format(a=a, b=b)
-            row = {"messages": [{"role": "user", "content": content}], "answer": str(a + b)}
-            handle.write(json.dumps(row) + "\n")
+            messages = [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": QUESTION.format(a=a, b=b)},
+            ]
+            if answered:
+                messages.append({"role": "assistant", "content": str(a + b)})
+            handle.write(json.dumps({"messages": messages, "answer": str(a + b)}) + "\n")
     return path
 
 
@@ -142,13 +151,20 @@ def sums(tmp_path_factory) -> dict[str, Path]:
     return {
         "train": write_sums(folder / "train.jsonl", pairs[:64]),
         "eval": write_sums(folder / "eval.jsonl", pairs[64:88]),
+        # Demonstrations for the SFT start: 12 of the training pairs, none held out.
+        "sft": write_sums(folder / "sft.jsonl", pairs[:12], answered=True),
     }
 
 
-def grpo_on_sums(sums: dict[str, Path], name: str) -> dict:
+# Training and sampling alternate within a step, so each gets both cores as torch threads
+# (2 CPUs for the worker, 2 for the rollout engine, on the 4-CPU test cluster).
+TWO_THREADS = {"scaling": {"num_workers": 1, "cpus_per_worker": 2}}
+
+
+def grpo_on_sums(sums: dict[str, Path], name: str, steps: int, adapter: str | None = None) -> dict:
     spec = validate_spec(
         {
-            "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+            "model": {"name": "smollm2-135m-instruct", "dtype": "float32", "adapter": adapter},
             "data": {"train": str(sums["train"]), "eval": str(sums["eval"]), "max_seq_len": 96},
             "objective": "grpo",
             "grpo": {
@@ -156,10 +172,11 @@ def grpo_on_sums(sums: dict[str, Path], name: str) -> dict:
                 "num_generations": 4,
                 "max_new_tokens": 8,
                 "temperature": 0.7,
+                "rollout_cpus": 2,
             },
             "lora": {"r": 16, "dropout": 0.0},
-            "optim": {"lr": 5e-4, "max_steps": 16, "batch_size": 4, "warmup_ratio": 0.0},
-            "scaling": {"num_workers": 1},
+            "optim": {"lr": 5e-4, "max_steps": steps, "batch_size": 4, "warmup_ratio": 0.0},
+            **TWO_THREADS,
             "output": {"name": name, "overwrite": True},
         }
     )
@@ -174,11 +191,34 @@ def grades(meta: dict) -> tuple[float, float]:
 
 
 def test_smollm2_learns_to_answer_sums_from_the_base(ray_cluster, sums):
-    meta = grpo_on_sums(sums, "grpo-sums")
+    meta = grpo_on_sums(sums, "grpo-sums", steps=16)
     before, after = grades(meta)
-    # Measured: 0.354 -> 0.458 over 16 steps (answers are seeded by step, so a rerun
-    # samples the same groups); the sampled answers' mean grade went 0.19 -> 0.45.
+    # Measured: 0.313 -> 0.458 over 16 steps (answers are seeded by step, so a rerun
+    # samples the same groups); the sampled answers' mean grade went 0.22 -> 0.31..0.5.
     assert after >= before + 0.08, (before, after)
     trains = [r for r in meta["history"] if r["kind"] == "train"]
     early, late = trains[:4], trains[-4:]
     assert sum(r["reward"] for r in late) > sum(r["reward"] for r in early)
+
+
+def test_smollm2_learns_to_answer_sums_from_an_sft_adapter(ray_cluster, sums):
+    # First a supervised adapter on a few demonstrations, then GRPO continues that adapter
+    # (model.adapter): the held-out grade starts from the SFT adapter's and rises.
+    sft = validate_spec(
+        {
+            "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+            "data": {"train": str(sums["sft"]), "max_seq_len": 96},
+            "lora": {"r": 16, "dropout": 0.0},
+            "optim": {"lr": 2e-4, "max_steps": 3, "batch_size": 4, "warmup_ratio": 0.0},
+            **TWO_THREADS,
+            "output": {"name": "sums-sft", "overwrite": True},
+        }
+    )
+    run_training(sft, show_progress=False)
+    meta = grpo_on_sums(sums, "grpo-sums-sft", steps=16, adapter="sums-sft")
+    parent = meta["parent_adapter"]
+    assert parent["name"] == "sums-sft" and parent["run_id"].startswith("sums-sft-")
+    assert parent["steps"] == 3 and meta["method"] == "lora"
+    before, after = grades(meta)
+    # Measured: 0.354 (the SFT adapter's grade; the base's is 0.313) -> 0.479 over 16 steps.
+    assert after >= before + 0.08, (before, after)

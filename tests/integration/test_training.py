@@ -304,3 +304,33 @@ def test_a_run_started_in_an_actor_reports_its_state_and_cancel_frees_its_cpus(
         assert time.time() < deadline, (run.status(), ray.available_resources())
         time.sleep(0.5)
     assert not (rayft_home / "adapters" / "cancelled-run").exists()
+
+
+def test_a_group_whose_controller_died_before_recording_it_is_freed(ray_cluster, rayft_home):
+    # A Train controller killed while it starts a worker group (a trial stopped just as its
+    # run restarts) leaves a placement group that no run recorded. An actor plays that
+    # controller; the run-stopping clean-up must free its group and no other.
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from rayft.trainers.runs import free_stopped_runs
+    from rayft.trainers.storage import StorageRoot
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def start_group(self) -> str:
+            group = placement_group([{"CPU": 1}])
+            ray.get(group.ready(), timeout=60)
+            return group.id.hex()
+
+    controller = Controller.remote()
+    orphan = ray.get(controller.start_group.remote(), timeout=120)
+    kept = placement_group([{"CPU": 1}])  # this job's own group: its creator lives
+    ray.get(kept.ready(), timeout=60)
+    try:
+        ray.kill(controller, no_restart=True)
+        free_stopped_runs(StorageRoot.resolve(None), ["no-run-recorded-this-group"])
+        table = placement_group_table()
+        assert table[orphan]["state"] == "REMOVED"
+        assert table[kept.id.hex()]["state"] == "CREATED"
+    finally:
+        ray.util.remove_placement_group(kept)

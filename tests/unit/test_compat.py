@@ -115,18 +115,30 @@ def defined_in_source(path: Path, attribute: str) -> bool:
 
 def defined_by_import(module: str, attribute: str) -> bool:
     """Whether importing ``module`` (walked attribute by attribute) yields ``attribute``."""
-    top, *rest = module.split(".")
-    value = importlib.import_module(top)
-    for name in [*rest, *attribute.split(".")]:
+    try:  # a real module; else an object reached from its package (torch.ops.aten)
+        value, names = importlib.import_module(module), attribute.split(".")
+    except ImportError:
+        top, *rest = module.split(".")
+        value, names = importlib.import_module(top), [*rest, *attribute.split(".")]
+    for name in names:
+        if name in _message_fields(value):
+            return True  # a protobuf message's field: nothing further to walk
         if not hasattr(value, name):
             return False
         value = getattr(value, name)
     return True
 
 
+def _message_fields(value: object) -> set[str]:
+    """A protobuf message class's field names (not class attributes under upb)."""
+    descriptor = getattr(value, "DESCRIPTOR", None)
+    return set(getattr(descriptor, "fields_by_name", None) or ())
+
+
 def symbol_exists(module: str, attribute: str) -> bool:
     path = _source_file(module)
-    if path is not None:
+    # Generated protobuf modules build their classes from a serialized descriptor.
+    if path is not None and not path.name.endswith("_pb2.py"):
         return defined_in_source(path, attribute)
     if importlib.util.find_spec(module.split(".")[0]) is None:
         return False
@@ -155,6 +167,9 @@ def test_the_lookup_fails_for_a_symbol_that_is_not_there():
     assert not symbol_exists(engine, "NoSuchEngine")
     assert not symbol_exists("ray._private.worker", "init._no_such_keyword")
     assert not symbol_exists("ray.train.v2._internal.no_such_module", "Anything")
+    pb2 = "ray.core.generated.gcs_pb2"
+    assert symbol_exists(pb2, "PlacementGroupTableData.is_detached")
+    assert not symbol_exists(pb2, "PlacementGroupTableData.no_such_field")
     assert not symbol_exists("no_such_dependency.module", "Anything")
     assert symbol_exists("ray.tune.result_grid", "ResultGrid._experiment_analysis")
     assert not symbol_exists("ray.tune.result_grid", "ResultGrid._no_such_field")
