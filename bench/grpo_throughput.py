@@ -9,7 +9,7 @@ Trains ``smollm2-135m-instruct`` with GRPO two ways, one after the other on this
 
   (a) rayft: ``run_training`` on the embedded local Ray cluster, ``objective: grpo``, one
       training worker (all cores as torch threads) and one rollout engine (rayft's serving
-      engine as a Ray actor, ``grpo.rollout_cpus`` CPUs), grading in Ray tasks, optimizer
+      engine as a Ray actor, ``grpo.rollout_cpus`` CPUs), grading on a Ray actor, optimizer
       settings at the config defaults otherwise (ZeRO-2, selective checkpointing);
   (b) TRL ``GRPOTrainer`` with a PEFT LoRA config, generating with ``model.generate`` in
       the training process, given its best settings for a CPU: ``bf16=False``,
@@ -213,7 +213,7 @@ def run_rayft(rows: list[dict], model_dir: Path, args: argparse.Namespace, work:
         f"1 worker x {spec.scaling.cpus_per_worker} CPU (torch threads), ZeRO-"
         f"{spec.deepspeed.zero_stage}, optim.gradient_checkpointing="
         f"{spec.optim.gradient_checkpointing}; 1 rollout engine x {spec.grpo.rollout_cpus} "
-        "CPU (serving engine, batched decoding); grading in Ray tasks; embedded Ray"
+        "CPU (serving engine, batched decoding); grading on a Ray actor; embedded Ray"
     )
     return ArmResult(
         name="rayft",

@@ -9,8 +9,8 @@ reaches the grader as ``item``. A training step:
    actors; batched decoding). Before sampling, a policy that changed since the engines last
    saw it is pushed to them (its LoRA tensors, or its full weights).
 2. **Rewards.** ``grpo.grader`` (OpenAI's grader JSON, ``trainers.graders``) scores every
-   answer, each group in a Ray task of its own; a grader's fault scores 0 and is reported
-   naming the row.
+   answer, the groups in parallel on a threaded grading actor (one per training worker);
+   a grader's fault scores 0 and is reported naming the row.
 3. **Advantages.** ``(reward - group mean) / (std + 1e-4)`` (the std of the group, of the
    batch, or none: ``grpo.scale_rewards``), as TRL computes them.
 4. **Loss.** The clipped importance-ratio loss of TRL's ``GRPOTrainer`` on the answer

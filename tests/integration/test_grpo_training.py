@@ -1,5 +1,5 @@
 """GRPO on a local Ray cluster: answers sampled on rollout engines (Ray actors running the
-serving engine), graded in Ray tasks, TRL's loss; rewards on the console records, the
+serving engine), graded on a Ray actor, TRL's loss; rewards on the console records, the
 held-out grade before and after in rayft.json, an adapter that loads with plain PEFT, and
 no rollout engine left once the run ends."""
 
