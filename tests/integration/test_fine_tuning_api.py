@@ -194,6 +194,88 @@ def test_a_dpo_job_on_openai_preference_rows_trains_and_publishes(client, server
     assert recorded.project == "default"  # the job's project (an open server's): its keys only
 
 
+FUZZY = {
+    "type": "text_similarity",
+    "name": "close",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "evaluation_metric": "fuzzy_match",
+}
+
+
+def test_a_reinforcement_job_grades_answers_and_reports_the_mean_grade(client, server):
+    # OpenAI's third method through the unchanged client: prompt rows, a grader, the
+    # validation file's mean grade in the job's events and checkpoint metrics.
+    import json
+
+    from rayft.trainers.registry import ArtifactManifest, resolve_adapter
+
+    def upload(name: str, pairs: list[tuple[int, int]]) -> str:
+        rows = [
+            {"messages": [{"role": "user", "content": f"{a} plus {b}?"}], "answer": str(a + b)}
+            for a, b in pairs
+        ]
+        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        return client.files.create(file=(name, data), purpose="fine-tune").id
+
+    train = upload("sums.jsonl", [(a, b) for a in range(4) for b in range(2)])
+    valid = upload("sums-valid.jsonl", [(5, 1), (6, 2)])
+    options = {
+        "scaling": {"num_workers": 1},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "optim": {"max_steps": 2},
+        "data": {"max_seq_len": 64},
+        "grpo": {"max_new_tokens": 4},
+        "checkpoint": {"every_steps": 1},
+    }
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=train,
+        validation_file=valid,
+        suffix="sums",
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": FUZZY,
+                "hyperparameters": {
+                    "batch_size": 2,
+                    "eval_interval": 1,
+                    "compute_multiplier": 0.5,  # 2 answers per prompt
+                    "reasoning_effort": "low",  # accepted; an open model has no such knob
+                },
+            },
+        },
+        extra_body={"rayft": options},
+    )
+    assert job.method.type == "reinforcement"
+    assert job.method.reinforcement.grader.name == "close"
+    job = wait_for(client, job.id, {"succeeded", "failed", "cancelled"})
+    assert job.status == "succeeded", job.error
+
+    metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    metrics = [m for m in metrics if m]
+    trained = [m for m in metrics if "train_reward_mean" in m]
+    graded = [m for m in metrics if "valid_reward_mean" in m]
+    assert sorted(m["step"] for m in trained) == [1, 2]
+    assert all(0.0 <= m["train_reward_mean"] <= 1.0 for m in trained)
+    assert {m["step"] for m in graded} >= {1, 2}  # every eval_interval (1) step
+    assert all(0.0 <= m["valid_reward_mean"] <= 1.0 for m in graded)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and all(
+        "valid_reward_mean" in c.metrics.model_dump(exclude_none=True) for c in checkpoints
+    )
+
+    recorded = ArtifactManifest.read(resolve_adapter(job.fine_tuned_model, str(server["home"])))
+    assert recorded.objective == "grpo" and recorded.spec["grpo"]["grader"] == FUZZY
+    assert recorded.spec["grpo"]["num_generations"] == 2
+    answer = client.chat.completions.create(
+        model=job.fine_tuned_model,
+        messages=[{"role": "user", "content": "2 plus 2?"}],
+        max_tokens=4,
+    )
+    assert answer.choices[0].message.content is not None
+
+
 def test_a_job_on_a_file_that_does_not_fit_fails_in_validating_files(client, uploaded):
     job = client.fine_tuning.jobs.create(
         model="tiny-llama",
