@@ -92,6 +92,16 @@ def copy_registry(root: Path, to: Path) -> Path:
     return to
 
 
+FUZZY_GRADER = {
+    "type": "text_similarity",
+    "name": "close",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "evaluation_metric": "fuzzy_match",
+}
+"""OpenAI's fuzzy-match grader of the sampled answer against the row's ``answer``: a grade
+tiny-llama's answers can move (an exact match would always be 0)."""
+
 SWEEP_BASE = {
     "model": {"name": "tiny-llama"},
     "data": {"train": "train.jsonl", "eval_fraction": 0.1},

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from harness import FUZZY_GRADER
 
 pytestmark = pytest.mark.slow
 
@@ -194,15 +195,6 @@ def test_a_dpo_job_on_openai_preference_rows_trains_and_publishes(client, server
     assert recorded.project == "default"  # the job's project (an open server's): its keys only
 
 
-FUZZY = {
-    "type": "text_similarity",
-    "name": "close",
-    "input": "{{ sample.output_text }}",
-    "reference": "{{ item.answer }}",
-    "evaluation_metric": "fuzzy_match",
-}
-
-
 def test_a_reinforcement_job_grades_answers_and_reports_the_mean_grade(client, server):
     # OpenAI's third method through the unchanged client: prompt rows, a grader, the
     # validation file's mean grade in the job's events and checkpoint metrics.
@@ -236,7 +228,7 @@ def test_a_reinforcement_job_grades_answers_and_reports_the_mean_grade(client, s
         method={
             "type": "reinforcement",
             "reinforcement": {
-                "grader": FUZZY,
+                "grader": FUZZY_GRADER,
                 "hyperparameters": {
                     "batch_size": 2,
                     "eval_interval": 1,
@@ -266,7 +258,7 @@ def test_a_reinforcement_job_grades_answers_and_reports_the_mean_grade(client, s
     )
 
     recorded = ArtifactManifest.read(resolve_adapter(job.fine_tuned_model, str(server["home"])))
-    assert recorded.objective == "grpo" and recorded.spec["grpo"]["grader"] == FUZZY
+    assert recorded.objective == "grpo" and recorded.spec["grpo"]["grader"] == FUZZY_GRADER
     assert recorded.spec["grpo"]["num_generations"] == 2
     answer = client.chat.completions.create(
         model=job.fine_tuned_model,

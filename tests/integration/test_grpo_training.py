@@ -9,19 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+from harness import FUZZY_GRADER
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
 
 pytestmark = pytest.mark.slow
-
-FUZZY = {
-    "type": "text_similarity",
-    "name": "close",
-    "input": "{{ sample.output_text }}",
-    "reference": "{{ item.answer }}",
-    "evaluation_metric": "fuzzy_match",
-}
 
 
 def write_prompts(path: Path, pairs: list[tuple[int, int]]) -> Path:
@@ -49,7 +42,12 @@ def test_lora_grpo_samples_on_rollout_engines_and_publishes(ray_cluster, tmp_pat
                 "max_seq_len": 64,
             },
             "objective": "grpo",
-            "grpo": {"grader": FUZZY, "num_generations": 4, "max_new_tokens": 8, "beta": 0.04},
+            "grpo": {
+                "grader": FUZZY_GRADER,
+                "num_generations": 4,
+                "max_new_tokens": 8,
+                "beta": 0.04,
+            },
             "lora": {"r": 8, "dropout": 0.0},
             "optim": {"lr": 1e-3, "max_steps": 4, "batch_size": 2, "warmup_ratio": 0.0},
             "scaling": {"num_workers": 1},
@@ -92,7 +90,7 @@ def test_full_weight_grpo_under_zero3_on_two_workers_publishes_a_model(ray_clust
             "objective": "grpo",
             "method": "full",
             "deepspeed": {"zero_stage": 3},
-            "grpo": {"grader": FUZZY, "num_generations": 2, "max_new_tokens": 4},
+            "grpo": {"grader": FUZZY_GRADER, "num_generations": 2, "max_new_tokens": 4},
             "optim": {"lr": 1e-4, "max_steps": 2, "batch_size": 2, "warmup_ratio": 0.0},
             "scaling": {"num_workers": 2},
             "output": {"name": "grpo-full", "overwrite": True},
