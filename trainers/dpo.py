@@ -232,7 +232,7 @@ def dpo_losses(
 # --------------------------------------------------------------------------- the objective
 
 
-def _module(engine: Any) -> Any:
+def inner_model(engine: Any) -> Any:
     """The model inside a DeepSpeed engine (or the model itself)."""
     return getattr(engine, "module", engine)
 
@@ -322,7 +322,8 @@ class DpoObjective(Objective):
         if spec.method == "full":
             self.reference = reference_engine(self, worker)
         elif worker.inputs.parent_adapter is not None:
-            self.ref_adapter = load_reference_adapter(worker)
+            load_reference_adapter(worker)
+            self.ref_adapter = True
 
     @contextmanager
     def _reference_mode(self, worker: Worker) -> Iterator[Any]:
@@ -343,9 +344,11 @@ class DpoObjective(Objective):
         from rayft.trainers.loss import sequence_logps
 
         engine = worker.engine
-        policy, counts = sequence_logps(engine, _module(engine).get_output_embeddings(), batch)
+        policy, counts = sequence_logps(engine, inner_model(engine).get_output_embeddings(), batch)
         with torch.no_grad(), self._reference_mode(worker) as forward:
-            reference, _ = sequence_logps(forward, _module(forward).get_output_embeddings(), batch)
+            reference, _ = sequence_logps(
+                forward, inner_model(forward).get_output_embeddings(), batch
+            )
         return policy, reference, counts
 
     def train_loss(self, worker: Worker, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -392,24 +395,23 @@ def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
     }
 
 
-def load_reference_adapter(worker: Worker) -> bool:
+def load_reference_adapter(worker: Worker) -> None:
     """Load the continued adapter (``model.adapter``) again, frozen, as adapter ``ref``:
     the reference of a LoRA run that continues a published adapter (as TRL's
-    ``ref_adapter_name``). Returns True once it is loaded."""
-    module = _module(worker.engine)
+    ``ref_adapter_name``)."""
+    module = inner_model(worker.engine)
     path = str(worker.inputs.parent_adapter.local_dir())
     module.load_adapter(
         path, adapter_name=REF_ADAPTER, is_trainable=False, torch_device=str(worker.device)
     )
     module.set_adapter("default")
-    return True
 
 
 @contextmanager
 def adapter_reference(worker: Worker, ref_adapter: bool) -> Iterator[Any]:
     """The policy's engine answering as the reference of a LoRA run: adapter ``ref``
     (:func:`load_reference_adapter`) when ``ref_adapter``, else the base (adapter off)."""
-    module = _module(worker.engine)
+    module = inner_model(worker.engine)
     if ref_adapter:
         module.set_adapter(REF_ADAPTER)
         try:

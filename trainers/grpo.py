@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from rayft.trainers.dpo import adapter_reference, load_reference_adapter
+from rayft.trainers.dpo import adapter_reference, inner_model, load_reference_adapter
 from rayft.trainers.formats import IGNORE_INDEX, ChatTemplateError, RowError, _encode, _render
 from rayft.trainers.objective import Objective, Problems
 
@@ -332,11 +332,15 @@ def grade_groups(
     work = list(zip(groups, items, rows, strict=True))
     if not ray.is_initialized():
         return [grade_group(grader_json, g, i, r) for g, i, r in work]
-    try:
+
+    def graded() -> list[list[tuple[float, list[str]]]]:
         return ray.get([_grader().grade.remote(grader_json, g, i, r) for g, i, r in work])
+
+    try:
+        return graded()
     except ray.exceptions.RayActorError:
         _GRADER.clear()  # the actor died (its node went): start another, once
-        return ray.get([_grader().grade.remote(grader_json, g, i, r) for g, i, r in work])
+        return graded()
 
 
 def _grader() -> Any:
@@ -358,10 +362,6 @@ _GRADER: list[Any] = []
 
 
 # --------------------------------------------------------------------------- the objective
-
-
-def _module(engine: Any) -> Any:
-    return getattr(engine, "module", engine)
 
 
 class GrpoObjective(Objective):
@@ -501,7 +501,8 @@ class GrpoObjective(Objective):
         all_sum([0.0])  # every engine exists before any worker looks for its own
         self.engine = rollouts.find(worker.spec, run, worker.rank)
         if self.grpo.beta > 0 and worker.inputs.parent_adapter is not None:
-            self.ref_adapter = load_reference_adapter(worker)
+            load_reference_adapter(worker)
+            self.ref_adapter = True
 
     # ------------------------------------------------------------------ rollouts
 
@@ -520,7 +521,7 @@ class GrpoObjective(Objective):
         if worker.rank == 0:
             engines = all_engines(worker)
             if worker.spec.method == "lora":
-                config = _module(worker.engine).peft_config["default"].to_dict()
+                config = inner_model(worker.engine).peft_config["default"].to_dict()
                 refs = [e.set_adapter.remote(config, weights) for e in engines]
             else:
                 refs = [e.set_base.remote(weights) for e in engines]
@@ -585,7 +586,7 @@ class GrpoObjective(Objective):
                 part["old_logps"] = self.policy_logps(worker, tensors).detach()
             if grpo.beta > 0:
                 with adapter_reference(worker, self.ref_adapter) as forward:
-                    head = _module(forward).get_output_embeddings()
+                    head = inner_model(forward).get_output_embeddings()
                     part["ref_logps"] = token_logps(forward, head, tensors, grpo.temperature)
         self._lap("reference_s", clock)
         for _ in range(grpo.num_iterations):
@@ -618,7 +619,7 @@ class GrpoObjective(Objective):
 
     def policy_logps(self, worker: Worker, batch: dict[str, Any]) -> torch.Tensor:
         engine = worker.engine
-        head = _module(engine).get_output_embeddings()
+        head = inner_model(engine).get_output_embeddings()
         return token_logps(engine, head, batch, self.grpo.temperature)
 
     def train_loss(self, worker: Worker, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -722,7 +723,7 @@ def policy_weights(worker: Worker) -> dict[str, Any] | None:
     from rayft.trainers.compat import zero3_full_state_dict
 
     engine, spec = worker.engine, worker.spec
-    module = _module(engine)
+    module = inner_model(engine)
     if spec.deepspeed.zero_stage == 3:
         state = zero3_full_state_dict(engine)
     else:

@@ -80,17 +80,24 @@ def free_run_groups(root: StorageRoot, run_id: str) -> int:
         How many groups were removed.
     """
     import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     raw = root.read(run_relpath(run_id, PLACEMENT_GROUPS_FILE))
     group_ids = {line.strip() for line in (raw or b"").decode().splitlines() if line.strip()}
     if not group_ids or not ray.is_initialized():
         return 0
     table = ray.util.placement_group_table()
+    return _remove_groups(
+        g for g in group_ids if table.get(g, {}).get("state") not in (None, "REMOVED")
+    )
+
+
+def _remove_groups(group_ids: Iterable[str]) -> int:
+    """Remove placement groups by hex id; how many were removed (not already gone)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
     removed = 0
     for group_id in group_ids:
-        if table.get(group_id, {}).get("state") in (None, "REMOVED"):
-            continue
         try:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
         except Exception:  # noqa: BLE001 - removed meanwhile (the run ended, or Train cleaned it)
@@ -109,17 +116,7 @@ def free_orphaned_groups() -> int:
     Returns:
         How many groups were removed.
     """
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    removed = 0
-    for group_id in orphaned_placement_groups():
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
-        except Exception:  # noqa: BLE001 - removed meanwhile
-            continue
-        removed += 1
-    return removed
+    return _remove_groups(orphaned_placement_groups())
 
 
 def driver_name(run_id: str) -> str:

@@ -280,8 +280,8 @@ def test_a_run_started_in_an_actor_reports_its_state_and_cancel_frees_its_cpus(
     spec = make_spec(
         chat_file, "cancelled-run", optim={"max_steps": 400}, eval={"every_steps": 400}
     )
-    # What this run must give back: CPUs free before it started. A group another module
-    # left behind (a stopped sweep trial's, see the sweep tests) is not this run's to free.
+    # What this run must give back: the CPUs free before it started. What the shared
+    # cluster held then (another module's actors, still winding down) is not this run's.
     free_before = ray.available_resources().get("CPU", 0)
     run = start_run(spec, "cancel-me", in_actor=True)
     assert run.status() in ("starting", "running")
