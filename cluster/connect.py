@@ -14,6 +14,7 @@ from rayft.trainers.compat import loopback_node, metrics_export_port_option
 EMBEDDED_BIND_ADDRESS = "127.0.0.1"
 BIND_ADDRESS_ENV = "RAYFT_BIND_ADDRESS"
 """Names another address for the embedded cluster to bind (its default is loopback)."""
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def embedded_cpus() -> int:
@@ -60,15 +61,13 @@ def connect(
     quiet = not is_verbose() if quiet is None else quiet
     address = address or os.environ.get("RAY_ADDRESS")
     bind_address = bind_address or os.environ.get(BIND_ADDRESS_ENV)
-    runtime_env: dict[str, object] = {"env_vars": _forwarded_env()}
-    if os.environ.get(COPY_ENV):  # a submitted job's driver: its workers leave Ray's dir too
-        runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
+    embedded = not address or address in ("local", "embedded")
     options = {
-        "runtime_env": runtime_env,
+        "runtime_env": _job_runtime_env(embedded),
         "log_to_driver": not quiet,
         "logging_level": "ERROR" if quiet else "INFO",
     }
-    if address and address not in ("local", "embedded"):
+    if not embedded:
         try:
             ray.init(address=address, **options)
         except ConnectionError as err:
@@ -78,6 +77,9 @@ def connect(
             ) from None
         quiet_ray_libraries()
         return address
+    # A one-node cluster has no node that can be drained, so Ray Train's preemption
+    # watcher (an actor per run) has nothing to watch.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     # Every socket of the embedded cluster (GCS, raylet, workers, agents, metrics) stays
     # on loopback unless the user names another bind address.
     with loopback_node(bind_address or EMBEDDED_BIND_ADDRESS) as node:
@@ -102,6 +104,20 @@ def _embedded_ports(metrics_port: int | None, dashboard_port: int | None) -> dic
         # Loopback only: the dashboard serves the Jobs API, which runs arbitrary code.
         ports.update(dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
     return ports
+
+
+def _job_runtime_env(embedded: bool) -> dict[str, object] | None:
+    """The runtime environment every worker of this driver's job starts in.
+
+    An embedded cluster's workers inherit this process's environment, so forwarding it
+    again would only cost each new worker process Ray's runtime-environment set-up (about
+    half a second and twice the start-up CPU of a plain worker, paid by every actor of
+    every run). A cluster at an address gets the variables that find models and data.
+    """
+    runtime_env: dict[str, object] = {} if embedded else {"env_vars": _forwarded_env()}
+    if os.environ.get(COPY_ENV):  # a submitted job's driver: its workers leave Ray's dir too
+        runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
+    return runtime_env or None
 
 
 def _forwarded_env() -> dict[str, str]:
