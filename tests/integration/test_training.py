@@ -181,6 +181,23 @@ def test_workers_run_on_jemalloc_by_default(lora_run):
     assert mapped == [{"jemalloc": True, "conf": JEMALLOC_CONF}] * 2
 
 
+def test_embedded_workers_inherit_the_environment_with_no_job_runtime_env(ray_cluster):
+    # Without a job runtime environment a new worker skips Ray's set-up process, yet it
+    # still finds the registry and runs no preemption watcher on a one-node cluster.
+    @ray.remote(num_cpus=0)
+    def seen() -> tuple[dict, str | None, str | None]:
+        env = ray.get_runtime_context().runtime_env
+        return (
+            dict(env),
+            os.environ.get("RAYFT_HOME"),
+            os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"),
+        )
+
+    runtime_env, home, watcher = ray.get(seen.remote())
+    assert runtime_env == {}
+    assert home == os.environ["RAYFT_HOME"] and watcher == "0"
+
+
 def test_freeze_keeps_early_layers_bit_identical(ray_cluster, chat_file, tiny_model_dir):
     from safetensors.torch import load_file
 

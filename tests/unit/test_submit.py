@@ -502,3 +502,21 @@ def test_job_workers_leave_a_removed_working_dir(tmp_path: Path, monkeypatch) ->
     assert os.getcwd() == os.path.realpath(tempfile.gettempdir())
     module, _, name = WORKER_SETUP_HOOK.rpartition(".")
     assert getattr(__import__(module, fromlist=[name]), name) is leave_ray_working_dir
+
+
+def test_the_job_runtime_env_forwards_variables_only_to_a_cluster_at_an_address(
+    monkeypatch,
+) -> None:
+    from rayft.cluster.connect import _job_runtime_env
+    from rayft.cluster.job_start import COPY_ENV, WORKER_SETUP_HOOK
+
+    for key in (COPY_ENV, "RAYFT_MODEL_CACHE", "RAYFT_SMOLLM2_GGUF", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAYFT_HOME", "/data/rayft")
+    # Embedded workers inherit the driver's environment: no runtime env to set up.
+    assert _job_runtime_env(embedded=True) is None
+    assert _job_runtime_env(embedded=False) == {"env_vars": {"RAYFT_HOME": "/data/rayft"}}
+    # A submitted job's driver: its workers run the set-up hook either way.
+    monkeypatch.setenv(COPY_ENV, "1")
+    assert _job_runtime_env(embedded=True) == {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+    assert _job_runtime_env(embedded=False)["worker_process_setup_hook"] == WORKER_SETUP_HOOK
