@@ -724,6 +724,30 @@ class ModelEngine:
         return CausalLMOutputWithPast(logits=logits, past_key_values=merged)
 
     def _prefill(self, rows: list[_Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Prompt pass over ``rows``: last-position logits, KV cache and mask per row.
+
+        Rows with the same prompt and adapter (a group of samples of one prompt, as GRPO
+        draws them, or ``n`` > 1) share one pass: only distinct prompts are computed, and
+        their logits and cache are copied to every row that asked for them. Each row
+        still samples from its own generator.
+        """
+        first: dict[tuple[tuple[int, ...], str], int] = {}
+        source = [
+            first.setdefault((r.request.prompt_ids, r.request.adapter), i)
+            for i, r in enumerate(rows)
+        ]
+        distinct = sorted(first.values())
+        if len(distinct) == len(rows):
+            return self._prefill_rows(rows)
+        logits, cache, mask = self._prefill_rows([rows[i] for i in distinct])
+        position = {row: k for k, row in enumerate(distinct)}
+        index = torch.tensor([position[i] for i in source], dtype=torch.long, device=self.device)
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        return logits.index_select(0, index), cache, mask.index_select(0, index)
+
+    def _prefill_rows(self, rows: list[_Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
         from transformers import DynamicCache
 
         width = max(len(r.request.prompt_ids) for r in rows)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -286,21 +287,28 @@ most 64 sandboxed grader processes per training worker."""
 
 
 def grade_group(
-    grader_json: dict[str, Any], texts: list[str], item: dict[str, Any], row: int
+    grader_json: dict[str, Any],
+    texts: list[str],
+    item: dict[str, Any],
+    row: int,
+    storage: str | None = None,
 ) -> list[tuple[float, list[str]]]:
     """Grade one prompt's answers: ``(score, error details)`` per answer.
 
     The answers are graded at once, one thread each: a ``python`` grader spends its time
     waiting for the sandboxed process it starts per call, a model grader for its reply.
+    A model grader's judge loads here on first use (``trainers.judge``), from the
+    registry at ``storage`` (``None``: ``$RAYFT_HOME``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from rayft.trainers.graders import GradeContext, grade, parse_grader
+    from rayft.trainers.graders import GradeContext, grade, judge_models, parse_grader
 
     grader = parse_grader(grader_json)
+    context = GradeContext(row=row, judge=_judge(storage) if judge_models(grader) else None)
 
     def one(text: str) -> tuple[float, list[str]]:
-        result = grade(grader, text, item, GradeContext(row=row))
+        result = grade(grader, text, item, context)
         return float(result.score), [issue.details for issue in result.errors]
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(texts), GRADER_THREADS))) as pool:
@@ -317,13 +325,38 @@ class GradingActor:
     """
 
     def grade(
-        self, grader_json: dict[str, Any], texts: list[str], item: dict[str, Any], row: int
+        self,
+        grader_json: dict[str, Any],
+        texts: list[str],
+        item: dict[str, Any],
+        row: int,
+        storage: str | None = None,
     ) -> list[tuple[float, list[str]]]:
-        return grade_group(grader_json, texts, item, row)
+        return grade_group(grader_json, texts, item, row, storage)
+
+
+def _judge(storage: str | None) -> Any:
+    """This process's judge of model graders (one per registry), made on first use."""
+    from rayft.trainers.judge import LocalJudge
+    from rayft.trainers.storage import StorageRoot
+
+    with _JUDGE_LOCK:
+        if storage not in _JUDGES:
+            # The grading actor's edge: the registry arrives as the spec's location string.
+            _JUDGES[storage] = LocalJudge(StorageRoot.resolve(storage), dtype="float32")
+        return _JUDGES[storage]
+
+
+_JUDGES: dict[str | None, Any] = {}
+_JUDGE_LOCK = threading.Lock()
 
 
 def grade_groups(
-    grader_json: dict[str, Any], groups: list[list[str]], items: list[dict[str, Any]], first: int
+    grader_json: dict[str, Any],
+    groups: list[list[str]],
+    items: list[dict[str, Any]],
+    first: int,
+    storage: str | None = None,
 ) -> list[list[tuple[float, list[str]]]]:
     """Grade every group, in parallel on this process's grading actor (here without Ray)."""
     import ray
@@ -331,10 +364,11 @@ def grade_groups(
     rows = range(first, first + len(groups))
     work = list(zip(groups, items, rows, strict=True))
     if not ray.is_initialized():
-        return [grade_group(grader_json, g, i, r) for g, i, r in work]
+        return [grade_group(grader_json, g, i, r, storage) for g, i, r in work]
 
     def graded() -> list[list[tuple[float, list[str]]]]:
-        return ray.get([_grader().grade.remote(grader_json, g, i, r) for g, i, r in work])
+        grader = _grader()
+        return ray.get([grader.grade.remote(grader_json, g, i, r, storage) for g, i, r in work])
 
     try:
         return graded()
@@ -376,7 +410,7 @@ class GrpoObjective(Objective):
     @classmethod
     def spec_problems(cls, spec: JobSpec) -> Problems:
         """A parsable grader; methods lora or full; no packing; room for the answers."""
-        from rayft.trainers.graders import GraderError, judge_models, parse_grader
+        from rayft.trainers.graders import GraderError, parse_grader
 
         problems: Problems = []
         grpo = spec.grpo
@@ -391,20 +425,10 @@ class GrpoObjective(Objective):
             )
         else:
             try:
-                grader = parse_grader(grpo.grader)
+                parse_grader(grpo.grader)
             except GraderError as err:
                 key = err.param.replace("grader", "grpo.grader", 1)
                 problems.append((key, str(err)))
-            else:
-                if judge_models(grader):
-                    problems.append(
-                        (
-                            "grpo.grader",
-                            "model graders (score_model, label_model) judge with a served "
-                            "model; in training use string_check, text_similarity, python "
-                            "or multi over them",
-                        )
-                    )
         if spec.method not in ("lora", "full"):
             problems.append(
                 (
@@ -607,7 +631,7 @@ class GrpoObjective(Objective):
         texts = [
             [answers[i * group + j].text for j in range(group)] for i in range(len(batch["items"]))
         ]
-        graded = grade_groups(self.grpo.grader or {}, texts, batch["items"], 0)
+        graded = grade_groups(self.grpo.grader or {}, texts, batch["items"], 0, self.spec.storage)
         scores = [score for g in graded for score, _ in g]
         errors = [
             f"sample {batch['sample_ids'][i][0] if batch['sample_ids'][i] else i}: {e}"

@@ -104,6 +104,98 @@ def test_full_weight_grpo_under_zero3_on_two_workers_publishes_a_model(ray_clust
     assert [r["step"] for r in trains] == [1, 2] and trains[1]["sync_s"] > 1e-3
 
 
+def tiny_grpo(tmp_path: Path, name: str, **sections) -> dict:
+    """A tiny-llama LoRA GRPO spec over 8 training prompts and 2 held-out ones."""
+    data = {
+        "model": {"name": "tiny-llama", "dtype": "float32"},
+        "data": {
+            "train": str(write_prompts(tmp_path / "train.jsonl", [(a, 3) for a in range(8)])),
+            "eval": str(write_prompts(tmp_path / "eval.jsonl", [(9, 1), (2, 7)])),
+            "max_seq_len": 64,
+        },
+        "objective": "grpo",
+        "grpo": {"grader": FUZZY_GRADER, "num_generations": 2, "max_new_tokens": 4},
+        "lora": {"r": 4, "dropout": 0.0},
+        "optim": {"lr": 1e-3, "max_steps": 4, "batch_size": 2, "warmup_ratio": 0.0},
+        "scaling": {"num_workers": 1},
+        "output": {"name": name, "overwrite": True},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return data
+
+
+def test_a_resumed_grpo_run_goes_on_from_its_rollout_position(ray_cluster, tmp_path, rayft_home):
+    import ray.train
+    from harness import StopAfterCheckpoint
+
+    spec = validate_spec(
+        tiny_grpo(
+            tmp_path,
+            "grpo-resume",
+            checkpoint={"every_steps": 2, "keep": 2},
+            eval={"every_steps": 4},
+            # The deliberate stop must end the run, not be recovered from by a restart.
+            scaling={"max_failures": 0},
+        )
+    )
+    with pytest.raises((ray.train.TrainingFailedError, RuntimeError)):
+        run_training(
+            spec,
+            run_id="grpo-resume-run",
+            show_progress=False,
+            loop_callbacks=[StopAfterCheckpoint(2)],
+        )
+    resumed = run_training(spec, run_id="grpo-resume-run", resume=True, show_progress=False)
+    assert resumed.metrics["step"] == 4
+    order = [
+        json.loads(line)
+        for line in (rayft_home / "runs" / "grpo-resume-run" / "data_order" / "rank0.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    by_step: dict[int, set[str]] = {}
+    for entry in order:
+        by_step.setdefault(entry["step"], set()).update(entry["samples"])
+    # Each step drew the next 2 prompts: the resumed run went on from the rollout position
+    # the checkpoint held instead of sampling the first batches again.
+    assert sorted(by_step) == [1, 2, 3, 4]
+    assert all(len(prompts) == 2 for prompts in by_step.values())
+    assert len(set().union(*by_step.values())) == 8
+    meta = json.loads((Path(resumed.artifact) / "rayft.json").read_text())
+    assert [r["step"] for r in meta["history"] if r["kind"] == "train"][-2:] == [3, 4]
+
+
+def test_a_sweep_over_grpo_temperature_ranks_its_trials_by_the_held_out_grade(
+    ray_cluster, tmp_path, rayft_home
+):
+    from rayft.raytune.sweep import run_sweep
+    from rayft.trainers.registry import ArtifactManifest
+
+    data = tiny_grpo(
+        tmp_path,
+        "sweep-grpo",
+        optim={"max_steps": 2},
+        eval={"every_steps": 2, "at_start": False},
+        tune={
+            "search_space": {"grpo.temperature": {"grid": [0.5, 1.2]}},
+            "scheduler": {"type": "none"},
+            "search": "grid",
+            "max_concurrent_trials": 1,
+        },
+    )
+    outcome = run_sweep(validate_spec(data), sweep_id="grpo-temperature", show_progress=False)
+    assert sorted(r["grpo.temperature"] for r in outcome.rows) == [0.5, 1.2]
+    assert [r["state"] for r in outcome.rows] == ["finished", "finished"]
+    losses = [r["eval_loss"] for r in outcome.rows]
+    assert losses == sorted(losses) and all(-1.0 <= x <= 0.0 for x in losses)
+    manifest = ArtifactManifest.read(outcome.artifact)
+    assert (manifest.objective, manifest.sweep.id) == ("grpo", "grpo-temperature")
+    assert manifest.sweep.params == {"grpo.temperature": outcome.best["grpo.temperature"]}
+    assert manifest.spec["grpo"]["temperature"] == outcome.best["grpo.temperature"]
+    assert manifest.metrics["eval_reward"] == pytest.approx(-outcome.best["eval_loss"])
+
+
 SUMS = {
     "type": "python",
     "name": "sum",

@@ -239,3 +239,55 @@ def test_bad_grader_json_names_the_key(grader, param):
     with pytest.raises(GraderError) as caught:
         parse_grader(grader)
     assert caught.value.param == param, caught.value.message
+
+
+def test_a_training_judge_answers_as_plain_transformers_and_peft_would(published_adapters):
+    # In training no server holds the judge: trainers.judge loads it on rayft's engine, a
+    # published adapter on the base its manifest names. Its greedy reply is the one plain
+    # transformers (and PEFT) generate for the chat-templated messages.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rayft.trainers.graders import SamplingParams
+    from rayft.trainers.judge import LocalJudge
+    from rayft.trainers.storage import StorageRoot
+
+    judge = LocalJudge(StorageRoot.resolve(str(published_adapters)), dtype="float32")
+    messages = [{"role": "user", "content": "name a red thing"}]
+    params = SamplingParams(max_completions_tokens=6, temperature=0)
+    for model in ("tiny-llama", "a1"):
+        reply = judge(model, messages, params)
+        engine, _ = judge._engine("tiny-llama")
+        tokenizer = engine.tokenizer
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        reference = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32)
+        if model == "a1":
+            reference = PeftModel.from_pretrained(
+                reference, str(published_adapters / "adapters" / "a1")
+            )
+        out = reference.eval().generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+        )[0, ids.shape[1] :]
+        assert reply.text == tokenizer.decode(out, skip_special_tokens=True)
+        assert 0 < reply.tokens - ids.shape[1] <= 6
+    assert list(judge._engines) == ["tiny-llama"]  # the adapter ran on the base's engine
+
+    with pytest.raises(JudgeError, match="no-such-model"):
+        judge("no-such-model", messages, params)
+    # Through a grader: tiny-llama's reply is no label, so the grade is a parse error, not
+    # a crash, and names the row.
+    label = {
+        "type": "label_model",
+        "name": "labeler",
+        "model": "a1",
+        "input": [{"role": "user", "content": "Is {{ sample.output_text }} red?"}],
+        "labels": ["yes", "no"],
+        "passing_labels": ["yes"],
+    }
+    result = grade(parse_grader(label), "an apple", {}, GradeContext(judge=judge, row=4))
+    assert result.score == 0.0 and result.sampled_model_name == "a1"
+    assert result.metadata_errors()["model_grader_parse_error"]
+    assert [e.kind for e in result.errors] == ["model_grader_parse_error"]
+    assert "row 4" in result.errors[0].details

@@ -102,8 +102,8 @@ def test_spec_errors_name_the_key():
         "model": "m",
         "input": [{"role": "user", "content": "x"}],
     }
-    with pytest.raises(ConfigError, match="model graders"):
-        spec(grader=judged)
+    # A model grader trains too: its judge loads on the grading actor (trainers.judge).
+    assert spec(grader=judged).grpo.grader["type"] == "score_model"
     assert spec().optim.lr == 1e-5  # GRPO's own LoRA default
 
 

@@ -155,6 +155,29 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     assert other_seed.token_ids != alone
 
 
+def test_rows_with_one_prompt_share_its_prefill_and_sample_apart(engine):
+    # A group of samples of one prompt (GRPO's, or n > 1): one prompt pass per distinct
+    # (prompt, adapter); every row still draws from its own seed, as it would alone.
+    rows = [
+        request(engine, p, "a1", SamplingParams(max_tokens=8, temperature=0.9, seed=seed))
+        for p in PROMPTS[:2]
+        for seed in (1, 2, 3)
+    ]
+    alone = [engine.generate([r])[0].token_ids for r in rows]
+    widths: list[tuple[int, int]] = []
+    embed = engine.base.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, args, _out: widths.append(tuple(args[0].shape)))
+    try:
+        together = [c.token_ids for c in engine.generate(rows)]
+    finally:
+        hook.remove()
+    assert together == alone
+    assert len({tuple(t) for t in together}) > 2  # the seeds drew different answers
+    prefill, *decode = widths
+    assert prefill[0] == 2 and prefill[1] > 1  # two distinct prompts computed once each
+    assert decode and all(w == (6, 1) for w in decode[:1])
+
+
 def test_stop_string_truncates_and_reports_stop(engine):
     full = engine.generate([request(engine, PROMPTS[2], "a1", greedy(16))])[0]
     stop = full.text[4:6]
