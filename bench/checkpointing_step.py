@@ -160,10 +160,11 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from rayft.trainers.loss import causal_lm_loss_sums
     from rayft.trainers.models import resolve_model
+    from rayft.trainers.storage import StorageRoot
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    model_dir = resolve_model(MODEL)
+    model_dir = resolve_model(MODEL, StorageRoot.resolve().models)
     batch = packed_batch(model_dir, args.batch_size, args.max_seq_len)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa"

@@ -424,8 +424,9 @@ def main() -> None:
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2: step 1 is warm-up and not timed")
     from rayft.trainers.models import pull_builtin
+    from rayft.trainers.storage import StorageRoot
 
-    model_dir = pull_builtin(MODEL)
+    model_dir = pull_builtin(MODEL, StorageRoot.resolve().models)
     rows = arithmetic_rows(args.steps * args.prompts_per_step)
     print(
         f"model {MODEL}, LoRA r={LORA['r']} all-linear, lr {LR}, float32, beta 0, loss dapo; "

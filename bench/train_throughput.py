@@ -740,12 +740,10 @@ def dpo_row(args: argparse.Namespace, model_dir: Path, figures: dict[str, Any]) 
     )
 
 
-def only_dpo(args: argparse.Namespace) -> None:
+def only_dpo(args: argparse.Namespace, model_dir: Path) -> None:
     """``--only-dpo``: the DPO row alone."""
-    from rayft.trainers.models import resolve_model
-
     figures: dict[str, Any] = {"batch_size": args.batch_size, "max_seq_len": args.max_seq_len}
-    dpo_row(args, resolve_model(MODEL), figures)
+    dpo_row(args, model_dir, figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
@@ -927,14 +925,15 @@ def compare_with_hf(
 
 def main() -> None:
     args = build_parser().parse_args()
+    from rayft.trainers.models import resolve_model
+    from rayft.trainers.storage import StorageRoot
+
+    model_dir = resolve_model(MODEL, StorageRoot.resolve().models)
     if args.only_dpo:
-        only_dpo(args)
+        only_dpo(args, model_dir)
         return
 
-    from rayft.trainers.models import resolve_model
-
     cores = os.cpu_count() or 1
-    model_dir = resolve_model(MODEL)
     peak = matmul_peak()
     n_params = base_parameters(model_dir)
     rows, examples = select_rows(model_dir, args.tokens, args.max_seq_len)

@@ -82,14 +82,14 @@ class Artifact:
     manifest: ArtifactManifest
 
     @classmethod
-    def at(cls, path: Path, storage: StorageRoot | str | None = None) -> Artifact:
+    def at(cls, path: Path, root: StorageRoot) -> Artifact:
         """The published artifact whose directory is ``path``.
 
         Raises:
             ManifestError: Its ``rayft.json`` is missing or corrupt.
         """
         manifest = ArtifactManifest.read(path)
-        location = artifact_location(manifest.kind, path.name, storage, path) or str(path)
+        location = artifact_location(manifest.kind, path.name, root, path) or str(path)
         return cls(path.name, manifest.kind, Path(path), location, manifest)
 
 
@@ -251,12 +251,14 @@ def _place_rows(data: dict[str, Any], rows: Any, eval_rows: Any) -> dict[str, An
     return {**data, "data": section}
 
 
-def _materialise(spec: JobSpec, run_id: str, rows: Any, eval_rows: Any) -> JobSpec:
-    """Write rows given in Python under ``runs/<run_id>/data/`` and point the spec there.
+def _materialise(
+    spec: JobSpec, root: StorageRoot, run_id: str, rows: Any, eval_rows: Any
+) -> JobSpec:
+    """Write rows given in Python under ``runs/<run_id>/data/`` of ``root`` (the spec's
+    storage) and point the spec there.
 
     Under a URI root the files are uploaded too, so every node reads them from the URI.
     """
-    root = StorageRoot.resolve(spec.storage)
     data = spec.to_dict()
     for key, given in (("train", rows), ("eval", eval_rows)):
         if given is None or _is_path(given):
@@ -286,7 +288,7 @@ def _train_spec(
             raise UserError("give either a spec or resume=RUN_ID, not both")
         if rows != (None, None):
             raise UserError("a resumed run trains on the data it started with; leave out data=")
-        stored = load_run_spec(resume, storage)
+        stored = load_run_spec(resume, StorageRoot.resolve(storage))
         return validate_spec(apply_overrides(stored.to_dict(), overrides or []))
     if spec is None:
         raise UserError("train needs a spec (a YAML path, a dict or a JobSpec) or resume=RUN_ID")
@@ -355,15 +357,16 @@ def train(
     from rayft.trainers.runs import start_run
 
     job = _train_spec(spec, overrides, resume, storage, (data, eval_data))
+    root = StorageRoot.resolve(job.storage)
     if resume:
         if run_id and run_id != resume:
             raise UserError(f"run_id={run_id!r} and resume={resume!r}: a resumed run keeps its id")
         run_id = resume
     run_id = run_id or new_run_id(job.output.name or job.method)
     if not all(given is None or _is_path(given) for given in (data, eval_data)):
-        job = _materialise(job, run_id, data, eval_data)
-    scanned = scan_sources(job)  # bad rows fail here, in seconds, before Ray starts
-    resolve_parent(job)  # so does an unusable model.adapter
+        job = _materialise(job, root, run_id, data, eval_data)
+    scanned = scan_sources(job, root=root)  # bad rows fail here, in seconds, before Ray starts
+    resolve_parent(job, root)  # so does an unusable model.adapter
     with connected(address):
         try:
             # Driven here: the console shows the progress and Ctrl-C interrupts the run.
@@ -382,7 +385,7 @@ def train(
                 f"run {run_id} failed: {root_cause(err)}; resume it from its last checkpoint "
                 f"with rayft.train(resume={run_id!r}) or rayft train --resume {run_id}",
             ) from err
-    artifact = Artifact.at(outcome.artifact, job.storage) if outcome.artifact else None
+    artifact = Artifact.at(outcome.artifact, root) if outcome.artifact else None
     return TrainResult(
         run_id=outcome.run_id,
         artifact=artifact,
@@ -407,7 +410,7 @@ def _sweep_spec(
         return resolve_spec(spec, overrides)
     if spec is not None:
         raise UserError("give either a spec or resume=SWEEP_ID, not both")
-    stored = load_sweep_spec(resume, storage)
+    stored = load_sweep_spec(resume, StorageRoot.resolve(storage))
     return validate_spec(apply_overrides(stored.to_dict(), overrides)) if overrides else stored
 
 
@@ -454,7 +457,11 @@ def tune(
         outcome = run_sweep(
             job, sweep_id=resume or sweep_id, resume=bool(resume), show_progress=show_progress
         )
-    best = Artifact.at(outcome.artifact, job.storage) if outcome.artifact else None
+    best = (
+        Artifact.at(outcome.artifact, StorageRoot.resolve(job.storage))
+        if outcome.artifact
+        else None
+    )
     return SweepResult(**vars(outcome), best_artifact=best)
 
 
@@ -499,7 +506,7 @@ class RunHandle:
         """The run's events so far (read from its storage when this machine can)."""
         from rayft.cluster.jobs import read_run
 
-        return list(read_run(self.storage, self.run_id).get("events") or [])
+        return list(read_run(StorageRoot.resolve(self.storage), self.run_id).get("events") or [])
 
     def logs(self) -> str:
         """The job's log so far."""

@@ -22,6 +22,7 @@ from typing import Any
 from rayft.cluster.errors import UserError
 from rayft.trainers.benchmarks import benchmark_problems, run_benchmarks, served_model_args
 from rayft.trainers.manifest import BenchmarkScores
+from rayft.trainers.storage import StorageRoot
 
 SERVER_START_S = 60.0
 
@@ -31,7 +32,7 @@ def benchmark(
     tasks: list[str],
     *,
     url: str | None = None,
-    storage: str | None = None,
+    root: StorageRoot,
     tokenizer: str | None = None,
     tasks_dir: str | None = None,
     limit: int | None = None,
@@ -45,7 +46,7 @@ def benchmark(
         model: The name the server answers to.
         tasks: Task names: rayft's (``trainers.benchmarks.SHIPPED_TASKS``) or ``tasks_dir``'s.
         url: A running rayft endpoint; ``None`` serves the model in this process.
-        storage: The rayft root (default ``$RAYFT_HOME``).
+        root: The rayft root.
         tokenizer: The served base model's tokenizer directory (default: the base model's
             directory in the rayft root).
         tasks_dir: A local folder of more lm-eval task YAML files.
@@ -63,13 +64,13 @@ def benchmark(
         raise UserError("; ".join(problems))
     run = {"tasks": tasks, "tasks_dir": tasks_dir, "limit": limit, "batch_size": batch_size}
     if url is not None:
-        base_dir = Path(tokenizer) if tokenizer else _base_dir(model, storage)
+        base_dir = Path(tokenizer) if tokenizer else _base_dir(model, root)
         args = served_model_args(url, model, base_dir, _context_window(base_dir))
         key = os.environ.get("RAYFT_API_KEY")
         if key:
             args["header"] = {"Authorization": f"Bearer {key}"}
         return run_benchmarks(model_args=args, samples_out=samples_out, **run)
-    with served_here(model, storage, dtype) as (local_url, key, engine):
+    with served_here(model, root, dtype) as (local_url, key, engine):
         args = served_model_args(
             local_url, model, tokenizer or engine.model_dir, engine.context_window
         )
@@ -77,12 +78,12 @@ def benchmark(
         return run_benchmarks(model_args=args, samples_out=samples_out, **run)
 
 
-def served_base(model: str, storage: str | None) -> str:
+def served_base(model: str, root: StorageRoot) -> str:
     """The base model a name is served on: an adapter's ``base_model``, else the name."""
     from rayft.trainers.registry import ArtifactManifest, RegistryError, sync_adapter
 
     try:
-        adapter_dir = sync_adapter(model, storage)
+        adapter_dir = sync_adapter(model, root)
     except RegistryError:  # not an adapter name (a hub id or a path): the model is the base
         return model
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -91,12 +92,10 @@ def served_base(model: str, storage: str | None) -> str:
     return (manifest.base_model if manifest is not None else None) or model
 
 
-def _base_dir(model: str, storage: str | None) -> Path:
+def _base_dir(model: str, root: StorageRoot) -> Path:
     from rayft.trainers.models import ModelError, resolve_model
-    from rayft.trainers.storage import StorageRoot
 
-    base = served_base(model, storage)
-    root = StorageRoot.resolve(storage)
+    base = served_base(model, root)
     try:
         return resolve_model(base, root.models, root)
     except ModelError as err:
@@ -118,7 +117,7 @@ def _context_window(model_dir: Path) -> int:
 
 @contextmanager
 def served_here(
-    model: str, storage: str | None = None, dtype: str = "auto"
+    model: str, root: StorageRoot, dtype: str = "auto"
 ) -> Iterator[tuple[str, str, Any]]:
     """Serve ``model`` (base or adapter) on a free loopback port in this process.
 
@@ -132,9 +131,7 @@ def served_here(
     from rayft.serving.openai_api import create_api
     from rayft.serving.service import ModelService
 
-    engine = ModelEngine(
-        served_base(model, storage), storage=storage, max_loaded_adapters=1, dtype=dtype
-    )
+    engine = ModelEngine(served_base(model, root), storage=root, max_loaded_adapters=1, dtype=dtype)
     key = secrets.token_urlsafe(24)
     service = ModelService(engine, api_key=key)
     port = free_port()

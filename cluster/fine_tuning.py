@@ -830,7 +830,7 @@ def start_runner(root: StorageRoot, job_id: str, env: dict[str, str]) -> None:
         max_restarts=0,
         runtime_env={"env_vars": env} if env else None,
     )
-    handle = actor.remote(root.location, job_id)
+    handle = actor.remote(root, job_id)
     handle.run.remote()  # nobody waits: the record says how it went
 
 
@@ -1097,12 +1097,12 @@ class JobRunner:
     """The body of a job's Ray actor: check the files, run the training, publish.
 
     Args:
-        storage: The rayft root's location.
+        root: The rayft root (it pickles as its location and is resolved again in the actor).
         job_id: The job whose record this actor advances.
     """
 
-    def __init__(self, storage: str, job_id: str) -> None:
-        self.root = StorageRoot.resolve(storage)
+    def __init__(self, root: StorageRoot, job_id: str) -> None:
+        self.root = root
         self.job_id = job_id
 
     def run(self) -> str:
@@ -1128,7 +1128,8 @@ class JobRunner:
         labels = record["rayft"].get("labels", {})
         try:
             spec = validate_spec(record["rayft"]["spec"])
-            scanned = scan_sources(spec)  # tokenizes every row with the base model's tokenizer
+            # Tokenizes every row with the base model's tokenizer (the spec's storage is this root).
+            scanned = scan_sources(spec, root=self.root)
         except (DataError, ConfigError, ModelError) as err:
             return self._fail(err, labels)["status"]
         rows = sum(r.rows for r in scanned.train)
@@ -1161,7 +1162,7 @@ class JobRunner:
             resume=bool(read_record(self.root, self.job_id)),
             scanned=scanned,
             project=project,  # the adapter serves this project's keys only (None: all)
-            loop_callbacks=(PauseOnRequest(self.root.location, self.job_id),),
+            loop_callbacks=(PauseOnRequest(self.root, self.job_id),),
         )
         return run.result()
 

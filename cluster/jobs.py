@@ -63,7 +63,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_run(storage: str | StorageRoot, run_id: str) -> dict[str, Any]:
+def read_run(root: StorageRoot, run_id: str) -> dict[str, Any]:
     """The run's record, events and newest checkpoint from its storage, if readable here.
 
     Returns:
@@ -72,7 +72,6 @@ def read_run(storage: str | StorageRoot, run_id: str) -> dict[str, Any]:
         this machine or holds no such run.
     """
     try:
-        root = StorageRoot.resolve(storage)
         out: dict[str, Any] = {}
         record = read_record(root, run_id)
         if record:
@@ -89,12 +88,12 @@ def read_run(storage: str | StorageRoot, run_id: str) -> dict[str, Any]:
         return {}
 
 
-def read_sweep(storage: str | StorageRoot, sweep_id: str) -> dict[str, Any]:
+def read_sweep(root: StorageRoot, sweep_id: str) -> dict[str, Any]:
     """A finished sweep's ``results.json`` from its storage; empty when not (yet) readable."""
     import json
 
     try:
-        raw = StorageRoot.resolve(storage).read(sweep_relpath(sweep_id, RESULTS_JSON))
+        raw = root.read(sweep_relpath(sweep_id, RESULTS_JSON))
         return json.loads(raw) if raw else {}
     except (OSError, StorageError, ValueError):
         return {}
@@ -183,7 +182,7 @@ def _fill_sweep(view: JobView, sweep: dict[str, Any]) -> None:
     view.artifact = sweep.get("artifact") or view.artifact
 
 
-def run_view(storage: str | StorageRoot, run_id: str) -> JobView:
+def run_view(root: StorageRoot, run_id: str) -> JobView:
     """The view of a run from its storage alone (a ``rayft train`` with no Ray job).
 
     A record that says ``running`` while its driver is dead (its pid gone on this host,
@@ -192,7 +191,6 @@ def run_view(storage: str | StorageRoot, run_id: str) -> JobView:
     Raises:
         SubmitError: The storage holds no run ``run_id``.
     """
-    root = StorageRoot.resolve(storage)
     run = read_run(root, run_id)
     record = run.get("record") or {}
     if not record:
@@ -227,13 +225,12 @@ def _short(value: Any) -> bool:
     return not isinstance(value, (dict, list)) and len(str(value)) < 300
 
 
-def run_logs(storage: str | StorageRoot, run_id: str) -> str:
+def run_logs(root: StorageRoot, run_id: str) -> str:
     """The events of a run read from its storage, formatted.
 
     Raises:
         SubmitError: The storage holds no events of run ``run_id``.
     """
-    root = StorageRoot.resolve(storage)
     events = read_events(root, run_id)
     if not events:
         raise SubmitError(f"no run {run_id!r} in {root.url('runs')} (no events there)")
@@ -316,10 +313,12 @@ def job_status(client: Any, job_id: str) -> JobView:
     run: dict[str, Any] = {}
     sweep: dict[str, Any] = {}
     if metadata.get(META_RUN_ID) and metadata.get(META_STORAGE):
+        # Each job names its own root in its metadata (``rayft submit --storage``).
+        root = StorageRoot.resolve(metadata[META_STORAGE])
         if metadata.get(META_KIND) == "tune":
-            sweep = read_sweep(metadata[META_STORAGE], metadata[META_RUN_ID])
+            sweep = read_sweep(root, metadata[META_RUN_ID])
         else:
-            run = read_run(metadata[META_STORAGE], metadata[META_RUN_ID])
+            run = read_run(root, metadata[META_RUN_ID])
     return build_view(info, run, sweep)
 
 

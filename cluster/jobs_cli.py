@@ -101,11 +101,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def _run_from_storage(args: argparse.Namespace) -> int:
     """``status``/``logs`` of a run read from its storage (``rayft train`` runs have no job)."""
     from rayft.cluster.jobs import format_view, run_logs, run_view
+    from rayft.trainers.storage import StorageRoot
 
+    root = StorageRoot.resolve(args.storage)
     if args.jobs_cmd == "logs":
-        print(run_logs(args.storage, args.job_id))
+        print(run_logs(root, args.job_id))
         return 0
-    view = run_view(args.storage, args.job_id)
+    view = run_view(root, args.job_id)
     print(json.dumps(view.to_dict(), default=str) if args.json else format_view(view))
     return 0
 

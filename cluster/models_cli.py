@@ -6,6 +6,7 @@ import argparse
 
 from rayft.cluster.cli import add_storage
 from rayft.cluster.errors import UserError
+from rayft.trainers.storage import StorageRoot
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,21 +32,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     """List the models, pull a builtin one into the cache, or merge an adapter into its base."""
     from rayft.trainers.models import list_models, pull_builtin
 
+    # Only ``lineage`` takes --storage; the others use the default root's model cache.
+    root = StorageRoot.resolve(getattr(args, "storage", None))
     if args.models_cmd == "list":
-        rows = list_models()
+        rows = list_models(root.models)
         width = max(len(r["name"]) for r in rows)
         for row in rows:
             print(f"{row['name']:<{width}}  {row['kind']:<9}  {row['state']:<10}  {row['about']}")
         return 0
     if args.models_cmd == "pull":
-        print(pull_builtin(args.name))
+        print(pull_builtin(args.name, root.models))
         return 0
     if args.models_cmd == "lineage":
-        return cmd_lineage(args)
+        return cmd_lineage(args, root)
     if args.models_cmd == "export":
         from rayft.trainers.export import export_merged
 
-        out = export_merged(args.name, args.merge)
+        out = export_merged(args.name, args.merge, root)
         print(f"merged model written to {out}")
         return 0
     raise UserError(
@@ -53,13 +56,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     )
 
 
-def cmd_lineage(args: argparse.Namespace) -> int:
+def cmd_lineage(args: argparse.Namespace, root: StorageRoot) -> int:
     """Print the chain from a published artifact back to its base model, one line each."""
     import json
 
     from rayft.trainers.lineage import format_lineage, lineage
 
-    chain = lineage(args.name, args.storage)
+    chain = lineage(args.name, root)
     if args.json:
         print(json.dumps(chain, indent=2, default=str))
     else:

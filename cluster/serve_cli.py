@@ -34,10 +34,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rayft.cluster.cli import add_address, add_overrides, add_storage
 from rayft.cluster.errors import UserError
+
+if TYPE_CHECKING:
+    from rayft.trainers.storage import StorageRoot
 
 IMPORT_PATH = "rayft.cluster.service_app:build_service_app"
 IMPORT_PATHS = (IMPORT_PATH, "rayft.serving.app:build_app")
@@ -232,9 +235,11 @@ def print_monitoring(cfg: Any, dashboard_port: int | None = None) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from rayft.serving.errors import ServingError
     from rayft.serving.evaluation import check_metrics, read_rows
+    from rayft.trainers.storage import StorageRoot
 
+    root = StorageRoot.resolve(args.storage)
     if args.benchmarks is not None:
-        return _benchmarks(args)
+        return _benchmarks(args, root)
     if args.data is None:
         raise UserError(
             "give --data FILE (loss, perplexity, generation metrics) or --benchmarks TASK ..."
@@ -248,14 +253,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.url:
             result = _eval_remote(args, rows)
         else:
-            result = _eval_in_process(args, rows)
+            result = _eval_in_process(args, rows, root)
     except ServingError as err:
         raise UserError(err.message) from None
     print(json.dumps(result, indent=2))
     return 0
 
 
-def _benchmarks(args: argparse.Namespace) -> int:
+def _benchmarks(args: argparse.Namespace, root: StorageRoot) -> int:
     """``--benchmarks``: lm-eval tasks, a JSON object of scores per task on stdout."""
     from rayft.cluster.benchmarking import benchmark
 
@@ -267,7 +272,7 @@ def _benchmarks(args: argparse.Namespace) -> int:
         args.model,
         args.benchmarks,
         url=args.url,
-        storage=args.storage,
+        root=root,
         tokenizer=args.tokenizer,
         tasks_dir=args.tasks_dir,
         limit=args.limit,
@@ -310,7 +315,9 @@ def _eval_remote(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
     return response.json()
 
 
-def _eval_in_process(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
+def _eval_in_process(
+    args: argparse.Namespace, rows: list[Any], root: StorageRoot
+) -> dict[str, Any]:
     import asyncio
 
     from rayft.serving.engine import ModelEngine
@@ -319,13 +326,13 @@ def _eval_in_process(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any
 
     base = args.model
     try:
-        manifest_dir = sync_adapter(args.model, args.storage)
+        manifest_dir = sync_adapter(args.model, root)
     except RegistryError:  # not an adapter name (a hub id or a path): the model is the base
         manifest_dir = None
     if manifest_dir is not None and (manifest_dir / "adapter_config.json").is_file():
         manifest = ArtifactManifest.find(manifest_dir)
         base = (manifest.base_model if manifest is not None else None) or base
-    engine = ModelEngine(base, storage=args.storage, max_loaded_adapters=1, dtype=args.dtype)
+    engine = ModelEngine(base, storage=root, max_loaded_adapters=1, dtype=args.dtype)
     service = ModelService(engine)
 
     async def run() -> dict[str, Any]:

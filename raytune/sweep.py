@@ -99,8 +99,8 @@ def new_sweep_id(spec: JobSpec) -> str:
     return new_run_id(f"{spec.output.name or 'sweep'}-sweep")
 
 
-def sweep_path(sweep_id: str, storage: StorageRoot | str | None = None) -> Path:
-    return StorageRoot.resolve(storage).sweep_dir(sweep_id)
+def sweep_path(sweep_id: str, root: StorageRoot) -> Path:
+    return root.sweep_dir(sweep_id)
 
 
 def artifact_kind(spec: JobSpec) -> str:
@@ -199,9 +199,9 @@ def _check_scheduler(spec: JobSpec) -> None:
         scheduler_budget(spec)
 
 
-def load_sweep_spec(sweep_id: str, storage: StorageRoot | str | None = None) -> JobSpec:
+def load_sweep_spec(sweep_id: str, root: StorageRoot) -> JobSpec:
     """The spec a sweep was started with, for ``rayft tune --resume SWEEP_ID``."""
-    path = sweep_path(sweep_id, storage) / SWEEP_SPEC
+    path = sweep_path(sweep_id, root) / SWEEP_SPEC
     if not path.is_file():
         raise ConfigError(
             [("", f"no sweep {sweep_id!r} under {path.parent.parent} (missing {SWEEP_SPEC})")]
@@ -284,7 +284,7 @@ def _train_report_callback(metric: str, mode: str, eval_every: int | None, bridg
     return SweepReportCallback()
 
 
-def _keep_copy(checkpoint: Any, sweep: dict[str, Any], run_id: str) -> Any:
+def _keep_copy(checkpoint: Any, root: StorageRoot, run_id: str) -> Any:
     """Copy the checkpoint an exploited trial starts from into its own run directory.
 
     Tune keeps only a few checkpoints per trial and the donor trial keeps reporting,
@@ -294,7 +294,6 @@ def _keep_copy(checkpoint: Any, sweep: dict[str, Any], run_id: str) -> Any:
     import pyarrow.fs as pafs
     from ray import tune
 
-    root = StorageRoot.resolve(sweep["storage"])
     relpath = run_relpath(run_id, "start_from")
     target = root.path(relpath)
     try:
@@ -353,12 +352,12 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
     values = trial_values({k: None for k in sweep["space"]}, config)
     spec = trial_spec(sweep, values, index)
     run_id = trial_run_id(sweep["id"], index)
-    storage = StorageRoot.resolve(sweep["storage"])
+    root = StorageRoot.resolve(sweep["storage"])
     starts = f"{index}{STARTS_SUFFIX}"
     # A trial that starts again (PBT exploit or pause, Tuner.restore) had its previous
     # actors killed; the placement group of that start's Train workers may still hold
     # its CPUs, which the new run needs.
-    free_stopped_runs(storage, trial_run_ids(storage, sweep["id"], index))
+    free_stopped_runs(root, trial_run_ids(root, sweep["id"], index))
     pbt = bool(sweep.get("pbt_every_steps"))
     start_from = tune.get_checkpoint() if pbt else None
     donor = None
@@ -367,11 +366,11 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         # Population-based training restarted this trial from the newest checkpoint of
         # a better trial (or, after an interruption, its own): a new Train run continues
         # those weights with this trial's current values.
-        generation = len(read_trial_record(storage, sweep["id"], starts).splitlines())
+        generation = len(read_trial_record(root, sweep["id"], starts).splitlines())
         run_id = f"{run_id}-g{generation}"
         donor = start_from.path
-        start_from = _keep_copy(start_from, sweep, run_id)
-    resume = start_from is None and run_recorded(run_id, storage)
+        start_from = _keep_copy(start_from, root, run_id)
+    resume = start_from is None and run_recorded(run_id, root)
     # One line per start: a finished trial that was never rerun has exactly one.
     start = {
         "trial_id": trial_id,
@@ -382,7 +381,7 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         "time": time.time(),
     }
     write_trial_record(
-        storage, sweep["id"], starts, json.dumps(start, default=str) + "\n", append=True
+        root, sweep["id"], starts, json.dumps(start, default=str) + "\n", append=True
     )
     if pbt:
         from ray.util.queue import Queue
@@ -423,7 +422,7 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
             "error": _error_line(err),
             "failed_at": time.time(),
         }
-        write_trial_record(storage, sweep["id"], f"{index}.json", json.dumps(failure, indent=2))
+        write_trial_record(root, sweep["id"], f"{index}.json", json.dumps(failure, indent=2))
         raise
     record = {
         "trial_id": trial_id,
@@ -431,7 +430,7 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         "run_id": run_id,
         "params": values,
         "artifact": artifact_location(
-            artifact_kind(spec), spec.output.name, storage, outcome.artifact
+            artifact_kind(spec), spec.output.name, root, outcome.artifact
         ),
         # The final checkpoint, whose export/ the sweep publishes if this trial is the best.
         "checkpoint": Path(outcome.checkpoint_path).name if outcome.checkpoint_path else None,
@@ -439,7 +438,7 @@ def train_trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]
         "finished_at": time.time(),
     }
     write_trial_record(
-        storage, sweep["id"], f"{index}.json", json.dumps(record, indent=2, default=str)
+        root, sweep["id"], f"{index}.json", json.dumps(record, indent=2, default=str)
     )
     return {}
 
@@ -453,24 +452,23 @@ def _error_line(err: BaseException) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
 
 
-def read_trial_record(storage: StorageRoot | str | None, sweep_id: str, name: str) -> str:
+def read_trial_record(root: StorageRoot, sweep_id: str, name: str) -> str:
     """A trial's record file under ``sweeps/<id>/trials/`` (empty when there is none).
 
     Under an object-storage root the file is read from there: a trial's actors may run
     on another machine than the sweep's driver, each with its own local mirror.
     """
-    raw = StorageRoot.resolve(storage).read(_record_relpath(sweep_id, name))
+    raw = root.read(_record_relpath(sweep_id, name))
     return raw.decode() if raw is not None else ""
 
 
 def write_trial_record(
-    storage: StorageRoot | str | None, sweep_id: str, name: str, text: str, append: bool = False
+    root: StorageRoot, sweep_id: str, name: str, text: str, append: bool = False
 ) -> None:
     """Write (or append to) a trial's record file, locally and under an object-storage root.
 
     Each record has one writer at a time (the trial, or its Train run's controller).
     """
-    root = StorageRoot.resolve(storage)
     if append:
         text = read_trial_record(root, sweep_id, name) + text
     root.write(_record_relpath(sweep_id, name), text)

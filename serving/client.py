@@ -204,8 +204,9 @@ def serve_and_ask(
     from ray import serve
 
     from rayft.trainers.registry import ArtifactManifest, resolve_adapter
+    from rayft.trainers.storage import StorageRoot
 
-    manifest = ArtifactManifest.find(resolve_adapter(adapter, storage))
+    manifest = ArtifactManifest.find(resolve_adapter(adapter, StorageRoot.resolve(storage)))
     base = manifest.base_model if manifest is not None else None
     if not base:
         raise ValueError(f"adapter {adapter!r} has no base_model in its rayft.json")

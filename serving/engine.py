@@ -42,7 +42,7 @@ from rayft.serving.errors import (
     Unavailable,
 )
 from rayft.serving.logprobs import TokenScores
-from rayft.trainers.storage import MANIFEST_FILE
+from rayft.trainers.storage import MANIFEST_FILE, StorageRoot
 
 if TYPE_CHECKING:
     from rayft.trainers.manifest import ArtifactManifest
@@ -182,7 +182,8 @@ class ModelEngine:
 
     Args:
         model: Model name as rayft knows it (builtin, published, local dir or hub id).
-        storage: rayft root holding the adapter registry; ``None`` means ``$RAYFT_HOME``.
+        storage: rayft root holding the adapter registry (resolved, or its location);
+            ``None`` means ``$RAYFT_HOME``.
         max_loaded_adapters: Most adapters held at once (LRU bound).
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         max_batch_size: Most rows decoded together.
@@ -192,7 +193,7 @@ class ModelEngine:
     def __init__(
         self,
         model: str,
-        storage: str | None = None,
+        storage: StorageRoot | str | None = None,
         max_loaded_adapters: int = 8,
         dtype: str = "auto",
         max_batch_size: int = 16,
@@ -201,7 +202,6 @@ class ModelEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rayft.trainers.models import resolve_model
-        from rayft.trainers.storage import StorageRoot
 
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")

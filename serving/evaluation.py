@@ -24,6 +24,7 @@ from rayft.serving.auth import DEFAULT_PROJECT
 from rayft.serving.errors import BadRequest, NotFound, TooLarge
 from rayft.serving.request_log import LogDataset
 from rayft.trainers.metrics import GENERATION_METRICS
+from rayft.trainers.storage import StorageRoot, dataset_relpath, file_record_relpath
 
 LOSS_METRICS = ("loss", "perplexity")
 ALL_METRICS = LOSS_METRICS + GENERATION_METRICS
@@ -85,7 +86,7 @@ def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 def dataset_rows(
     dataset: str | LogDataset,
     model: str,
-    storage: Any = None,
+    root: StorageRoot,
     limit: int | None = None,
     project: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -107,7 +108,7 @@ def dataset_rows(
     from rayft.serving.request_log import log_rows, read_log
 
     if isinstance(dataset, str):
-        return read_rows(dataset_path(dataset, storage, project), limit)
+        return read_rows(dataset_path(dataset, root, project), limit)
     query = dataset.request_log
     served = query.model or model
     keep = min(n for n in (query.limit, limit) if n) if (query.limit or limit) else None
@@ -119,12 +120,12 @@ def dataset_rows(
 
     # Each answered line gives a row per choice: the newest ``keep`` lines are enough,
     # and the log is read newest first until it has them.
-    lines = read_log(storage, served, query.since, query.until, keep, where=wanted)
+    lines = read_log(root, served, query.since, query.until, keep, where=wanted)
     rows = log_rows(lines, served)
     return rows[-keep:] if keep else rows
 
 
-def dataset_path(name: str, storage: str | None = None, project: str | None = None) -> Path:
+def dataset_path(name: str, root: StorageRoot, project: str | None = None) -> Path:
     """The file of a dataset stored in the registry at ``<root>/datasets/<name>[.jsonl|.json]``.
 
     Under an object-storage root the file is read from there into the local mirror. An
@@ -137,37 +138,33 @@ def dataset_path(name: str, storage: str | None = None, project: str | None = No
         StorageError: The object-storage root cannot be read.
     """
     from rayft.trainers.registry import RegistryError, checked_name
-    from rayft.trainers.storage import StorageRoot, dataset_relpath
 
     try:
         checked_name(name)
     except RegistryError as err:
         raise BadRequest(str(err), param="dataset") from None
-    storage_root = StorageRoot.resolve(storage)
-    root = storage_root.files.resolve()
-    hidden = project is not None and upload_project(name, storage_root) not in (None, project)
+    files = root.files.resolve()
+    hidden = project is not None and upload_project(name, root) not in (None, project)
     for suffix in () if hidden else DATASET_SUFFIXES:
-        storage_root.sync_file(dataset_relpath(f"{name}{suffix}"))
-        candidate = (root / f"{name}{suffix}").resolve()
+        root.sync_file(dataset_relpath(f"{name}{suffix}"))
+        candidate = (files / f"{name}{suffix}").resolve()
         if (
-            candidate.parent == root
+            candidate.parent == files
             and candidate.is_file()
             and candidate.suffix in (".jsonl", ".json")
         ):
             return candidate
     raise NotFound(
-        f"no dataset {name!r} in {root} (expected {name}.jsonl or {name}.json)",
+        f"no dataset {name!r} in {files} (expected {name}.jsonl or {name}.json)",
         code="dataset_not_found",
         param="dataset",
     )
 
 
-def upload_project(name: str, storage: Any = None) -> str | None:
+def upload_project(name: str, root: StorageRoot) -> str | None:
     """The project of the uploaded file ``name`` (``default`` for one uploaded before
     projects); ``None`` when ``name`` is no uploaded file."""
-    from rayft.trainers.storage import StorageRoot, file_record_relpath
-
-    raw = StorageRoot.resolve(storage).read(file_record_relpath(name))
+    raw = root.read(file_record_relpath(name))
     if raw is None:
         return None
     try:

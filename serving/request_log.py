@@ -241,7 +241,7 @@ class RequestLog:
     ``close`` uploads what is left (it deletes nothing).
 
     Args:
-        storage: The rayft root.
+        root: The rayft root.
         writer: A name no other writer uses (``replica_name()``).
         log_payloads: Also log prompts and outputs.
         upload_every_s: Seconds between uploads (URI roots) and retention sweeps.
@@ -250,13 +250,13 @@ class RequestLog:
 
     def __init__(
         self,
-        storage: str | Path | StorageRoot | None,
+        root: StorageRoot,
         writer: str | None = None,
         log_payloads: bool = False,
         upload_every_s: float = UPLOAD_EVERY_S,
         retention_days: int = RETENTION_DAYS,
     ) -> None:
-        self.storage = _root(storage)
+        self.storage = root
         self.writer = writer or replica_name()
         self.log_payloads = log_payloads
         self.upload_every_s = upload_every_s
@@ -439,7 +439,7 @@ def _epoch(moment: datetime | None) -> float | None:
 
 
 def read_log(
-    storage: str | Path | StorageRoot | None,
+    root: StorageRoot,
     model: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -454,26 +454,26 @@ def read_log(
     parse (a line torn by a replica that died mid-write) are skipped.
 
     Args:
-        storage: The rayft root.
+        root: The rayft root.
         model: Only requests served by this model; ``None`` for every model.
         since: Only requests that arrived at or after this time.
         until: Only requests that arrived before this time.
         limit: Keep only the most recent ``limit`` lines.
         where: Only lines for which this is true.
     """
-    root = _root(storage).path(LOG_DIR)
+    logs = root.path(LOG_DIR)
     start, end = _epoch(since), _epoch(until)
     first_day, last_day = _day(start), _day(end)
     days = sorted(
         day
-        for day in _local_days(root)
+        for day in _local_days(logs)
         if not ((first_day and day < first_day) or (last_day and day > last_day))
     )
     match = _Match(model, start, end, where)
     lines: list[dict[str, Any]] = []
     for day in reversed(days) if limit else days:
         found: list[dict[str, Any]] = []
-        for file in sorted((root / day).glob("*.jsonl")):
+        for file in sorted((logs / day).glob("*.jsonl")):
             found.extend(match.newest(file, limit) if limit else match.all(file))
         found.sort(key=lambda line: line["ts"])
         if limit:
@@ -557,10 +557,6 @@ def _lines_backwards(file: Path, block: int = 64 * 1024) -> Iterator[bytes]:
                     yield part
         if tail.strip():
             yield tail
-
-
-def _root(storage: str | Path | StorageRoot | None) -> StorageRoot:
-    return StorageRoot.resolve(str(storage) if isinstance(storage, Path) else storage)
 
 
 def _day(ts: float | None) -> str | None:

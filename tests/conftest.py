@@ -37,8 +37,9 @@ def rayft_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def tiny_model_dir(rayft_home: Path) -> Path:
     """Directory of the builtin ``tiny-llama`` model and its ChatML tokenizer."""
     from rayft.trainers.models import pull_builtin
+    from rayft.trainers.storage import StorageRoot
 
-    return pull_builtin("tiny-llama")
+    return pull_builtin("tiny-llama", StorageRoot.resolve().models)
 
 
 @pytest.fixture(scope="session")

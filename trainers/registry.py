@@ -76,7 +76,6 @@ _sync_lock = threading.Lock()
 _reported_corrupt: set[tuple[str, str]] = set()
 log = logging.getLogger("rayft.registry")
 
-StorageLike = StorageRoot | str | None
 # How long a publisher waits while another one publishes the same name (uploads included).
 PUBLISH_WAIT_S = 1800.0
 
@@ -98,31 +97,29 @@ def _inside(parent: Path, name: str) -> Path:
     return path
 
 
-def artifact_path(kind: str, name: str, storage: StorageLike = None) -> Path:
+def artifact_path(kind: str, name: str, root: StorageRoot) -> Path:
     """Local directory (a link to the current version) of the published artifact ``name``."""
-    return _inside(StorageRoot.resolve(storage).registry(kind), name)
+    return _inside(root.registry(kind), name)
 
 
-def adapter_path(name: str, storage: StorageLike = None) -> Path:
+def adapter_path(name: str, root: StorageRoot) -> Path:
     """Directory of the published adapter ``name`` (which may not exist yet)."""
-    return artifact_path("adapter", name, storage)
+    return artifact_path("adapter", name, root)
 
 
-def model_path(name: str, storage: StorageLike = None) -> Path:
-    return artifact_path("model", name, storage)
+def model_path(name: str, root: StorageRoot) -> Path:
+    return artifact_path("model", name, root)
 
 
-def artifact_location(kind: str, name: str, storage: StorageLike, local: Path | None) -> str | None:
+def artifact_location(kind: str, name: str, root: StorageRoot, local: Path | None) -> str | None:
     """Where a published artifact lives for every machine: under the URI for a URI root."""
     if local is None:
         return None
-    root = StorageRoot.resolve(storage)
     return root.url(artifact_relpath(kind, name)) if root.is_remote else str(local)
 
 
-def check_publishable(kind: str, name: str, overwrite: bool, storage: StorageLike = None) -> Path:
+def check_publishable(kind: str, name: str, overwrite: bool, root: StorageRoot) -> Path:
     """Fail early, before any training, when publishing ``name`` would be refused."""
-    root = StorageRoot.resolve(storage)
     target = artifact_path(kind, name, root)
     where = str(target)
     exists = target.exists()
@@ -143,7 +140,7 @@ def publish_dir(
     name: str,
     manifest: ArtifactManifest | Mapping[str, Any],
     overwrite: bool,
-    storage: StorageLike = None,
+    root: StorageRoot,
     base_dir: Path | None = None,
     checked: bool = False,
 ) -> Path:
@@ -162,7 +159,7 @@ def publish_dir(
             ``name``, ``version`` and ``published_at`` set here (a mapping is read as
             the manifest's fields).
         overwrite: Replace an existing artifact of that name.
-        storage: The rayft root.
+        root: The rayft root.
         base_dir: The base model the artifact was trained from. When given, the
             artifact must serve before anything is published (``trainers.servable``:
             it loads and gives finite logits, an adapter on this base), and the base's
@@ -176,7 +173,6 @@ def publish_dir(
     Raises:
         UnservableError: The servability check failed; nothing was published.
     """
-    root = StorageRoot.resolve(storage)
     fields = dict(manifest.model_dump() if isinstance(manifest, ArtifactManifest) else manifest)
     check_publishable(
         kind, name, overwrite or _published_by_run(root, kind, name, fields.get("run_id")), root
@@ -287,9 +283,8 @@ def retire_remote_versions(
             root.delete(f"{relpath}/{version}")
 
 
-def write_manifest(path: Path, manifest: ArtifactManifest, storage: StorageLike = None) -> None:
+def write_manifest(path: Path, manifest: ArtifactManifest, root: StorageRoot) -> None:
     """Replace the manifest of the published artifact at ``path`` (locally and at a URI root)."""
-    root = StorageRoot.resolve(storage)
     manifest.write(Path(path).resolve())
     if root.is_remote:
         kind = "adapter" if (path / "adapter_config.json").is_file() else "model"
@@ -300,9 +295,8 @@ def write_manifest(path: Path, manifest: ArtifactManifest, storage: StorageLike 
         root.upload(artifact_manifest_relpath(kind, path.name), text)
 
 
-def remove_artifact(kind: str, name: str, storage: StorageLike = None) -> None:
+def remove_artifact(kind: str, name: str, root: StorageRoot) -> None:
     """Unpublish ``name``: remove it locally and from a URI root (its pointer first)."""
-    root = StorageRoot.resolve(storage)
     local = artifact_path(kind, name, root)
     with held(root, artifact_lock_relpath(kind, name), PUBLISH_WAIT_S):
         if local.is_symlink():
@@ -323,13 +317,12 @@ def _hide_corrupt(root: StorageRoot, name: str, err: ManifestError) -> None:
         log.warning("adapter %r is not listed: %s", name, err)
 
 
-def list_adapters(storage: StorageLike = None) -> list[ArtifactManifest]:
+def list_adapters(root: StorageRoot) -> list[ArtifactManifest]:
     """Every published adapter's manifest (``name`` is the registry name), sorted by name.
 
     An adapter whose ``rayft.json`` is unreadable is left out (and logged once); one
     published without a manifest is listed with only its kind and name.
     """
-    root = StorageRoot.resolve(storage)
     out = []
     if root.is_remote:
         for name in root.list_dirs(registry_folder("adapter")):
@@ -358,14 +351,14 @@ def list_adapters(storage: StorageLike = None) -> list[ArtifactManifest]:
     return out
 
 
-def resolve_adapter(name: str, storage: StorageLike = None) -> Path:
+def resolve_adapter(name: str, root: StorageRoot) -> Path:
     """The directory of a published adapter.
 
     Raises:
         RegistryError: There is no adapter of that name.
         ManifestError: Its ``rayft.json`` is corrupt.
     """
-    path = sync_adapter(name, storage)
+    path = sync_adapter(name, root)
     if not (path / "adapter_config.json").is_file():
         raise RegistryError(f"no adapter named {name!r} in {path.parent}")
     ArtifactManifest.find(path)
@@ -393,12 +386,12 @@ def published_manifest(path: Path) -> ArtifactManifest | None:
     return ArtifactManifest.find(path) or ArtifactManifest(kind=kind, name=path.name)
 
 
-def sync_adapter(name: str, storage: StorageLike = None) -> Path:
+def sync_adapter(name: str, root: StorageRoot) -> Path:
     """The local directory of adapter ``name``, refreshed from a URI root when needed."""
-    return sync_artifact("adapter", name, storage)
+    return sync_artifact("adapter", name, root)
 
 
-def sync_artifact(kind: str, name: str, storage: StorageLike = None) -> Path:
+def sync_artifact(kind: str, name: str, root: StorageRoot) -> Path:
     """The local directory of a published artifact, refreshed from a URI root when needed.
 
     For a local root this is just the artifact's path. For a URI root the published
@@ -411,7 +404,6 @@ def sync_artifact(kind: str, name: str, storage: StorageLike = None) -> Path:
         ManifestError: The published ``rayft.json`` is corrupt.
         StorageError: The URI root cannot be read.
     """
-    root = StorageRoot.resolve(storage)
     path = artifact_path(kind, name, root)
     if not root.is_remote:
         return path

@@ -60,13 +60,12 @@ class RunOptions:
     project: str | None = None
 
 
-def record_groups(storage: str, run_id: str) -> Any:
+def record_groups(root: StorageRoot, run_id: str) -> Any:
     """A Ray Train callback (run in the Train controller) appending the id of each worker
     group's placement group to the run's ``placement_groups`` file."""
     relpath = run_relpath(run_id, PLACEMENT_GROUPS_FILE)
 
     def record(group_id: str) -> None:
-        root = StorageRoot.resolve(storage)
         known = (root.read(relpath) or b"").decode()
         root.write(relpath, known + group_id + "\n")
 
@@ -188,18 +187,18 @@ def free_stopped_runs(
     return thread
 
 
-def drive(spec: JobSpec, run_id: str, options: RunOptions) -> Any:
-    """Run ``spec`` as ``run_id`` here, recording its worker groups; the ``TrainOutcome``."""
+def drive(root: StorageRoot, spec: JobSpec, run_id: str, options: RunOptions) -> Any:
+    """Run ``spec`` as ``run_id`` here (``root`` is its ``storage:``), recording its worker
+    groups; the ``TrainOutcome``."""
     from rayft.trainers.driver import run_training
 
-    root = StorageRoot.resolve(spec.storage)
     return run_training(
         spec,
         run_id=run_id,
         resume=options.resume,
         show_progress=options.show_progress,
         loop_callbacks=list(options.loop_callbacks),
-        callbacks=[*options.callbacks, record_groups(root.location, run_id)],
+        callbacks=[*options.callbacks, record_groups(root, run_id)],
         start_from=options.start_from,
         scanned=options.scanned,
         publish=options.publish,
@@ -210,8 +209,8 @@ def drive(spec: JobSpec, run_id: str, options: RunOptions) -> Any:
 class RunDriver:
     """The body of the Ray actor that drives a run started with ``in_actor=True``."""
 
-    def run(self, spec: JobSpec, run_id: str, options: RunOptions) -> Any:
-        return drive(spec, run_id, options)
+    def run(self, root: StorageRoot, spec: JobSpec, run_id: str, options: RunOptions) -> Any:
+        return drive(root, spec, run_id, options)
 
 
 class RunHandle:
@@ -298,7 +297,7 @@ def start_run(
     run_options = RunOptions(**options)
     if not in_actor:
         try:
-            outcome = drive(spec, run_id, run_options)
+            outcome = drive(root, spec, run_id, run_options)
         except BaseException:
             free_run_groups(root, run_id)
             raise
@@ -314,4 +313,6 @@ def start_run(
         "namespace": RUN_NAMESPACE,
     }
     actor = ray.remote(RunDriver).options(**{**settings, **(actor_options or {})}).remote()
-    return RunHandle(root, run_id, actor=actor, future=actor.run.remote(spec, run_id, run_options))
+    return RunHandle(
+        root, run_id, actor=actor, future=actor.run.remote(root, spec, run_id, run_options)
+    )

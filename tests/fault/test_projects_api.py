@@ -43,6 +43,7 @@ def api(tmp_path_factory, published_adapters: Path, tiny_model_dir: Path) -> Ite
     from rayft.serving.request_log import RequestLog
     from rayft.serving.service import Limits, ModelService
     from rayft.trainers.manifest import ArtifactManifest
+    from rayft.trainers.storage import StorageRoot
 
     root = copy_registry(published_adapters, tmp_path_factory.mktemp("projects") / "root")
     # a1 is alpha's (published by one of its jobs); a2 stays shared.
@@ -71,7 +72,7 @@ def api(tmp_path_factory, published_adapters: Path, tiny_model_dir: Path) -> Ite
         engine,
         limits,
         api_key=ENV_KEY,
-        request_log=RequestLog(str(root), "projects-test", log_payloads=True),
+        request_log=RequestLog(StorageRoot.resolve(str(root)), "projects-test", log_payloads=True),
     )
     with http_server(create_api(service, [fine_tuning_router])) as url:
         http = httpx.Client(base_url=url, timeout=120)
@@ -205,8 +206,11 @@ def test_evaluations_read_only_the_keys_projects_files_and_logged_traffic(api):
     scored = api.http.post("/v1/evaluations", json=logged, headers=alpha)
     assert scored.status_code == 200 and scored.json()["rows"] >= 1, scored.text
     from rayft.serving.request_log import read_log
+    from rayft.trainers.storage import StorageRoot
 
-    lines = [line for line in read_log(str(api.root), "a2") if line["status"] == 200]
+    lines = [
+        line for line in read_log(StorageRoot.resolve(str(api.root)), "a2") if line["status"] == 200
+    ]
     assert {(line["project"], line["key_id"]) for line in lines} == {
         ("alpha", api.keys["alpha"].id)
     }

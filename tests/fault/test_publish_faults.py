@@ -53,7 +53,8 @@ def crashing(*args, **kwargs):
     return result
 setattr(owner, attr, crashing)
 from rayft.trainers.registry import publish_dir
-publish_dir(Path(src), "adapter", "{NAME}", {{"tag": tag}}, True, root)
+from rayft.trainers.storage import StorageRoot
+publish_dir(Path(src), "adapter", "{NAME}", {{"tag": tag}}, True, StorageRoot.resolve(root))
 """
 
 

@@ -15,6 +15,7 @@ import pytest
 from rayft.raytune.sweep import TRIALS_DIR, run_sweep, sweep_path
 from rayft.trainers.config import validate_spec
 from rayft.trainers.registry import adapter_path
+from rayft.trainers.storage import StorageRoot
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -55,10 +56,14 @@ def test_a_crashing_trial_is_recorded_the_sweep_goes_on_and_resume_retries_it(
     [failed] = outcome.by_state("error")
     assert "late.jsonl" in failed["error"] and "not found" in failed["error"]
     # The sweep went on: trial 1 ran after trial 0 crashed and is the published best.
-    assert outcome.best["trial"] == 1 and outcome.artifact == adapter_path("crashy")
-    trials = sweep_path("crashy-sweep") / TRIALS_DIR
+    assert outcome.best["trial"] == 1 and outcome.artifact == adapter_path(
+        "crashy", StorageRoot.resolve()
+    )
+    trials = sweep_path("crashy-sweep", StorageRoot.resolve()) / TRIALS_DIR
     assert "late.jsonl" in json.loads((trials / "0.json").read_text())["error"]
-    results = json.loads((sweep_path("crashy-sweep") / "results.json").read_text())
+    results = json.loads(
+        (sweep_path("crashy-sweep", StorageRoot.resolve()) / "results.json").read_text()
+    )
     assert results["errored"] == [0]
 
     # The cause is fixed; resume retries the errored trial only.
@@ -69,4 +74,9 @@ def test_a_crashing_trial_is_recorded_the_sweep_goes_on_and_resume_retries_it(
     assert len(starts[0]) == 2 and len(starts[1]) == 1
     record = json.loads((trials / "0.json").read_text())
     assert "error" not in record and record["metrics"]["step"] == 2
-    assert json.loads((sweep_path("crashy-sweep") / "results.json").read_text())["errored"] == []
+    assert (
+        json.loads(
+            (sweep_path("crashy-sweep", StorageRoot.resolve()) / "results.json").read_text()
+        )["errored"]
+        == []
+    )

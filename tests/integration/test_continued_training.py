@@ -12,6 +12,7 @@ import yaml
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
+from rayft.trainers.storage import StorageRoot
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +151,7 @@ def test_server_refuses_the_child_once_its_base_changed(parent, full_model, rayf
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
     save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
     meta = ArtifactManifest.read(full_model)
-    publish_dir(changed, "model", "ct-full", meta, True, str(rayft_home))
+    publish_dir(changed, "model", "ct-full", meta, True, StorageRoot.resolve(str(rayft_home)))
 
     fresh = ModelEngine("ct-full", storage=str(rayft_home), dtype="float32")
     with pytest.raises(Conflict) as err:

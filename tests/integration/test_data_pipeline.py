@@ -18,6 +18,7 @@ from rayft.trainers.config import validate_spec
 from rayft.trainers.data import PreparedData, build_datasets, read_rows
 from rayft.trainers.formats import tokenize_example
 from rayft.trainers.packing import collate_fn
+from rayft.trainers.storage import StorageRoot
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +244,7 @@ def test_each_source_is_scanned_once_per_run(
         return real(path, *args)
 
     monkeypatch.setattr(data, "scan_source", counting)
-    scanned = data.scan_sources(spec)
+    scanned = data.scan_sources(spec, root=StorageRoot.resolve(spec.storage))
     prepared = data.build_datasets(spec, str(tiny_model_dir), scanned)
     assert scanned_paths == [str(train_file), str(eval_file)]
     assert prepared.reports == [*scanned.train, *scanned.eval]

@@ -166,6 +166,7 @@ def test_a_dpo_job_on_openai_preference_rows_trains_and_publishes(client, server
     import json
 
     from rayft.trainers.registry import ArtifactManifest, resolve_adapter
+    from rayft.trainers.storage import StorageRoot
 
     pairs = [("red", "apple", "sky"), ("blue", "sky", "grass"), ("green", "grass", "snow")]
     rows = [
@@ -190,7 +191,9 @@ def test_a_dpo_job_on_openai_preference_rows_trains_and_publishes(client, server
     job = wait_for(client, job.id, {"succeeded", "failed", "cancelled"})
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model in [m.id for m in client.models.list().data]
-    recorded = ArtifactManifest.read(resolve_adapter(job.fine_tuned_model, str(server["home"])))
+    recorded = ArtifactManifest.read(
+        resolve_adapter(job.fine_tuned_model, StorageRoot.resolve(str(server["home"])))
+    )
     assert recorded.objective == "dpo" and recorded.spec["dpo"]["beta"] == 0.2
     assert recorded.project == "default"  # the job's project (an open server's): its keys only
 
@@ -201,6 +204,7 @@ def test_a_reinforcement_job_grades_answers_and_reports_the_mean_grade(client, s
     import json
 
     from rayft.trainers.registry import ArtifactManifest, resolve_adapter
+    from rayft.trainers.storage import StorageRoot
 
     def upload(name: str, pairs: list[tuple[int, int]]) -> str:
         rows = [
@@ -257,7 +261,9 @@ def test_a_reinforcement_job_grades_answers_and_reports_the_mean_grade(client, s
         "valid_reward_mean" in c.metrics.model_dump(exclude_none=True) for c in checkpoints
     )
 
-    recorded = ArtifactManifest.read(resolve_adapter(job.fine_tuned_model, str(server["home"])))
+    recorded = ArtifactManifest.read(
+        resolve_adapter(job.fine_tuned_model, StorageRoot.resolve(str(server["home"])))
+    )
     assert recorded.objective == "grpo" and recorded.spec["grpo"]["grader"] == FUZZY_GRADER
     assert recorded.spec["grpo"]["num_generations"] == 2
     answer = client.chat.completions.create(

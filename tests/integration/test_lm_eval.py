@@ -24,6 +24,7 @@ from harness import copy_registry
 
 from rayft.cluster.benchmarking import benchmark, served_here
 from rayft.trainers.benchmarks import TASKS_DIR
+from rayft.trainers.storage import StorageRoot
 
 CONTEXT = "Question: What is the capital of {country}?\nAnswer:"
 QUESTION = "Question: What is {a} plus {b}?\nAnswer:"
@@ -32,7 +33,11 @@ QUESTION = "Question: What is {a} plus {b}?\nAnswer:"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, published_adapters: Path) -> Iterator[dict[str, Any]]:
     root = copy_registry(published_adapters, tmp_path_factory.mktemp("lm-eval") / "root")
-    with served_here("tiny-llama", storage=str(root), dtype="float32") as (url, key, engine):
+    with served_here("tiny-llama", StorageRoot.resolve(str(root)), dtype="float32") as (
+        url,
+        key,
+        engine,
+    ):
         yield {"url": url, "key": key, "engine": engine, "root": root}
 
 
@@ -149,7 +154,7 @@ def test_benchmarks_of_an_adapter_equal_peft(served, tmp_path, monkeypatch):
         "a1",
         ["rayft_capitals"],
         url=served["url"],
-        storage=str(served["root"]),
+        root=StorageRoot.resolve(str(served["root"])),
         samples_out=tmp_path / "samples",
     )
     tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
@@ -188,9 +193,9 @@ def test_a_training_run_records_the_benchmarks_served_models_score(
     assert report is not None and set(report.before) == set(report.after) == set(tasks)
 
     monkeypatch.setenv("RAYFT_API_KEY", served["key"])
-    root = str(served["root"])
+    root = StorageRoot.resolve(str(served["root"]))
     for side, model in (("before", "tiny-llama"), ("after", "bench-lora")):
-        scored = benchmark(model, tasks, url=served["url"], storage=root)
+        scored = benchmark(model, tasks, url=served["url"], root=root)
         for task in tasks:
             recorded = getattr(report, side)[task]
             assert recorded.samples == scored[task].samples == 20

@@ -218,8 +218,9 @@ def test_serve_prints_the_scrape_url_and_the_log(monitored, capsys):
 
 def test_request_log_has_one_line_per_request_with_its_counts(monitored, traffic):
     from rayft.serving.request_log import read_log
+    from rayft.trainers.storage import StorageRoot
 
-    lines = read_log(monitored["home"])
+    lines = read_log(StorageRoot.resolve(str(monitored["home"])))
     assert len(lines) == len(traffic)
     assert len({line["request_id"] for line in lines}) == len(lines)
     assert [line["status"] for line in lines] == [s["status"] for s in traffic]

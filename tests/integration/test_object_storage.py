@@ -109,12 +109,12 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     # A machine that has never seen the run finds everything through the URI.
     root = StorageRoot.resolve(s3_root)
     shutil.rmtree(root.local)
-    assert [a.name for a in list_adapters(s3_root)] == ["colors-s3"]
-    assert load_run_spec(outcome.run_id, s3_root).optim.max_steps == 4
-    status = read_run(s3_root, outcome.run_id)
+    assert [a.name for a in list_adapters(root)] == ["colors-s3"]
+    assert load_run_spec(outcome.run_id, root).optim.max_steps == 4
+    status = read_run(root, outcome.run_id)
     assert status["record"]["state"] == "finished" and status["checkpoint_step"] == 4
     with pytest.raises(RegistryError, match=f"{s3_root}/adapters/colors-s3"):
-        check_publishable("adapter", "colors-s3", overwrite=False, storage=s3_root)
+        check_publishable("adapter", "colors-s3", overwrite=False, root=root)
 
     # The serving engine loads the adapter from the bucket and matches plain PEFT.
     from rayft.serving.engine import GenerationRequest, ModelEngine, SamplingParams
@@ -144,8 +144,8 @@ def test_run_checkpoints_and_adapter_live_in_object_storage(
     # Unpublished at the URI: the mirror's copy is not served any more.
     from rayft.trainers.registry import remove_artifact
 
-    remove_artifact("adapter", "colors-s3", s3_root)
-    assert list_adapters(s3_root) == []
+    remove_artifact("adapter", "colors-s3", root)
+    assert list_adapters(root) == []
     with pytest.raises(NotFound):
         engine.check_adapter("colors-s3")
 
@@ -158,7 +158,7 @@ def test_evaluation_datasets_are_read_from_object_storage(s3_root):
     root = StorageRoot.resolve(s3_root)
     rows = [{"prompt": "name a red thing", "completion": "the apple is red"}]
     root.upload("datasets/colors-eval.jsonl", json.dumps(rows[0]).encode() + b"\n")
-    path = dataset_path("colors-eval", s3_root)
+    path = dataset_path("colors-eval", root)
     assert path == (root.files / "colors-eval.jsonl").resolve()
     assert read_rows(path) == rows
 
@@ -168,10 +168,10 @@ def test_evaluation_datasets_are_read_from_object_storage(s3_root):
         "datasets/colors-eval.jsonl",
         b"".join(json.dumps(r).encode() + b"\n" for r in rows),
     )
-    assert read_rows(dataset_path("colors-eval", s3_root)) == rows
+    assert read_rows(dataset_path("colors-eval", root)) == rows
     root.delete("datasets")
     with pytest.raises(NotFound, match="colors-eval"):
-        dataset_path("colors-eval", s3_root)
+        dataset_path("colors-eval", root)
     assert not path.exists()
 
 
@@ -230,8 +230,9 @@ def test_sweep_records_results_and_adapters_live_in_object_storage(
     assert not {n for n in published if "-trial-" in n}, published
 
     # Another machine (no local mirror) reads the sweep and its best adapter from the URI.
-    shutil.rmtree(StorageRoot.resolve(s3_root).local)
-    assert read_sweep(s3_root, "s3-sweep")["best"]["trial"] == outcome.best["trial"]
-    assert read_trial_record(s3_root, "s3-sweep", "1.starts.jsonl").count("\n") == 1
-    best = sync_artifact("adapter", "colors-sweep-s3", s3_root)
+    root = StorageRoot.resolve(s3_root)
+    shutil.rmtree(root.local)
+    assert read_sweep(root, "s3-sweep")["best"]["trial"] == outcome.best["trial"]
+    assert read_trial_record(root, "s3-sweep", "1.starts.jsonl").count("\n") == 1
+    best = sync_artifact("adapter", "colors-sweep-s3", root)
     assert ArtifactManifest.read(best).sweep.trial == outcome.best["trial"]

@@ -17,6 +17,7 @@ import yaml
 from rayft.raytune.sweep import TRIALS_DIR, read_trial_record, run_sweep, sweep_path
 from rayft.trainers.config import validate_spec
 from rayft.trainers.registry import ArtifactManifest, adapter_path
+from rayft.trainers.storage import StorageRoot
 
 pytestmark = pytest.mark.slow
 
@@ -141,12 +142,12 @@ def test_asha_sweep_over_lr_stops_a_trial_early_and_publishes_the_best(
     data = json.loads(outcome.table_json.read_text())
     assert data["best"]["trial"] == outcome.best["trial"] and data["complete"]
     assert outcome.plot.read_bytes()[:4] == b"\x89PNG"
-    assert outcome.path == sweep_path("asha-lr")
+    assert outcome.path == sweep_path("asha-lr", StorageRoot.resolve())
 
     # The best trial's adapter under output.name, naming the sweep and the trial.
     best = outcome.best
     assert best["state"] == "finished" and best["rank"] == 1
-    assert outcome.artifact == adapter_path("sweep-asha")
+    assert outcome.artifact == adapter_path("sweep-asha", StorageRoot.resolve())
     manifest = ArtifactManifest.read(outcome.artifact)
     assert manifest.sweep.id == "asha-lr" and manifest.sweep.trial == best["trial"]
     assert manifest.sweep.params == {"optim.lr": best["optim.lr"]}
@@ -154,13 +155,29 @@ def test_asha_sweep_over_lr_stops_a_trial_early_and_publishes_the_best(
     assert manifest.run_id == best["run_id"] and len(manifest.base_fingerprint) == 64
     assert (outcome.artifact / "adapter_model.safetensors").is_file()
     # Without tune.publish_all no trial publishes: only the best, once, under output.name.
-    assert not any(adapter_path(f"sweep-asha-trial-{k}").exists() for k in range(4))
-    assert not (adapter_path("sweep-asha").parent / ".versions" / "sweep-asha-trial-0").exists()
+    assert not any(
+        adapter_path(f"sweep-asha-trial-{k}", StorageRoot.resolve()).exists() for k in range(4)
+    )
+    assert not (
+        adapter_path("sweep-asha", StorageRoot.resolve()).parent
+        / ".versions"
+        / "sweep-asha-trial-0"
+    ).exists()
     assert (
-        len(list((adapter_path("sweep-asha").parent / ".versions" / "sweep-asha").iterdir())) == 1
+        len(
+            list(
+                (
+                    adapter_path("sweep-asha", StorageRoot.resolve()).parent
+                    / ".versions"
+                    / "sweep-asha"
+                ).iterdir()
+            )
+        )
+        == 1
     )
     records = [
-        json.loads(read_trial_record(None, "asha-lr", f"{k}.json") or "{}") for k in range(4)
+        json.loads(read_trial_record(StorageRoot.resolve(), "asha-lr", f"{k}.json") or "{}")
+        for k in range(4)
     ]
     assert all(r.get("artifact") is None for r in records)
 
@@ -188,7 +205,7 @@ def test_grid_over_lora_rank_runs_exactly_the_grid(ray_cluster, chat_file, rayft
     assert sorted(r["lora.r"] for r in outcome.rows) == [2, 4]
     assert [r["state"] for r in outcome.rows] == ["finished", "finished"]
     for row in outcome.rows:
-        path = adapter_path(f"sweep-rank-trial-{row['trial']}")
+        path = adapter_path(f"sweep-rank-trial-{row['trial']}", StorageRoot.resolve())
         config = json.loads((path / "adapter_config.json").read_text())
         assert config["r"] == row["lora.r"]
         assert ArtifactManifest.read(path).sweep.params == {"lora.r": row["lora.r"]}
@@ -288,7 +305,9 @@ def test_pbt_exploit_continues_the_better_trial_with_a_mutated_lr(
 
     # The absurd trial ended as a copy of a good one: its last run trained at a mutated
     # lr after the exploit and finished with a sane loss.
-    manifest = ArtifactManifest.read(adapter_path(f"sweep-pbt-trial-{absurd['trial']}"))
+    manifest = ArtifactManifest.read(
+        adapter_path(f"sweep-pbt-trial-{absurd['trial']}", StorageRoot.resolve())
+    )
     assert manifest.run_id == absurd["run_id"] == starts[absurd["trial"]][-1]["run_id"]
     lrs = [r["lr"] for r in manifest.history if r["kind"] == "train"]
     assert lrs[-1] == pytest.approx(starts[absurd["trial"]][-1]["values"]["optim.lr"])

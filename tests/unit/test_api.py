@@ -13,6 +13,7 @@ import yaml
 
 import rayft
 from rayft.cluster.api import resolve_spec, write_rows
+from rayft.trainers.storage import StorageRoot
 
 CHAT = [
     {
@@ -134,7 +135,9 @@ def test_rows_are_written_as_jsonl_that_reads_back_and_scans_as_chat(tmp_path):
     lines = path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == CHAT
     assert not list(path.parent.glob(".*"))  # no partial file left behind
-    scan = scan_sources(rayft.JobSpec.model_validate(spec_dict(str(path))))
+    scan = scan_sources(
+        rayft.JobSpec.model_validate(spec_dict(str(path))), root=StorageRoot.resolve()
+    )
     assert [r.rows for r in scan.train] == [len(CHAT)] and scan.format == "chat"
 
 

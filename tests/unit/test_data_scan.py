@@ -20,6 +20,7 @@ from rayft.trainers.data import (
     in_eval_split,
     scan_source,
 )
+from rayft.trainers.storage import StorageRoot
 
 ROWS: dict[str, dict[str, Any]] = {
     "chat": {
@@ -311,14 +312,14 @@ def test_prompts_that_fill_max_seq_len_are_refused_with_the_length_needed(
     assert 16 < min(prompt) < max(prompt)  # the template alone leaves no room for an answer
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError) as err:
-        scan_sources(_spec(path, max_seq_len=16))
+        scan_sources(_spec(path, max_seq_len=16), root=StorageRoot.resolve())
     message = str(err.value)
     assert "every training completion is cut away" in message
     assert "data.max_seq_len is 16" in message
     assert f"prompts render to {min(prompt)}–{max(prompt)} tokens" in message
     assert f"set data.max_seq_len ≥ {max(full)}" in message
     # At that length every row trains whole.
-    scan = scan_sources(_spec(path, max_seq_len=max(full)))
+    scan = scan_sources(_spec(path, max_seq_len=max(full)), root=StorageRoot.resolve())
     assert scan.rows is not None
     assert (scan.rows.train.kept, scan.rows.train.truncated) == (6, 0)
 
@@ -335,7 +336,7 @@ def test_dropped_and_truncated_rows_are_counted_and_reported(
     assert min(prompt[:3]) >= limit
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     capsys.readouterr()
-    scan = scan_sources(_spec(path, max_seq_len=limit))
+    scan = scan_sources(_spec(path, max_seq_len=limit), root=StorageRoot.resolve())
     assert scan.rows is not None
     train = scan.rows.train
     assert (train.rows, train.kept, train.dropped, train.truncated) == (8, 5, 3, 0)
@@ -351,7 +352,7 @@ def test_dropped_and_truncated_rows_are_counted_and_reported(
     cut = max(s_prompt) + 2
     assert cut < min(s_full)
     path = write_jsonl(tmp_path / "short.jsonl", short)
-    scan = scan_sources(_spec(path, max_seq_len=cut))
+    scan = scan_sources(_spec(path, max_seq_len=cut), root=StorageRoot.resolve())
     assert scan.rows is not None
     assert (scan.rows.train.kept, scan.rows.train.truncated, scan.rows.train.dropped) == (4, 4, 0)
     assert "4 of 4 training rows are truncated" in capsys.readouterr().err
@@ -364,19 +365,23 @@ def test_fewer_rows_than_workers_is_refused(tmp_path: Path, tiny_model_dir: Path
     full, _ = _whole_lengths(rows, tiny_model_dir)
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError) as err:
-        scan_sources(_spec(path, max_seq_len=full[3], num_workers=2))
+        scan_sources(_spec(path, max_seq_len=full[3], num_workers=2), root=StorageRoot.resolve())
     message = str(err.value)
     assert "only 1 training row(s) keep a label" in message
     assert "scaling.num_workers=2" in message
     assert f"3 of 4 lose every label at data.max_seq_len={full[3]}" in message
     # Whole rows feed both workers.
-    scan_sources(_spec(path, max_seq_len=max(full), num_workers=2))
+    scan_sources(_spec(path, max_seq_len=max(full), num_workers=2), root=StorageRoot.resolve())
 
     # Packed, three short rows make one sequence: one worker would get nothing.
     path = write_jsonl(tmp_path / "few.jsonl", _pc_rows(["a", "b", "c"]))
     with pytest.raises(DataError, match=r"pack into 1 sequence.*scaling\.num_workers=2"):
-        scan_sources(_spec(path, max_seq_len=512, packing=True, num_workers=2))
-    scan = scan_sources(_spec(path, max_seq_len=512, packing=False, num_workers=2))
+        scan_sources(
+            _spec(path, max_seq_len=512, packing=True, num_workers=2), root=StorageRoot.resolve()
+        )
+    scan = scan_sources(
+        _spec(path, max_seq_len=512, packing=False, num_workers=2), root=StorageRoot.resolve()
+    )
     assert scan.rows is not None and scan.rows.train.kept == 3
 
 

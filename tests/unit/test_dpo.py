@@ -23,6 +23,7 @@ from rayft.trainers.dpo import (
 )
 from rayft.trainers.formats import RowError, check_row, detect_format, preference_pair
 from rayft.trainers.loss import IGNORE_INDEX
+from rayft.trainers.storage import StorageRoot
 
 STANDARD = {"prompt": "name a red thing", "chosen": "the apple", "rejected": "the sky"}
 CONVERSATIONAL = {
@@ -103,24 +104,31 @@ def test_scan_names_file_and_line(tmp_path: Path):
     chats.write_text("\n" + json.dumps({"messages": IMPLICIT["chosen"]}) + "\n")
     spec = validate_spec(spec_dict(data={"train": str(chats)}))
     with pytest.raises(DataError) as err:
-        scan_sources(spec)
+        scan_sources(spec, root=StorageRoot.resolve())
     said = str(err.value)
     assert f"{chats}:2" in said and "objective dpo needs preference rows" in said
 
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(json.dumps(OPENAI) + "\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
     with pytest.raises(DataError) as err:
-        scan_sources(validate_spec(spec_dict(data={"train": str(prefs)})))
+        scan_sources(
+            validate_spec(spec_dict(data={"train": str(prefs)})), root=StorageRoot.resolve()
+        )
     assert f"{prefs}:2" in str(err.value) and "missing field 'rejected'" in str(err.value)
 
     prefs.write_text(json.dumps(STANDARD) + "\n")
     sft = validate_spec({"data": {"train": str(prefs)}, "method": "lora"})
     with pytest.raises(DataError) as err:
-        scan_sources(sft)
+        scan_sources(sft, root=StorageRoot.resolve())
     assert f"{prefs}:1" in str(err.value) and "objective: dpo" in str(err.value)
     # Two pairs: one per training worker (fewer rows than workers is refused).
     prefs.write_text((json.dumps(STANDARD) + "\n") * 2)
-    assert scan_sources(validate_spec(spec_dict(data={"train": str(prefs)}))).format == "preference"
+    assert (
+        scan_sources(
+            validate_spec(spec_dict(data={"train": str(prefs)})), root=StorageRoot.resolve()
+        ).format
+        == "preference"
+    )
 
 
 # --------------------------------------------------------------------------- the spec

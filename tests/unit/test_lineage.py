@@ -24,6 +24,7 @@ from rayft.trainers.servable import (
     check_servable,
     weights_fingerprint,
 )
+from rayft.trainers.storage import StorageRoot
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,13 @@ def test_publish_checks_an_adapter_serves_and_records_the_base_fingerprint(
 ):
     src = peft_files(base_dir, tmp_path / "good", seed=1)
     path = publish_dir(
-        src, "adapter", "good", {"base_model": "tiny-llama"}, False, str(home), base_dir=base_dir
+        src,
+        "adapter",
+        "good",
+        {"base_model": "tiny-llama"},
+        False,
+        StorageRoot.resolve(str(home)),
+        base_dir=base_dir,
     )
     manifest = json.loads((path / "rayft.json").read_text())
     assert manifest["base_fingerprint"] == weights_fingerprint(base_dir)
@@ -130,7 +137,15 @@ def test_publish_refuses_an_adapter_with_nan_weights_and_publishes_nothing(
 ):
     src = peft_files(base_dir, tmp_path / "nan", seed=2, poison=True)
     with pytest.raises(UnservableError, match="non-finite logits"):
-        publish_dir(src, "adapter", "nan", {"base_model": "tiny-llama"}, False, str(home), base_dir)
+        publish_dir(
+            src,
+            "adapter",
+            "nan",
+            {"base_model": "tiny-llama"},
+            False,
+            StorageRoot.resolve(str(home)),
+            base_dir,
+        )
     assert not (home / "adapters" / "nan").exists()
 
 
@@ -155,7 +170,14 @@ def test_the_check_at_export_notes_its_outcome_and_publishing_reads_the_note(
 
     # A checked export is published without loading it again; the fingerprint is recorded.
     path = publish_dir(
-        good, "adapter", "noted", {"base_model": "tiny-llama"}, False, str(home), base_dir, True
+        good,
+        "adapter",
+        "noted",
+        {"base_model": "tiny-llama"},
+        False,
+        StorageRoot.resolve(str(home)),
+        base_dir,
+        True,
     )
     assert json.loads((path / "rayft.json").read_text())["base_fingerprint"] == (
         weights_fingerprint(base_dir)
@@ -202,34 +224,46 @@ def test_servability_check_refuses_a_full_model_with_nan_weights(base_dir: Path,
 # ------------------------------------------------------------------ model.adapter checks
 
 
+def parent_of(spec, model_dir: Path | None = None):
+    """``resolve_parent`` in the spec's own storage root, as a run's driver calls it."""
+    return resolve_parent(spec, StorageRoot.resolve(spec.storage), model_dir)
+
+
 def test_model_adapter_needs_method_lora_and_a_safe_name(home: Path):
     with pytest.raises(ConfigError) as err:
         validate_spec({"data": {"train": "x.jsonl"}, "method": "full", "model": {"adapter": "a"}})
     assert err.value.problems[0][0] == "model.adapter" and "method lora" in str(err.value)
     with pytest.raises(ConfigError, match="model.adapter"):
         validate_spec({"data": {"train": "x.jsonl"}, "model": {"adapter": "../up"}})
-    assert resolve_parent(spec_for(home)) is None
+    assert parent_of(spec_for(home)) is None
 
 
 def test_model_adapter_must_be_published_for_model_name(base_dir: Path, home: Path, tmp_path):
     with pytest.raises(ConfigError) as err:
-        resolve_parent(spec_for(home, adapter="nowhere"))
+        parent_of(spec_for(home, adapter="nowhere"))
     ((key, message),) = err.value.problems
     assert key == "model.adapter" and "no adapter named 'nowhere' is published" in message
     src = peft_files(base_dir, tmp_path / "smol", seed=5)
     publish_dir(
-        src, "adapter", "for-smollm", {"base_model": "smollm2-135m-instruct"}, True, str(home)
+        src,
+        "adapter",
+        "for-smollm",
+        {"base_model": "smollm2-135m-instruct"},
+        True,
+        StorageRoot.resolve(str(home)),
     )
     with pytest.raises(ConfigError, match="model.name=smollm2-135m-instruct"):
-        resolve_parent(spec_for(home, adapter="for-smollm"))
+        parent_of(spec_for(home, adapter="for-smollm"))
 
 
 def test_parent_is_described_and_its_lora_shape_wins(base_dir: Path, home: Path, tmp_path):
     src = peft_files(base_dir, tmp_path / "p", seed=6, r=4)
     manifest = {"base_model": "tiny-llama", "dataset_sha256": "ab" * 32, "method": "lora"}
     manifest["metrics"] = {"eval_loss": 1.5, "step": 3, "final": True}
-    publish_dir(src, "adapter", "parent", manifest, True, str(home), base_dir=base_dir)
-    parent = resolve_parent(spec_for(home, adapter="parent"), model_dir=base_dir)
+    publish_dir(
+        src, "adapter", "parent", manifest, True, StorageRoot.resolve(str(home)), base_dir=base_dir
+    )
+    parent = parent_of(spec_for(home, adapter="parent"), model_dir=base_dir)
     assert parent.lora["r"] == 4 and parent.lora["alpha"] == 8
     record = parent.record()
     assert record.name == "parent" and record.dataset_sha256 == "ab" * 32
@@ -245,9 +279,9 @@ def test_parent_is_described_and_its_lora_shape_wins(base_dir: Path, home: Path,
 def test_a_parent_trained_on_other_base_weights_is_refused(base_dir: Path, home: Path, tmp_path):
     src = peft_files(base_dir, tmp_path / "p", seed=7)
     manifest = {"base_model": "tiny-llama", "base_fingerprint": "0" * 64}
-    publish_dir(src, "adapter", "stale-base", manifest, True, str(home))
+    publish_dir(src, "adapter", "stale-base", manifest, True, StorageRoot.resolve(str(home)))
     with pytest.raises(ConfigError, match="with weights 000000000000, but 'tiny-llama' now has"):
-        resolve_parent(spec_for(home, adapter="stale-base"), model_dir=base_dir)
+        parent_of(spec_for(home, adapter="stale-base"), model_dir=base_dir)
 
 
 # ------------------------------------------------------------------ lineage
@@ -264,7 +298,14 @@ def _fake(tmp_path: Path, tag: str, kind: str = "adapter") -> Path:
 def test_lineage_follows_parents_and_published_models_to_the_base(home: Path, tmp_path, capsys):
     root = tmp_path / "root"
     full = {"base_model": "tiny-llama", "method": "full", "dataset_sha256": "f" * 64}
-    publish_dir(_fake(tmp_path, "m", "model"), "model", "ft-full", full, False, str(root))
+    publish_dir(
+        _fake(tmp_path, "m", "model"),
+        "model",
+        "ft-full",
+        full,
+        False,
+        StorageRoot.resolve(str(root)),
+    )
     grand = {
         "name": "g",
         "version": "0001-aa",
@@ -283,9 +324,9 @@ def test_lineage_follows_parents_and_published_models_to_the_base(home: Path, tm
         "steps": 4,
         "parent_adapter": parent,
     }
-    publish_dir(_fake(tmp_path, "c"), "adapter", "c", child, False, str(root))
+    publish_dir(_fake(tmp_path, "c"), "adapter", "c", child, False, StorageRoot.resolve(str(root)))
 
-    chain = lineage("c", str(root))
+    chain = lineage("c", StorageRoot.resolve(str(root)))
     assert [(e["kind"], e["name"]) for e in chain] == [
         ("adapter", "c"),
         ("adapter", "p"),
@@ -306,7 +347,7 @@ def test_lineage_follows_parents_and_published_models_to_the_base(home: Path, tm
     assert main(["models", "lineage", "c", "--storage", str(root)]) == 0
     assert capsys.readouterr().out.splitlines() == lines
     with pytest.raises(LineageError, match="no published adapter or model named 'nope'"):
-        lineage("nope", str(root))
+        lineage("nope", StorageRoot.resolve(str(root)))
     assert main(["models", "lineage", "nope", "--storage", str(root)]) == 2
     assert "no published adapter or model named 'nope'" in capsys.readouterr().err
 
@@ -326,7 +367,7 @@ def test_server_refuses_an_adapter_trained_on_other_base_weights(base_dir: Path,
         if fingerprint:
             manifest["base_fingerprint"] = fingerprint
         src = peft_files(base_dir, tmp_path / name, seed=8)
-        publish_dir(src, "adapter", name, manifest, True, str(home))
+        publish_dir(src, "adapter", name, manifest, True, StorageRoot.resolve(str(home)))
     engine = ModelEngine("tiny-llama", storage=str(home), dtype="float32")
     assert engine.weights_fingerprint == ours
     engine.check_adapter("same-base")
@@ -364,7 +405,9 @@ def test_a_parent_in_an_object_storage_root_is_checked_and_fetched(
         uri = "s3://lineage/rayft"
         src = peft_files(base_dir, tmp_path / "s3-parent", seed=9, r=4)
         meta = {"base_model": "tiny-llama", "dataset_sha256": "cd" * 32}
-        publish_dir(src, "adapter", "s3-parent", meta, False, uri, base_dir=base_dir)
+        publish_dir(
+            src, "adapter", "s3-parent", meta, False, StorageRoot.resolve(uri), base_dir=base_dir
+        )
         mirror = tmp_path / "cache" / "mirror"
         shutil.rmtree(mirror)  # another machine: nothing mirrored yet
         spec = validate_spec(
@@ -374,12 +417,15 @@ def test_a_parent_in_an_object_storage_root_is_checked_and_fetched(
                 "storage": uri,
             }
         )
-        parent = resolve_parent(spec, model_dir=base_dir)
-        assert parent.storage == uri and parent.record().dataset_sha256 == "cd" * 32
+        parent = parent_of(spec, model_dir=base_dir)
+        assert parent.root.location == uri and parent.record().dataset_sha256 == "cd" * 32
         shutil.rmtree(mirror)
         local = parent.local_dir()
         assert local.is_relative_to(mirror) and (local / "adapter_model.safetensors").is_file()
-        assert [e["name"] for e in lineage("s3-parent", uri)] == ["s3-parent", "tiny-llama"]
+        assert [e["name"] for e in lineage("s3-parent", StorageRoot.resolve(uri))] == [
+            "s3-parent",
+            "tiny-llama",
+        ]
         gone = {**spec.to_dict(), "model": {"name": "tiny-llama", "adapter": "gone"}}
         with pytest.raises(ConfigError, match="no adapter named 'gone' is published in s3://"):
-            resolve_parent(validate_spec(gone))
+            parent_of(validate_spec(gone))

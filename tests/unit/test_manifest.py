@@ -158,7 +158,9 @@ def test_publish_takes_a_typed_manifest_and_sets_what_publishing_decides(tmp_pat
     (src / "adapter_config.json").write_text("{}")
     (src / "rayft.json").write_text('{"kind": "adapter", "name": "stale"}')
     draft = ArtifactManifest(kind="adapter", name="trial-3", method="lora", base_model="b")
-    path = publish_dir(src, "adapter", "best", draft, False, str(tmp_path / "root"))
+    path = publish_dir(
+        src, "adapter", "best", draft, False, StorageRoot.resolve(str(tmp_path / "root"))
+    )
     published = ArtifactManifest.read(path)
     assert published.name == "best" and published.version and published.published_at
     assert published.method == "lora" and published.objective == "sft"

@@ -20,6 +20,7 @@ from rayft.serving.request_log import (
     log_rows,
     read_log,
 )
+from rayft.trainers.storage import StorageRoot
 
 T0 = datetime(2026, 12, 1, 23, 59, 0, tzinfo=timezone.utc).timestamp()
 CHAT = json.dumps({"model": "a", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -66,8 +67,9 @@ def test_a_line_holds_counts_and_times_and_payloads_only_when_asked():
 
 
 def test_reader_filters_by_model_and_time_keeps_order_and_skips_torn_lines(tmp_path: Path):
-    log = RequestLog(tmp_path, "replica-1")
-    other = RequestLog(tmp_path, "replica-2")
+    root = StorageRoot.resolve(str(tmp_path))
+    log = RequestLog(root, "replica-1")
+    other = RequestLog(root, "replica-2")
     # Across midnight (UTC): two day folders; two writers interleaved in time.
     for i in range(6):
         (log if i % 2 else other).write(record(T0 + 30 * i, model="a" if i < 5 else "b"))
@@ -78,13 +80,13 @@ def test_reader_filters_by_model_and_time_keeps_order_and_skips_torn_lines(tmp_p
     torn = tmp_path / LOG_DIR / "2026-12-02" / "replica-1.jsonl"
     with open(torn, "a") as handle:
         handle.write('{"ts": 17961')  # a writer died mid-line
-    assert [line["ts"] for line in read_log(tmp_path)] == [T0 + 30 * i for i in range(6)]
-    assert len(read_log(tmp_path, model="a")) == 5
+    assert [line["ts"] for line in read_log(root)] == [T0 + 30 * i for i in range(6)]
+    assert len(read_log(root, model="a")) == 5
     since = datetime.fromtimestamp(T0 + 60, tz=timezone.utc)
     until = datetime.fromtimestamp(T0 + 120, tz=timezone.utc)
-    assert [line["ts"] for line in read_log(tmp_path, "a", since, until)] == [T0 + 60, T0 + 90]
-    assert [line["ts"] for line in read_log(tmp_path, "a", limit=2)] == [T0 + 90, T0 + 120]
-    assert read_log(tmp_path / "elsewhere") == []
+    assert [line["ts"] for line in read_log(root, "a", since, until)] == [T0 + 60, T0 + 90]
+    assert [line["ts"] for line in read_log(root, "a", limit=2)] == [T0 + 90, T0 + 120]
+    assert read_log(StorageRoot.resolve(str(tmp_path / "elsewhere"))) == []
 
 
 def test_rows_pair_each_prompt_with_what_was_answered():
@@ -136,7 +138,9 @@ def served(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("request-log")
     engine = ModelEngine("tiny-llama", storage=str(home), dtype="float32")
-    service = ModelService(engine, api_key="", request_log=RequestLog(home, "in-process"))
+    service = ModelService(
+        engine, api_key="", request_log=RequestLog(StorageRoot.resolve(str(home)), "in-process")
+    )
     yield create_api(service), home
     service.close()
 
@@ -167,7 +171,7 @@ def test_the_api_logs_every_completion_request_once_with_its_status(served):
             return sent, evaluation
 
     sent, evaluation = asyncio.run(go())
-    lines = read_log(home)
+    lines = read_log(StorageRoot.resolve(str(home)))
     assert [line["status"] for line in lines] == [200, 200, 200, 404, 400]
     assert [line["error"] for line in lines[3:]] == ["model_not_found", "invalid_json"]
     assert [line["model"] for line in lines] == ["tiny-llama"] * 3 + [None, None]
@@ -187,7 +191,8 @@ def test_a_limited_read_takes_the_newest_lines_without_parsing_the_whole_log(
 ):
     from rayft.serving import request_log
 
-    log = RequestLog(tmp_path, "replica-1")
+    root = StorageRoot.resolve(str(tmp_path))
+    log = RequestLog(root, "replica-1")
     for i in range(2000):  # two days, served by two models
         log.write(record(T0 - 1000 + i, model="a" if i % 4 else "b", status=200 if i % 3 else 500))
     log.close()
@@ -200,17 +205,17 @@ def test_a_limited_read_takes_the_newest_lines_without_parsing_the_whole_log(
     def answered(line: dict) -> bool:
         return line["status"] == 200
 
-    lines = read_log(tmp_path, "a", limit=30, where=answered)
+    lines = read_log(root, "a", limit=30, where=answered)
     expected = [T0 - 1000 + i for i in range(2000) if i % 4 and i % 3][-30:]
     assert [line["ts"] for line in lines] == expected
     assert len(parsed) < 100  # about 30 / (1/2 answered of 3/4 of model a) from the end
     # A bounded range and no limit reads the range only, oldest first.
     since = datetime.fromtimestamp(T0 + 990, tz=timezone.utc)
-    assert [line["ts"] for line in read_log(tmp_path, "b", since)] == [T0 + 992, T0 + 996]
+    assert [line["ts"] for line in read_log(root, "b", since)] == [T0 + 992, T0 + 996]
 
 
 def test_days_past_the_retention_are_deleted_and_recent_ones_kept(tmp_path: Path):
-    log = RequestLog(tmp_path, "replica-1", retention_days=2)
+    log = RequestLog(StorageRoot.resolve(str(tmp_path)), "replica-1", retention_days=2)
     for days_ago in (0, 1, 2, 40):
         log.write(record(T0 - days_ago * 86400))
     log.close()

@@ -181,15 +181,15 @@ def test_jobs_status_and_logs_of_a_run_read_its_storage(tmp_path: Path) -> None:
     log.progress({"kind": "train", "step": 3, "total_steps": 8, "loss": 2.0})
     dead_pid = unused_pid()
     log.update(pid=dead_pid)  # the driver that wrote this record is gone
-    view = run_view(root.location, "r2")
+    view = run_view(root, "r2")
     assert view.state == INTERRUPTED and view.step == 3 and view.total_steps == 8
     text = format_view(view)
     assert "state     interrupted" in text and "rayft train --resume r2" in text
-    lines = run_logs(root.location, "r2").splitlines()
+    lines = run_logs(root, "r2").splitlines()
     assert [line.split()[1] for line in lines] == ["state", "train"]
     assert "loss 2" in lines[1]
     with pytest.raises(SubmitError, match="no run 'nope'"):
-        run_view(root.location, "nope")
+        run_view(root, "nope")
 
 
 def test_newest_checkpoint_is_the_newest_with_every_ranks_manifest(tmp_path: Path) -> None:

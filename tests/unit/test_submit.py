@@ -28,6 +28,7 @@ from rayft.cluster.submit import (
 )
 from rayft.trainers.config import validate_spec
 from rayft.trainers.records import parse_events, summarize
+from rayft.trainers.storage import StorageRoot
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "cluster" / "manifests"
 
@@ -290,7 +291,9 @@ def test_read_run_trusts_only_checkpoints_in_rays_snapshot(tmp_path: Path) -> No
             json.dumps({"step": step, "history": history})
         )
     (run / "rayft_run.json").write_text(json.dumps({"state": "running"}))
-    assert "checkpoint" not in read_run(str(tmp_path), "demo-1")  # nothing registered yet
+    assert "checkpoint" not in read_run(
+        StorageRoot.resolve(str(tmp_path)), "demo-1"
+    )  # nothing registered yet
     # checkpoint_b was still being written when the job stopped: Ray never registered it.
     (run / "checkpoint_manager_snapshot.json").write_text(
         json.dumps(
@@ -302,10 +305,10 @@ def test_read_run_trusts_only_checkpoints_in_rays_snapshot(tmp_path: Path) -> No
             }
         )
     )
-    found = read_run(str(tmp_path), "demo-1")
+    found = read_run(StorageRoot.resolve(str(tmp_path)), "demo-1")
     assert found["checkpoint_step"] == 4 and found["checkpoint"].endswith("checkpoint_a")
     assert found["record"] == {"state": "running"} and found["history_tail"][-1]["step"] == 4
-    assert read_run(str(tmp_path), "no-such-run") == {}
+    assert read_run(StorageRoot.resolve(str(tmp_path)), "no-such-run") == {}
 
 
 # ----------------------------------------------------------------- cluster definitions
