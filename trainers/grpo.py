@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -291,21 +290,23 @@ def grade_group(
     texts: list[str],
     item: dict[str, Any],
     row: int,
+    judges: Any = None,
     storage: str | None = None,
 ) -> list[tuple[float, list[str]]]:
     """Grade one prompt's answers: ``(score, error details)`` per answer.
 
     The answers are graded at once, one thread each: a ``python`` grader spends its time
     waiting for the sandboxed process it starts per call, a model grader for its reply.
-    A model grader's judge loads here on first use (``trainers.judge``), from the
-    registry at ``storage`` (``None``: ``$RAYFT_HOME``).
+    A model grader's judge comes from ``judges`` (the run's ``RolloutEngines``: it loads
+    the judge in this process on first use, from the registry at ``storage``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from rayft.trainers.graders import GradeContext, grade, judge_models, parse_grader
 
     grader = parse_grader(grader_json)
-    context = GradeContext(row=row, judge=_judge(storage) if judge_models(grader) else None)
+    judge = judges.judge(storage) if judges is not None and judge_models(grader) else None
+    context = GradeContext(row=row, judge=judge)
 
     def one(text: str) -> tuple[float, list[str]]:
         result = grade(grader, text, item, context)
@@ -330,25 +331,10 @@ class GradingActor:
         texts: list[str],
         item: dict[str, Any],
         row: int,
+        judges: Any = None,
         storage: str | None = None,
     ) -> list[tuple[float, list[str]]]:
-        return grade_group(grader_json, texts, item, row, storage)
-
-
-def _judge(storage: str | None) -> Any:
-    """This process's judge of model graders (one per registry), made on first use."""
-    from rayft.trainers.judge import LocalJudge
-    from rayft.trainers.storage import StorageRoot
-
-    with _JUDGE_LOCK:
-        if storage not in _JUDGES:
-            # The grading actor's edge: the registry arrives as the spec's location string.
-            _JUDGES[storage] = LocalJudge(StorageRoot.resolve(storage), dtype="float32")
-        return _JUDGES[storage]
-
-
-_JUDGES: dict[str | None, Any] = {}
-_JUDGE_LOCK = threading.Lock()
+        return grade_group(grader_json, texts, item, row, judges, storage)
 
 
 def grade_groups(
@@ -356,6 +342,7 @@ def grade_groups(
     groups: list[list[str]],
     items: list[dict[str, Any]],
     first: int,
+    judges: Any = None,
     storage: str | None = None,
 ) -> list[list[tuple[float, list[str]]]]:
     """Grade every group, in parallel on this process's grading actor (here without Ray)."""
@@ -364,11 +351,11 @@ def grade_groups(
     rows = range(first, first + len(groups))
     work = list(zip(groups, items, rows, strict=True))
     if not ray.is_initialized():
-        return [grade_group(grader_json, g, i, r, storage) for g, i, r in work]
+        return [grade_group(grader_json, g, i, r, judges, storage) for g, i, r in work]
 
     def graded() -> list[list[tuple[float, list[str]]]]:
-        grader = _grader()
-        return ray.get([grader.grade.remote(grader_json, g, i, r, storage) for g, i, r in work])
+        actor, args = _grader(), (judges, storage)
+        return ray.get([actor.grade.remote(grader_json, g, i, r, *args) for g, i, r in work])
 
     try:
         return graded()
@@ -485,6 +472,8 @@ class GrpoObjective(Objective):
         detached once every handle to it is gone, so rank 0 keeps them for the run."""
         self.synced_step: int | None = None
         self.ref_adapter = False
+        self.judges: Any = None
+        """The run's ``RolloutEngines``, which also load model graders' judges."""
         self.rewards = [0.0, 0.0]
         """Reward sum and count since the last logged step (``log_fields``)."""
         self.stats: dict[str, float] = {}
@@ -515,7 +504,7 @@ class GrpoObjective(Objective):
 
         from rayft.trainers.collectives import all_sum
 
-        rollouts = worker.inputs.rollouts
+        rollouts = self.judges = worker.inputs.rollouts
         run = ray.train.get_context().get_experiment_name()
         batch = worker.spec.optim.batch_size * self.grpo.num_generations
         if worker.rank == 0:
@@ -631,7 +620,9 @@ class GrpoObjective(Objective):
         texts = [
             [answers[i * group + j].text for j in range(group)] for i in range(len(batch["items"]))
         ]
-        graded = grade_groups(self.grpo.grader or {}, texts, batch["items"], 0, self.spec.storage)
+        graded = grade_groups(
+            self.grpo.grader or {}, texts, batch["items"], 0, self.judges, self.spec.storage
+        )
         scores = [score for g in graded for score, _ in g]
         errors = [
             f"sample {batch['sample_ids'][i][0] if batch['sample_ids'][i] else i}: {e}"

@@ -196,6 +196,28 @@ def test_a_sweep_over_grpo_temperature_ranks_its_trials_by_the_held_out_grade(
     assert manifest.metrics["eval_reward"] == pytest.approx(-outcome.best["eval_loss"])
 
 
+def test_a_model_grader_judges_on_the_grading_actor(ray_cluster, tmp_path, capsys):
+    # The judge (tiny-llama itself) loads in the run's grading actor; its replies are no
+    # label, so each grade is a parse error that the console reports, scored 0.
+    judged = {
+        "type": "label_model",
+        "name": "labeler",
+        "model": "tiny-llama",
+        "input": [{"role": "user", "content": "Is {{ sample.output_text }} {{ item.answer }}?"}],
+        "labels": ["yes", "no"],
+        "passing_labels": ["yes"],
+        "sampling_params": {"max_completions_tokens": 4},
+    }
+    data = tiny_grpo(tmp_path, "grpo-judged", grpo={"grader": judged}, optim={"max_steps": 1})
+    del data["data"]["eval"]
+    outcome = run_training(validate_spec(data), show_progress=True)
+    out = capsys.readouterr().out
+    assert "[rayft] grader: sample" in out and "the judge answered" in out, out[-3000:]
+    meta = json.loads((Path(outcome.artifact) / "rayft.json").read_text())
+    trains = [r for r in meta["history"] if r["kind"] == "train"]
+    assert [r["step"] for r in trains] == [1] and trains[0]["reward"] == 0.0
+
+
 SUMS = {
     "type": "python",
     "name": "sum",

@@ -242,7 +242,7 @@ def test_bad_grader_json_names_the_key(grader, param):
 
 
 def test_a_training_judge_answers_as_plain_transformers_and_peft_would(published_adapters):
-    # In training no server holds the judge: trainers.judge loads it on rayft's engine, a
+    # In training no server holds the judge: trainers.rollout loads it on rayft's engine, a
     # published adapter on the base its manifest names. Its greedy reply is the one plain
     # transformers (and PEFT) generate for the chat-templated messages.
     import torch
@@ -250,7 +250,7 @@ def test_a_training_judge_answers_as_plain_transformers_and_peft_would(published
     from transformers import AutoModelForCausalLM
 
     from rayft.trainers.graders import SamplingParams
-    from rayft.trainers.judge import LocalJudge
+    from rayft.trainers.rollout import LocalJudge
     from rayft.trainers.storage import StorageRoot
 
     judge = LocalJudge(StorageRoot.resolve(str(published_adapters)), dtype="float32")

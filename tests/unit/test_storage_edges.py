@@ -21,6 +21,8 @@ EDGES = {
     # A sweep's start, and each Tune trial (a worker given the sweep's location).
     ("rayft.raytune.sweep", "run_sweep"),
     ("rayft.raytune.sweep", "train_trial"),
+    # A GRPO run's grading actor: a model grader's registry arrives as the spec's location.
+    ("rayft.trainers.rollout", "local_judge"),
     # The HTTP app: its engine (built in each Serve replica) and its key store.
     ("rayft.serving.engine", "ModelEngine.__init__"),
     ("rayft.serving.auth", "KeyStore.__init__"),
