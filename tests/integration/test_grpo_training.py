@@ -155,8 +155,9 @@ def test_a_resumed_grpo_run_goes_on_from_its_rollout_position(ray_cluster, tmp_p
         .splitlines()
     ]
     by_step: dict[int, set[str]] = {}
-    for entry in order:
-        by_step.setdefault(entry["step"], set()).update(entry["samples"])
+    for entry in order:  # a row's sample ids, repeated for each answer of its group
+        for ids in entry["samples"]:
+            by_step.setdefault(entry["step"], set()).update(ids)
     # Each step drew the next 2 prompts: the resumed run went on from the rollout position
     # the checkpoint held instead of sampling the first batches again.
     assert sorted(by_step) == [1, 2, 3, 4]
@@ -198,20 +199,18 @@ def test_a_sweep_over_grpo_temperature_ranks_its_trials_by_the_held_out_grade(
 
 def test_a_model_grader_judges_on_the_grading_actor(ray_cluster, tmp_path, capsys):
     # The judge (tiny-llama itself) loads in the run's grading actor; its replies are no
-    # label, so each grade is a parse error that the console reports, scored 0.
+    # score, so each grade is a parse error that the console reports, scored 0.
     judged = {
-        "type": "label_model",
-        "name": "labeler",
+        "type": "score_model",
+        "name": "judge",
         "model": "tiny-llama",
         "input": [{"role": "user", "content": "Is {{ sample.output_text }} {{ item.answer }}?"}],
-        "labels": ["yes", "no"],
-        "passing_labels": ["yes"],
         "sampling_params": {"max_completions_tokens": 4},
     }
     data = tiny_grpo(tmp_path, "grpo-judged", grpo={"grader": judged}, optim={"max_steps": 1})
     del data["data"]["eval"]
     outcome = run_training(validate_spec(data), show_progress=True)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # the console's lines
     assert "[rayft] grader: sample" in out and "the judge answered" in out, out[-3000:]
     meta = json.loads((Path(outcome.artifact) / "rayft.json").read_text())
     trains = [r for r in meta["history"] if r["kind"] == "train"]
