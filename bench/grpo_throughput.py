@@ -9,8 +9,9 @@ Trains ``smollm2-135m-instruct`` with GRPO two ways, one after the other on this
 
   (a) rayft: ``run_training`` on the embedded local Ray cluster, ``objective: grpo``, one
       training worker (all cores as torch threads) and one rollout engine (rayft's serving
-      engine as a Ray actor, ``grpo.rollout_cpus`` CPUs), grading on a Ray actor, optimizer
-      settings at the config defaults otherwise (ZeRO-2, selective checkpointing);
+      engine as a Ray actor, ``grpo.rollout_cpus`` CPUs), grading on a Ray actor, no
+      gradient checkpointing (as TRL's arm), optimizer settings at the config defaults
+      otherwise (ZeRO-2);
   (b) TRL ``GRPOTrainer`` with a PEFT LoRA config, generating with ``model.generate`` in
       the training process, given its best settings for a CPU: ``bf16=False``,
       ``gradient_checkpointing=False``, torch threads = cores; in a fresh process.
@@ -172,6 +173,8 @@ def rayft_spec(rows_file: Path, model_dir: Path, args: argparse.Namespace, work:
                 "weight_decay": 0.0,
                 "max_grad_norm": 1.0,
                 "seed": SEED,
+                # As TRL's arm: no activation recomputation on either side.
+                "gradient_checkpointing": False,
             },
             "scaling": {
                 "num_workers": 1,
