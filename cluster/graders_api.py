@@ -34,6 +34,7 @@ from rayft.serving.openai_api import get_principal
 from rayft.serving.service import ModelService
 from rayft.trainers.grader_sandbox import SandboxLimits
 from rayft.trainers.graders import (
+    JUDGE_MAX_TOKENS,
     GradeContext,
     GraderError,
     GradeResult,
@@ -50,9 +51,6 @@ router = APIRouter()
 MAX_CONCURRENT_RUNS = 4
 """Grader runs one replica grades at once; one more is answered 429."""
 MAX_SAMPLE_CHARS = 1 << 20
-JUDGE_MAX_TOKENS = 512
-"""The judge's answer length when ``sampling_params.max_completions_tokens`` is not set
-(and the server's ``max_tokens_limit`` is larger)."""
 
 _RUN_KEYS = {"grader", "model_sample", "item"}
 

@@ -488,6 +488,11 @@ class Judge(Protocol):
     ) -> JudgeReply: ...
 
 
+JUDGE_MAX_TOKENS = 512
+"""The judge's answer length when its grader's ``sampling_params.max_completions_tokens`` is
+not set (a server also caps it at its ``max_tokens_limit``)."""
+
+
 class JudgeError(RuntimeError):
     """The judge model could not answer (not served, overloaded, failed)."""
 

@@ -472,8 +472,6 @@ class GrpoObjective(Objective):
         detached once every handle to it is gone, so rank 0 keeps them for the run."""
         self.synced_step: int | None = None
         self.ref_adapter = False
-        self.judges: Any = None
-        """The run's ``RolloutEngines``, which also load model graders' judges."""
         self.rewards = [0.0, 0.0]
         """Reward sum and count since the last logged step (``log_fields``)."""
         self.stats: dict[str, float] = {}
@@ -504,7 +502,7 @@ class GrpoObjective(Objective):
 
         from rayft.trainers.collectives import all_sum
 
-        rollouts = self.judges = worker.inputs.rollouts
+        rollouts = worker.inputs.rollouts
         run = ray.train.get_context().get_experiment_name()
         batch = worker.spec.optim.batch_size * self.grpo.num_generations
         if worker.rank == 0:
@@ -573,7 +571,7 @@ class GrpoObjective(Objective):
         seed = _seed(worker.spec.optim.seed, step, worker.rank)
         answers = self.sample(worker, batch["prompts"], group, greedy=False, seed=seed)
         clock = self._lap("generate_s", clock)
-        rewards, errors = self.rewards_of(batch, answers, group)
+        rewards, errors = self.rewards_of(worker, batch, answers, group)
         clock = self._lap("grade_s", clock)
         rewards = rewards * grpo.reward_scale
         advantages, _ = group_advantages(rewards, group, grpo.scale_rewards)
@@ -611,7 +609,7 @@ class GrpoObjective(Objective):
         return now
 
     def rewards_of(
-        self, batch: dict[str, Any], answers: list[Any], group: int
+        self, worker: Worker, batch: dict[str, Any], answers: list[Any], group: int
     ) -> tuple[torch.Tensor, list[str]]:
         """The grades of the answers (prompt-major), and the graders' faults (each names
         the row's sample id)."""
@@ -621,7 +619,12 @@ class GrpoObjective(Objective):
             [answers[i * group + j].text for j in range(group)] for i in range(len(batch["items"]))
         ]
         graded = grade_groups(
-            self.grpo.grader or {}, texts, batch["items"], 0, self.judges, self.spec.storage
+            self.grpo.grader or {},
+            texts,
+            batch["items"],
+            0,
+            worker.inputs.rollouts,  # loads model graders' judges where the grading runs
+            worker.spec.storage,
         )
         scores = [score for g in graded for score, _ in g]
         errors = [
@@ -670,7 +673,7 @@ class GrpoObjective(Objective):
         step = worker_step(worker)
         self.sync_policy(worker, step)
         answers = self.sample(worker, batch["prompts"], 1, greedy=True, seed=0)
-        rewards, _ = self.rewards_of(batch, answers, 1)
+        rewards, _ = self.rewards_of(worker, batch, answers, 1)
         return {
             "grade_sum": float(rewards.sum()),
             "count": float(rewards.numel()),

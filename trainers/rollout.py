@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rayft.trainers.graders import JudgeError, JudgeReply
+from rayft.trainers.graders import JUDGE_MAX_TOKENS, JudgeError, JudgeReply
 from rayft.trainers.graders import SamplingParams as JudgeSampling
 
 if TYPE_CHECKING:
@@ -168,9 +168,6 @@ class RolloutEngines:
 # base model its manifest names, and must fit that base as it would to be served) or a model
 # rayft loads by name (a builtin, a published model, a local directory). One engine per base
 # model is kept; grading threads take turns on it.
-
-JUDGE_MAX_TOKENS = 512
-"""Most tokens a judge writes when its grader's ``sampling_params`` name no limit."""
 
 
 class LocalJudge:
