@@ -140,6 +140,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    parser.add_argument(
+        "--pad-to-longest",
+        action="store_true",
+        help="pad packed rows to each batch's longest row rather than to --seq-len as training "
+        "does (a new batch shape at most steps: cuDNN's attention plans each shape anew)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one more LoRA step after the timed ones: the kernels that took the "
+        "most device time, and the step's device time against its wall time",
+    )
     args = parser.parse_args(argv)
     tiny = args.shape == "tiny"
     args.rows = args.rows or (4 if tiny else 8)
@@ -149,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """``model.dtype: auto`` as rayft resolves it (``trainers.methods.resolve_dtype``, which
+    """``model.dtype: auto`` as rayft resolves it (``trainers.precision.resolve_dtype``, which
     needs the spec's pydantic models): bf16 on GPUs that have it, fp16 on other GPUs, fp32
     on CPUs."""
     if device.type != "cuda":
@@ -374,7 +386,9 @@ def lora_throughput(model: Any, args: argparse.Namespace, varlen: bool) -> dict:
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    # In the compute dtype, as DeepSpeed's bf16/fp16 engine holds them in training (PEFT's
+    # default would keep adapter weights in float32 and cast every LoRA input up).
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -383,7 +397,9 @@ def lora_throughput(model: Any, args: argparse.Namespace, varlen: bool) -> dict:
     for step in range(args.steps):
         examples = samples(args.seq_len, 1000 + step, model.config.vocab_size, 4 * args.rows)
         rows = pack_examples(examples, args.seq_len)[: args.rows]
-        batches.append(on(collate(as_batch(rows, True), 0, packed=True, varlen=varlen), device))
+        width = None if args.pad_to_longest else args.seq_len
+        batch = collate(as_batch(rows, True), 0, packed=True, varlen=varlen, width=width)
+        batches.append(on(batch, device))
     losses, timed_tokens, started = [], 0, 0.0
     reset_peak(device)
     for step, batch in enumerate(batches):
@@ -407,6 +423,7 @@ def lora_throughput(model: Any, args: argparse.Namespace, varlen: bool) -> dict:
         "params_N": n_params,
         "trainable_params": sum(p.numel() for p in trainable),
         "rows_per_step": args.rows,
+        "shapes": sorted({tuple(b["input_ids"].shape) for b in batches}),
         "tokens_per_step": round(timed_tokens / (args.steps - 2)),
         "timed_steps": args.steps - 2,
         "seconds": round(elapsed, 3),
@@ -418,6 +435,43 @@ def lora_throughput(model: Any, args: argparse.Namespace, varlen: bool) -> dict:
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "ok": all(math.isfinite(x) for x in losses),
+        **(
+            {"profile": profile_step(peft_model, head, trainable, batches[-1])}
+            if args.profile
+            else {}
+        ),
+    }
+
+
+def profile_step(model: Any, head: Any, trainable: list[Any], batch: dict[str, Any]) -> dict:
+    """One more LoRA step under ``torch.profiler``: the 12 kernels (or CPU ops, without
+    CUDA) with the most self time, and the step's busy device time against its wall time
+    (a ratio far below 1 means the step waits on the host: launches, Python, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and batch["input_ids"].is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        total, count = causal_lm_loss_sums(model, head, batch)
+        (total / count).backward()
+        for param in trainable:
+            param.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    top = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:12]
+    busy = sum(getattr(e, key, 0.0) for e in events) / 1e6
+    return {
+        "wall_s": round(wall, 4),
+        "busy_s": round(busy, 4),
+        "busy_over_wall": round(busy / wall, 3) if wall else None,
+        "top": [
+            {"name": e.key[:90], "calls": e.count, "self_s": round(getattr(e, key, 0.0) / 1e6, 4)}
+            for e in top
+        ],
     }
 
 

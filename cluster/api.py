@@ -790,8 +790,8 @@ def load_adapter(
     import torch
     from peft import PeftModel
 
-    from rayft.trainers.methods import resolve_dtype
     from rayft.trainers.models import resolve_model
+    from rayft.trainers.precision import resolve_dtype
     from rayft.trainers.registry import published_manifest, resolve_adapter
 
     root = StorageRoot.resolve(storage)

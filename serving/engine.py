@@ -167,7 +167,7 @@ class _Row:
 
 def pick_dtype(requested: str) -> torch.dtype:
     """The torch dtype for ``dtype`` in ServeArgs; ``auto`` is bfloat16 only where it is native."""
-    from rayft.trainers.methods import resolve_dtype
+    from rayft.trainers.precision import resolve_dtype
 
     on_gpu = torch.cuda.is_available()
     return getattr(torch, resolve_dtype(requested, on_gpu))

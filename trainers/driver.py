@@ -331,7 +331,7 @@ def _placement(spec: JobSpec) -> tuple[bool, Any]:
     """
     import ray
 
-    from rayft.trainers.methods import gpu_has_bf16, resolve_dtype
+    from rayft.trainers.precision import gpu_has_bf16, resolve_dtype
 
     resources = ray.cluster_resources()
     cluster_gpus = resources.get("GPU", 0)

@@ -188,9 +188,9 @@ def token_logps(
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from rayft.trainers.loss import CHUNK_POSITIONS, _hidden_states_forward, shifted_targets
+    from rayft.trainers.loss import CHUNK_POSITIONS, hidden_states_forward, shifted_targets
 
-    out = _hidden_states_forward(forward, batch)
+    out = hidden_states_forward(forward, head, batch)
     hidden = out.hidden_states[-1][:, :-1]
     targets = shifted_targets(batch["labels"].to(hidden.device))[:, :-1]
     keep = targets != IGNORE_INDEX

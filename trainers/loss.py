@@ -110,12 +110,30 @@ def head_loss_sums(
     return total, count
 
 
-def _hidden_states_forward(forward: Callable[..., Any], batch: dict[str, torch.Tensor]) -> Any:
+def mask_in_dtype(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A 4-D additive attention mask (the packing block mask) in the model's compute dtype.
+
+    Collate builds the block mask in float32 on the CPU, before the dtype is known. Cast as
+    is, float32's minimum overflows to ``-inf`` in bfloat16 and float16, and a fused
+    attention kernel that meets a block of keys all at ``-inf`` computes ``-inf - -inf``
+    (NaN) in its running softmax. So the blocked entries are set to the compute dtype's own
+    finite minimum, as Hugging Face's masks are. 2-D 0/1 masks pass through unchanged.
+    """
+    if mask is None or mask.dim() != 4 or not mask.is_floating_point() or mask.dtype == dtype:
+        return mask
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return out.masked_fill_(mask < 0, torch.finfo(dtype).min)
+
+
+def hidden_states_forward(
+    forward: Callable[..., Any], head: nn.Module, batch: dict[str, torch.Tensor]
+) -> Any:
     """The model's output with every layer's hidden states; its own head runs on the last
-    position only (a ``[batch, 1, vocab]`` tensor), the lean head does the rest."""
+    position only (a ``[batch, 1, vocab]`` tensor), the lean head does the rest. A packing
+    mask reaches the model in the dtype of its weights (:func:`mask_in_dtype`)."""
     return forward(
         input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
+        attention_mask=mask_in_dtype(batch.get("attention_mask"), next(head.parameters()).dtype),
         position_ids=batch.get("position_ids"),
         use_cache=False,
         output_hidden_states=True,
@@ -144,7 +162,7 @@ def causal_lm_loss_sums(
         the number of labelled positions. ``total / count`` equals Hugging Face's own
         ``loss`` for the same ``labels``.
     """
-    out = _hidden_states_forward(forward, batch)
+    out = hidden_states_forward(forward, head, batch)
     total, count = head_loss_sums(head, out.hidden_states[-1], batch["labels"], chunk_positions)
     # The last-position logits join the graph at zero weight, so the head's forward inside
     # the model has a backward too (ZeRO-3 releases what it gathered there).
@@ -179,7 +197,7 @@ def sequence_logps(
         ``logps`` ``[batch]`` float32 (differentiable when autograd is on; 0 for a row
         without labels) and ``counts`` ``[batch]`` long, the labelled positions per row.
     """
-    out = _hidden_states_forward(forward, batch)
+    out = hidden_states_forward(forward, head, batch)
     hidden = out.hidden_states[-1]
     targets = shifted_targets(batch["labels"].to(hidden.device))
     keep = targets != IGNORE_INDEX

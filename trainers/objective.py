@@ -167,16 +167,22 @@ class Objective:
 
         Packed rows are flattened with restarting ``position_ids`` and no mask where the
         model runs flash-attention 2 (resolved on this worker as in :meth:`load_model`),
-        else they carry the 4-D block-diagonal mask.
+        else they carry the 4-D block-diagonal mask. On a CUDA worker, masked packed rows
+        are padded to ``data.max_seq_len``, so every batch has one shape: cuDNN's attention
+        builds a plan for each new shape, which made a 1B LoRA step on an H200 3x slower
+        with widths that changed from batch to batch (``bench/gpu_components.py
+        --pad-to-longest``).
         """
-        from rayft.trainers.attention import resolve_attention, uses_varlen_packing
+        from rayft.trainers.attention import cuda_available, resolve_attention, uses_varlen_packing
         from rayft.trainers.packing import collate_fn
 
         packed = spec.data.packing
         if not packed:
             return collate_fn(pad_id, packed)
         attn = resolve_attention(spec.model.attn_implementation)
-        return collate_fn(pad_id, packed, varlen=uses_varlen_packing(attn, packed))
+        varlen = uses_varlen_packing(attn, packed)
+        width = spec.data.max_seq_len if cuda_available() and not varlen else None
+        return collate_fn(pad_id, packed, varlen=varlen, width=width)
 
     def expand(self, worker: Worker, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The micro-batches one collated batch of the data trains as (this batch, once).

@@ -195,12 +195,16 @@ def varlen_inputs(
 
 
 def collate(
-    batch: dict[str, np.ndarray], pad_id: int, packed: bool, varlen: bool = False
+    batch: dict[str, np.ndarray],
+    pad_id: int,
+    packed: bool,
+    varlen: bool = False,
+    width: int | None = None,
 ) -> dict[str, Any]:
     """Turn a Ray Data batch into model inputs; the ``collate_fn`` of ``iter_torch_batches``.
 
-    Rows are right-padded to the longest row in the batch. Rows with no tokens (they
-    only carry a ``num_dropped`` count, see ``trainers.data``) are left out.
+    Rows are right-padded to the longest row in the batch, or to ``width``. Rows with no
+    tokens (they only carry a ``num_dropped`` count, see ``trainers.data``) are left out.
 
     Args:
         batch: Columns as numpy arrays: ``input_ids``, ``labels``, ``sample_ids``,
@@ -210,6 +214,8 @@ def collate(
         packed: Whether rows are packed (``segment_ids`` present).
         varlen: Packed rows go to flash-attention 2 (``trainers.attention``): flattened by
             :func:`varlen_inputs`, with no ``attention_mask``.
+        width: Pad every row to this many tokens (at least the longest row's), so every
+            batch has one shape; ignored with ``varlen``.
 
     Returns:
         ``input_ids`` and ``labels`` (``[B, T]`` long, labels -100 on padding),
@@ -226,7 +232,7 @@ def collate(
     input_rows = [input_rows[i] for i in keep]
     label_rows = [row_arrays(batch["labels"])[i] for i in keep]
     lengths = [len(row) for row in input_rows]
-    width = max(lengths, default=0)
+    width = max(max(lengths, default=0), width or 0)
 
     tensors: dict[str, torch.Tensor]
     if packed and varlen:
@@ -264,7 +270,7 @@ def collate(
     }
 
 
-def collate_fn(pad_id: int, packed: bool, varlen: bool = False) -> Any:
+def collate_fn(pad_id: int, packed: bool, varlen: bool = False, width: int | None = None) -> Any:
     """The ``collate_fn`` for ``Dataset.iter_torch_batches`` over ``PreparedData`` rows.
 
     Ray 2.60 deprecates plain functions as ``collate_fn``; this wraps
@@ -274,6 +280,7 @@ def collate_fn(pad_id: int, packed: bool, varlen: bool = False) -> Any:
         pad_id: The tokenizer's pad token id (its EOS id when it has no pad token).
         packed: ``PreparedData.packed``.
         varlen: Flatten packed rows for flash-attention 2 (see :func:`collate`).
+        width: Pad every row to this many tokens (see :func:`collate`).
 
     Returns:
         A callable turning a batch of numpy columns into the dict ``collate`` returns.
@@ -285,8 +292,9 @@ def collate_fn(pad_id: int, packed: bool, varlen: bool = False) -> Any:
             self.pad_id = pad_id
             self.packed = packed
             self.varlen = varlen
+            self.width = width
 
         def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-            return collate(batch, self.pad_id, self.packed, self.varlen)
+            return collate(batch, self.pad_id, self.packed, self.varlen, self.width)
 
     return PackingCollateFn()

@@ -18,8 +18,8 @@ from rayft.trainers import attention
 from rayft.trainers.attention import resolve_attention, uses_varlen_packing
 from rayft.trainers.config import ConfigError, validate_spec
 from rayft.trainers.loss import causal_lm_loss_sums
-from rayft.trainers.methods import gpu_has_bf16, resolve_dtype
 from rayft.trainers.packing import IGNORE_INDEX, block_causal_mask, collate, pack_examples
+from rayft.trainers.precision import gpu_has_bf16, resolve_dtype
 
 
 def example(sample_id: str, ids: list[int]) -> dict[str, Any]:
@@ -147,8 +147,33 @@ def test_collate_of_a_packing_run_follows_the_resolved_kernel(
     objective = CausalLMObjective(spec)
     machine(monkeypatch, flash=True, cuda=True)
     assert objective.collate(0, spec).varlen is True
+    assert objective.collate(0, spec).width is None  # flattened: no padding at all
     machine(monkeypatch, flash=False, cuda=True)
-    assert objective.collate(0, spec).varlen is False
+    masked = objective.collate(0, spec)
+    assert masked.varlen is False and masked.width == spec.data.max_seq_len
+    machine(monkeypatch, flash=False, cuda=False)
+    assert objective.collate(0, spec).width is None  # CPU: each batch's longest row
+
+
+def test_packed_rows_padded_to_a_width_keep_their_loss_and_share_one_shape(
+    tiny_model_dir: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    model.eval()
+    head = model.get_output_embeddings()
+    longest = collate(as_batch(packed_rows(), packed=True), pad_id=0, packed=True)
+    wide = collate(as_batch(packed_rows(), packed=True), pad_id=0, packed=True, width=16)
+    assert longest["input_ids"].shape[1] < 16 and wide["input_ids"].shape[1] == 16
+    assert wide["attention_mask"].shape[-2:] == (16, 16)
+    assert wide["num_tokens"] == longest["num_tokens"]
+    assert wide["num_label_tokens"] == longest["num_label_tokens"]
+    with torch.no_grad():
+        expected, count = causal_lm_loss_sums(model, head, longest)
+        got, got_count = causal_lm_loss_sums(model, head, wide)
+    assert got_count == count
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-6)
 
 
 def test_packed_losses_equal_unpacked_rows_with_the_block_mask_and_flattened(
@@ -189,6 +214,51 @@ def test_packed_losses_equal_unpacked_rows_with_the_block_mask_and_flattened(
         flat_loss, flat_count = causal_lm_loss_sums(model, head, flat)
         torch.testing.assert_close(flat_loss, expected, atol=1e-5, rtol=1e-6)
     assert count == got_count == flat_count == 10
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_gets_the_block_mask_at_its_own_finite_minimum(
+    tiny_model_dir: Path, dtype: torch.dtype
+) -> None:
+    """Collate builds the block mask in float32; float32's minimum is ``-inf`` in bf16 and
+    fp16, which fused kernels turn into NaN. The loss casts the mask to the weights' dtype
+    with that dtype's finite minimum, and the packed loss matches the padded rows'."""
+    from transformers import AutoModelForCausalLM
+
+    from rayft.trainers.loss import mask_in_dtype
+
+    mask = collate(as_batch(packed_rows(), packed=True), pad_id=0, packed=True)["attention_mask"]
+    assert mask.dtype == torch.float32 and torch.isinf(mask.to(dtype)).any()  # the naive cast
+    cast = mask_in_dtype(mask, dtype)
+    assert cast is not None and cast.dtype == dtype and not torch.isinf(cast).any()
+    assert torch.equal(cast < 0, mask < 0)
+    assert cast.min() == torch.finfo(dtype).min
+    plain_mask = torch.ones(2, 3, dtype=torch.long)
+    assert mask_in_dtype(plain_mask, dtype) is plain_mask and mask_in_dtype(None, dtype) is None
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, attn_implementation="sdpa", dtype=dtype
+    ).eval()
+    head = model.get_output_embeddings()
+    samples = {"a": [5, 6, 7, 8, 9], "b": [11, 12, 13, 14], "c": [20, 21], "d": [30, 31, 32]}
+    plain_rows = [
+        {
+            "input_ids": ids,
+            "labels": [IGNORE_INDEX, *ids[1:]],
+            "sample_ids": [name],
+            "num_truncated": 0,
+        }
+        for name, ids in samples.items()
+    ]
+    with torch.no_grad():
+        expected, _ = causal_lm_loss_sums(
+            model, head, collate(as_batch(plain_rows, packed=False), pad_id=0, packed=False)
+        )
+        got, _ = causal_lm_loss_sums(
+            model, head, collate(as_batch(packed_rows(), packed=True), pad_id=0, packed=True)
+        )
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
 
 
 def test_auto_dtype_is_bf16_on_gpus_that_have_it(monkeypatch: pytest.MonkeyPatch) -> None:
