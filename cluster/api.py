@@ -354,6 +354,8 @@ def train(
     from rayft.trainers.data import scan_sources
     from rayft.trainers.driver import new_run_id
     from rayft.trainers.lineage import resolve_parent
+    from rayft.trainers.objectives import objective_class
+    from rayft.trainers.rollout import check_judges
     from rayft.trainers.runs import start_run
 
     job = _train_spec(spec, overrides, resume, storage, (data, eval_data))
@@ -367,6 +369,7 @@ def train(
         job = _materialise(job, root, run_id, data, eval_data)
     scanned = scan_sources(job, root=root)  # bad rows fail here, in seconds, before Ray starts
     resolve_parent(job, root)  # so does an unusable model.adapter
+    check_judges(objective_class(job).judges(job), root)  # and a judge that cannot load
     with connected(address):
         try:
             # Driven here: the console shows the progress and Ctrl-C interrupts the run.

@@ -31,7 +31,7 @@ from rayft.trainers.records import (
     read_record,
 )
 from rayft.trainers.registry import artifact_location
-from rayft.trainers.rollout import RolloutEngines
+from rayft.trainers.rollout import RolloutEngines, check_judges
 from rayft.trainers.startup import (
     CONTROLLER_FAILURE_LIMIT,
     bounded_worker_start,
@@ -126,6 +126,18 @@ def plan_line(spec: JobSpec, total_steps: int, train_rows: int) -> str:
         f"lr {optim.lr:g}{chosen}, {optim.scheduler}, {warmup} warm-up step"
         f"{'s' if warmup != 1 else ''}"
     )
+
+
+def _check_sources(spec: JobSpec, root: StorageRoot, model_dir: Path) -> Any:
+    """What a run trains from besides its data, checked before anything starts on Ray: the
+    base fits, the parent adapter (``model.adapter``) and what the objective names (GRPO's
+    judges). Returns the parent (``trainers.lineage.resolve_parent``)."""
+    from rayft.trainers.lineage import resolve_parent
+
+    check_model_fits(spec, model_dir)
+    parent = resolve_parent(spec, root, model_dir)
+    check_judges(objective_class(spec).judges(spec), root)
+    return parent
 
 
 def check_model_fits(spec: JobSpec, model_dir: Path) -> None:
@@ -232,7 +244,6 @@ def run_training(
     """
     import ray
 
-    from rayft.trainers.lineage import resolve_parent
     from rayft.trainers.loop import WorkerInputs
     from rayft.trainers.models import resolve_model
     from rayft.trainers.progress import ConsoleProgress, ProgressSink, sink_name
@@ -246,8 +257,7 @@ def run_training(
         check_publishable(kind, name, spec.output.overwrite, root)
     use_gpu, dtype = _placement(spec)
     model_dir = resolve_model(spec.model.name, root.models, root)
-    check_model_fits(spec, model_dir)
-    parent = resolve_parent(spec, root, model_dir)
+    parent = _check_sources(spec, root, model_dir)
 
     say = _printer(show_progress)
     data_ctx = ray.data.DataContext.get_current()

@@ -247,6 +247,27 @@ GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "lab
 _GRADER = TypeAdapter(Grader)
 
 
+def judge_keys(grader: Any, key: str = "grader") -> list[tuple[str, str]]:
+    """The judges a parsed grader asks, as ``(dotted key, model)`` pairs (see
+    :func:`judge_models` for the models alone).
+
+    ``key`` is where the grader sits (``grpo.grader`` in a job spec); a ``multi`` grader's
+    judges are under ``graders.<name>`` (or ``graders`` when it holds one grader alone).
+    """
+    if isinstance(grader, (ScoreModelGrader, LabelModelGrader)):
+        return [(f"{key}.model", grader.model)]
+    if isinstance(grader, MultiGrader):
+        subs = grader.graders
+        prefix = f"{key}.graders"
+        named = subs.items() if isinstance(subs, dict) else [(None, subs)]
+        return [
+            found
+            for name, sub in named
+            for found in judge_keys(sub, prefix if name is None else f"{prefix}.{name}")
+        ]
+    return []
+
+
 class GraderError(ValueError):
     """A grader JSON that cannot be used; ``param`` is the dotted key at fault."""
 

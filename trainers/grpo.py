@@ -395,6 +395,13 @@ class GrpoObjective(Objective):
     # ------------------------------------------------------------------ before training
 
     @classmethod
+    def judges(cls, spec: JobSpec) -> list[tuple[str, str]]:
+        """The judges of the run's model graders, with their keys under ``grpo.grader``."""
+        from rayft.trainers.graders import judge_keys, parse_grader
+
+        return judge_keys(parse_grader(spec.grpo.grader), "grpo.grader")
+
+    @classmethod
     def spec_problems(cls, spec: JobSpec) -> Problems:
         """A parsable grader; methods lora or full; no packing; room for the answers."""
         from rayft.trainers.graders import GraderError, parse_grader

@@ -91,6 +91,13 @@ class Objective:
         return []
 
     @classmethod
+    def judges(cls, spec: JobSpec) -> list[tuple[str, str]]:
+        """The judge models ``spec`` names, as ``(dotted key, model)`` pairs: none for SFT;
+        GRPO's model graders'. The driver and the API check that each loads before Ray
+        starts (``trainers.rollout.check_judges``)."""
+        return []
+
+    @classmethod
     def format_problem(cls, fmt: str) -> str | None:
         """Why this objective cannot train on rows of format ``fmt`` (found by the data scan),
         or ``None``; the scan puts the first row's ``file:line`` in front."""

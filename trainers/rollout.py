@@ -204,26 +204,7 @@ class LocalJudge:
 
     def _route(self, model: str) -> tuple[str, str | None]:
         """The base model to load and the adapter on it (``None``: the base itself)."""
-        from rayft.trainers.manifest import ArtifactManifest, ManifestError
-        from rayft.trainers.registry import RegistryError, sync_adapter
-
-        try:
-            path = sync_adapter(model, self.root)
-        except ManifestError as err:
-            raise JudgeError(
-                f"judge {model!r}: its published manifest is corrupt ({err})"
-            ) from None
-        except RegistryError:
-            return model, None  # not an adapter's name: a model's
-        if not (path / "adapter_config.json").is_file():
-            return model, None
-        manifest = ArtifactManifest.find(path)
-        if manifest is None or not manifest.base_model:
-            raise JudgeError(
-                f"judge {model!r} is an adapter whose manifest names no base model; "
-                "publish it with rayft so that its base is known"
-            )
-        return manifest.base_model, model
+        return judge_route(model, self.root)
 
     def _engine(self, base: str) -> tuple[Any, threading.Lock]:
         from rayft.serving.engine import ModelEngine
@@ -233,6 +214,59 @@ class LocalJudge:
                 self._engines[base] = ModelEngine(base, storage=self.root, dtype=self.dtype)
                 self._locks[base] = threading.Lock()
             return self._engines[base], self._locks[base]
+
+
+def judge_route(model: str, root: StorageRoot) -> tuple[str, str | None]:
+    """The base model a judge runs on and the adapter on it (``None``: the base itself).
+
+    Raises:
+        JudgeError: ``model`` is a published adapter whose manifest is corrupt or names no
+            base model.
+    """
+    from rayft.trainers.manifest import ArtifactManifest, ManifestError
+    from rayft.trainers.registry import RegistryError, sync_adapter
+
+    try:
+        path = sync_adapter(model, root)
+    except ManifestError as err:
+        raise JudgeError(f"judge {model!r}: its published manifest is corrupt ({err})") from None
+    except RegistryError:
+        return model, None  # not an adapter's name: a model's
+    if not (path / "adapter_config.json").is_file():
+        return model, None
+    manifest = ArtifactManifest.find(path)
+    if manifest is None or not manifest.base_model:
+        raise JudgeError(
+            f"judge {model!r} is an adapter whose manifest names no base model; "
+            "publish it with rayft so that its base is known"
+        )
+    return manifest.base_model, model
+
+
+def check_judges(judges: list[tuple[str, str]], root: StorageRoot) -> None:
+    """Fail before Ray starts when a judge cannot load: an adapter of ``root``'s registry
+    without a known base, or a model that resolves nowhere.
+
+    Args:
+        judges: ``(dotted key, model)`` pairs (an objective's ``judges``).
+        root: Where published adapters and models are found. Resolving a model fetches a
+            builtin or a published model into its cache, as the grading actor would on its
+            first grade.
+
+    Raises:
+        ModelError: naming the key, the judge and why it cannot load.
+    """
+    from rayft.trainers.models import ModelError, resolve_model
+
+    for key, model in judges:
+        try:
+            base, _ = judge_route(model, root)
+            resolve_model(base, root.models, root)
+        except (JudgeError, ModelError) as err:
+            raise ModelError(
+                f"{key}: {err}; name a builtin model, a published model or adapter, or a "
+                "local model directory"
+            ) from None
 
 
 def _complete(

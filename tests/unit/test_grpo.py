@@ -300,3 +300,89 @@ def test_uploads_take_prompt_rows_and_still_refuse_bad_ones(tmp_path):
     broken.write_text(json.dumps(turn) + "\n" + json.dumps({"text": 3}) + "\n")
     with pytest.raises(DataError, match=":2: "):
         _scan_training_rows(broken)
+
+
+def judged_spec(grader: dict) -> dict:
+    return {
+        "model": {"name": "tiny-llama"},
+        "data": {"train": "prompts.jsonl"},
+        "objective": "grpo",
+        "grpo": {"grader": grader},
+    }
+
+
+def score_model(model: str, name: str = "judge") -> dict:
+    return {
+        "type": "score_model",
+        "name": name,
+        "model": model,
+        "input": [{"role": "user", "content": "Is {{ sample.output_text }} right?"}],
+    }
+
+
+def test_every_judge_of_a_grader_is_found_with_its_spec_key():
+    from rayft.trainers.graders import judge_keys, parse_grader
+
+    multi = {
+        "type": "multi",
+        "name": "both",
+        "calculate_output": "(first + second) / 2",
+        "graders": {"first": score_model("tiny-llama"), "second": score_model("./a-judge")},
+    }
+    assert judge_keys(parse_grader(multi), "grpo.grader") == [
+        ("grpo.grader.graders.first.model", "tiny-llama"),
+        ("grpo.grader.graders.second.model", "./a-judge"),
+    ]
+    alone = {**multi, "calculate_output": "judge", "graders": score_model("tiny-llama")}
+    assert judge_keys(parse_grader(alone), "grpo.grader") == [
+        ("grpo.grader.graders.model", "tiny-llama")
+    ]
+    exact = {"type": "string_check", "name": "x", "input": "a", "reference": "a", "operation": "eq"}
+    assert judge_keys(parse_grader(exact)) == []
+
+
+def test_a_judge_that_cannot_load_fails_before_ray_starts_naming_its_key(tmp_path, tiny_model_dir):
+    import sys
+
+    import rayft
+    from rayft.trainers.manifest import ArtifactManifest
+    from rayft.trainers.objectives import objective_class
+    from rayft.trainers.rollout import check_judges
+    from rayft.trainers.storage import StorageRoot
+
+    root = StorageRoot.resolve(str(tmp_path / "home"))
+    spec = validate_spec(judged_spec(score_model("./no-such-judge")))
+    with pytest.raises(rayft.ModelError) as caught:
+        check_judges(objective_class(spec).judges(spec), root)
+    message = str(caught.value)
+    assert message.startswith("grpo.grader.model: ") and "no-such-judge" in message
+    assert "does not exist" in message
+
+    # An adapter whose manifest names no base: the judge could not know what to load.
+    orphan = root.adapters / "orphan-judge"
+    orphan.mkdir(parents=True)
+    (orphan / "adapter_config.json").write_text("{}")
+    ArtifactManifest(kind="adapter").write(orphan)
+    spec = validate_spec(judged_spec(score_model("orphan-judge")))
+    with pytest.raises(rayft.ModelError, match="grpo.grader.model: judge 'orphan-judge'"):
+        check_judges(objective_class(spec).judges(spec), root)
+
+    # A builtin judge loads: nothing is raised.
+    spec = validate_spec(judged_spec(score_model("tiny-llama")))
+    check_judges(objective_class(spec).judges(spec), root)
+
+    # Through the Python API the same error comes before any Ray work.
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"2+{b}?"}], "answer": str(2 + b)})
+            + "\n"
+            for b in range(4)
+        )
+    )
+    data = judged_spec(score_model("./no-such-judge"))
+    data["data"]["train"] = str(rows)
+    with pytest.raises(rayft.ModelError, match="grpo.grader.model"):
+        rayft.train(data, storage=str(tmp_path / "home"))
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
