@@ -2,7 +2,7 @@
 
     python bench/gpu_components.py [--shape {1b,tiny}] [--attn {auto,sdpa,eager,flash_attention_2}]
         [--rows 8] [--seq-len 1024] [--steps 10] [--peak-tflops T] [--device cuda|cpu]
-        [--json OUT]
+        [--pad-to-longest] [--profile] [--json OUT]
 
     python bench/gpu_components.py --shape tiny      # a CPU smoke run, seconds
 
@@ -27,7 +27,9 @@ then a measurement:
    ``token_loss_sums``: the loss, the gradient of the final norm, and the peak memory of
    a forward + backward of each (CUDA);
 3. (measurement) LoRA (rayft's defaults: rank 16, rank-stabilised alpha 8, all linear
-   layers) AdamW steps on packed rows: real tokens/s over steps 3..N, and MFU: model FLOPs
+   layers; its weights in the compute dtype, as DeepSpeed's bf16 engine holds them) AdamW
+   steps on packed rows padded to ``--seq-len`` as a CUDA worker pads them (each batch's
+   longest row with ``--pad-to-longest``): real tokens/s over steps 3..N, and MFU: model FLOPs
    ``6 * N * tokens/s`` (N: the base model's parameters, the input embedding left out
    unless it is tied to the head) over the GPU's dense bf16 peak (``PEAK_TFLOPS`` by
    device name, or ``--peak-tflops``). 6N is the full fine-tuning convention; a LoRA step
