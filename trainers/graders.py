@@ -248,8 +248,8 @@ _GRADER = TypeAdapter(Grader)
 
 
 def judge_keys(grader: Any, key: str = "grader") -> list[tuple[str, str]]:
-    """The judges a parsed grader asks, as ``(dotted key, model)`` pairs (see
-    :func:`judge_models` for the models alone).
+    """The judges a parsed grader asks, in order, as ``(dotted key, model)`` pairs;
+    :func:`judge_models` gives the models alone, once each.
 
     ``key`` is where the grader sits (``grpo.grader`` in a job spec); a ``multi`` grader's
     judges are under ``graders.<name>`` (or ``graders`` when it holds one grader alone).
@@ -326,14 +326,7 @@ def templates_of(grader: Any, prefix: str = "grader") -> list[tuple[str, str]]:
 
 def judge_models(grader: Any) -> list[str]:
     """The judge models ``grader`` asks (its sub-graders' too), in order, once each."""
-    if isinstance(grader, ScoreModelGrader | LabelModelGrader):
-        return [grader.model]
-    if isinstance(grader, MultiGrader):
-        found: list[str] = []
-        for sub in grader.named().values():
-            found += [m for m in judge_models(sub) if m not in found]
-        return found
-    return []
+    return list(dict.fromkeys(model for _, model in judge_keys(grader)))
 
 
 # ------------------------------------------------------------------------ templates
