@@ -151,6 +151,7 @@ SET_BY_JOB = {
     "model.name": "set model",
     "model.adapter": "set model to the adapter or fine_tuned_model to start from",
     "scaling.resources_per_worker": "where workers are placed is the server's choice",
+    "data.prepare": "where a job's rows are prepared is the server's choice, by their count",
     "eval.benchmarks_dir": "a job runs rayft's own benchmarks only (eval.benchmarks)",
     "grpo.grader": "set method.reinforcement.grader (method.type reinforcement)",
 }

@@ -82,6 +82,12 @@ class DataSpec(_Section):
     """Also compute the loss on prompt/user tokens (default: assistant/completion only)."""
     shuffle: bool = True
     """Shuffle the training rows every epoch (seeded by ``optim.seed``)."""
+    prepare: Literal["auto", "driver", "ray"] = "auto"
+    """Where rows are tokenized, split, shuffled and packed before training: ``driver``
+    in the driver process (no Ray task to start: seconds sooner for small data), ``ray``
+    as Ray Data tasks across the cluster (for data larger than the driver should hold),
+    ``auto`` the driver for up to ``trainers.data.DRIVER_PREPARE_ROWS`` rows (train and
+    eval together), else Ray. Both give the same rows in the same order."""
 
 
 class LoraSpec(_Section):

@@ -83,15 +83,15 @@ def batch_samples(batch: dict[str, Any]) -> list[Sample]:
 def general_set_rows(name: str) -> list[dict[str, Any]]:
     """The rows of ``eval.general``: a builtin set, or every row of a data file.
 
-    A data file is read with ``trainers.data.read_rows`` (any format rayft trains on),
-    so Ray must be initialised.
+    A data file is read in this process as ``trainers.data.read_rows`` reads it (any
+    format rayft trains on; each row's non-null fields).
     """
     if name in BUILTIN_SETS:
         path = EVAL_SETS_DIR / BUILTIN_SETS[name]
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    from rayft.trainers.data import read_rows
+    from rayft.trainers.data import driver_rows
 
-    return [json.loads(r["row"]) for r in read_rows([name], "auto").take_all()]
+    return [json.loads(row) for row in driver_rows([name], "auto").column("row").to_pylist()]
 
 
 def general_examples(

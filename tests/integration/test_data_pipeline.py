@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from rayft.trainers.config import validate_spec
-from rayft.trainers.data import PreparedData, build_datasets, read_rows
+from rayft.trainers.data import (
+    DRIVER_PREPARE_ROWS,
+    PreparedData,
+    build_datasets,
+    driver_rows,
+    prepares_in_driver,
+    read_rows,
+)
 from rayft.trainers.formats import tokenize_example
 from rayft.trainers.packing import collate_fn
 from rayft.trainers.storage import StorageRoot
@@ -84,10 +91,16 @@ def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def build(train_file: Path, model_dir: Path, **data: Any) -> PreparedData:
+def build(train_file: Path, model_dir: Path, prepare: str = "ray", **data: Any) -> PreparedData:
+    """``build_datasets`` with Ray Data's tasks unless ``prepare`` says otherwise."""
     spec = validate_spec(
         {
-            "data": {"train": str(train_file), "max_seq_len": MAX_SEQ_LEN, **data},
+            "data": {
+                "train": str(train_file),
+                "max_seq_len": MAX_SEQ_LEN,
+                "prepare": prepare,
+                **data,
+            },
             "optim": {"seed": 7},
         }
     )
@@ -216,10 +229,49 @@ def test_every_source_kind_reads_the_same_rows(ray_local: None, tmp_path: Path) 
         write(tmp_path / name)
         got = read_rows(str(tmp_path / name), "prompt_completion").take_all()
         seen[name] = [(r["sample_id"], json.loads(r["row"])) for r in got]
+        # The driver's reader gives the same ids and rows, in the same order.
+        local = driver_rows([str(tmp_path / name)], "prompt_completion").to_pylist()
+        assert [(r["sample_id"], json.loads(r["row"])) for r in local] == seen[name], name
     reference = seen["train.jsonl"]
     assert [row for _, row in reference] == rows
     for name, got in seen.items():
         assert got == reference, name
+
+
+LAYOUTS = {
+    "unpacked, shuffled, eval split": {"eval_fraction": 0.25, "shuffle": True},
+    "unpacked, in file order": {"shuffle": False},
+    "packed, shuffled": {"packing": True, "shuffle": True},
+    "packed, in file order": {"packing": True, "shuffle": False},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_data_prepared_in_the_driver_equals_ray_datas_rows_and_order(
+    ray_local: None, train_file: Path, tiny_model_dir: Path, layout: dict[str, Any]
+) -> None:
+    """``data.prepare: driver`` (``auto`` for small data) runs the same steps in the driver:
+    every column of every row, dropped-sample counts included, in the same order."""
+    with_ray = build(train_file, tiny_model_dir, "ray", **layout)
+    in_driver = build(train_file, tiny_model_dir, "driver", **layout)
+    for split in ("train", "eval"):
+        ray_ds, driver_ds = getattr(with_ray, split), getattr(in_driver, split)
+        assert (ray_ds is None) == (driver_ds is None), split
+        if ray_ds is None:
+            continue
+        expected = ray_ds.take_all()
+        assert expected and driver_ds.take_all() == expected, split
+    assert in_driver.summary == with_ray.summary
+
+
+def test_auto_prepares_small_data_in_the_driver_and_large_data_with_ray() -> None:
+    def spec(prepare: str) -> Any:
+        return validate_spec({"data": {"train": "t.jsonl", "prepare": prepare}})
+
+    assert prepares_in_driver(spec("auto"), DRIVER_PREPARE_ROWS)
+    assert not prepares_in_driver(spec("auto"), DRIVER_PREPARE_ROWS + 1)
+    assert prepares_in_driver(spec("driver"), 10 * DRIVER_PREPARE_ROWS)
+    assert not prepares_in_driver(spec("ray"), 1)
 
 
 def test_each_source_is_scanned_once_per_run(
