@@ -102,10 +102,15 @@ class SourceReport:
 
 @dataclass
 class PreparedData:
-    """The datasets a training run iterates, and what they were built from."""
+    """The datasets a training run iterates, and what they were built from.
 
-    train: ray.data.Dataset
-    eval: ray.data.Dataset | None
+    ``train`` and ``eval`` are lazy Ray Datasets, or, when the rows were prepared in the
+    driver (``in_driver``, see ``data.prepare``), pyarrow Tables that go to the workers
+    through the object store.
+    """
+
+    train: ray.data.Dataset | pa.Table
+    eval: ray.data.Dataset | pa.Table | None
     reports: list[SourceReport]
     fingerprint: str
     format: str
@@ -115,6 +120,8 @@ class PreparedData:
     """Rows in the eval files (0 when eval is split off train)."""
     packed: bool = False
     eval_fraction: float = 0.0
+    in_driver: bool = False
+    """``train`` and ``eval`` are tables prepared in the driver, not Ray Datasets."""
 
     @property
     def summary(self) -> str:
@@ -861,9 +868,7 @@ def prepares_in_driver(spec: JobSpec, rows: int) -> bool:
 
 def _datasets_in_driver(
     spec: JobSpec, tokenizer_dir: str, scanned: SourceScan
-) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
-    import ray.data
-
+) -> tuple[pa.Table, pa.Table | None]:
     data, fmt = spec.data, scanned.format
     train_rows = sum(r.rows for r in scanned.train)
     rows = driver_rows([r.path for r in scanned.train], fmt)
@@ -880,8 +885,7 @@ def _datasets_in_driver(
         held_out = prepare_in_driver(eval_rows, spec, fmt, tokenizer_dir, False, expected)
     expected = int(train_rows * (1 - fraction))
     train = prepare_in_driver(rows, spec, fmt, tokenizer_dir, data.shuffle, expected)
-    eval_ds = ray.data.from_arrow(held_out) if held_out is not None else None
-    return ray.data.from_arrow(train), eval_ds
+    return train, held_out
 
 
 def _datasets_with_ray(
@@ -1386,7 +1390,8 @@ def build_datasets(
     if scanned.rows is None:  # the scan tokenized every row already, this tokenizer included
         _check_tokenizer(train_reports[0].path, fmt, tokenizer_dir, spec)
     eval_rows = sum(r.rows for r in eval_reports)
-    if prepares_in_driver(spec, train_rows + eval_rows):
+    in_driver = prepares_in_driver(spec, train_rows + eval_rows)
+    if in_driver:
         train_ds, eval_ds = _datasets_in_driver(spec, tokenizer_dir, scanned)
     else:
         train_ds, eval_ds = _datasets_with_ray(spec, tokenizer_dir, scanned)
@@ -1400,4 +1405,5 @@ def build_datasets(
         eval_rows=eval_rows,
         packed=data.packing,
         eval_fraction=data.eval_fraction if not eval_reports else 0.0,
+        in_driver=in_driver,
     )

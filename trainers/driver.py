@@ -264,8 +264,8 @@ def run_training(
     data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False  # rayft prints its own one-line data summary
     _announce(say, spec, run_id, dtype, parent)
-    spec, prepared, train_ds, eval_ds = _prepare_data(spec, model_dir, scanned, say)
-    train_rows = train_ds.count()
+    spec, prepared, feed = _prepare_data(spec, model_dir, scanned, say)
+    train_rows = feed.train_rows
     total_steps = plan_steps(spec, train_rows, spec.scaling.num_workers)
     say(plan_line(spec, total_steps, train_rows))
     general = general_examples(spec, model_dir)
@@ -278,7 +278,7 @@ def run_training(
         dtype=dtype,
         use_gpu=use_gpu,
         total_steps=total_steps,
-        has_eval=eval_ds is not None,
+        has_eval=feed.has_eval,
         progress_actor=sink_name(run_id),
         local_run_dir=None if root.is_remote else str(root.run(run_id)),
         # Train V2 drops ``resume_from_checkpoint``: the loop loads this one itself when
@@ -288,8 +288,9 @@ def run_training(
         parent_adapter=parent,
         general=general,
         rollouts=RolloutEngines(),
+        tables=feed.tables,
     )
-    trainer = _torch_trainer(spec, root, run_id, inputs, train_ds, eval_ds, callbacks)
+    trainer = _torch_trainer(spec, root, run_id, inputs, feed.datasets, callbacks)
     progress = ConsoleProgress(enabled=show_progress)
     with bounded_worker_start(spec):  # fails after scaling.start_timeout_s
         result = _fit_with_progress(trainer, sink, progress, runlog)
@@ -368,26 +369,56 @@ def _announce(say: Any, spec: JobSpec, run_id: str, dtype: Any, parent: Any) -> 
             say(line)
 
 
-def _prepare_data(spec: JobSpec, model_dir: Path, scanned: Any, say: Any) -> tuple:
-    """The run's datasets, materialized: ``(spec, prepared, train_ds, eval_ds)``.
+@dataclass
+class RunData:
+    """The prepared data as the workers receive it."""
 
-    The returned spec carries what the objective takes from the scan
-    (``Objective.with_scan``, e.g. the label names the rows carry).
+    train_rows: int
+    eval_rows: int | None
+    """Rows of the eval data; ``None`` when the run has none."""
+    datasets: dict[str, Any]
+    """Ray Datasets for ``TorchTrainer`` (``train`` is split among the workers)."""
+    tables: dict[str, Any]
+    """Object refs of the tables prepared in the driver (``trainers.shards``)."""
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_rows is not None
+
+
+def _prepare_data(spec: JobSpec, model_dir: Path, scanned: Any, say: Any) -> tuple:
+    """The run's data, prepared: ``(spec, prepared, RunData)``.
+
+    Ray Datasets are materialized here; tables prepared in the driver are put in the
+    object store once, for every worker to read. The returned spec carries what the
+    objective takes from the scan (``Objective.with_scan``, e.g. the label names the
+    rows carry).
     """
+    import ray
+
     from rayft.trainers.data import build_datasets, scan_sources
 
     scanned = scanned or scan_sources(spec, str(model_dir))
     spec = objective_class(spec).with_scan(spec, scanned, say)
     prepared = build_datasets(spec, str(model_dir), scanned)
-    wait_for_data_cpu(spec.scaling.start_timeout_s, say)
-    train_ds = prepared.train.materialize()
-    eval_ds = prepared.eval.materialize() if prepared.eval is not None else None
+    splits = {"train": prepared.train, "eval": prepared.eval}
+    splits = {name: data for name, data in splits.items() if data is not None}
+    if prepared.in_driver:
+        rows = {name: table.num_rows for name, table in splits.items()}
+        feed = RunData(rows["train"], rows.get("eval"), {}, {})
+        feed.tables = {name: ray.put(table) for name, table in splits.items()}
+    else:
+        # Ray Data's tasks need a CPU beside the workers' (fails after start_timeout_s).
+        wait_for_data_cpu(spec.scaling.start_timeout_s, say)
+        datasets = {name: data.materialize() for name, data in splits.items()}
+        rows = {name: ds.count() for name, ds in datasets.items()}
+        feed = RunData(rows["train"], rows.get("eval"), datasets, {})
     say(
-        f"[rayft] data: {train_ds.count()} training rows ({prepared.format}, "
+        f"[rayft] data: {feed.train_rows} training rows ({prepared.format}, "
         f"{'packed' if spec.data.packing else 'unpacked'}), "
-        f"{eval_ds.count() if eval_ds is not None else 0} eval rows; {prepared.summary}"
+        f"{feed.eval_rows or 0} eval rows; {prepared.summary}"
     )
-    return spec, prepared, train_ds, eval_ds
+    return spec, prepared, feed
 
 
 def _torch_trainer(
@@ -395,8 +426,7 @@ def _torch_trainer(
     root: StorageRoot,
     run_id: str,
     inputs: Any,
-    train_ds: Any,
-    eval_ds: Any,
+    datasets: dict[str, Any],
     callbacks: list[Any] | None,
 ) -> Any:
     """The ``TorchTrainer`` that runs the per-worker loop over the run's datasets."""
@@ -411,9 +441,6 @@ def _torch_trainer(
     resources = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}
     if inputs.use_gpu:
         resources["GPU"] = 1
-    datasets = {"train": train_ds}
-    if eval_ds is not None:
-        datasets["eval"] = eval_ds
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same data order on every run and resume
     return TorchTrainer(
@@ -440,7 +467,7 @@ def _torch_trainer(
                 failure_notices(sink_name(run_id)),
             ],
         ),
-        datasets=datasets,
+        datasets=datasets or None,
         dataset_config=DataConfig(datasets_to_split=["train"], enable_shard_locality=False),
     )
 

@@ -192,6 +192,10 @@ class WorkerInputs:
     rollouts: Any = None
     """Starts and finds the rollout engines of an objective that samples its own training
     data (``trainers.rollout.RolloutEngines``; GRPO)."""
+    tables: dict[str, Any] = field(default_factory=dict)
+    """Object refs of the ``train`` and ``eval`` tables prepared in the driver
+    (``data.prepare``), iterated by ``trainers.shards``; empty when Ray Train gives the
+    workers Ray Datasets."""
 
 
 @dataclass
@@ -673,6 +677,8 @@ def shard_batches(worker: Worker, name: str, epoch: int, train: bool):
     import ray.train
 
     spec = worker.spec
+    if name in worker.inputs.tables:
+        return _table_batches(worker, name, epoch, train)
     kwargs = {}
     if train and spec.data.shuffle:
         kwargs = {
@@ -682,6 +688,22 @@ def shard_batches(worker: Worker, name: str, epoch: int, train: bool):
     return ray.train.get_dataset_shard(name).iter_torch_batches(
         batch_size=spec.optim.batch_size, collate_fn=worker.collate, drop_last=False, **kwargs
     )
+
+
+def _table_batches(worker: Worker, name: str, epoch: int, train: bool) -> Iterator[Any]:
+    """``shard_batches`` of a table prepared in the driver (``trainers.shards``)."""
+    import ray
+
+    from rayft.trainers.shards import equal_share, table_batches
+
+    spec = worker.spec
+    table = ray.get(worker.inputs.tables[name])
+    seed = None
+    if train:
+        start, stop = equal_share(table.num_rows, worker.rank, worker.world)
+        table = table.slice(start, stop - start)
+        seed = spec.optim.seed + epoch if spec.data.shuffle else None
+    return table_batches(table, spec.optim.batch_size, worker.collate, seed)
 
 
 def eval_batches(worker: Worker) -> list[dict[str, Any]]:

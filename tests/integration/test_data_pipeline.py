@@ -252,16 +252,47 @@ def test_data_prepared_in_the_driver_equals_ray_datas_rows_and_order(
 ) -> None:
     """``data.prepare: driver`` (``auto`` for small data) runs the same steps in the driver:
     every column of every row, dropped-sample counts included, in the same order."""
+    import ray
+
     with_ray = build(train_file, tiny_model_dir, "ray", **layout)
     in_driver = build(train_file, tiny_model_dir, "driver", **layout)
+    assert in_driver.in_driver and not with_ray.in_driver
     for split in ("train", "eval"):
-        ray_ds, driver_ds = getattr(with_ray, split), getattr(in_driver, split)
-        assert (ray_ds is None) == (driver_ds is None), split
+        ray_ds, table = getattr(with_ray, split), getattr(in_driver, split)
+        assert (ray_ds is None) == (table is None), split
         if ray_ds is None:
             continue
         expected = ray_ds.take_all()
-        assert expected and driver_ds.take_all() == expected, split
+        assert expected and ray.data.from_arrow(table).take_all() == expected, split
     assert in_driver.summary == with_ray.summary
+
+
+def test_a_driver_tables_batches_collate_as_ray_datas_do(
+    ray_local: None, train_file: Path, tiny_model_dir: Path, tokenizer: Any
+) -> None:
+    """The workers iterate a driver-prepared table with ``trainers.shards``: in table
+    order its collated batches are Ray Data's ``iter_torch_batches`` ones, tensor for tensor."""
+    from rayft.trainers.shards import table_batches
+
+    for packed in (False, True):
+        table = build(train_file, tiny_model_dir, "driver", packing=packed, shuffle=False).train
+        collate = collate_fn(tokenizer.pad_token_id, packed)
+        ours = list(table_batches(table, 4, collate))
+        theirs = list(ray_dataset(table).iter_torch_batches(batch_size=4, collate_fn=collate))
+        assert len(ours) == len(theirs) > 1
+        for mine, reference in zip(ours, theirs, strict=True):
+            assert mine.keys() == reference.keys()
+            for key, value in reference.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(mine[key], value), key
+                else:
+                    assert mine[key] == value, key
+
+
+def ray_dataset(table: pa.Table) -> Any:
+    import ray
+
+    return ray.data.from_arrow(table)
 
 
 def test_auto_prepares_small_data_in_the_driver_and_large_data_with_ray() -> None:
