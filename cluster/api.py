@@ -351,11 +351,7 @@ def train(
         TrainingFailed: The run failed while running; ``err.run_id`` resumes it.
     """
     from rayft.cluster.connect import connected
-    from rayft.trainers.data import scan_sources
     from rayft.trainers.driver import new_run_id
-    from rayft.trainers.lineage import resolve_parent
-    from rayft.trainers.objectives import objective_class
-    from rayft.trainers.rollout import check_judges
     from rayft.trainers.runs import start_run
 
     job = _train_spec(spec, overrides, resume, storage, (data, eval_data))
@@ -367,9 +363,7 @@ def train(
     run_id = run_id or new_run_id(job.output.name or job.method)
     if not all(given is None or _is_path(given) for given in (data, eval_data)):
         job = _materialise(job, root, run_id, data, eval_data)
-    scanned = scan_sources(job, root=root)  # bad rows fail here, in seconds, before Ray starts
-    resolve_parent(job, root)  # so does an unusable model.adapter
-    check_judges(objective_class(job).judges(job), root)  # and a judge that cannot load
+    scanned = check_before_ray(job, root)
     with connected(address):
         try:
             # Driven here: the console shows the progress and Ctrl-C interrupts the run.
@@ -397,6 +391,38 @@ def train(
         history=list(outcome.history),
         checkpoint=outcome.checkpoint_path,
     )
+
+
+SCANNED_KEYS = ("data.", "model.", "scaling.", "objective", "method", "optim.seed", "grpo.")
+"""Keys whose value the data scan depends on (the row tokenizer, the packing groups, the
+workers each need a row); a sweep that varies one leaves the scan to its trials."""
+
+
+def check_before_ray(job: JobSpec, root: StorageRoot, varied: Iterable[str] = ()) -> Any:
+    """What ``rayft train`` and ``rayft tune`` check in seconds, before Ray starts.
+
+    Every data file is scanned (a bad row names its file and line; rows that cannot
+    train are refused), ``model.adapter`` is resolved and every judge of the objective's
+    grader loads. A sweep passes the keys its search space varies: when the scan
+    depends on one of them, each trial scans its own spec instead.
+
+    Returns:
+        The scan (``trainers.data.SourceScan``) for the run to reuse, or ``None``.
+
+    Raises:
+        DataError, RegistryError, ModelError: What cannot be used, named.
+    """
+    from rayft.trainers.data import scan_sources
+    from rayft.trainers.lineage import resolve_parent
+    from rayft.trainers.objectives import objective_class
+    from rayft.trainers.rollout import check_judges
+
+    scanned = None
+    if not any(key.startswith(SCANNED_KEYS) for key in varied):
+        scanned = scan_sources(job, root=root)
+    resolve_parent(job, root)
+    check_judges(objective_class(job).judges(job), root)
+    return scanned
 
 
 # --------------------------------------------------------------------------- tune
@@ -446,16 +472,23 @@ def tune(
 
     Raises:
         ConfigError: The spec or its search space is invalid (before Ray starts).
+        DataError: A data file or row cannot be used (before Ray starts, unless the
+            search space varies a key the scan depends on: ``SCANNED_KEYS``).
+        RegistryError: ``model.adapter`` cannot be used (before Ray starts).
+        ModelError: A judge of ``grpo.grader`` cannot load (before Ray starts).
         UserError: Arguments that do not go together.
         SweepInterrupted: The sweep stopped with trials unfinished; resume it.
     """
     from rayft.cluster.connect import connected
+    from rayft.raytune.search_space import flatten_space
     from rayft.raytune.sweep import run_sweep, validate_sweep
 
     if resume and sweep_id and sweep_id != resume:
         raise UserError("give either sweep_id or resume=SWEEP_ID, not both")
     job = _sweep_spec(spec, overrides, resume, storage)
     validate_sweep(job)
+    varied = flatten_space(job.tune.search_space)
+    check_before_ray(job, StorageRoot.resolve(job.storage), varied)
     with connected(address):
         outcome = run_sweep(
             job, sweep_id=resume or sweep_id, resume=bool(resume), show_progress=show_progress

@@ -181,6 +181,48 @@ def test_train_writes_python_rows_under_the_run_and_scans_them_before_ray(tmp_pa
     assert not ray_running()
 
 
+def sweep_dict(train: Path, **space) -> dict:
+    sweep = spec_dict(
+        str(train),
+        tune={"search_space": space or {"optim.lr": {"choice": [1e-3, 2e-3]}}},
+        eval={"every_steps": 2},
+    )
+    sweep["data"]["eval_fraction"] = 0.25
+    return sweep
+
+
+def test_tune_scans_the_data_and_resolves_the_adapter_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(CHAT[0]) + "\n{not json\n")
+    with pytest.raises(rayft.DataError, match=r"bad\.jsonl:2"):
+        rayft.tune(sweep_dict(bad), storage=str(tmp_path))
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(row) + "\n" for row in CHAT))
+    parent = sweep_dict(good)
+    parent["model"]["adapter"] = "no-such-adapter"
+    parent["storage"] = str(tmp_path)
+    with pytest.raises(rayft.ConfigError, match="model.adapter: no adapter named 'no-such"):
+        rayft.tune(parent)
+    assert not ray_running()
+
+
+def test_a_sweep_over_a_key_the_scan_depends_on_leaves_the_scan_to_its_trials(
+    tmp_path, monkeypatch
+):
+    from rayft.cluster import api
+
+    scanned: list[int] = []
+    monkeypatch.setattr(
+        "rayft.trainers.data.scan_sources", lambda job, **_: scanned.append(job.data.max_seq_len)
+    )
+    job = rayft.JobSpec.model_validate(sweep_dict(tmp_path / "t.jsonl"))
+    root = StorageRoot.resolve(str(tmp_path))
+    api.check_before_ray(job, root, ["optim.lr"])
+    api.check_before_ray(job, root, ["data.max_seq_len"])
+    api.check_before_ray(job, root, ["grpo.temperature"])
+    assert scanned == [64]  # only the sweep over optim.lr scanned the base spec
+
+
 def test_a_data_path_replaces_data_train(tmp_path):
     missing = tmp_path / "nowhere.jsonl"
     with pytest.raises(rayft.DataError, match="nowhere.jsonl"):

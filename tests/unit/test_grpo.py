@@ -384,5 +384,12 @@ def test_a_judge_that_cannot_load_fails_before_ray_starts_naming_its_key(tmp_pat
     data["data"]["train"] = str(rows)
     with pytest.raises(rayft.ModelError, match="grpo.grader.model"):
         rayft.train(data, storage=str(tmp_path / "home"))
+    # And from a sweep, before its first trial.
+    data["data"]["eval"] = str(rows)
+    data["tune"] = {"search_space": {"grpo.temperature": {"grid": [0.7, 1.0]}}}
+    data["eval"] = {"every_steps": 2}
+    data["optim"] = {"max_steps": 2}
+    with pytest.raises(rayft.ModelError, match="grpo.grader.model"):
+        rayft.tune({**data, "storage": str(tmp_path / "home")})
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()
