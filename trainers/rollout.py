@@ -17,6 +17,8 @@ the serving engine.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -182,7 +184,7 @@ class LocalJudge:
         self.root = root
         self.dtype = dtype
         self._engines: dict[str, Any] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._decoders: dict[str, BatchDecoder] = {}
         self._loading = threading.Lock()
 
     def __call__(
@@ -192,9 +194,14 @@ class LocalJudge:
 
         try:
             base, adapter = self._route(model)
-            engine, lock = self._engine(base)
-            with lock:  # one thread at a time decodes on an engine
-                return _complete(engine, adapter, messages, params or JudgeSampling())
+            engine, decoder = self._engine(base)
+            sampling = params or JudgeSampling()
+            request, completion = decoder.complete(
+                lambda: _judge_request(engine, adapter, messages, sampling)
+            )
+            return JudgeReply(
+                completion.text, len(request.prompt_ids) + completion.completion_tokens
+            )
         except JudgeError:
             raise
         except ServingError as err:
@@ -206,14 +213,74 @@ class LocalJudge:
         """The base model to load and the adapter on it (``None``: the base itself)."""
         return judge_route(model, self.root)
 
-    def _engine(self, base: str) -> tuple[Any, threading.Lock]:
+    def _engine(self, base: str) -> tuple[Any, BatchDecoder]:
         from rayft.serving.engine import ModelEngine
 
         with self._loading:
             if base not in self._engines:
-                self._engines[base] = ModelEngine(base, storage=self.root, dtype=self.dtype)
-                self._locks[base] = threading.Lock()
-            return self._engines[base], self._locks[base]
+                engine = ModelEngine(base, storage=self.root, dtype=self.dtype)
+                self._engines[base] = engine
+                self._decoders[base] = BatchDecoder(engine)
+            return self._engines[base], self._decoders[base]
+
+
+class BatchDecoder:
+    """Decodes the requests of concurrent callers on one engine together.
+
+    A caller queues how to build its request, then waits for the engine; whoever gets it
+    builds every request queued by then (resolving an adapter loads it into the engine,
+    so that happens only while holding it) and decodes them as one batch
+    (``ModelEngine.generate``): judge calls made at once by the grading threads share
+    their decode steps instead of taking turns. A batch that fails is decoded again one
+    request at a time, so each caller gets its own request's error and no other's.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._decoding = threading.Lock()
+        self._queued = threading.Lock()
+        self._pending: list[tuple[Callable[[], Any], Future]] = []
+        self.batches: list[int] = []
+        """Sizes of the batches decoded so far, in order."""
+
+    def complete(self, build: Callable[[], Any]) -> tuple[Any, Any]:
+        """``(request, completion)``: the request ``build()`` gives, decoded (a
+        ``serving.engine.Completion``), possibly in one batch with other callers'."""
+        done: Future = Future()
+        with self._queued:
+            self._pending.append((build, done))
+        with self._decoding:
+            with self._queued:
+                batch, self._pending = self._pending, []
+            self._decode(batch)
+        return done.result()
+
+    def _decode(self, batch: list[tuple[Callable[[], Any], Future]]) -> None:
+        built: list[tuple[Any, Future]] = []
+        for build, done in batch:
+            try:
+                built.append((build(), done))
+            except Exception as err:  # noqa: BLE001 - handed to the caller waiting on it
+                done.set_exception(err)
+        if not built:
+            return
+        self.batches.append(len(built))
+        try:
+            outs = self.engine.generate([request for request, _ in built])
+        except Exception:  # noqa: BLE001 - each request is tried alone for its own error
+            for request, done in built:
+                _settle(done, lambda r=request: (r, self.engine.generate([r])[0]))
+            return
+        for (request, done), out in zip(built, outs, strict=True):
+            done.set_result((request, out))
+
+
+def _settle(done: Future, run: Callable[[], Any]) -> None:
+    """Set ``done`` to what ``run()`` returns, or to the exception it raises."""
+    try:
+        done.set_result(run())
+    except Exception as err:  # noqa: BLE001 - handed to the caller waiting on ``done``
+        done.set_exception(err)
 
 
 def judge_route(model: str, root: StorageRoot) -> tuple[str, str | None]:
@@ -269,10 +336,10 @@ def check_judges(judges: list[tuple[str, str]], root: StorageRoot) -> None:
             ) from None
 
 
-def _complete(
+def _judge_request(
     engine: Any, adapter: str | None, messages: list[dict[str, str]], params: JudgeSampling
-) -> JudgeReply:
-    """One chat completion of ``messages`` on ``engine`` (through ``adapter`` if named)."""
+) -> Any:
+    """The engine's request for one chat completion of ``messages`` (through ``adapter``)."""
     from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, SamplingParams
 
     tokenizer = engine.tokenizer
@@ -293,6 +360,4 @@ def _complete(
         seed=params.seed,
     )
     served = engine.resolve_adapter(adapter) if adapter is not None else None
-    request = GenerationRequest(ids, adapter or BASE_ADAPTER, sampling, served)
-    completion = engine.generate([request])[0]
-    return JudgeReply(completion.text, len(ids) + completion.completion_tokens)
+    return GenerationRequest(ids, adapter or BASE_ADAPTER, sampling, served)

@@ -291,3 +291,52 @@ def test_a_training_judge_answers_as_plain_transformers_and_peft_would(published
     assert result.metadata_errors()["model_grader_parse_error"]
     assert [e.kind for e in result.errors] == ["model_grader_parse_error"]
     assert "row 4" in result.errors[0].details
+
+
+def test_judge_calls_made_at_once_decode_in_one_batch_with_the_replies_of_calls_alone(
+    published_adapters,
+):
+    import threading
+    import time
+
+    from rayft.trainers.graders import SamplingParams
+    from rayft.trainers.rollout import LocalJudge
+    from rayft.trainers.storage import StorageRoot
+
+    judge = LocalJudge(StorageRoot.resolve(str(published_adapters)), dtype="float32")
+    params = SamplingParams(max_completions_tokens=5, temperature=0)
+    calls = [
+        (model, [{"role": "user", "content": f"name a {color} thing"}])
+        for model in ("tiny-llama", "a1", "a2")
+        for color in ("red", "blue")
+    ]
+    alone = [judge(model, messages, params) for model, messages in calls]
+    _, decoder = judge._engine("tiny-llama")
+    assert decoder.batches == [1] * len(calls)
+
+    # Hold the engine while every call queues, so that the next holder takes them all.
+    replies: dict[int, object] = {}
+
+    def call(index: int, model: str, messages: list) -> None:
+        try:
+            replies[index] = judge(model, messages, params)
+        except JudgeError as err:
+            replies[index] = err
+
+    # A prompt beyond the judge's window fails for its caller only.
+    too_long = ("a1", [{"role": "user", "content": "red " * 20_000}])
+    threads = [
+        threading.Thread(target=call, args=(i, *c)) for i, c in enumerate([*calls, too_long])
+    ]
+    with decoder._decoding:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(decoder._pending) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(60)
+    assert decoder.batches[len(calls) :] == [len(calls)]  # one batch held every known judge
+    assert [replies[i] for i in range(len(calls))] == alone  # the same greedy replies
+    assert isinstance(replies[len(calls)], JudgeError)
+    assert "window" in str(replies[len(calls)])
