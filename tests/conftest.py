@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import specs
 from color_data import write_color_chats
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
@@ -48,17 +49,6 @@ def color_chats():
     return write_color_chats
 
 
-def merged(base: dict, overrides: dict) -> dict:
-    """``base`` with ``overrides`` merged in key by key (nested mappings merge too)."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 @pytest.fixture(scope="session")
 def small_chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 chat rows over three colours (red, blue, green), written once per session."""
@@ -67,20 +57,11 @@ def small_chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_spec(small_chat_file: Path):
-    """Builds a job spec (a plain dict) for ``tiny-llama``: ``tiny_spec(train=None, **sections)``.
-
-    The spec is ``{"model": {"name": "tiny-llama"}, "data": {"train": train}}`` with each
-    keyword merged in as a top-level section (mappings merge key by key, so
-    ``data={"max_seq_len": 64}`` keeps the train file). ``train`` defaults to
-    :func:`small_chat_file`.
-    """
+    """:func:`specs.tiny_spec`, training on :func:`small_chat_file` unless given a file:
+    ``tiny_spec(train=None, **sections)``."""
 
     def build(train: Path | str | None = None, **sections: object) -> dict:
-        base = {
-            "model": {"name": "tiny-llama"},
-            "data": {"train": str(small_chat_file if train is None else train)},
-        }
-        return merged(base, sections)
+        return specs.tiny_spec(small_chat_file if train is None else train, **sections)
 
     return build
 

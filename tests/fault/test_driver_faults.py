@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from processes import kill_tree
+from specs import tiny_spec
 
 from rayft.trainers.records import INTERRUPTED, live_state, newest_checkpoint, read_record
 from rayft.trainers.storage import StorageRoot
@@ -37,15 +38,15 @@ def test_killed_driver_is_interrupted_and_resume_finishes(
 ):
     data = color_chats(tmp_path / "colors.jsonl", 64, colors=4)
     config = tmp_path / "job.yaml"
-    spec = {
-        "model": {"name": "tiny-llama"},
-        "data": {"train": str(data), "format": "chat", "max_seq_len": 64},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "optim": {"max_steps": STEPS, "batch_size": 4, "scheduler": "constant"},
-        "scaling": {"num_workers": 1},
-        "checkpoint": {"every_steps": EVERY, "keep": 2},
-        "output": {"name": "driver-kill"},
-    }
+    spec = tiny_spec(
+        data,
+        data={"format": "chat", "max_seq_len": 64},
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        optim={"max_steps": STEPS, "batch_size": 4, "scheduler": "constant"},
+        scaling={"num_workers": 1},
+        checkpoint={"every_steps": EVERY, "keep": 2},
+        output={"name": "driver-kill"},
+    )
     config.write_text(yaml.safe_dump(spec))
     ray_tmp = Path(f"/tmp/rft-dk-{os.getpid()}")
     ray_tmp.mkdir(exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from specs import tiny_spec
 
 from rayft.raytune.sweep import TRIALS_DIR, run_sweep, sweep_path
 from rayft.trainers.config import validate_spec
@@ -26,29 +27,24 @@ def test_a_crashing_trial_is_recorded_the_sweep_goes_on_and_resume_retries_it(
     good = color_chats(tmp_path / "colors.jsonl", 32, colors=4)
     late = tmp_path / "late.jsonl"  # trial 0's data: missing when the sweep starts
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama"},
-            "data": {
-                "train": str(good),
-                "format": "chat",
-                "max_seq_len": 64,
-                "eval_fraction": 0.25,
-            },
-            "method": "lora",
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        tiny_spec(
+            good,
+            data={"format": "chat", "max_seq_len": 64, "eval_fraction": 0.25},
+            method="lora",
+            lora={"r": 4, "alpha": 8, "dropout": 0.0},
             # One evaluation and one checkpoint per run: the test is about the trial's
             # fate, not its training.
-            "optim": {"max_steps": 2, "batch_size": 4, "scheduler": "constant"},
-            "scaling": {"num_workers": 1, "max_failures": 1},
-            "eval": {"every_steps": 2, "at_start": False},
-            "checkpoint": {"every_steps": 2, "keep": 1},
-            "output": {"name": "crashy"},
-            "tune": {
+            optim={"max_steps": 2, "batch_size": 4, "scheduler": "constant"},
+            scaling={"num_workers": 1, "max_failures": 1},
+            eval={"every_steps": 2, "at_start": False},
+            checkpoint={"every_steps": 2, "keep": 1},
+            output={"name": "crashy"},
+            tune={
                 "search_space": {"data.train": {"grid": [str(late), str(good)]}},
                 "scheduler": {"type": "none"},
                 "max_concurrent_trials": 1,
             },
-        }
+        )
     )
     outcome = run_sweep(spec, sweep_id="crashy-sweep", show_progress=False)
     states = {r["trial"]: r["state"] for r in outcome.rows}

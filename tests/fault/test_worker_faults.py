@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 from harness import StopAfterCheckpoint
+from specs import tiny_spec
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
@@ -63,29 +64,24 @@ def chat_file(tmp_path_factory, color_chats) -> Path:
 
 def make_spec(chat_file: Path, name: str, max_failures: int = 3):
     return validate_spec(
-        {
-            "model": {"name": "tiny-llama"},
-            "data": {
-                "train": str(chat_file),
-                "format": "chat",
-                "max_seq_len": 64,
-                "eval_fraction": 0.15,
-            },
-            "method": "lora",
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "deepspeed": {"zero_stage": 2},
-            "optim": {
+        tiny_spec(
+            chat_file,
+            data={"format": "chat", "max_seq_len": 64, "eval_fraction": 0.15},
+            method="lora",
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            deepspeed={"zero_stage": 2},
+            optim={
                 "lr": 3e-3,
                 "max_steps": STEPS,
                 "batch_size": 4,
                 "warmup_ratio": 0.0,
                 "scheduler": "constant",
             },
-            "scaling": {"num_workers": 2, "max_failures": max_failures},
-            "checkpoint": {"every_steps": EVERY, "keep": 4},
-            "eval": {"every_steps": 4, "at_start": False},
-            "output": {"name": name, "overwrite": True},
-        }
+            scaling={"num_workers": 2, "max_failures": max_failures},
+            checkpoint={"every_steps": EVERY, "keep": 4},
+            eval={"every_steps": 4, "at_start": False},
+            output={"name": name, "overwrite": True},
+        )
     )
 
 

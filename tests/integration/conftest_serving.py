@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from harness import make_peft_adapter  # noqa: F401 - re-exported to the serving tests
+from specs import tiny_spec
 
 COLORS = [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("white", "snow")]
 
@@ -22,12 +23,13 @@ def train_adapter(data: Path, name: str, seed: int) -> Path:
     from rayft.trainers.driver import run_training
 
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama", "dtype": "float32"},
-            "data": {"train": str(data), "format": "chat", "max_seq_len": 64},
-            "method": "lora",
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "optim": {
+        tiny_spec(
+            data,
+            model={"dtype": "float32"},
+            data={"format": "chat", "max_seq_len": 64},
+            method="lora",
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            optim={
                 "lr": 3e-2,
                 "max_steps": 4,
                 "batch_size": 4,
@@ -35,10 +37,10 @@ def train_adapter(data: Path, name: str, seed: int) -> Path:
                 "scheduler": "constant",
                 "seed": seed,
             },
-            "scaling": {"num_workers": 1},
-            "eval": {"at_start": False},
-            "output": {"name": name},
-        }
+            scaling={"num_workers": 1},
+            eval={"at_start": False},
+            output={"name": name},
+        )
     )
     outcome = run_training(spec, show_progress=False)
     return Path(outcome.artifact)

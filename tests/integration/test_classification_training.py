@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from specs import tiny_spec
 
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb"]
 NEGATIVE = ["awful", "terrible", "horrible", "dreadful", "boring"]
@@ -51,18 +52,15 @@ def trained(ray_cluster, tmp_path_factory) -> dict:
         lines = [{**r, "label": LABELS.index(r["label"])} if name == "eval" else r for r in rows]
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama", "dtype": "float32"},
-            "objective": "classification",
-            "classification": {"labels": LABELS},
-            "data": {
-                "train": str(folder / "train.jsonl"),
-                "eval": str(folder / "eval.jsonl"),
-                "max_seq_len": 32,
-            },
-            "method": "lora",
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "optim": {
+        tiny_spec(
+            folder / "train.jsonl",
+            model={"dtype": "float32"},
+            objective="classification",
+            classification={"labels": LABELS},
+            data={"eval": str(folder / "eval.jsonl"), "max_seq_len": 32},
+            method="lora",
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            optim={
                 "lr": 5e-3,
                 "max_steps": 40,
                 "batch_size": 16,
@@ -70,10 +68,10 @@ def trained(ray_cluster, tmp_path_factory) -> dict:
                 "scheduler": "constant",
                 "seed": 0,
             },
-            "scaling": {"num_workers": 1},
-            "eval": {"at_start": False},
-            "output": {"name": "sentiment"},
-        }
+            scaling={"num_workers": 1},
+            eval={"at_start": False},
+            output={"name": "sentiment"},
+        )
     )
     outcome = run_training(spec, show_progress=False)
     yield {"artifact": Path(outcome.artifact), "held_out": held_out, "train": train}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from specs import merged, tiny_spec
 
 from rayft.cluster.cli import main
 
@@ -132,29 +133,28 @@ def data_file(tmp_path_factory: pytest.TempPathFactory, color_chats) -> Path:
 
 
 def write_config(tmp: Path, data_file: Path | str, shared: Path, name: str, **extra) -> Path:
-    spec = {
-        "model": {"name": "tiny-llama"},
-        "data": {"train": str(data_file), "format": "chat", "max_seq_len": 48},
-        "method": "lora",
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "optim": {
+    spec = tiny_spec(
+        data_file,
+        data={"format": "chat", "max_seq_len": 48},
+        method="lora",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        optim={
             "lr": 3e-3,
             "max_steps": 4,
             "batch_size": 4,
             "warmup_ratio": 0.0,
             "scheduler": "constant",
         },
-        "scaling": {
+        scaling={
             "num_workers": 2,
             "cpus_per_worker": 1,
             "resources_per_worker": {"rayft_slot": 1},
         },
-        "eval": {"at_start": False},
-        "output": {"name": name},
-        "storage": str(shared),
-    }
-    for section, values in extra.items():
-        spec.setdefault(section, {}).update(values)
+        eval={"at_start": False},
+        output={"name": name},
+        storage=str(shared),
+    )
+    spec = merged(spec, extra)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

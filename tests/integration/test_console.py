@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from specs import tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +36,17 @@ def job(tmp_path: Path) -> Path:
         for word in ("red", "blue", "green", "white", "black", "pink", "gray", "gold") * 4
     ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    spec = {
-        "model": {"name": "tiny-llama"},
-        "data": {"train": str(data), "format": "chat", "max_seq_len": 32, "eval_fraction": 0.25},
-        "method": "lora",
-        "lora": {"r": 4, "alpha": 8},
-        "optim": {"lr": 1e-3, "max_steps": 3, "batch_size": 4},
-        "scaling": {"num_workers": 2},
-        "eval": {"every_steps": 3},
-        "logging": {"every_steps": 1},
-        "output": {"name": "console-check", "overwrite": True},
-    }
+    spec = tiny_spec(
+        data,
+        data={"format": "chat", "max_seq_len": 32, "eval_fraction": 0.25},
+        method="lora",
+        lora={"r": 4, "alpha": 8},
+        optim={"lr": 1e-3, "max_steps": 3, "batch_size": 4},
+        scaling={"num_workers": 2},
+        eval={"every_steps": 3},
+        logging={"every_steps": 1},
+        output={"name": "console-check", "overwrite": True},
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

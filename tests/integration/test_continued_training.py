@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from specs import merged, tiny_spec
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
@@ -29,26 +30,17 @@ def files(tmp_path_factory, color_chats) -> dict[str, Path]:
 
 
 def job(files: dict[str, Path], data: str, name: str, **sections) -> dict:
-    spec = {
-        "model": {"name": "tiny-llama", "dtype": "float32"},
-        "data": {
-            "train": str(files[data]),
-            "eval": str(files["eval"]),
-            "format": "chat",
-            "max_seq_len": 64,
-        },
-        "method": "lora",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "optim": {"lr": 1e-2, "max_steps": 4, "batch_size": 4, "warmup_ratio": 0.0},
-        "scaling": {"num_workers": 1},
-        "output": {"name": name, "overwrite": True},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            spec.setdefault(section, {}).update(values)
-        else:
-            spec[section] = values
-    return spec
+    spec = tiny_spec(
+        files[data],
+        model={"dtype": "float32"},
+        data={"eval": str(files["eval"]), "format": "chat", "max_seq_len": 64},
+        method="lora",
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        optim={"lr": 1e-2, "max_steps": 4, "batch_size": 4, "warmup_ratio": 0.0},
+        scaling={"num_workers": 1},
+        output={"name": name, "overwrite": True},
+    )
+    return merged(spec, sections)
 
 
 def manifest(path: Path) -> dict:

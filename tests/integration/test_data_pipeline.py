@@ -13,6 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
+from specs import tiny_spec
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.data import (
@@ -314,10 +315,7 @@ def test_each_source_is_scanned_once_per_run(
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in chat_rows()[:8]))
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama"},
-            "data": {"train": str(train_file), "eval": str(eval_file), "max_seq_len": MAX_SEQ_LEN},
-        }
+        tiny_spec(train_file, data={"eval": str(eval_file), "max_seq_len": MAX_SEQ_LEN})
     )
     scanned_paths: list[str] = []
     real = data.scan_source

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from harness import StopAfterCheckpoint
+from specs import tiny_spec
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
@@ -65,17 +66,18 @@ def test_lora_dpo_learns_the_preference_and_publishes_an_adapter(
     ray_cluster, files, tiny_model_dir
 ):
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama", "dtype": "float32"},
-            "data": {"train": str(files["train"]), "eval": str(files["eval"]), "max_seq_len": 64},
-            "objective": "dpo",
-            "dpo": {"beta": 0.1},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "optim": {"lr": 1e-2, "max_steps": 8, "batch_size": 4, "warmup_ratio": 0.0},
-            "scaling": {"num_workers": 1},
-            "eval": {"every_steps": 4},
-            "output": {"name": "dpo-lora", "overwrite": True},
-        }
+        tiny_spec(
+            files["train"],
+            model={"dtype": "float32"},
+            data={"eval": str(files["eval"]), "max_seq_len": 64},
+            objective="dpo",
+            dpo={"beta": 0.1},
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            optim={"lr": 1e-2, "max_steps": 8, "batch_size": 4, "warmup_ratio": 0.0},
+            scaling={"num_workers": 1},
+            eval={"every_steps": 4},
+            output={"name": "dpo-lora", "overwrite": True},
+        )
     )
     outcome = run_training(spec, show_progress=False)
     meta = manifest(outcome.artifact)
@@ -105,14 +107,15 @@ def test_full_weight_dpo_under_zero3_resumes_and_publishes(ray_cluster, files):
     import ray.train
 
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama", "dtype": "float32"},
-            "data": {"train": str(files["train"]), "eval": str(files["eval"]), "max_seq_len": 64},
+        tiny_spec(
+            files["train"],
+            model={"dtype": "float32"},
+            data={"eval": str(files["eval"]), "max_seq_len": 64},
             # The older spelling of objective: dpo with method: full, still read.
-            "method": "dpo",
-            "dpo": {"weights": "full", "loss": "ipo"},
-            "deepspeed": {"zero_stage": 3},
-            "optim": {
+            method="dpo",
+            dpo={"weights": "full", "loss": "ipo"},
+            deepspeed={"zero_stage": 3},
+            optim={
                 "lr": 1e-4,
                 "max_steps": 2,
                 "batch_size": 2,
@@ -120,11 +123,11 @@ def test_full_weight_dpo_under_zero3_resumes_and_publishes(ray_cluster, files):
                 # must survive the first backward after a resume.
                 "warmup_ratio": 0.0,
             },
-            "scaling": {"num_workers": 2, "max_failures": 0},
-            "checkpoint": {"every_steps": 1},
-            "eval": {"at_start": False},
-            "output": {"name": "dpo-full", "overwrite": True},
-        }
+            scaling={"num_workers": 2, "max_failures": 0},
+            checkpoint={"every_steps": 1},
+            eval={"at_start": False},
+            output={"name": "dpo-full", "overwrite": True},
+        )
     )
     # Stopped after the checkpoint of step 1, then resumed: the policy comes back from the
     # checkpoint and the frozen, sharded reference is rebuilt from the base model.

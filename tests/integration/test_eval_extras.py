@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from specs import tiny_spec
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
@@ -57,15 +58,15 @@ def test_generation_metrics_and_general_delta_are_recorded_and_printed(
     train = color_chats(tmp_path / "train.jsonl", 48)
     held_out = color_chats(tmp_path / "eval.jsonl", 8)
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama"},
-            "data": {"train": str(train), "eval": str(held_out), "max_seq_len": 64},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "optim": {"lr": 3e-3, "max_steps": 8, "batch_size": 4, "warmup_ratio": 0.0},
-            "scaling": {"num_workers": 2, "max_failures": 0},
-            "eval": {"metrics": METRICS, "max_new_tokens": MAX_NEW, "general": "builtin:general"},
-            "output": {"name": "eval-extras"},
-        }
+        tiny_spec(
+            train,
+            data={"eval": str(held_out), "max_seq_len": 64},
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            optim={"lr": 3e-3, "max_steps": 8, "batch_size": 4, "warmup_ratio": 0.0},
+            scaling={"num_workers": 2, "max_failures": 0},
+            eval={"metrics": METRICS, "max_new_tokens": MAX_NEW, "general": "builtin:general"},
+            output={"name": "eval-extras"},
+        )
     )
     outcome = run_training(spec, show_progress=True)
     printed = capsys.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness import FUZZY_GRADER
+from specs import tiny_spec
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
@@ -32,28 +33,26 @@ def test_lora_grpo_samples_on_rollout_engines_and_publishes(ray_cluster, tmp_pat
     import ray
 
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama", "dtype": "float32"},
-            "data": {
-                "train": str(
-                    write_prompts(tmp_path / "train.jsonl", [(a, a + 1) for a in range(8)])
-                ),
+        tiny_spec(
+            write_prompts(tmp_path / "train.jsonl", [(a, a + 1) for a in range(8)]),
+            model={"dtype": "float32"},
+            data={
                 "eval": str(write_prompts(tmp_path / "eval.jsonl", [(a, 2) for a in range(3)])),
                 "max_seq_len": 64,
             },
-            "objective": "grpo",
-            "grpo": {
+            objective="grpo",
+            grpo={
                 "grader": FUZZY_GRADER,
                 "num_generations": 4,
                 "max_new_tokens": 8,
                 "beta": 0.04,
             },
-            "lora": {"r": 8, "dropout": 0.0},
-            "optim": {"lr": 1e-3, "max_steps": 4, "batch_size": 2, "warmup_ratio": 0.0},
-            "scaling": {"num_workers": 1},
-            "eval": {"every_steps": 2},
-            "output": {"name": "grpo-lora", "overwrite": True},
-        }
+            lora={"r": 8, "dropout": 0.0},
+            optim={"lr": 1e-3, "max_steps": 4, "batch_size": 2, "warmup_ratio": 0.0},
+            scaling={"num_workers": 1},
+            eval={"every_steps": 2},
+            output={"name": "grpo-lora", "overwrite": True},
+        )
     )
     outcome = run_training(spec, show_progress=False)
     meta = json.loads((Path(outcome.artifact) / "rayft.json").read_text())
@@ -81,20 +80,18 @@ def test_lora_grpo_samples_on_rollout_engines_and_publishes(ray_cluster, tmp_pat
 
 def test_full_weight_grpo_under_zero3_on_two_workers_publishes_a_model(ray_cluster, tmp_path):
     spec = validate_spec(
-        {
-            "model": {"name": "tiny-llama", "dtype": "float32"},
-            "data": {
-                "train": str(write_prompts(tmp_path / "train.jsonl", [(a, 1) for a in range(8)])),
-                "max_seq_len": 64,
-            },
-            "objective": "grpo",
-            "method": "full",
-            "deepspeed": {"zero_stage": 3},
-            "grpo": {"grader": FUZZY_GRADER, "num_generations": 2, "max_new_tokens": 4},
-            "optim": {"lr": 1e-4, "max_steps": 2, "batch_size": 2, "warmup_ratio": 0.0},
-            "scaling": {"num_workers": 2},
-            "output": {"name": "grpo-full", "overwrite": True},
-        }
+        tiny_spec(
+            write_prompts(tmp_path / "train.jsonl", [(a, 1) for a in range(8)]),
+            model={"dtype": "float32"},
+            data={"max_seq_len": 64},
+            objective="grpo",
+            method="full",
+            deepspeed={"zero_stage": 3},
+            grpo={"grader": FUZZY_GRADER, "num_generations": 2, "max_new_tokens": 4},
+            optim={"lr": 1e-4, "max_steps": 2, "batch_size": 2, "warmup_ratio": 0.0},
+            scaling={"num_workers": 2},
+            output={"name": "grpo-full", "overwrite": True},
+        )
     )
     outcome = run_training(spec, show_progress=False)
     meta = json.loads((Path(outcome.artifact) / "rayft.json").read_text())
@@ -106,20 +103,21 @@ def test_full_weight_grpo_under_zero3_on_two_workers_publishes_a_model(ray_clust
 
 def tiny_grpo(tmp_path: Path, name: str, **sections) -> dict:
     """A tiny-llama LoRA GRPO spec over 8 training prompts and 2 held-out ones."""
-    data = {
-        "model": {"name": "tiny-llama", "dtype": "float32"},
-        "data": {
-            "train": str(write_prompts(tmp_path / "train.jsonl", [(a, 3) for a in range(8)])),
+    data = tiny_spec(
+        write_prompts(tmp_path / "train.jsonl", [(a, 3) for a in range(8)]),
+        model={"dtype": "float32"},
+        data={
             "eval": str(write_prompts(tmp_path / "eval.jsonl", [(9, 1), (2, 7)])),
             "max_seq_len": 64,
         },
-        "objective": "grpo",
-        "grpo": {"grader": FUZZY_GRADER, "num_generations": 2, "max_new_tokens": 4},
-        "lora": {"r": 4, "dropout": 0.0},
-        "optim": {"lr": 1e-3, "max_steps": 4, "batch_size": 2, "warmup_ratio": 0.0},
-        "scaling": {"num_workers": 1},
-        "output": {"name": name, "overwrite": True},
-    }
+        objective="grpo",
+        grpo={"grader": FUZZY_GRADER, "num_generations": 2, "max_new_tokens": 4},
+        lora={"r": 4, "dropout": 0.0},
+        optim={"lr": 1e-3, "max_steps": 4, "batch_size": 2, "warmup_ratio": 0.0},
+        scaling={"num_workers": 1},
+        output={"name": name, "overwrite": True},
+    )
+    # Section by section, one level deep: a grader given here replaces the default one.
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
     return data

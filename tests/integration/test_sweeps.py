@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from specs import tiny_spec
 
 from rayft.raytune.sweep import TRIALS_DIR, read_trial_record, run_sweep, sweep_path
 from rayft.trainers.config import validate_spec
@@ -48,29 +49,24 @@ def ray_env(tmp_path_factory) -> dict[str, str]:
 
 
 def sweep_data(chat_file: Path, name: str, space: dict, **tune) -> dict:
-    return {
-        "model": {"name": "tiny-llama"},
-        "data": {
-            "train": str(chat_file),
-            "format": "chat",
-            "max_seq_len": 64,
-            "eval_fraction": 0.2,
-        },
-        "method": "lora",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "optim": {
+    return tiny_spec(
+        chat_file,
+        data={"format": "chat", "max_seq_len": 64, "eval_fraction": 0.2},
+        method="lora",
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        optim={
             "lr": 3e-3,
             "max_steps": 6,
             "batch_size": 4,
             "warmup_ratio": 0.0,
             "scheduler": "constant",
         },
-        "scaling": {"num_workers": 1},
-        "eval": {"every_steps": 2, "at_start": False},
-        "checkpoint": {"every_steps": 2, "keep": 1},
-        "output": {"name": name},
-        "tune": {"search_space": space, "max_concurrent_trials": 2, **tune},
-    }
+        scaling={"num_workers": 1},
+        eval={"every_steps": 2, "at_start": False},
+        checkpoint={"every_steps": 2, "keep": 1},
+        output={"name": name},
+        tune={"search_space": space, "max_concurrent_trials": 2, **tune},
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

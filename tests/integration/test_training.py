@@ -12,6 +12,7 @@ import pytest
 import ray.cloudpickle
 import torch
 from harness import StopAfterCheckpoint
+from specs import merged, tiny_spec
 
 from rayft.trainers.config import validate_spec
 from rayft.trainers.driver import run_training
@@ -30,33 +31,23 @@ def chat_file(tmp_path_factory, color_chats) -> Path:
 
 
 def make_spec(chat_file: Path, name: str, **sections) -> object:
-    data = {
-        "model": {"name": "tiny-llama"},
-        "data": {
-            "train": str(chat_file),
-            "format": "chat",
-            "max_seq_len": 64,
-            "eval_fraction": 0.15,
-        },
-        "method": "lora",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "optim": {
+    spec = tiny_spec(
+        chat_file,
+        data={"format": "chat", "max_seq_len": 64, "eval_fraction": 0.15},
+        method="lora",
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        optim={
             "lr": 3e-3,
             "max_steps": 12,
             "batch_size": 4,
             "warmup_ratio": 0.0,
             "scheduler": "constant",
         },
-        "scaling": {"num_workers": 2},
-        "eval": {"every_steps": 6},
-        "output": {"name": name},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
-    return validate_spec(data)
+        scaling={"num_workers": 2},
+        eval={"every_steps": 6},
+        output={"name": name},
+    )
+    return validate_spec(merged(spec, sections))
 
 
 def train_losses(outcome) -> list[float]:
