@@ -65,6 +65,9 @@ PRIVATE_SYMBOLS: list[tuple[str, str]] = [
     ("ray.core.generated.gcs_pb2", "PlacementGroupTableData.is_detached"),
     ("ray.core.generated.gcs_pb2", "PlacementGroupTableData.state"),
     ("ray.core.generated.gcs_pb2", "PlacementGroupTableData.REMOVED"),
+    ("ray._raylet", "GlobalStateAccessor.get_actor_info"),
+    ("ray.core.generated.gcs_pb2", "ActorTableData.state"),
+    ("ray.core.generated.gcs_pb2", "ActorTableData.DEAD"),
     ("ray.serve.context", "_get_global_client"),
     ("ray.serve._private.client", "ServeControllerClient.http_config"),
     ("ray.serve.context", "_get_serve_request_context"),
@@ -303,6 +306,24 @@ def orphaned_placement_groups() -> list[str]:
         ):
             groups.append(data.placement_group_id.hex())
     return groups
+
+
+def actor_is_dead(actor_id: str) -> bool:
+    """Whether the actor with this hex id is dead (or unknown to the cluster).
+
+    Uses ``GlobalState._connect_and_get_accessor().get_actor_info`` and the raw GCS
+    ``ActorTableData``: the public state API (``ray.util.state.get_actor``) needs the
+    dashboard, which an embedded cluster runs without, and an actor handle cannot be had
+    for an unnamed actor of another process (a Train controller).
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import ActorTableData
+
+    if not ray.is_initialized():
+        return True
+    info = state._connect_and_get_accessor().get_actor_info(ray.ActorID(bytes.fromhex(actor_id)))
+    return info is None or ActorTableData.FromString(info).state == ActorTableData.DEAD
 
 
 def is_head_node(resources: dict[str, float]) -> bool:

@@ -24,12 +24,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from rayft.trainers.compat import orphaned_placement_groups, placement_group_callback
+from rayft.trainers.compat import (
+    actor_is_dead,
+    orphaned_placement_groups,
+    placement_group_callback,
+)
 from rayft.trainers.config import JobSpec
 from rayft.trainers.records import live_state, read_events, read_record
 from rayft.trainers.storage import StorageRoot, run_relpath
 
 PLACEMENT_GROUPS_FILE = "placement_groups"
+CONTROLLERS_FILE = "controllers"
+"""The run's Train controllers' actor ids, one per line (written beside its groups)."""
 """Per run: the id of every placement group its Train workers were given, one per line."""
 
 STARTING = "starting"
@@ -62,12 +68,20 @@ class RunOptions:
 
 def record_groups(root: StorageRoot, run_id: str) -> Any:
     """A Ray Train callback (run in the Train controller) appending the id of each worker
-    group's placement group to the run's ``placement_groups`` file."""
+    group's placement group to the run's ``placement_groups`` file, and the controller's
+    actor id to its ``controllers`` file (once)."""
     relpath = run_relpath(run_id, PLACEMENT_GROUPS_FILE)
+    controllers = run_relpath(run_id, CONTROLLERS_FILE)
 
     def record(group_id: str) -> None:
+        import ray
+
         known = (root.read(relpath) or b"").decode()
         root.write(relpath, known + group_id + "\n")
+        me = ray.get_runtime_context().get_actor_id()
+        seen = (root.read(controllers) or b"").decode()
+        if me and me not in seen.split():
+            root.write(controllers, seen + me + "\n")
 
     return placement_group_callback(record)
 
@@ -118,6 +132,15 @@ def free_orphaned_groups() -> int:
     return _remove_groups(orphaned_placement_groups())
 
 
+def _controllers_alive(root: StorageRoot, run_ids: Iterable[str]) -> bool:
+    """Whether a Train controller of these runs is still alive (``CONTROLLERS_FILE``)."""
+    for run_id in run_ids:
+        raw = root.read(run_relpath(run_id, CONTROLLERS_FILE)) or b""
+        if any(not actor_is_dead(line) for line in raw.decode().split()):
+            return True
+    return False
+
+
 def driver_name(run_id: str) -> str:
     """The Ray actor name of the driver of a run started with ``in_actor=True``."""
     return f"rayft-run-{run_id}"
@@ -159,7 +182,8 @@ def free_stopped_runs(
     a driver reaches its Train controller a moment later; a controller that sees its
     workers gone first (their group was removed) starts a new worker group in a new
     placement group. So the groups are removed again each second, the new ones included,
-    until ``SETTLE_ROUNDS`` rounds find none (``FREE_LIMIT_S`` at most). A group such a
+    until ``SETTLE_ROUNDS`` rounds find none and every Train controller the runs recorded
+    (``CONTROLLERS_FILE``) is dead (``FREE_LIMIT_S`` at most). A group such a
     controller made and died before recording is removed too (:func:`free_orphaned_groups`).
 
     Args:
@@ -173,10 +197,13 @@ def free_stopped_runs(
         for run_id in run_ids:
             stop_driver(run_id)
         quiet, deadline = 0, time.monotonic() + FREE_LIMIT_S
-        while quiet < SETTLE_ROUNDS and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             removed = sum(free_run_groups(root, run_id) for run_id in run_ids)
             removed += free_orphaned_groups()
             quiet = 0 if removed else quiet + 1
+            # A controller still alive may yet start a new group: watch until it is gone.
+            if quiet >= SETTLE_ROUNDS and not _controllers_alive(root, run_ids):
+                break
             time.sleep(1.0)
 
     if not background:

@@ -282,7 +282,8 @@ def test_a_run_started_in_an_actor_reports_its_state_and_cancel_frees_its_cpus(
 ):
     import time
 
-    from rayft.trainers.runs import PLACEMENT_GROUPS_FILE, start_run
+    from rayft.trainers.compat import actor_is_dead
+    from rayft.trainers.runs import CONTROLLERS_FILE, PLACEMENT_GROUPS_FILE, start_run
     from rayft.trainers.storage import StorageRoot, run_relpath
 
     spec = make_spec(
@@ -301,8 +302,15 @@ def test_a_run_started_in_an_actor_reports_its_state_and_cancel_frees_its_cpus(
     assert run.status() == "running" and not run.done()
     recorded = StorageRoot.resolve(None).read(run_relpath("cancel-me", PLACEMENT_GROUPS_FILE))
     assert recorded is not None and len(recorded.split()) == 1
+    # The Train controller that made the group is recorded too, alive while the run runs.
+    [controller] = (
+        StorageRoot.resolve(None).read(run_relpath("cancel-me", CONTROLLERS_FILE)).split()
+    )
+    assert not actor_is_dead(controller.decode())
 
     run.cancel()
+    # cancel() returns once that controller is dead: it can start no new group after.
+    assert actor_is_dead(controller.decode())
     with pytest.raises(ray.exceptions.RayActorError):
         run.result(timeout=60)
     # Its driver is gone (read as interrupted: resume continues it), and so are the
