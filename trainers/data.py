@@ -31,7 +31,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -866,50 +866,65 @@ def prepares_in_driver(spec: JobSpec, rows: int) -> bool:
     return spec.data.prepare == "driver"
 
 
-def _datasets_in_driver(
-    spec: JobSpec, tokenizer_dir: str, scanned: SourceScan
-) -> tuple[pa.Table, pa.Table | None]:
-    data, fmt = spec.data, scanned.format
+def _datasets(
+    spec: JobSpec,
+    scanned: SourceScan,
+    read: Callable[[list[str]], Any],
+    split: Callable[[Any, bool], Any],
+    prepare: Callable[[Any, bool, int], Any],
+) -> tuple[Any, Any]:
+    """``(train, eval)``: the sources read, the eval split taken, each side prepared.
+
+    The steps are the same in the driver and with Ray Data; ``read``, ``split`` and
+    ``prepare`` do them on a table or on a Ray Dataset.
+    """
+    data = spec.data
     train_rows = sum(r.rows for r in scanned.train)
-    rows = driver_rows([r.path for r in scanned.train], fmt)
+    rows = read([r.path for r in scanned.train])
     held_out = None
     fraction = data.eval_fraction
     if scanned.eval:
-        eval_rows = driver_rows([r.path for r in scanned.eval], fmt)
         expected = sum(r.rows for r in scanned.eval)
-        held_out = prepare_in_driver(eval_rows, spec, fmt, tokenizer_dir, False, expected)
+        held_out = prepare(read([r.path for r in scanned.eval]), False, expected)
     elif fraction > 0:
-        eval_rows = _split(rows, fraction, want_eval=True)
-        rows = _split(rows, fraction, want_eval=False)
-        expected = int(train_rows * fraction)
-        held_out = prepare_in_driver(eval_rows, spec, fmt, tokenizer_dir, False, expected)
-    expected = int(train_rows * (1 - fraction))
-    train = prepare_in_driver(rows, spec, fmt, tokenizer_dir, data.shuffle, expected)
-    return train, held_out
+        held_out = prepare(split(rows, True), False, int(train_rows * fraction))
+        rows = split(rows, False)
+    return prepare(rows, data.shuffle, int(train_rows * (1 - fraction))), held_out
+
+
+def _datasets_in_driver(
+    spec: JobSpec, tokenizer_dir: str, scanned: SourceScan
+) -> tuple[pa.Table, pa.Table | None]:
+    fmt, fraction = scanned.format, spec.data.eval_fraction
+    return _datasets(
+        spec,
+        scanned,
+        read=lambda paths: driver_rows(paths, fmt),
+        split=lambda table, want_eval: _split(table, fraction, want_eval),
+        prepare=lambda table, shuffle, expected: prepare_in_driver(
+            table, spec, fmt, tokenizer_dir, shuffle, expected
+        ),
+    )
 
 
 def _datasets_with_ray(
     spec: JobSpec, tokenizer_dir: str, scanned: SourceScan
 ) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
-    data, fmt = spec.data, scanned.format
-    train_rows = sum(r.rows for r in scanned.train)
-    rows = read_rows([r.path for r in scanned.train], fmt)
-    eval_ds = None
-    fraction = data.eval_fraction
-    if scanned.eval:
-        expected = sum(r.rows for r in scanned.eval)
-        eval_rows = read_rows([r.path for r in scanned.eval], fmt)
-        eval_ds = _prepare(eval_rows, spec, fmt, tokenizer_dir, False, expected)
-    elif fraction > 0:
-        eval_rows = rows.map_batches(
-            _split, batch_format="pyarrow", fn_kwargs={"fraction": fraction, "want_eval": True}
-        )
-        rows = rows.map_batches(
-            _split, batch_format="pyarrow", fn_kwargs={"fraction": fraction, "want_eval": False}
-        )
-        eval_ds = _prepare(eval_rows, spec, fmt, tokenizer_dir, False, int(train_rows * fraction))
-    expected = int(train_rows * (1 - fraction))
-    return _prepare(rows, spec, fmt, tokenizer_dir, data.shuffle, expected), eval_ds
+    fmt, fraction = scanned.format, spec.data.eval_fraction
+
+    def split(rows: ray.data.Dataset, want_eval: bool) -> ray.data.Dataset:
+        kwargs = {"fraction": fraction, "want_eval": want_eval}
+        return rows.map_batches(_split, batch_format="pyarrow", fn_kwargs=kwargs)
+
+    return _datasets(
+        spec,
+        scanned,
+        read=lambda paths: read_rows(paths, fmt),
+        split=split,
+        prepare=lambda rows, shuffle, expected: _prepare(
+            rows, spec, fmt, tokenizer_dir, shuffle, expected
+        ),
+    )
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
