@@ -2,7 +2,7 @@
 
     python bench/gpu_components.py [--shape {1b,tiny}] [--attn {auto,sdpa,eager,flash_attention_2}]
         [--rows 8] [--seq-len 1024] [--steps 10] [--peak-tflops T] [--device cuda|cpu]
-        [--pad-to-longest] [--profile] [--json OUT]
+        [--pad-to-longest] [--compile] [--profile] [--json OUT]
 
     python bench/gpu_components.py --shape tiny      # a CPU smoke run, seconds
 
@@ -147,6 +147,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="pad packed rows to each batch's longest row rather than to --seq-len as training "
         "does (a new batch shape at most steps: cuDNN's attention plans each shape anew)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the LoRA model for the measured steps (model.compile: true); the "
+        "first steps, not timed, compile it",
     )
     parser.add_argument(
         "--profile",
@@ -395,6 +401,7 @@ def lora_throughput(model: Any, args: argparse.Namespace, varlen: bool) -> dict:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     head = peft_model.get_output_embeddings()
+    forward = torch.compile(peft_model, dynamic=False) if args.compile else peft_model
     batches = []
     for step in range(args.steps):
         examples = samples(args.seq_len, 1000 + step, model.config.vocab_size, 4 * args.rows)
@@ -409,7 +416,7 @@ def lora_throughput(model: Any, args: argparse.Namespace, varlen: bool) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
-        total, count = causal_lm_loss_sums(peft_model, head, batch)
+        total, count = causal_lm_loss_sums(forward, head, batch)
         (total / count).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -425,6 +432,7 @@ def lora_throughput(model: Any, args: argparse.Namespace, varlen: bool) -> dict:
         "params_N": n_params,
         "trainable_params": sum(p.numel() for p in trainable),
         "rows_per_step": args.rows,
+        "compiled": args.compile,
         "shapes": sorted({tuple(b["input_ids"].shape) for b in batches}),
         "tokens_per_step": round(timed_tokens / (args.steps - 2)),
         "timed_steps": args.steps - 2,
@@ -438,9 +446,7 @@ def lora_throughput(model: Any, args: argparse.Namespace, varlen: bool) -> dict:
         "loss_last": losses[-1],
         "ok": all(math.isfinite(x) for x in losses),
         **(
-            {"profile": profile_step(peft_model, head, trainable, batches[-1])}
-            if args.profile
-            else {}
+            {"profile": profile_step(forward, head, trainable, batches[-1])} if args.profile else {}
         ),
     }
 
@@ -462,8 +468,11 @@ def profile_step(model: Any, head: Any, trainable: list[Any], batch: dict[str, A
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - started
-    events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # Device time counted once: the kernels themselves, not also the aten ops that launched
+    # them (an op's self device time is its kernels' time).
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.key_averages() if not cuda or e.device_type == kind]
     top = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:12]
     busy = sum(getattr(e, key, 0.0) for e in events) / 1e6
     return {

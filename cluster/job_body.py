@@ -101,6 +101,7 @@ ALLOWED: dict[str, Allowed] = {
             "grpo.rollout_cpus",
             "grpo.rollout_gpus",
             "model.attn_implementation",
+            "model.compile",
             "classification.labels",
             "classification.text_column",
             "classification.label_column",

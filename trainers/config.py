@@ -59,6 +59,12 @@ class ModelSpec(_Section):
     """Attention kernels: ``auto`` is ``flash_attention_2`` where the ``flash_attn`` package
     and a CUDA GPU are there (packed rows then need no mask), else ``sdpa``; or ``sdpa``,
     ``eager`` or ``flash_attention_2`` (CUDA and ``flash_attn`` only)."""
+    compile: bool = False
+    """``torch.compile`` the model for training (DeepSpeed's ``engine.compile()``, PyTorch's
+    inductor): fused kernels and a faster step on GPUs (``bench/gpu_components.py
+    --compile``: a 1B LoRA step 1.29x faster on an H200). The first steps of each new batch
+    shape compile it (seconds to a minute), so it pays off in longer runs. Off by default, as
+    Hugging Face's ``torch_compile``."""
     adapter: str | None = None
     """A published LoRA adapter for ``name`` to continue training (its weights and LoRA
     shape); the new adapter records it as ``parent_adapter``."""

@@ -297,6 +297,8 @@ def setup(spec: JobSpec, inputs: WorkerInputs) -> Worker:
         config=zero_config(spec, world, inputs.dtype, on_gpu),
         dist_init_required=False,
     )
+    if spec.model.compile:
+        engine.compile()  # the module in place: its state dict keeps its keys
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )

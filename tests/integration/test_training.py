@@ -142,6 +142,27 @@ def test_lora_zero2_two_workers_publishes_a_plain_peft_adapter(
     assert rayft_main(["models", "export", "colors-lora", "--merge", str(out)]) == 2  # not empty
 
 
+def test_a_compiled_model_takes_the_eager_runs_first_step(lora_run, chat_file):
+    # model.compile: DeepSpeed's engine.compile() (inductor). The same spec, data order and
+    # seed as the eager run, so its first step sees the same batches and weights (one step:
+    # each new batch shape compiles anew, which on CPU costs more than the step).
+    _, eager, _ = lora_run
+    spec = make_spec(
+        chat_file,
+        "colors-compiled",
+        deepspeed={"zero_stage": 2},
+        model={"compile": True},
+        optim={"max_steps": 1},
+    )
+    compiled = run_training(spec, show_progress=False)
+    want, got = train_losses(eager)[:1], train_losses(compiled)
+    assert len(got) == 1
+    assert got == pytest.approx(want, rel=1e-4), (got, want)
+    assert compiled.evals()[0]["eval_loss"] == pytest.approx(
+        eager.evals()[0]["eval_loss"], rel=1e-4
+    )
+
+
 def test_full_zero3_offload_two_workers_publishes_an_hf_model(ray_cluster, chat_file):
     from transformers import AutoModelForCausalLM
 
