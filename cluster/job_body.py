@@ -97,6 +97,7 @@ ALLOWED: dict[str, Allowed] = {
             "grpo.scale_rewards",
             "grpo.reward_scale",
             "grpo.num_iterations",
+            "grpo.share_prompt",
             "grpo.rollout_workers",
             "grpo.rollout_cpus",
             "grpo.rollout_gpus",

@@ -184,6 +184,13 @@ class GrpoSpec(_Section):
     num_iterations: int = Field(1, ge=1, le=16)
     """Optimizer passes over each generated batch (TRL's ``num_iterations``, the paper's
     mu); above 1 the ratio to the sampling policy is clipped by ``epsilon``."""
+    share_prompt: bool = True
+    """Train on each prompt once per group: the prompt and its group's answers in one row,
+    each answer attending to the prompt and to itself (a block mask), so the prompt's
+    tokens are computed once rather than ``num_generations`` times; the log-probs and
+    gradients are those of one row per answer. Off: one row per answer, as TRL. Not under
+    flash-attention 2 (its kernels take no such mask), nor for a group longer than 4,096
+    tokens."""
     rollout_workers: int = Field(1, ge=1, le=16)
     """Rollout engines (Ray actors holding the policy for sampling); worker ``r`` samples
     on engine ``r % rollout_workers``."""

@@ -55,6 +55,11 @@ PHASES = ("sync_s", "generate_s", "grade_s", "reference_s")
 """Where a step's time goes before its forward and backward (``train`` records)."""
 STD_EPS = 1e-4
 """Added to the reward standard deviation before dividing (TRL's value)."""
+SHARED = "shared_"
+"""The prefix of :func:`shared_prompt_rows`' keys in a training batch."""
+SHARED_ROW_LIMIT = 4096
+"""The longest shared row (a prompt and its group's answers): its block mask is
+``tokens**2`` floats, so longer groups train one row per answer."""
 
 
 # --------------------------------------------------------------------------- rows
@@ -183,31 +188,72 @@ def token_logps(
     """Log-probability of every labelled token, ``[batch, seq - 1]`` (0 elsewhere).
 
     Position ``t`` holds ``log p(labels[t + 1] | tokens <= t)`` at ``temperature``, from
-    the same lean head as ``trainers.loss``: logits only for labelled positions.
+    the same lean head as ``trainers.loss``: logits only for labelled positions. A batch
+    that carries :func:`shared_prompt_rows` is computed from those rows.
     """
     import torch
-    from torch.utils.checkpoint import checkpoint
 
-    from rayft.trainers.loss import CHUNK_POSITIONS, hidden_states_forward, shifted_targets
+    from rayft.trainers.loss import hidden_states_forward, shifted_targets
 
+    if SHARED + "input_ids" in batch:
+        return _shared_token_logps(forward, head, batch, temperature)
     out = hidden_states_forward(forward, head, batch)
     hidden = out.hidden_states[-1][:, :-1]
     targets = shifted_targets(batch["labels"].to(hidden.device))[:, :-1]
     keep = targets != IGNORE_INDEX
-    picked, wanted = hidden[keep], targets[keep]
-    remember = torch.is_grad_enabled() and hidden.requires_grad
+    values = _chunked_logps(head, hidden[keep], targets[keep], temperature, hidden.requires_grad)
+    zero = out.logits[..., :1].float().sum() * 0.0 + hidden[:, :1, :1].float().sum() * 0.0
+    full = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device) + zero
+    if values is None:
+        return full
+    return full.masked_scatter(keep, values)
+
+
+def _shared_token_logps(
+    forward: Callable[..., Any], head: Any, batch: dict[str, torch.Tensor], temperature: float
+) -> torch.Tensor:
+    """:func:`token_logps` from :func:`shared_prompt_rows`: one forward over each prompt and
+    its group's answers, the log-probs put where the one-row-per-answer layout has them."""
+    import torch
+
+    from rayft.trainers.loss import hidden_states_forward
+
+    rows = {k: batch[SHARED + k] for k in ("input_ids", "attention_mask", "position_ids")}
+    out = hidden_states_forward(forward, head, rows)
+    hidden = out.hidden_states[-1]
+    device = hidden.device
+    picked = hidden[batch[SHARED + "src_row"].to(device), batch[SHARED + "src_pos"].to(device)]
+    wanted = batch[SHARED + "targets"].to(device)
+    values = _chunked_logps(head, picked, wanted, temperature, hidden.requires_grad)
+    n, width = batch["input_ids"].shape
+    zero = out.logits[..., :1].float().sum() * 0.0 + hidden[:, :1, :1].float().sum() * 0.0
+    full = torch.zeros((n, width - 1), dtype=torch.float32, device=device) + zero
+    if values is None:
+        return full
+    where = (batch[SHARED + "dst_row"].to(device), batch[SHARED + "dst_pos"].to(device))
+    return full.index_put(where, values)
+
+
+def _chunked_logps(
+    head: Any, picked: torch.Tensor, wanted: torch.Tensor, temperature: float, grad: bool
+) -> torch.Tensor | None:
+    """The tempered log-probs of ``wanted`` from the hidden states ``picked``, a chunk of
+    positions at a time; with autograd on, each chunk's logits are recomputed in backward
+    rather than kept. ``None`` for no positions."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from rayft.trainers.loss import CHUNK_POSITIONS
+
+    remember = torch.is_grad_enabled() and grad
     parts = []
     for start in range(0, int(wanted.numel()), CHUNK_POSITIONS):
         h, t = picked[start : start + CHUNK_POSITIONS], wanted[start : start + CHUNK_POSITIONS]
-        if remember:  # the chunk's logits are recomputed in backward rather than kept
+        if remember:
             parts.append(checkpoint(_tempered_logps, head, h, t, temperature, use_reentrant=False))
         else:
             parts.append(_tempered_logps(head, h, t, temperature))
-    zero = out.logits[..., :1].float().sum() * 0.0 + hidden[:, :1, :1].float().sum() * 0.0
-    full = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device) + zero
-    if not parts:
-        return full
-    return full.masked_scatter(keep, torch.cat(parts))
+    return torch.cat(parts) if parts else None
 
 
 def _tempered_logps(head: Any, hidden: Any, targets: Any, temperature: float) -> Any:
@@ -583,6 +629,11 @@ class GrpoObjective(Objective):
         rewards = rewards * grpo.reward_scale
         advantages, _ = group_advantages(rewards, group, grpo.scale_rewards)
         part = answer_batch(batch["prompts"], answers, group, worker.pad_id)
+        if self.shares_prompts(worker):
+            width = part["input_ids"].shape[1]
+            part.update(
+                shared_prompt_rows(batch["prompts"], answers, group, worker.pad_id, width) or {}
+            )
         part.update(
             {
                 "advantages": advantages,
@@ -609,6 +660,12 @@ class GrpoObjective(Objective):
         self._lap("reference_s", clock)
         for _ in range(grpo.num_iterations):
             yield part
+
+    def shares_prompts(self, worker: Worker) -> bool:
+        """``grpo.share_prompt``, where the model takes a block mask (not under
+        flash-attention 2, whose kernels take none)."""
+        config = inner_model(worker.engine).config
+        return self.grpo.share_prompt and config._attn_implementation != "flash_attention_2"
 
     def _lap(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -736,6 +793,87 @@ def answer_batch(
         "completion_mask": mask_t,
         "num_tokens": int(attention.sum()),
         "num_label_tokens": int(mask_t.sum()),
+    }
+
+
+def shared_prompt_rows(
+    prompts: list[list[int]], answers: list[Any], group: int, pad_id: int, width: int
+) -> dict[str, Any] | None:
+    """Each prompt once, followed by its group's answers, for the policy's forward.
+
+    A group's ``group`` rows of :func:`answer_batch` repeat the prompt ``group`` times; here
+    the prompt's tokens are computed once. Each answer attends to the prompt and to its own
+    earlier tokens (a 4-D block mask) at the positions it has in its own row, so every
+    answer token's log-prob is the one its own row gives, and the prompt's gradients are the
+    sum over the group's answers, as the separate rows add them.
+
+    Args:
+        prompts: Each prompt's token ids.
+        answers: The sampled answers, prompt-major (``.token_ids``).
+        group: Answers per prompt.
+        pad_id: Token id for padding.
+        width: :func:`answer_batch`'s row width, whose layout the log-probs are put back in.
+
+    Returns:
+        ``shared_``-prefixed tensors: ``input_ids``, ``attention_mask`` (additive float32,
+        ``[prompts, 1, L, L]``), ``position_ids``; for every answer token, the shared row
+        and position whose hidden state predicts it (``src_row``, ``src_pos``), the token
+        (``targets``), and where :func:`token_logps` puts it in ``answer_batch``'s layout
+        (``dst_row``, ``dst_pos``). ``None`` when a group's row would be longer than
+        :data:`SHARED_ROW_LIMIT`.
+    """
+    import torch
+
+    rows, spans = [], []
+    for i, prompt in enumerate(prompts):
+        row, starts = list(prompt), []
+        for j in range(group):
+            starts.append(len(row))
+            row += list(answers[i * group + j].token_ids)
+        rows.append(row)
+        spans.append(starts)
+    length = max((len(r) for r in rows), default=1)
+    if length > SHARED_ROW_LIMIT:
+        return None
+    n = len(rows)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, length), dtype=torch.long)
+    # Segment per position: 0 the prompt, j + 1 answer j, -1 padding.
+    segments = torch.full((n, length), -1, dtype=torch.long)
+    src_row, src_pos, targets, dst_row, dst_pos = [], [], [], [], []
+    for i, (row, starts) in enumerate(zip(rows, spans, strict=True)):
+        size = len(prompts[i])
+        input_ids[i, : len(row)] = torch.tensor(row)
+        positions[i, :size] = torch.arange(size)
+        segments[i, :size] = 0
+        for j, start in enumerate(starts):
+            answer = answers[i * group + j].token_ids
+            end = start + len(answer)
+            positions[i, start:end] = torch.arange(size, size + len(answer))
+            segments[i, start:end] = j + 1
+            for m, token in enumerate(answer):
+                src_row.append(i)
+                src_pos.append(size - 1 if m == 0 else start + m - 1)
+                targets.append(int(token))
+                dst_row.append(i * group + j)
+                dst_pos.append(size + m - 1)
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones((length, length), dtype=torch.bool).tril()
+    seen = ((key == 0) | (key == query)) & causal & (query >= 0)
+    seen |= torch.eye(length, dtype=torch.bool)  # a padding position sees itself, not -inf
+    mask = torch.zeros((n, 1, length, length), dtype=torch.float32)
+    mask.masked_fill_(~seen[:, None], torch.finfo(torch.float32).min)
+    assert not dst_pos or max(dst_pos) <= width - 2
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return {
+        SHARED + "input_ids": input_ids,
+        SHARED + "attention_mask": mask,
+        SHARED + "position_ids": positions,
+        SHARED + "src_row": as_long(src_row),
+        SHARED + "src_pos": as_long(src_pos),
+        SHARED + "targets": as_long(targets),
+        SHARED + "dst_row": as_long(dst_row),
+        SHARED + "dst_pos": as_long(dst_pos),
     }
 
 

@@ -393,3 +393,50 @@ def test_a_judge_that_cannot_load_fails_before_ray_starts_naming_its_key(tmp_pat
         rayft.tune({**data, "storage": str(tmp_path / "home")})
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_rows_give_each_answers_own_row_logps_and_gradients(
+    tiny_model_dir, temperature
+):
+    # Prompts of different lengths, answers of different lengths (one a single token), so
+    # the shared rows are padded and every answer starts at a different offset.
+    from rayft.trainers.grpo import shared_prompt_rows
+
+    model = _policy(tiny_model_dir)
+    head = model.get_output_embeddings()
+    prompts = [[5, 17, 42, 99, 120], [7, 3, 88]]
+    tokens = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [30], [31, 32], [33], [40]]
+    answers = [Sampled(t, "", "stop") for t in tokens]
+    part = answer_batch(prompts, answers, 4, pad_id=0)
+    shared = shared_prompt_rows(prompts, answers, 4, 0, part["input_ids"].shape[1])
+    assert shared is not None
+    # Each prompt once: 5 + 11 and 3 + 5 tokens against 8 rows of prompt + answer.
+    assert shared["shared_input_ids"].shape == (2, 16)
+    assert int((shared["shared_attention_mask"] == 0).sum()) > 0
+
+    def logps_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        logps = token_logps(model, head, batch, temperature)
+        weights = torch.linspace(0.5, 1.5, logps.numel()).view_as(logps)
+        (logps * weights * part["completion_mask"][:, 1:]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logps.detach(), grads
+
+    want, want_grads = logps_and_grads(part)
+    got, got_grads = logps_and_grads({**part, **shared})
+    mask = part["completion_mask"][:, 1:].bool()
+    assert torch.allclose(got[mask], want[mask], atol=1e-5)
+    assert torch.count_nonzero(got[~mask]) == 0
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 0
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_shared_prompt_rows_step_aside_for_groups_over_the_limit():
+    from rayft.trainers.grpo import SHARED_ROW_LIMIT, shared_prompt_rows
+
+    long = [Sampled(list(range(3, 3 + SHARED_ROW_LIMIT // 2)), "", "length")] * 2
+    assert shared_prompt_rows([[1, 2]], long, 2, 0, SHARED_ROW_LIMIT) is None
+    assert spec().grpo.share_prompt is True
+    assert spec(share_prompt=False).grpo.share_prompt is False
