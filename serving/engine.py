@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rayft.serving.batched_lora import BatchedLora
 from rayft.serving.errors import (
     BadRequest,
     Conflict,
@@ -231,8 +230,6 @@ class ModelEngine:
         self._dora: set[str] = set()
         # Adapters set from tensors (set_adapter_weights): no file or registry entry behind them.
         self._in_memory: set[str] = set()
-        # Mixed-adapter batches in two matrix products per LoRA layer (PEFT's path otherwise).
-        self._batched_lora = BatchedLora()
         self.peak_loaded = 0
         # Told of loads and evictions (serving.metrics: NullMetrics or ServingMetrics).
         self.listener: Any = None
@@ -427,7 +424,6 @@ class ModelEngine:
             ) from None
         # load_adapter leaves new modules in train mode; PEFT refuses adapter_names then.
         self.model.eval()
-        self._batched_lora.invalidate()
         self._loaded[name] = mtime
         if getattr(self.model.peft_config[name], "use_dora", False):
             self._dora.add(name)
@@ -438,7 +434,6 @@ class ModelEngine:
 
     def _unload(self, name: str) -> None:
         self.model.delete_adapter(name)
-        self._batched_lora.invalidate()
         del self._loaded[name]
         self._dora.discard(name)
         log.info("evicted adapter %s", name)
@@ -474,7 +469,6 @@ class ModelEngine:
             self._in_memory.add(name)
         set_peft_model_state_dict(self.model, weights, adapter_name=name)
         self.model.eval()
-        self._batched_lora.invalidate()
 
     def set_base_weights(self, weights: dict) -> None:
         """Overwrite the base model's weights (a full-weight policy's broadcast)."""
@@ -659,12 +653,11 @@ class ModelEngine:
     def _run_model(self, adapters: list[str], **inputs: Any) -> Any:
         """One forward pass where row ``i`` uses adapter ``adapters[i]``.
 
-        A batch of several adapters runs each LoRA layer's adapters stacked, in two matrix
-        products (``serving.batched_lora``), or else on PEFT's mixed-adapter path, which
-        splits every LoRA layer's input by adapter in Python. When the whole batch uses one
-        adapter (or only the base), the plain path with that adapter active computes the
-        same thing without either. PEFT refuses DoRA adapters in a mixed batch, so rows of a
-        DoRA adapter run in a pass of their own (:meth:`_grouped_forward`).
+        PEFT's mixed-adapter path splits every LoRA layer's input by adapter in Python;
+        when the whole batch uses one adapter (or only the base), the plain path with
+        that adapter active computes the same thing without the per-layer bookkeeping.
+        PEFT refuses DoRA adapters in a mixed batch, so rows of a DoRA adapter run in a
+        pass of their own (:meth:`_grouped_forward`).
         """
         if self.model is self.base:
             return self.model(**inputs)
@@ -672,8 +665,7 @@ class ModelEngine:
         if len(names) > 1:
             if names & self._dora:
                 return self._grouped_forward(adapters, **inputs)
-            out = self._batched_lora.forward(self.model, adapters, BASE_ADAPTER, inputs)
-            return out if out is not None else self.model(**inputs, adapter_names=adapters)
+            return self.model(**inputs, adapter_names=adapters)
         (name,) = names
         if name == BASE_ADAPTER:
             with self.model.disable_adapter():
