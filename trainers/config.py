@@ -281,7 +281,7 @@ class ScalingSpec(_Section):
     start_timeout_s: float = Field(600, gt=0, le=86400, allow_inf_nan=False)
     """Longest wait, in seconds, for the cluster to have what the run needs: a free CPU for
     Ray Data's tokenize tasks, then the workers' resources (Ray Train's worker-group start,
-    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``). The run fails after it, saying what it
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``), then GRPO's rollout engines. The run fails after it, saying what it
     waited for, instead of waiting forever. At most 86400 (a day)."""
     allocator: Literal["auto", "system", "jemalloc"] = "auto"
     """The C allocator of the training workers. ``jemalloc``: the one Ray's wheel ships,

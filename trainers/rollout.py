@@ -121,8 +121,25 @@ def start_engines(spec: JobSpec, run: str, model_dir: str, dtype: str, batch: in
         ).remote(model_dir, spec.storage, dtype, batch)
         for index in range(grpo.rollout_workers)
     ]
-    # Wait for every engine to hold its model, so a failure to start surfaces here.
-    ray.get([a.__ray_ready__.remote() for a in actors])
+    # Wait for every engine to hold its model, so a failure to start surfaces here; an
+    # engine the cluster cannot place fails the run after scaling.start_timeout_s.
+    ready = [a.__ray_ready__.remote() for a in actors]
+    timeout = spec.scaling.start_timeout_s
+    _, waiting = ray.wait(ready, num_returns=len(ready), timeout=timeout)
+    if waiting:
+        from rayft.trainers.startup import StartTimeoutError
+
+        for actor in actors:
+            ray.kill(actor)
+        free = ray.available_resources().get("CPU", 0.0)
+        raise StartTimeoutError(
+            f"{len(waiting)} of the run's {len(actors)} rollout engine(s) did not start within "
+            f"{timeout:g} s (scaling.start_timeout_s): each asks for grpo.rollout_cpus="
+            f"{grpo.rollout_cpus:g} CPU(s) and grpo.rollout_gpus={grpo.rollout_gpus:g} GPU(s), "
+            f"and the cluster has {free:g} CPU(s) free; lower grpo.rollout_cpus, free or add "
+            "CPUs, or raise scaling.start_timeout_s"
+        )
+    ray.get(ready)
     return actors
 
 

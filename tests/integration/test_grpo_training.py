@@ -78,6 +78,49 @@ def test_lora_grpo_samples_on_rollout_engines_and_publishes(ray_cluster, tmp_pat
     assert alive == []
 
 
+def test_a_rollout_engine_the_cluster_cannot_place_fails_the_run_naming_its_cpus(
+    ray_cluster, tmp_path
+):
+    # Something else holds half the cluster's CPUs: the worker still starts, the rollout
+    # engine (grpo.rollout_cpus of them) cannot, and the run fails after
+    # scaling.start_timeout_s instead of waiting for it forever.
+    import ray
+
+    total = ray.cluster_resources()["CPU"]
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.options(num_cpus=total - 2).remote()
+    ray.get(holder.ready.remote())
+    spec = validate_spec(
+        tiny_spec(
+            write_prompts(tmp_path / "train.jsonl", [(a, a + 1) for a in range(4)]),
+            data={"max_seq_len": 64},
+            objective="grpo",
+            grpo={
+                "grader": FUZZY_GRADER,
+                "num_generations": 2,
+                "max_new_tokens": 8,
+                "rollout_cpus": 2,
+            },
+            optim={"max_steps": 1, "batch_size": 2},
+            scaling={"num_workers": 1, "start_timeout_s": 8},
+            output={"name": "grpo-no-room", "overwrite": True},
+        )
+    )
+    try:
+        with pytest.raises(Exception, match=r"grpo\.rollout_cpus=2") as err:
+            run_training(spec, show_progress=False)
+    finally:
+        ray.kill(holder)
+    assert "scaling.start_timeout_s" in str(err.value)
+    alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if "rollout" in a["name"]]
+    assert alive == []
+
+
 def test_full_weight_grpo_under_zero3_on_two_workers_publishes_a_model(ray_cluster, tmp_path):
     spec = validate_spec(
         tiny_spec(
