@@ -57,6 +57,10 @@ STD_EPS = 1e-4
 """Added to the reward standard deviation before dividing (TRL's value)."""
 SHARED = "shared_"
 """The prefix of :func:`shared_prompt_rows`' keys in a training batch."""
+SHARED_ROW_KEYS = ("input_ids", "attention_mask", "position_ids")
+"""What the model reads of :func:`shared_prompt_rows`."""
+PROMPT_SEGMENT = 1
+"""The prompt's segment in a shared row; answer ``j`` is segment ``PROMPT_SEGMENT + 1 + j``."""
 SHARED_ROW_LIMIT = 4096
 """The longest shared row (a prompt and its group's answers): its block mask is
 ``tokens**2`` floats, so longer groups train one row per answer."""
@@ -195,43 +199,25 @@ def token_logps(
 
     from rayft.trainers.loss import hidden_states_forward, shifted_targets
 
-    if SHARED + "input_ids" in batch:
-        return _shared_token_logps(forward, head, batch, temperature)
-    out = hidden_states_forward(forward, head, batch)
-    hidden = out.hidden_states[-1][:, :-1]
-    targets = shifted_targets(batch["labels"].to(hidden.device))[:, :-1]
-    keep = targets != IGNORE_INDEX
-    values = _chunked_logps(head, hidden[keep], targets[keep], temperature, hidden.requires_grad)
-    zero = out.logits[..., :1].float().sum() * 0.0 + hidden[:, :1, :1].float().sum() * 0.0
-    full = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device) + zero
-    if values is None:
-        return full
-    return full.masked_scatter(keep, values)
-
-
-def _shared_token_logps(
-    forward: Callable[..., Any], head: Any, batch: dict[str, torch.Tensor], temperature: float
-) -> torch.Tensor:
-    """:func:`token_logps` from :func:`shared_prompt_rows`: one forward over each prompt and
-    its group's answers, the log-probs put where the one-row-per-answer layout has them."""
-    import torch
-
-    from rayft.trainers.loss import hidden_states_forward
-
-    rows = {k: batch[SHARED + k] for k in ("input_ids", "attention_mask", "position_ids")}
+    shared = SHARED + "input_ids" in batch
+    rows = {k: batch[SHARED + k] for k in SHARED_ROW_KEYS} if shared else batch
     out = hidden_states_forward(forward, head, rows)
     hidden = out.hidden_states[-1]
     device = hidden.device
-    picked = hidden[batch[SHARED + "src_row"].to(device), batch[SHARED + "src_pos"].to(device)]
-    wanted = batch[SHARED + "targets"].to(device)
+    if shared:  # each answer token from the position that predicts it in the shared rows
+        picked = hidden[batch[SHARED + "src_row"].to(device), batch[SHARED + "src_pos"].to(device)]
+        wanted = batch[SHARED + "targets"].to(device)
+        where = (batch[SHARED + "dst_row"].to(device), batch[SHARED + "dst_pos"].to(device))
+    else:
+        targets = shifted_targets(batch["labels"].to(device))[:, :-1]
+        keep = targets != IGNORE_INDEX
+        picked, wanted = hidden[:, :-1][keep], targets[keep]
+        where = keep.nonzero(as_tuple=True)
     values = _chunked_logps(head, picked, wanted, temperature, hidden.requires_grad)
     n, width = batch["input_ids"].shape
     zero = out.logits[..., :1].float().sum() * 0.0 + hidden[:, :1, :1].float().sum() * 0.0
     full = torch.zeros((n, width - 1), dtype=torch.float32, device=device) + zero
-    if values is None:
-        return full
-    where = (batch[SHARED + "dst_row"].to(device), batch[SHARED + "dst_pos"].to(device))
-    return full.index_put(where, values)
+    return full if values is None else full.index_put(where, values)
 
 
 def _chunked_logps(
@@ -824,6 +810,8 @@ def shared_prompt_rows(
     """
     import torch
 
+    from rayft.trainers.packing import block_causal_mask
+
     rows, spans = [], []
     for i, prompt in enumerate(prompts):
         row, starts = list(prompt), []
@@ -838,31 +826,26 @@ def shared_prompt_rows(
     n = len(rows)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     positions = torch.zeros((n, length), dtype=torch.long)
-    # Segment per position: 0 the prompt, j + 1 answer j, -1 padding.
-    segments = torch.full((n, length), -1, dtype=torch.long)
+    # Segment per position: 1 the prompt, j + 2 answer j, 0 padding (block_causal_mask's).
+    segments = torch.zeros((n, length), dtype=torch.long)
     src_row, src_pos, targets, dst_row, dst_pos = [], [], [], [], []
     for i, (row, starts) in enumerate(zip(rows, spans, strict=True)):
         size = len(prompts[i])
         input_ids[i, : len(row)] = torch.tensor(row)
         positions[i, :size] = torch.arange(size)
-        segments[i, :size] = 0
+        segments[i, :size] = PROMPT_SEGMENT
         for j, start in enumerate(starts):
             answer = answers[i * group + j].token_ids
             end = start + len(answer)
             positions[i, start:end] = torch.arange(size, size + len(answer))
-            segments[i, start:end] = j + 1
+            segments[i, start:end] = PROMPT_SEGMENT + 1 + j
             for m, token in enumerate(answer):
                 src_row.append(i)
                 src_pos.append(size - 1 if m == 0 else start + m - 1)
                 targets.append(int(token))
                 dst_row.append(i * group + j)
                 dst_pos.append(size + m - 1)
-    query, key = segments[:, :, None], segments[:, None, :]
-    causal = torch.ones((length, length), dtype=torch.bool).tril()
-    seen = ((key == 0) | (key == query)) & causal & (query >= 0)
-    seen |= torch.eye(length, dtype=torch.bool)  # a padding position sees itself, not -inf
-    mask = torch.zeros((n, 1, length, length), dtype=torch.float32)
-    mask.masked_fill_(~seen[:, None], torch.finfo(torch.float32).min)
+    mask = block_causal_mask(segments, torch.float32, shared=PROMPT_SEGMENT)
     assert not dst_pos or max(dst_pos) <= width - 2
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
     return {

@@ -124,22 +124,29 @@ def _join(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def block_causal_mask(
+    segment_ids: torch.Tensor, dtype: torch.dtype, shared: int | None = None
+) -> torch.Tensor:
     """Additive attention mask that keeps packed samples from seeing each other.
 
     Args:
         segment_ids: ``[B, T]`` long tensor, 1, 2, ... per packed sample, 0 for padding.
         dtype: The float dtype of the mask (use the model's compute dtype).
+        shared: A segment every sample of its row also sees (GRPO's prompt, which the
+            group's answers follow: ``trainers.grpo.shared_prompt_rows``).
 
     Returns:
         ``[B, 1, T, T]`` tensor: 0 where query ``q`` may attend key ``k`` (same nonzero
-        segment and ``k <= q``), ``torch.finfo(dtype).min`` elsewhere. A padding
-        position attends only to itself, so no softmax row is fully masked (no NaN).
+        segment, or ``k`` in the ``shared`` segment, and ``k <= q``),
+        ``torch.finfo(dtype).min`` elsewhere. A padding position attends only to itself,
+        so no softmax row is fully masked (no NaN).
     """
     seg = segment_ids.long()
     t = seg.shape[-1]
     causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
     same = seg[:, :, None] == seg[:, None, :]
+    if shared is not None:
+        same = same | (seg[:, None, :] == shared)
     allowed = same & (seg[:, :, None] != 0) & causal
     eye = torch.eye(t, dtype=torch.bool, device=seg.device)
     allowed = allowed | ((seg == 0)[:, :, None] & eye)
