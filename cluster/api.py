@@ -741,6 +741,7 @@ def serve(
     cfg = _serve_config(model, serve_args)
     embedded_only = metrics_port is not None or dashboard_port is not None
     _check_serve_target(host, insecure, address, embedded_only)
+    _check_engine(cfg)
     started = not ray.is_initialized()
     kind = connect(address, metrics_export_port=metrics_port, dashboard_port=dashboard_port)
     _serving["ray_started"] = started
@@ -767,6 +768,18 @@ def serve(
         finally:
             stop_serving(drain=True)
     return url
+
+
+def _check_engine(cfg: Any) -> None:
+    """``engine: vllm`` where no environment has vLLM fails here, before Ray starts."""
+    if cfg.engine != "vllm":
+        return
+    from rayft.serving.vllm_engine import VllmUnavailable, pick_engine
+
+    try:
+        pick_engine(cfg.engine, cfg.vllm_python)
+    except VllmUnavailable as err:
+        raise UserError(str(err)) from None
 
 
 def stop_serving(drain: bool = False) -> None:

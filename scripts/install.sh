@@ -20,3 +20,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 "${PIP[@]}" install -q -e ".[${EXTRAS}]"
 "$VENV/bin/python" -c "import torch, ray, deepspeed, peft, transformers; print(f'rayft env: torch {torch.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}, peft {peft.__version__}, transformers {transformers.__version__}')" 2>&1 | grep '^rayft env'
+# vLLM's CPU build in .venv-vllm, for `rayft serve engine=vllm` and its tests;
+# RAYFT_VLLM=0 skips it.
+if [ "${RAYFT_VLLM:-1}" != "0" ]; then
+  bash scripts/install_vllm.sh
+fi

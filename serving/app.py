@@ -90,6 +90,16 @@ class ServeArgs(BaseModel):
     ended, requests per second per replica, checkpoint retention
     (``trainers.job_limits.ProjectQuotas``; 429 ``quota_exceeded`` past one)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    engine: Literal["auto", "native", "vllm"] = "auto"
+    """What decodes: ``native`` (rayft's engine), ``vllm`` (vLLM's server beside the replica,
+    ``serving.vllm_engine``) or ``auto`` (vLLM where it is installed and a GPU is present)."""
+    vllm_python: str | None = None
+    """The interpreter with vLLM; default ``$RAYFT_VLLM_PYTHON``, then ``.venv-vllm``
+    (``scripts/install_vllm.sh``), then this one when it imports vLLM."""
+    max_lora_rank: int = Field(64, ge=1, le=512)
+    """Highest LoRA rank vLLM reserves room for; adapters above it are served natively."""
+    vllm_start_timeout_s: float = Field(600.0, gt=0.0, le=3600.0)
+    """How long vLLM's server may take to load the model and answer."""
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs reserved per replica (``ray_actor_options``)."""
     num_gpus: float = Field(0.0, ge=0.0)
@@ -150,7 +160,6 @@ class ModelServer:
         api_key_sha256: str | None = None,
         routers: list[str] | None = None,
     ) -> None:
-        from rayft.serving.engine import ModelEngine
         from rayft.serving.http_guard import Admission
         from rayft.serving.metrics import replica_metrics
         from rayft.serving.request_log import RequestLog
@@ -163,13 +172,7 @@ class ModelServer:
         self.allowed_hosts = list(cfg.allowed_hosts)
         self.grace_period_s = cfg.grace_period_s
         self.admission = Admission()
-        engine = ModelEngine(
-            cfg.model,
-            storage=cfg.storage,
-            max_loaded_adapters=cfg.max_loaded_adapters,
-            dtype=cfg.dtype,
-            max_batch_size=cfg.max_batch_size,
-        )
+        engine = _engine(cfg)
         limits = Limits(
             max_tokens_limit=cfg.max_tokens_limit,
             max_prompt_tokens=cfg.max_prompt_tokens,
@@ -220,10 +223,36 @@ class ModelServer:
         """Adapters this replica holds now (least recently used first)."""
         return self.service.engine.loaded_adapters()
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine stopped is replaced."""
+        self.service.engine.check_health()
+
     def __del__(self) -> None:
         service = getattr(self, "service", None)
         if service is not None:
             service.close()
+
+
+def _engine(cfg: ServeArgs) -> Any:
+    """The replica's engine: ``ModelEngine``, or ``VllmEngine`` for ``engine: vllm``."""
+    from rayft.serving.engine import ModelEngine
+    from rayft.serving.vllm_engine import VllmEngine, pick_engine
+
+    common = {
+        "storage": cfg.storage,
+        "max_loaded_adapters": cfg.max_loaded_adapters,
+        "dtype": cfg.dtype,
+        "max_batch_size": cfg.max_batch_size,
+    }
+    if pick_engine(cfg.engine, cfg.vllm_python) == "native":
+        return ModelEngine(cfg.model, **common)
+    return VllmEngine(
+        cfg.model,
+        **common,
+        vllm_python=cfg.vllm_python,
+        max_lora_rank=cfg.max_lora_rank,
+        start_timeout_s=cfg.vllm_start_timeout_s,
+    )
 
 
 def build_app(args: dict[str, Any] | ServeArgs | None = None) -> serve.Application:

@@ -399,7 +399,8 @@ class ModelEngine:
             return
         # PEFT cannot run a PeftModel with zero adapters, so the newcomer loads before the
         # last one goes (the bound is exceeded only inside this call, and only when it is 1).
-        staging = new if new != old else f"{new}.reloading"
+        # PEFT refuses adapter names with a dot: the staging name has none.
+        staging = new if new != old else f"{new}__reloading"
         self._load(staging, path, mtime)
         self._unload(old)
         self._evicted(old, new)
@@ -991,6 +992,12 @@ class ModelEngine:
         if adapter != BASE_ADAPTER and adapter in self._loaded:
             self._loaded.move_to_end(adapter)
         return scores
+
+    def close(self) -> None:
+        """Release what the engine holds outside this process (nothing: see ``VllmEngine``)."""
+
+    def check_health(self) -> None:
+        """Raise when the engine can no longer answer (never, in this process)."""
 
     def _hold_adapter(self, adapter: str, served: ServedAdapter | None = None) -> None:
         """Load ``adapter`` for scoring, or 503 ``busy`` when running rows hold every slot."""

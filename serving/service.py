@@ -625,8 +625,9 @@ class ModelService:
             log.exception("cannot record request %s", record.request_id)
 
     def close(self) -> None:
-        """Stop the decode loop and its thread, and close the request log."""
+        """Stop the decode loop and its thread, the engine, and close the request log."""
         self.loop.close()
+        self.engine.close()
         if self.request_log is not None:
             self.request_log.close()
 

@@ -228,6 +228,19 @@ def test_republished_adapter_is_reloaded_without_restart(engine, home):
     assert after != before
 
 
+def test_a_one_slot_engine_reloads_its_only_adapter_when_republished(home):
+    # With one adapter held, the new weights load under a staging name before the old go.
+    one = ModelEngine("tiny-llama", storage=str(home), max_loaded_adapters=1, dtype="float32")
+    make_peft_adapter(home, "solo", 13)
+    before = one.generate([request(one, "hello", "solo", greedy(8))])[0].token_ids
+    shutil.rmtree(home / "adapters" / "solo")
+    make_peft_adapter(home, "solo", 14)
+    after = one.generate([request(one, "hello", "solo", greedy(8))])[0].token_ids
+    expected = reference_greedy(one, home, tuple(one.tokenizer("hello")["input_ids"]), "solo", 8)
+    assert_full_greedy(one, after, expected, 8)
+    assert after != before and one.loaded_adapters() == ["solo"]
+
+
 def test_score_matches_plain_teacher_forced_loss(engine, home):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -1,0 +1,260 @@
+"""``engine=vllm``: rayft's Serve app decoding on vLLM's CPU build, driven by the openai client.
+
+The app serves SmolLM2-135M-Instruct (vLLM's CPU attention has no kernel for tiny-llama's
+head size of 16) with LoRA adapters made by PEFT. Every answer is checked against rayft's
+native engine on the same weights in this process: greedy text and token counts, sampled
+choices per seed, stop strings, streamed deltas, an adapter published and republished
+while serving, DoRA routed to the native engine, the base-fingerprint 409, and the loss
+``/v1/evaluations`` and echoed log-probs report.
+
+``scripts/install.sh`` makes vLLM's environment (``scripts/install_vllm.sh``); the module
+is skipped only where ``RAYFT_VLLM=0`` said to install none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from rayft.serving.vllm_engine import find_vllm_python
+
+if os.environ.get("RAYFT_VLLM") == "0":
+    pytest.skip("RAYFT_VLLM=0: no vLLM environment was installed", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+BASE = "smollm2-135m-instruct"
+PROMPTS = ["Name a colour of the sky.", "What is 2 + 3?"]
+
+
+def smollm_adapter(home: Path, name: str, seed: int, dora: bool = False, base: str = BASE):
+    """Publish a LoRA adapter for SmolLM2 made by PEFT with random B matrices (fixed seed),
+    large enough to change the greedy answer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rayft.trainers.manifest import ArtifactManifest
+    from rayft.trainers.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(BASE, home / "models"))
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], use_dora=dora)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    for param_name, param in peft_model.named_parameters():
+        if "lora_B" in param_name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    out = home / "adapters" / name
+    if out.exists():
+        shutil.rmtree(out)
+    peft_model.save_pretrained(out)
+    ArtifactManifest(kind="adapter", name=name, base_model=base).write(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm_home(rayft_home: Path) -> Path:
+    from rayft.trainers.models import resolve_model
+    from rayft.trainers.storage import StorageRoot
+
+    assert find_vllm_python() is not None, (
+        "no vLLM environment: run `bash scripts/install_vllm.sh` (or set RAYFT_VLLM=0 to skip)"
+    )
+    resolve_model(BASE, rayft_home / "models", StorageRoot.resolve(str(rayft_home)))
+    smollm_adapter(rayft_home, "v-one", 1)
+    smollm_adapter(rayft_home, "v-two", 2)
+    smollm_adapter(rayft_home, "v-dora", 3, dora=True)
+    smollm_adapter(rayft_home, "v-tiny", 4, base="tiny-llama")
+    return rayft_home
+
+
+@pytest.fixture(scope="module")
+def vllm_url(ray_cluster, vllm_home: Path):
+    from ray import serve
+
+    from rayft.serving.client import run_app
+
+    args = {
+        "model": BASE,
+        "storage": str(vllm_home),
+        "engine": "vllm",
+        "max_loaded_adapters": 2,
+        "dtype": "float32",
+        "max_tokens_limit": 64,
+        "num_cpus": 1,
+    }
+    try:
+        yield run_app(args)
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def native(vllm_home: Path):
+    """rayft's native engine on the same base and registry: the reference."""
+    from rayft.serving.engine import ModelEngine
+
+    return ModelEngine(BASE, storage=str(vllm_home), max_loaded_adapters=4, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def client(vllm_url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{vllm_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def native_greedy(native, model: str, prompt: str, max_tokens: int = 12):
+    from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, SamplingParams
+
+    ids = tuple(native.tokenizer(prompt)["input_ids"])
+    adapter = BASE_ADAPTER if model == BASE else model
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return native.generate([GenerationRequest(ids, adapter, params)])[0]
+
+
+@pytest.mark.parametrize("model", [BASE, "v-one", "v-two", "v-dora"])
+def test_greedy_answers_equal_the_native_engines(client, native, model):
+    for prompt in PROMPTS:
+        got = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+        want = native_greedy(native, model, prompt)
+        assert got.choices[0].text == want.text, (model, prompt)
+        assert got.usage.completion_tokens == want.completion_tokens
+        assert got.usage.prompt_tokens == len(native.tokenizer(prompt)["input_ids"])
+    base = client.completions.create(model=BASE, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    if model != BASE:  # the adapters surely change the answer
+        assert got.choices[0].text != base.choices[0].text or model == "v-dora"
+
+
+def test_streamed_deltas_join_to_the_answer_and_end_with_usage(client):
+    whole = client.completions.create(
+        model="v-one", prompt=PROMPTS[0], max_tokens=16, temperature=0
+    )
+    stream = client.completions.create(
+        model="v-one",
+        prompt=PROMPTS[0],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert whole.choices[0].text and len(chunks) > 2
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_choices_follow_the_seed_and_stop_ends_before_the_stop_string(client):
+    def sampled():
+        answer = client.chat.completions.create(
+            model="v-two",
+            messages=[{"role": "user", "content": PROMPTS[0]}],
+            max_tokens=12,
+            temperature=1.0,
+            n=3,
+            seed=7,
+        )
+        return [c.message.content for c in sorted(answer.choices, key=lambda c: c.index)]
+
+    first, again = sampled(), sampled()
+    assert first == again and len(first) == 3
+    assert len(set(first)) > 1  # each choice draws from its own seed
+
+    whole = client.completions.create(model=BASE, prompt=PROMPTS[0], max_tokens=16, temperature=0)
+    text = whole.choices[0].text
+    stop = text.strip().split()[1]
+    cut = client.completions.create(
+        model=BASE, prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_an_adapter_published_while_serving_is_loaded_and_reloaded_when_republished(
+    client, native, vllm_home
+):
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        client.completions.create(model="v-late", prompt=PROMPTS[0], max_tokens=4)
+    smollm_adapter(vllm_home, "v-late", 21)
+    first = client.completions.create(
+        model="v-late", prompt=PROMPTS[0], max_tokens=12, temperature=0
+    )
+    assert first.choices[0].text == native_greedy(native, "v-late", PROMPTS[0]).text
+
+    smollm_adapter(vllm_home, "v-late", 22)  # republished: new weights under the same name
+    again = client.completions.create(
+        model="v-late", prompt=PROMPTS[0], max_tokens=12, temperature=0
+    )
+    assert again.choices[0].text == native_greedy(native, "v-late", PROMPTS[0]).text
+    assert again.choices[0].text != first.choices[0].text
+
+
+def test_an_adapter_of_another_base_is_a_409_and_an_unknown_one_a_404(vllm_url):
+    answer = httpx.post(
+        f"{vllm_url}/v1/completions",
+        json={"model": "v-tiny", "prompt": "hi", "max_tokens": 2},
+        timeout=60,
+    )
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["code"] == "base_model_mismatch"
+    answer = httpx.post(
+        f"{vllm_url}/v1/completions",
+        json={"model": "v-none", "prompt": "hi", "max_tokens": 2},
+        timeout=60,
+    )
+    assert answer.status_code == 404 and answer.json()["error"]["param"] == "model"
+
+
+def test_evaluation_loss_from_prompt_logprobs_equals_the_native_engines(vllm_url, native):
+    rows = [
+        {"prompt": "Name a colour of the sky.", "completion": " The sky is blue."},
+        {"prompt": "What is 2 + 3?", "completion": " 2 + 3 = 5."},
+        {
+            "messages": [
+                {"role": "user", "content": "Say hello."},
+                {"role": "assistant", "content": "Hello!"},
+            ]
+        },
+    ]
+    for model in ("v-one", BASE):
+        answer = httpx.post(
+            f"{vllm_url}/v1/evaluations",
+            json={"model": model, "rows": rows, "metrics": ["loss"]},
+            timeout=300,
+        )
+        assert answer.status_code == 200, answer.text
+        served = answer.json()["metrics"]["loss"]
+
+        from rayft.serving.evaluation import prepare_rows
+
+        prepared = prepare_rows(rows, native.tokenizer, "auto", 2048, True, False)
+        adapter = "__base__" if model == BASE else model
+        total, count = native.score(prepared.scored, adapter)
+        # On a CPU the replica scores on its native engine (VllmEngine.scores_natively:
+        # vLLM's CPU LoRA path fails batched prompt log-probs); with CUDA vLLM scores.
+        assert served == pytest.approx(total / count, rel=1e-4, abs=1e-4), model
+
+
+def test_echoed_prompt_logprobs_equal_the_native_engines(vllm_url, native):
+    # What lm-evaluation-harness's local-completions asks: echo, logprobs, max_tokens 0.
+    prompt = "The sky is blue and the grass is green."
+    answer = httpx.post(
+        f"{vllm_url}/v1/completions",
+        json={"model": BASE, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    got = answer.json()["choices"][0]["logprobs"]
+    ids = list(native.tokenizer(prompt)["input_ids"])
+    want = native.token_scores([ids], top_k=2)[0]
+    assert got["token_logprobs"][0] is None and len(got["token_logprobs"]) == len(ids)
+    assert got["token_logprobs"][1:] == pytest.approx(want.logprobs, abs=1e-3)
+    top = [sorted(d.values(), reverse=True)[:2] for d in got["top_logprobs"][1:]]
+    assert top == [pytest.approx([v for _, v in row], abs=1e-3) for row in want.top]
