@@ -1,7 +1,7 @@
 """Serving throughput: mixed-adapter batching against base-only and a one-at-a-time loop.
 
     .venv/bin/python bench/serve_throughput.py [--model tiny-llama] [--clients 8]
-        [--requests-per-client 4] [--max-tokens 32] [--replica-cpus 2]
+        [--requests-per-client 4] [--max-tokens 32] [--replica-cpus 2] [--vllm]
 
 N concurrent clients each send requests one after another, rotating over 4 adapters
 and the base model, and the benchmark reports generated tokens/s and p50/p99 request
@@ -17,7 +17,9 @@ latency for:
 The adapters are LoRA r=8 on all linear layers with random B matrices (fixed seeds),
 so every adapter really changes the computation. Greedy decoding; generated token
 counts come from the server's ``usage``. Targets: (a) >= 0.8x (b) and >= 3x (c).
-The last line is ``mixed_vs_base=<ratio>``.
+With ``--vllm`` the same app serves on vLLM (``engine=vllm``) in the same run: (d) mixed
+and (e) base only, reported as ``vllm_vs_native_mixed`` (d/a) and ``vllm_vs_native_base``
+(e/b); target (e) >= 2x (b). The last line is ``mixed_vs_base=<ratio>``.
 """
 
 from __future__ import annotations
@@ -183,6 +185,21 @@ def drive_serial(
     return asyncio.run(run())
 
 
+def http_arms(url: str, engine: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The mixed and base-only arms against one served app, after a warm-up."""
+    warm = workload(args.model, args.clients, 1, mixed=True)
+    asyncio.run(drive_http(url, warm, 4))  # loads every adapter once
+    labels = ("(a)", "(b)") if engine == "rayft" else ("(d)", "(e)")
+    results = {}
+    for label, mixed in (
+        (f"{labels[0]} {engine}, 4 adapters + base mixed", True),
+        (f"{labels[1]} {engine}, base only", False),
+    ):
+        plan = workload(args.model, args.clients, args.requests_per_client, mixed)
+        results[label] = summarize(label, *asyncio.run(drive_http(url, plan, args.max_tokens)))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-llama")
@@ -191,6 +208,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--replica-cpus", type=int, default=2)
     parser.add_argument("--storage", default=None, help="rayft root (default: a temporary one)")
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="also serve on vLLM (engine=vllm; a model vLLM's CPU kernels take, such as "
+        "smollm2-135m-instruct) and report vLLM/native for the mixed and base arms",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -213,26 +236,21 @@ def main() -> None:
         },
     )
     results: dict[str, dict[str, float]] = {}
+    serve_args = {
+        "model": args.model,
+        "storage": str(home),
+        "max_loaded_adapters": len(ADAPTERS),
+        "dtype": "float32",
+        "max_batch_size": max(16, args.clients),
+        "num_cpus": args.replica_cpus,
+        "max_tokens_limit": max(64, args.max_tokens),
+    }
+    engines = [("rayft", "native"), *([("vLLM", "vllm")] if args.vllm else [])]
     try:
-        url = run_app(
-            {
-                "model": args.model,
-                "storage": str(home),
-                "max_loaded_adapters": len(ADAPTERS),
-                "dtype": "float32",
-                "max_batch_size": max(16, args.clients),
-                "num_cpus": args.replica_cpus,
-                "max_tokens_limit": max(64, args.max_tokens),
-            }
-        )
-        warm = workload(args.model, args.clients, 1, mixed=True)
-        asyncio.run(drive_http(url, warm, 4))  # loads every adapter once
-        for label, mixed in (
-            ("(a) rayft, 4 adapters + base mixed", True),
-            ("(b) rayft, base only", False),
-        ):
-            plan = workload(args.model, args.clients, args.requests_per_client, mixed)
-            results[label] = summarize(label, *asyncio.run(drive_http(url, plan, args.max_tokens)))
+        for name, engine in engines:
+            url = run_app({**serve_args, "engine": engine})
+            results.update(http_arms(url, name, args))
+            serve.shutdown()
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -242,12 +260,16 @@ def main() -> None:
         label, *drive_serial(args.model, home, plan, args.max_tokens, args.replica_cpus)
     )
 
-    a, b, c = (results[k]["tokens_per_s"] for k in results)
+    rate = {k.split(") ", 1)[0] + ")": v["tokens_per_s"] for k, v in results.items()}
+    a, b, c = rate["(a)"], rate["(b)"], rate["(c)"]
     print(
         f"settings: model={args.model} clients={args.clients} requests/client={args.requests_per_client} "
         f"max_tokens={args.max_tokens} replica_cpus={args.replica_cpus} (peer torch threads same)"
     )
     print(f"mixed_vs_serial={a / c:.2f}")
+    if args.vllm:
+        print(f"vllm_vs_native_base={rate['(e)'] / b:.2f}")
+        print(f"vllm_vs_native_mixed={rate['(d)'] / a:.2f}")
     print(f"mixed_vs_base={a / b:.2f}")
 
 
