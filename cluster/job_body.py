@@ -156,6 +156,7 @@ SET_BY_JOB = {
     "data.prepare": "where a job's rows are prepared is the server's choice, by their count",
     "eval.benchmarks_dir": "a job runs rayft's own benchmarks only (eval.benchmarks)",
     "grpo.grader": "set method.reinforcement.grader (method.type reinforcement)",
+    "grpo.rollout_engine": "the engine that samples a job's answers is the server's choice",
 }
 """Keys (or whole sections) a job body may not set, and what to do instead."""
 

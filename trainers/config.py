@@ -198,6 +198,10 @@ class GrpoSpec(_Section):
     """CPUs each rollout engine reserves."""
     rollout_gpus: float = Field(0.0, ge=0.0, le=8)
     """GPUs each rollout engine reserves."""
+    rollout_engine: Literal["native", "vllm"] = "native"
+    """What samples the answers: ``native`` (rayft's serving engine) or ``vllm`` (vLLM's
+    server beside each rollout actor, ``serving.vllm_engine``; method lora only: the
+    policy's adapter reaches it as a new LoRA after every step)."""
 
 
 class FreezeSpec(_Section):

@@ -477,6 +477,14 @@ class GrpoObjective(Objective):
                     f"data.max_seq_len={spec.data.max_seq_len}; lower it or raise max_seq_len",
                 )
             )
+        if grpo.rollout_engine == "vllm" and spec.method != "lora":
+            problems.append(
+                (
+                    "grpo.rollout_engine",
+                    "vllm takes the policy as a LoRA adapter after every step; train method "
+                    "lora, or sample on the native engine (grpo.rollout_engine=native)",
+                )
+            )
         if grpo.beta > 0 and spec.method == "full":
             problems.append(
                 (

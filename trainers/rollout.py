@@ -2,7 +2,8 @@
 
 A run of ``objective: grpo`` samples its groups of answers here, not with
 ``model.generate`` inside a training worker: ``grpo.rollout_workers`` actors each hold the
-base model in a ``serving.engine.ModelEngine`` and decode every prompt of a batch
+base model in a ``serving.engine.ModelEngine`` (or, with ``grpo.rollout_engine: vllm``, a
+``serving.vllm_engine.VllmEngine``) and decode every prompt of a batch
 together (continuous batching, one forward pass per token for all rows). After each
 optimizer step the policy reaches them through the engine's adapter reload
 (``ModelEngine.set_adapter_weights``: the LoRA tensors, no file) or, for full weights, a
@@ -47,12 +48,14 @@ class Sampled:
 class RolloutEngine:
     """A ``ModelEngine`` that answers batches of prompts with the run's current policy."""
 
-    def __init__(self, model_dir: str, storage: str | None, dtype: str, batch: int) -> None:
+    def __init__(
+        self, model_dir: str, storage: str | None, dtype: str, batch: int, engine: str = "native"
+    ) -> None:
         from rayft.serving.engine import ModelEngine
+        from rayft.serving.vllm_engine import VllmEngine
 
-        self.engine = ModelEngine(
-            model_dir, storage=storage, dtype=dtype, max_batch_size=max(1, batch)
-        )
+        kind = VllmEngine if engine == "vllm" else ModelEngine
+        self.engine = kind(model_dir, storage=storage, dtype=dtype, max_batch_size=max(1, batch))
         self.adapter = False
 
     def set_adapter(self, config: dict[str, Any], weights: dict[str, Any]) -> None:
@@ -118,7 +121,7 @@ def start_engines(spec: JobSpec, run: str, model_dir: str, dtype: str, batch: in
             num_gpus=grpo.rollout_gpus,
             scheduling_strategy="DEFAULT",
             max_concurrency=1,
-        ).remote(model_dir, spec.storage, dtype, batch)
+        ).remote(model_dir, spec.storage, dtype, batch, grpo.rollout_engine)
         for index in range(grpo.rollout_workers)
     ]
     # Wait for every engine to hold its model, so a failure to start surfaces here; an

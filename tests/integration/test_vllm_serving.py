@@ -14,12 +14,12 @@ is skipped only where ``RAYFT_VLLM=0`` said to install none.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from harness import SMOLLM2, smollm_adapter
 
 from rayft.serving.vllm_engine import find_vllm_python
 
@@ -28,32 +28,8 @@ if os.environ.get("RAYFT_VLLM") == "0":
 
 pytestmark = pytest.mark.slow
 
-BASE = "smollm2-135m-instruct"
+BASE = SMOLLM2
 PROMPTS = ["Name a colour of the sky.", "What is 2 + 3?"]
-
-
-def smollm_adapter(home: Path, name: str, seed: int, dora: bool = False, base: str = BASE):
-    """Publish a LoRA adapter for SmolLM2 made by PEFT with random B matrices (fixed seed),
-    large enough to change the greedy answer."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from rayft.trainers.manifest import ArtifactManifest
-    from rayft.trainers.models import resolve_model
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(BASE, home / "models"))
-    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], use_dora=dora)
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    for param_name, param in peft_model.named_parameters():
-        if "lora_B" in param_name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.05
-    out = home / "adapters" / name
-    if out.exists():
-        shutil.rmtree(out)
-    peft_model.save_pretrained(out)
-    ArtifactManifest(kind="adapter", name=name, base_model=base).write(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +152,7 @@ def test_n_choices_follow_the_seed_and_stop_ends_before_the_stop_string(client):
 
 
 def test_an_adapter_published_while_serving_is_loaded_and_reloaded_when_republished(
-    client, native, vllm_home
+    client, native, vllm_home, vllm_url
 ):
     from openai import NotFoundError
 
@@ -194,6 +170,10 @@ def test_an_adapter_published_while_serving_is_loaded_and_reloaded_when_republis
     )
     assert again.choices[0].text == native_greedy(native, "v-late", PROMPTS[0]).text
     assert again.choices[0].text != first.choices[0].text
+    # The old version was unloaded, and vLLM never held more than its 2 slots.
+    held = httpx.get(f"{vllm_url}/health", timeout=30).json()
+    assert held["loaded_adapters"].count("v-late") == 1, held
+    assert held["peak_loaded_adapters"] <= 2, held
 
 
 def test_an_adapter_of_another_base_is_a_409_and_an_unknown_one_a_404(vllm_url):
@@ -258,3 +238,41 @@ def test_echoed_prompt_logprobs_equal_the_native_engines(vllm_url, native):
     assert got["token_logprobs"][1:] == pytest.approx(want.logprobs, abs=1e-3)
     top = [sorted(d.values(), reverse=True)[:2] for d in got["top_logprobs"][1:]]
     assert top == [pytest.approx([v for _, v in row], abs=1e-3) for row in want.top]
+
+
+def test_a_rollout_engine_on_vllm_samples_with_each_policy_it_is_sent(vllm_home, native):
+    # GRPO's rollout engine on vLLM (grpo.rollout_engine: vllm): the policy's LoRA tensors
+    # after each step become a new LoRA in vLLM; greedy answers equal the native engine's
+    # with the same tensors, and change with every new policy.
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from rayft.trainers.rollout import RolloutEngine
+
+    model_dir = str(native.model_dir)
+    prompt = list(native.tokenizer(PROMPTS[0])["input_ids"])
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    engines = {
+        kind: RolloutEngine(model_dir, str(vllm_home), "float32", 4, engine=kind)
+        for kind in ("vllm", "native")
+    }
+    try:
+        answers = []
+        for seed in (31, 32):
+            generator = torch.Generator().manual_seed(seed)
+            for param_name, param in policy.named_parameters():
+                if "lora_B" in param_name:
+                    param.data = torch.randn(param.shape, generator=generator) * 0.05
+            weights = get_peft_model_state_dict(policy)
+            sampled = {}
+            for kind, engine in engines.items():
+                engine.set_adapter(config.to_dict(), weights)
+                sampled[kind] = engine.generate([prompt], 1, 12, 0.0, 1.0, seed)[0].token_ids
+            assert sampled["vllm"] == sampled["native"], seed
+            answers.append(sampled["vllm"])
+        assert answers[0] != answers[1]
+        vllm = engines["vllm"].engine
+        assert len(vllm._memory) == 1 and vllm._memory["policy"].endswith("@sync2")
+    finally:
+        engines["vllm"].engine.close()

@@ -105,6 +105,19 @@ def test_spec_errors_name_the_key():
     # A model grader trains too: its judge loads on the grading actor (trainers.judge).
     assert spec(grader=judged).grpo.grader["type"] == "score_model"
     assert spec().optim.lr == 1e-5  # GRPO's own LoRA default
+    # vLLM takes the policy as a LoRA adapter: full weights sample on the native engine.
+    assert spec(rollout_engine="vllm").grpo.rollout_engine == "vllm"
+    with pytest.raises(ConfigError) as err:
+        validate_spec(
+            {
+                "model": {"name": "tiny-llama"},
+                "data": {"train": "t.jsonl", "max_seq_len": 128},
+                "objective": "grpo",
+                "method": "full",
+                "grpo": {"grader": EXACT, "max_new_tokens": 8, "rollout_engine": "vllm"},
+            }
+        )
+    assert "method lora" in dict(err.value.problems)["grpo.rollout_engine"]
 
 
 def test_collate_keeps_prompts_items_and_ids():

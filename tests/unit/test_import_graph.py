@@ -20,9 +20,13 @@ MAY_IMPORT = {
     "serving": {"trainers"},
     "cluster": {"trainers", "raytune", "serving"},
 }
-ACROSS = {("rayft.trainers.rollout", "rayft.serving.engine")}
-"""The one import against the layering: a GRPO run's rollout engines are the serving
-engine itself (batched decoding on the policy), started inside the training run."""
+ACROSS = {
+    ("rayft.trainers.rollout", "rayft.serving.engine"),
+    ("rayft.trainers.rollout", "rayft.serving.vllm_engine"),
+}
+"""The imports against the layering: a GRPO run's rollout engines are the serving
+engines themselves (batched decoding on the policy, natively or on vLLM), started inside
+the training run."""
 
 
 def module_files() -> dict[str, Path]:
