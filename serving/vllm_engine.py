@@ -12,7 +12,7 @@ keyed, limited, logged and answered by ``serving.service`` exactly as on the nat
 engine, and adapters are resolved in rayft's registry (its 404s and base-fingerprint 409s)
 before vLLM sees a name. An adapter is loaded into vLLM on first use under
 ``<name>@<version>``, so a republished adapter is a new LoRA in vLLM and the old version
-is unloaded once no row uses it; at most ``max_loaded_adapters`` are held (vLLM's
+is unloaded as the new one loads (or, while rows still use it, when a slot is needed); at most ``max_loaded_adapters`` are held (vLLM's
 ``--max-loras`` slots). Prompt scores (``score``, ``token_scores``) come from vLLM's
 ``prompt_logprobs`` where vLLM can batch them (``scores_natively``).
 
