@@ -214,6 +214,12 @@ def main() -> None:
         help="also serve on vLLM (engine=vllm; a model vLLM's CPU kernels take, such as "
         "smollm2-135m-instruct) and report vLLM/native for the mixed and base arms",
     )
+    parser.add_argument(
+        "--vllm-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="vLLM's dtype (the native arms run float32)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -248,7 +254,8 @@ def main() -> None:
     engines = [("rayft", "native"), *([("vLLM", "vllm")] if args.vllm else [])]
     try:
         for name, engine in engines:
-            url = run_app({**serve_args, "engine": engine})
+            dtype = args.vllm_dtype if engine == "vllm" else "float32"
+            url = run_app({**serve_args, "engine": engine, "dtype": dtype})
             results.update(http_arms(url, name, args))
             serve.shutdown()
     finally:
@@ -265,6 +272,7 @@ def main() -> None:
     print(
         f"settings: model={args.model} clients={args.clients} requests/client={args.requests_per_client} "
         f"max_tokens={args.max_tokens} replica_cpus={args.replica_cpus} (peer torch threads same)"
+        + (f" vllm_dtype={args.vllm_dtype}" if args.vllm else "")
     )
     print(f"mixed_vs_serial={a / c:.2f}")
     if args.vllm:
