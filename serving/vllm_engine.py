@@ -279,10 +279,10 @@ class VllmEngine(ModelEngine):
     ) -> None:
         import httpx
 
+        pick_engine("vllm", vllm_python)  # no vLLM anywhere: say how to install it
         super().__init__(model, storage, max_loaded_adapters, dtype, max_batch_size)
         python = find_vllm_python(vllm_python)
-        if python is None:
-            raise VllmUnavailable(pick_engine.__doc__ or "no vLLM")
+        assert python is not None
         self.max_lora_rank = max_lora_rank
         self.server = VllmServer(
             python,
