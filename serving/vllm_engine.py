@@ -99,10 +99,16 @@ def pick_engine(requested: str, vllm_python: str | None = None) -> str:
     CPU rayft's engine batches mixed adapters faster than vLLM's CPU LoRA path.
 
     Raises:
-        VllmUnavailable: ``vllm`` was asked for and no interpreter has it.
+        VllmUnavailable: ``vllm`` was asked for and no interpreter has it, or
+            ``vllm_python`` names none.
     """
     if requested == "native":
         return "native"
+    if vllm_python is not None and shutil.which(vllm_python) is None:
+        raise VllmUnavailable(
+            f"vllm_python={vllm_python!r} is not an interpreter on this machine; give the "
+            "path of the python that has vLLM installed"
+        )
     python = find_vllm_python(vllm_python)
     if requested == "vllm":
         if python is None:
