@@ -100,6 +100,9 @@ class ServeArgs(BaseModel):
     """Highest LoRA rank vLLM reserves room for; adapters above it are served natively."""
     vllm_start_timeout_s: float = Field(600.0, gt=0.0, le=3600.0)
     """How long vLLM's server may take to load the model and answer."""
+    vllm_gpu_memory_utilization: float = Field(0.8, gt=0.0, lt=1.0)
+    """The share of the GPU vLLM takes (its ``--gpu-memory-utilization``); the rest holds
+    the replica's native engine, which serves what vLLM cannot."""
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs reserved per replica (``ray_actor_options``)."""
     num_gpus: float = Field(0.0, ge=0.0)
@@ -252,6 +255,7 @@ def _engine(cfg: ServeArgs) -> Any:
         vllm_python=cfg.vllm_python,
         max_lora_rank=cfg.max_lora_rank,
         start_timeout_s=cfg.vllm_start_timeout_s,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
     )
 
 

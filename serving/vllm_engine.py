@@ -142,6 +142,7 @@ class VllmServer:
         max_model_len: Context window.
         start_timeout_s: How long the server may take to answer ``/health``.
         kv_cache_gib: KV-cache memory on a CPU (``VLLM_CPU_KVCACHE_SPACE``).
+        gpu_memory_utilization: The share of the GPU vLLM takes, with CUDA.
     """
 
     python: str
@@ -152,6 +153,7 @@ class VllmServer:
     max_model_len: int
     start_timeout_s: float = 300.0
     kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.8
 
     def __post_init__(self) -> None:
         self.port = 0
@@ -178,7 +180,9 @@ class VllmServer:
             "--max-lora-rank", str(self.max_lora_rank),
             "--disable-uvicorn-access-log",
         ]  # fmt: skip
-        if not torch.cuda.is_available():
+        if torch.cuda.is_available():
+            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        else:
             cmd.append("--enforce-eager")  # no CUDA graphs to capture; compiling costs minutes
         return cmd
 
@@ -269,6 +273,7 @@ class VllmEngine(ModelEngine):
         vllm_python: The interpreter with vLLM (``find_vllm_python``).
         max_lora_rank: Highest adapter rank vLLM serves; higher ranks run natively.
         start_timeout_s: How long vLLM's server may take to start.
+        gpu_memory_utilization: The share of the GPU vLLM takes, with CUDA.
     """
 
     def __init__(
@@ -282,6 +287,7 @@ class VllmEngine(ModelEngine):
         vllm_python: str | None = None,
         max_lora_rank: int = 64,
         start_timeout_s: float = 300.0,
+        gpu_memory_utilization: float = 0.8,
     ) -> None:
         import httpx
 
@@ -298,6 +304,7 @@ class VllmEngine(ModelEngine):
             dtype=str(self.dtype).removeprefix("torch."),
             max_model_len=self.context_window,
             start_timeout_s=start_timeout_s,
+            gpu_memory_utilization=gpu_memory_utilization,
         ).start()
         self._http = httpx.Client(base_url=self.server.url, timeout=600.0)
         # vLLM's LoRA names ("<name>@<version>") -> adapter name, least recently used first.

@@ -276,3 +276,37 @@ def test_a_rollout_engine_on_vllm_samples_with_each_policy_it_is_sent(vllm_home,
         assert len(vllm._memory) == 1 and vllm._memory["policy"].endswith("@sync2")
     finally:
         engines["vllm"].engine.close()
+
+
+def test_a_replica_whose_vllm_server_died_is_replaced_and_answers_again(vllm_url):
+    # Runs last in the module: it takes the replica's vLLM server down.
+    import signal
+    import time
+
+    import psutil
+
+    health = httpx.get(f"{vllm_url}/health", timeout=30).json()
+    replica = psutil.Process(health["pid"])
+    servers = [
+        p for p in replica.children() if any("vllm_launch.py" in part for part in p.cmdline())
+    ]
+    assert len(servers) == 1, [p.cmdline() for p in replica.children()]
+    os.killpg(servers[0].pid, signal.SIGKILL)  # the server and its engine processes
+
+    # Serve's health check (ModelServer.check_health) fails and a new replica starts its own.
+    deadline = time.monotonic() + 400
+    answer = None
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.post(
+                f"{vllm_url}/v1/completions",
+                json={"model": BASE, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0},
+                timeout=60,
+            )
+            if answer.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    assert answer is not None and answer.status_code == 200, answer and answer.text
+    assert httpx.get(f"{vllm_url}/health", timeout=30).json()["pid"] != health["pid"]
