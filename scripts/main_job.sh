@@ -5,7 +5,7 @@
 # Extra arguments are job-spec overrides, e.g. `bash scripts/main_job.sh optim.epochs=2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+RAYFT_VLLM=${RAYFT_VLLM:-0} bash scripts/install.sh  # the quick start needs no vLLM environment
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 TOKENIZERS_PARALLELISM=false
 .venv/bin/rayft models pull smollm2-135m-instruct
 exec .venv/bin/python -m rayft.cluster.quickstart configs/extract-lora.yaml "$@"
