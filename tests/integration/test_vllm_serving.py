@@ -265,7 +265,7 @@ def test_a_rollout_engine_on_vllm_samples_with_each_policy_it_is_sent(vllm_home,
             generator = torch.Generator().manual_seed(seed)
             for param_name, param in policy.named_parameters():
                 if "lora_B" in param_name:
-                    param.data = torch.randn(param.shape, generator=generator) * 0.05
+                    param.data = torch.randn(param.shape, generator=generator) * 0.3
             weights = get_peft_model_state_dict(policy)
             sampled = {}
             for kind, engine in engines.items():
