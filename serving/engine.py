@@ -455,13 +455,10 @@ class ModelEngine:
         optimizer step: no file, no registry, the tensors as PEFT's
         ``get_peft_model_state_dict`` gives them. Only for engines no request reaches.
         """
-        import dataclasses
-
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from peft import get_peft_model, set_peft_model_state_dict
 
         if name not in self._loaded:
-            known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-            lora = LoraConfig(**{k: v for k, v in config.items() if k in known})
+            lora = lora_config(config)
             if self.model is self.base:
                 self.model = get_peft_model(self.base, lora, adapter_name=name)
             else:
@@ -1007,6 +1004,17 @@ class ModelEngine:
             raise Unavailable(
                 "every adapter slot is in use by running requests; retry shortly", code="busy"
             )
+
+
+def lora_config(config: dict[str, Any]) -> Any:
+    """A ``peft.LoraConfig`` from a config dict, keeping only the fields it takes (a
+    policy's config as sent to rollout engines may carry PEFT's bookkeeping too)."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    return LoraConfig(**{k: v for k, v in config.items() if k in known})
 
 
 def _check_stop(stop: threading.Event | None) -> None:

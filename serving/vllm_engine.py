@@ -51,6 +51,7 @@ from rayft.serving.engine import (
     ServedAdapter,
     StepOutput,
     _check_stop,
+    lora_config,
 )
 from rayft.serving.errors import Conflict, ServingError, Unavailable
 from rayft.serving.logprobs import TokenScores
@@ -92,6 +93,28 @@ def find_vllm_python(explicit: str | None = None) -> str | None:
     return None
 
 
+def require_vllm_python(explicit: str | None = None) -> str:
+    """The interpreter with vLLM (``find_vllm_python``).
+
+    Raises:
+        VllmUnavailable: ``explicit`` is no interpreter here, or none has vLLM; the
+            message says how to install it.
+    """
+    if explicit is not None and shutil.which(explicit) is None:
+        raise VllmUnavailable(
+            f"vllm_python={explicit!r} is not an interpreter on this machine; give the "
+            "path of the python that has vLLM installed"
+        )
+    python = find_vllm_python(explicit)
+    if python is None:
+        raise VllmUnavailable(
+            "engine=vllm, but no Python environment with vLLM was found: run "
+            "`bash scripts/install_vllm.sh` (CPU), `pip install 'rayft[vllm]'` (CUDA), or "
+            f"set vllm_python or ${VLLM_PYTHON_ENV}"
+        )
+    return python
+
+
 def pick_engine(requested: str, vllm_python: str | None = None) -> str:
     """``native`` or ``vllm`` for the ``engine`` serve argument.
 
@@ -104,23 +127,17 @@ def pick_engine(requested: str, vllm_python: str | None = None) -> str:
     """
     if requested == "native":
         return "native"
-    if vllm_python is not None and shutil.which(vllm_python) is None:
-        raise VllmUnavailable(
-            f"vllm_python={vllm_python!r} is not an interpreter on this machine; give the "
-            "path of the python that has vLLM installed"
-        )
-    python = find_vllm_python(vllm_python)
+    try:
+        require_vllm_python(vllm_python)
+    except VllmUnavailable:
+        if requested == "vllm" or vllm_python is not None:
+            raise
+        return "native"  # auto, and no vLLM anywhere
     if requested == "vllm":
-        if python is None:
-            raise VllmUnavailable(
-                "engine=vllm, but no Python environment with vLLM was found: run "
-                "`bash scripts/install_vllm.sh` (CPU), `pip install 'rayft[vllm]'` (CUDA), or "
-                f"set vllm_python or ${VLLM_PYTHON_ENV}"
-            )
         return "vllm"
     import torch
 
-    return "vllm" if python is not None and torch.cuda.is_available() else "native"
+    return "vllm" if torch.cuda.is_available() else "native"
 
 
 def _free_port() -> int:
@@ -291,10 +308,8 @@ class VllmEngine(ModelEngine):
     ) -> None:
         import httpx
 
-        pick_engine("vllm", vllm_python)  # no vLLM anywhere: say how to install it
+        python = require_vllm_python(vllm_python)  # before the base model loads
         super().__init__(model, storage, max_loaded_adapters, dtype, max_batch_size)
-        python = find_vllm_python(vllm_python)
-        assert python is not None
         self.max_lora_rank = max_lora_rank
         self.server = VllmServer(
             python,
@@ -438,23 +453,19 @@ class VllmEngine(ModelEngine):
         (``<name>@sync<n>``); the previous one is unloaded and its folder deleted. Only
         for engines no request reaches (rows are not running while it changes).
         """
-        import dataclasses
-
-        from peft import LoraConfig
         from safetensors.torch import save_file
 
         self._syncs += 1
         lora = f"{name}@sync{self._syncs}"
         folder = Path(self._sync_dir.name) / lora
-        known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-        LoraConfig(**{k: v for k, v in config.items() if k in known}).save_pretrained(folder)
+        lora_config(config).save_pretrained(folder)
         save_file({k: v.contiguous() for k, v in weights.items()}, folder / SAFE_WEIGHTS)
         with self._lora_lock:
             self._post_lora(lora, name, folder)
             old = self._memory.get(name)
             self._memory[name] = lora
             if old is not None:
-                self._http.post("/v1/unload_lora_adapter", json={"lora_name": old})
+                self._post_unload(old)
                 shutil.rmtree(Path(self._sync_dir.name) / old, ignore_errors=True)
 
     def set_base_weights(self, weights: dict) -> None:
@@ -466,6 +477,9 @@ class VllmEngine(ModelEngine):
 
     def _unload_lora(self, lora: str) -> None:
         del self._loras[lora]
+        self._post_unload(lora)
+
+    def _post_unload(self, lora: str) -> None:
         self._http.post("/v1/unload_lora_adapter", json={"lora_name": lora})
 
     def loaded_adapters(self) -> list[str]:
