@@ -220,6 +220,12 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="vLLM's dtype (the native arms run float32)",
     )
+    parser.add_argument(
+        "--vllm-max-lora-rank",
+        type=int,
+        default=None,
+        help="vLLM's max_lora_rank (default: the deployment's own)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -255,7 +261,8 @@ def main() -> None:
     try:
         for name, engine in engines:
             dtype = args.vllm_dtype if engine == "vllm" else "float32"
-            url = run_app({**serve_args, "engine": engine, "dtype": dtype})
+            extra = {"max_lora_rank": args.vllm_max_lora_rank} if args.vllm_max_lora_rank else {}
+            url = run_app({**serve_args, "engine": engine, "dtype": dtype, **extra})
             results.update(http_arms(url, name, args))
             serve.shutdown()
     finally:

@@ -96,8 +96,10 @@ class ServeArgs(BaseModel):
     vllm_python: str | None = None
     """The interpreter with vLLM; default ``$RAYFT_VLLM_PYTHON``, then ``.venv-vllm``
     (``scripts/install_vllm.sh``), then this one when it imports vLLM."""
-    max_lora_rank: int = Field(64, ge=1, le=512)
-    """Highest LoRA rank vLLM reserves room for; adapters above it are served natively."""
+    max_lora_rank: int = Field(16, ge=1, le=512)
+    """Highest LoRA rank vLLM reserves room for (vLLM's default, and rayft's training rank);
+    adapters above it are served natively. vLLM pads every adapter to it, so a larger one
+    slows every row, the base model's included."""
     vllm_start_timeout_s: float = Field(600.0, gt=0.0, le=3600.0)
     """How long vLLM's server may take to load the model and answer."""
     vllm_gpu_memory_utilization: float = Field(0.8, gt=0.0, lt=1.0)
@@ -256,6 +258,7 @@ def _engine(cfg: ServeArgs) -> Any:
         max_lora_rank=cfg.max_lora_rank,
         start_timeout_s=cfg.vllm_start_timeout_s,
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        cpus=int(cfg.num_cpus),
     )
 
 
