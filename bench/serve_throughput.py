@@ -19,7 +19,9 @@ so every adapter really changes the computation. Greedy decoding; generated toke
 counts come from the server's ``usage``. Targets: (a) >= 0.8x (b) and >= 3x (c).
 With ``--vllm`` the same app serves on vLLM (``engine=vllm``) in the same run: (d) mixed
 and (e) base only, reported as ``vllm_vs_native_mixed`` (d/a) and ``vllm_vs_native_base``
-(e/b); target (e) >= 2x (b). The last line is ``mixed_vs_base=<ratio>``.
+(e/b), and (f) base only on a vLLM deployment without LoRA layers (``vllm_lora=false``,
+where adapters would run natively), reported as ``vllm_nolora_vs_native_base`` (f/b);
+target: vLLM base >= 2x (b). The last line is ``mixed_vs_base=<ratio>``.
 """
 
 from __future__ import annotations
@@ -185,16 +187,14 @@ def drive_serial(
     return asyncio.run(run())
 
 
-def http_arms(url: str, engine: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """The mixed and base-only arms against one served app, after a warm-up."""
-    warm = workload(args.model, args.clients, 1, mixed=True)
+def http_arms(
+    url: str, arms: list[tuple[str, bool]], args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """``arms`` (label, mixed) against one served app, after a warm-up."""
+    warm = workload(args.model, args.clients, 1, mixed=any(mixed for _, mixed in arms))
     asyncio.run(drive_http(url, warm, 4))  # loads every adapter once
-    labels = ("(a)", "(b)") if engine == "rayft" else ("(d)", "(e)")
     results = {}
-    for label, mixed in (
-        (f"{labels[0]} {engine}, 4 adapters + base mixed", True),
-        (f"{labels[1]} {engine}, base only", False),
-    ):
+    for label, mixed in arms:
         plan = workload(args.model, args.clients, args.requests_per_client, mixed)
         results[label] = summarize(label, *asyncio.run(drive_http(url, plan, args.max_tokens)))
     return results
@@ -257,13 +257,20 @@ def main() -> None:
         "num_cpus": args.replica_cpus,
         "max_tokens_limit": max(64, args.max_tokens),
     }
-    engines = [("rayft", "native"), *([("vLLM", "vllm")] if args.vllm else [])]
+    vllm = {"engine": "vllm", "dtype": args.vllm_dtype}
+    if args.vllm_max_lora_rank:
+        vllm["max_lora_rank"] = args.vllm_max_lora_rank
+    deployments = [
+        ({"engine": "native"}, [("(a) rayft, 4 adapters + base mixed", True),
+                                ("(b) rayft, base only", False)]),
+        *([(vllm, [("(d) vLLM, 4 adapters + base mixed", True), ("(e) vLLM, base only", False)]),
+           ({**vllm, "vllm_lora": False}, [("(f) vLLM without LoRA, base only", False)])]
+          if args.vllm else []),
+    ]  # fmt: skip
     try:
-        for name, engine in engines:
-            dtype = args.vllm_dtype if engine == "vllm" else "float32"
-            extra = {"max_lora_rank": args.vllm_max_lora_rank} if args.vllm_max_lora_rank else {}
-            url = run_app({**serve_args, "engine": engine, "dtype": dtype, **extra})
-            results.update(http_arms(url, name, args))
+        for overrides, arms in deployments:
+            url = run_app({**serve_args, **overrides})
+            results.update(http_arms(url, arms, args))
             serve.shutdown()
     finally:
         serve.shutdown()
@@ -284,6 +291,7 @@ def main() -> None:
     print(f"mixed_vs_serial={a / c:.2f}")
     if args.vllm:
         print(f"vllm_vs_native_base={rate['(e)'] / b:.2f}")
+        print(f"vllm_nolora_vs_native_base={rate['(f)'] / b:.2f}")
         print(f"vllm_vs_native_mixed={rate['(d)'] / a:.2f}")
     print(f"mixed_vs_base={a / b:.2f}")
 

@@ -100,6 +100,9 @@ class ServeArgs(BaseModel):
     """Highest LoRA rank vLLM reserves room for (vLLM's default, and rayft's training rank);
     adapters above it are served natively. vLLM pads every adapter to it, so a larger one
     slows every row, the base model's included."""
+    vllm_lora: bool = True
+    """Whether vLLM serves adapters (LoRA layers on). Off, vLLM decodes the base model
+    alone, faster (about 1.4x on a CPU), and adapters' rows run on the native engine."""
     vllm_start_timeout_s: float = Field(600.0, gt=0.0, le=3600.0)
     """How long vLLM's server may take to load the model and answer."""
     vllm_gpu_memory_utilization: float = Field(0.8, gt=0.0, lt=1.0)
@@ -259,6 +262,7 @@ def _engine(cfg: ServeArgs) -> Any:
         start_timeout_s=cfg.vllm_start_timeout_s,
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         cpus=int(cfg.num_cpus),
+        lora=cfg.vllm_lora,
     )
 
 

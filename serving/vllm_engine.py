@@ -163,6 +163,8 @@ class VllmServer:
         cpus: On a CPU, the cores vLLM's OpenMP threads are pinned to (the first
             ``cpus`` this process may run on); 0 leaves vLLM's own choice, which keeps one
             core for its server process.
+        lora: Whether vLLM runs with LoRA layers; without them it serves the base model
+            alone, faster.
     """
 
     python: str
@@ -175,6 +177,7 @@ class VllmServer:
     kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.8
     cpus: int = 0
+    lora: bool = True
 
     def __post_init__(self) -> None:
         self.port = 0
@@ -195,12 +198,12 @@ class VllmServer:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
-            "--enable-lora",
-            "--max-loras", str(self.max_loras),
-            "--max-cpu-loras", str(self.max_loras),
-            "--max-lora-rank", str(self.max_lora_rank),
             "--disable-uvicorn-access-log",
         ]  # fmt: skip
+        if self.lora:
+            cmd += ["--enable-lora", "--max-loras", str(self.max_loras),
+                    "--max-cpu-loras", str(self.max_loras),
+                    "--max-lora-rank", str(self.max_lora_rank)]  # fmt: skip
         if torch.cuda.is_available():
             cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         else:
@@ -314,6 +317,8 @@ class VllmEngine(ModelEngine):
         start_timeout_s: How long vLLM's server may take to start.
         gpu_memory_utilization: The share of the GPU vLLM takes, with CUDA.
         cpus: The replica's CPU cores, which vLLM decodes on (``VllmServer.cpus``).
+        lora: Whether vLLM serves adapters. Without LoRA layers it decodes the base model
+            faster (on a CPU, SmolLM2: about 1.4x) and every adapter's rows run natively.
     """
 
     def __init__(
@@ -329,6 +334,7 @@ class VllmEngine(ModelEngine):
         start_timeout_s: float = 300.0,
         gpu_memory_utilization: float = 0.8,
         cpus: int = 0,
+        lora: bool = True,
     ) -> None:
         import httpx
 
@@ -345,6 +351,7 @@ class VllmEngine(ModelEngine):
             start_timeout_s=start_timeout_s,
             gpu_memory_utilization=gpu_memory_utilization,
             cpus=cpus,
+            lora=lora,
         ).start()
         self._http = httpx.Client(base_url=self.server.url, timeout=600.0)
         # vLLM's LoRA names ("<name>@<version>") -> adapter name, least recently used first.
@@ -376,7 +383,7 @@ class VllmEngine(ModelEngine):
         """
         if adapter == BASE_ADAPTER or adapter in self._memory:
             return False
-        if adapter in self._in_memory:
+        if adapter in self._in_memory or not self.server.lora:
             return True
         served = served or self.resolve_adapter(adapter)
         key = (served.name, served.version)
@@ -489,6 +496,8 @@ class VllmEngine(ModelEngine):
         """
         from safetensors.torch import save_file
 
+        if not self.server.lora:
+            raise ValueError("this vLLM engine runs without LoRA (lora=False)")
         self._syncs += 1
         lora = f"{name}@sync{self._syncs}"
         folder = Path(self._sync_dir.name) / lora

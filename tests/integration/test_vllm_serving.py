@@ -280,6 +280,27 @@ def test_a_rollout_engine_on_vllm_samples_with_each_policy_it_is_sent(vllm_home,
         engines["vllm"].engine.close()
 
 
+def test_without_lora_vllm_decodes_the_base_and_adapters_decode_natively(vllm_home, native):
+    # vllm_lora=false: vLLM runs without LoRA layers (faster for the base model); every
+    # adapter's rows decode on the native engine in the same replica, with the same answers.
+    from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, SamplingParams
+    from rayft.serving.vllm_engine import VllmEngine
+
+    engine = VllmEngine(BASE, str(vllm_home), 2, "float32", lora=False)
+    try:
+        assert "--enable-lora" not in engine.server.command()
+        greedy = SamplingParams(max_tokens=12, temperature=0.0)
+        for adapter in (BASE_ADAPTER, "v-one"):
+            ids = tuple(native.tokenizer(PROMPTS[1])["input_ids"])
+            got = engine.generate([GenerationRequest(ids, adapter, greedy)])[0]
+            model = BASE if adapter == BASE_ADAPTER else adapter
+            assert got.text == native_greedy(native, model, PROMPTS[1]).text, adapter
+        assert engine.loaded_adapters() == ["v-one"]  # held by the native engine
+        assert engine.runs_natively("v-one") and not engine.runs_natively(BASE_ADAPTER)
+    finally:
+        engine.close()
+
+
 def test_a_replica_whose_vllm_server_died_is_replaced_and_answers_again(vllm_url):
     # Runs last in the module: it takes the replica's vLLM server down.
     import signal

@@ -51,6 +51,76 @@ def test_the_server_listens_on_loopback_with_lora_slots(tmp_path):
     assert "--enable-lora" in cmd and "--enforce-eager" in cmd  # no CUDA graphs on a CPU
 
 
+def test_without_lora_the_server_has_no_lora_slots(tmp_path):
+    server = VllmServer("python", tmp_path, max_loras=3, max_lora_rank=16, dtype="bfloat16",
+                        max_model_len=512, lora=False)  # fmt: skip
+    cmd = server.command()
+    assert not {"--enable-lora", "--max-loras", "--max-lora-rank"} & set(cmd)
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+
+
+def test_on_a_cpu_vllm_decodes_on_the_replicas_cores_unless_the_environment_names_them(
+    tmp_path, monkeypatch
+):
+    import os
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so")
+    first = sorted(os.sched_getaffinity(0))[:1]
+    server = VllmServer("python", tmp_path, max_loras=1, max_lora_rank=16, dtype="float32",
+                        max_model_len=512, cpus=1)  # fmt: skip
+    env = server.environment()
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == str(first[0]) and env["OMP_NUM_THREADS"] == "1"
+    assert "LD_PRELOAD" not in env and env["VLLM_HOST_IP"] == "127.0.0.1"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the operator's choice wins
+    assert server.environment()["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    server.cpus = 0  # vLLM's own binding
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in server.environment()
+
+
+def routing_engine(tmp_path, lora: bool, max_lora_rank: int = 16) -> VllmEngine:
+    """A VllmEngine with only what ``runs_natively`` uses (no model, no server)."""
+    engine = object.__new__(VllmEngine)
+    engine.server = VllmServer("python", tmp_path, 1, max_lora_rank, "float32", 512, lora=lora)
+    engine.max_lora_rank = max_lora_rank
+    engine._memory, engine._in_memory, engine._routes = {}, {}, {}
+    return engine
+
+
+def served_adapter(tmp_path, name: str, config: dict):
+    import json
+
+    from rayft.serving.engine import ServedAdapter
+    from rayft.trainers.manifest import ArtifactManifest
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return ServedAdapter(name, "v1", folder, ArtifactManifest(kind="adapter", base_model="m"))
+
+
+def test_adapters_route_to_the_native_engine_by_rank_dora_and_lora_off(tmp_path, caplog):
+    from rayft.serving.engine import BASE_ADAPTER
+
+    lora = {"r": 16, "target_modules": ["q_proj"]}
+    plain = served_adapter(tmp_path, "plain", lora)
+    wide = served_adapter(tmp_path, "wide", {**lora, "rank_pattern": {"q_proj": 32}})
+    dora = served_adapter(tmp_path, "dora", {**lora, "use_dora": True})
+    engine = routing_engine(tmp_path, lora=True)
+    assert not engine.runs_natively(BASE_ADAPTER)
+    assert not engine.runs_natively("plain", plain)
+    with caplog.at_level("WARNING", logger="rayft.serving.vllm_engine"):
+        assert engine.runs_natively("wide", wide)
+    assert "rank 32, above max_lora_rank 16" in caplog.text
+    assert engine.runs_natively("dora", dora)
+    off = routing_engine(tmp_path, lora=False)
+    assert not off.runs_natively(BASE_ADAPTER)
+    assert off.runs_natively("plain", plain)
+    with pytest.raises(ValueError, match="without LoRA"):
+        off.set_adapter_weights("policy", {}, {})
+
+
 def test_serve_arguments_name_a_bad_engine_and_rank():
     from rayft.serving.app import parse_args
     from rayft.trainers.config import ConfigError
@@ -58,7 +128,9 @@ def test_serve_arguments_name_a_bad_engine_and_rank():
     with pytest.raises(ConfigError) as err:
         parse_args({"engine": "tgi", "max_lora_rank": 0})
     assert {"engine", "max_lora_rank"} <= set(dict(err.value.problems))
-    assert parse_args({"engine": "vllm"}).engine == "vllm"
+    args = parse_args({"engine": "vllm", "vllm_lora": False})
+    assert args.engine == "vllm" and args.vllm_lora is False
+    assert args.max_lora_rank == 16  # vLLM's own default, and rayft's training rank
 
 
 def test_rayft_serve_with_engine_vllm_and_no_vllm_fails_before_ray_starts():
