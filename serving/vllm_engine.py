@@ -59,6 +59,21 @@ from rayft.trainers.storage import StorageRoot
 
 log = logging.getLogger(__name__)
 
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM takes that holds adapters of ``rank``.
+
+    Raises:
+        ValueError: ``rank`` is above vLLM's largest (512).
+    """
+    from rayft.trainers.defaults import VLLM_LORA_RANKS
+
+    for slot in VLLM_LORA_RANKS:
+        if slot >= rank:
+            return slot
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+
+
 BASE_NAME = "__base__"
 """What the vLLM server calls the base model (``--served-model-name``)."""
 VLLM_PYTHON_ENV = "RAYFT_VLLM_PYTHON"
@@ -311,7 +326,8 @@ class VllmEngine(ModelEngine):
     Args:
         model, storage, max_loaded_adapters, dtype, max_batch_size: As ``ModelEngine``.
         vllm_python: The interpreter with vLLM (``find_vllm_python``).
-        max_lora_rank: Highest adapter rank vLLM serves; higher ranks run natively. Its
+        max_lora_rank: Highest adapter rank vLLM serves, rounded up to a rank vLLM takes
+            (``lora_rank_slot``); higher ranks run natively. Its
             LoRA kernels pad every adapter to it, so a larger one costs speed even for the
             base model's rows (on a CPU: 125 tokens/s at 64 against 200 at 16).
         start_timeout_s: How long vLLM's server may take to start.
@@ -340,12 +356,12 @@ class VllmEngine(ModelEngine):
 
         python = require_vllm_python(vllm_python)  # before the base model loads
         super().__init__(model, storage, max_loaded_adapters, dtype, max_batch_size)
-        self.max_lora_rank = max_lora_rank
+        self.max_lora_rank = lora_rank_slot(max_lora_rank)
         self.server = VllmServer(
             python,
             self.model_dir,
             max_loras=max_loaded_adapters,
-            max_lora_rank=max_lora_rank,
+            max_lora_rank=self.max_lora_rank,
             dtype=str(self.dtype).removeprefix("torch."),
             max_model_len=self.context_window,
             start_timeout_s=start_timeout_s,

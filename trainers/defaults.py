@@ -147,3 +147,9 @@ def split_batch(
         return max(1, math.ceil(per_worker / grad_accum)), grad_accum
     accum = math.ceil(per_worker / MICRO_BATCH)
     return math.ceil(per_worker / accum), accum
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM takes for ``--max-lora-rank``: a vLLM engine rounds its own up to one
+(``serving.vllm_engine.lora_rank_slot``), and a GRPO run sampling on vLLM trains at most
+the last."""

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from rayft.trainers import defaults
 from rayft.trainers.dpo import adapter_reference, inner_model, load_reference_adapter
 from rayft.trainers.formats import IGNORE_INDEX, ChatTemplateError, RowError, _encode, _render
 from rayft.trainers.objective import Objective, Problems
@@ -477,14 +478,8 @@ class GrpoObjective(Objective):
                     f"data.max_seq_len={spec.data.max_seq_len}; lower it or raise max_seq_len",
                 )
             )
-        if grpo.rollout_engine == "vllm" and spec.method != "lora":
-            problems.append(
-                (
-                    "grpo.rollout_engine",
-                    "vllm takes the policy as a LoRA adapter after every step; train method "
-                    "lora, or sample on the native engine (grpo.rollout_engine=native)",
-                )
-            )
+        if grpo.rollout_engine == "vllm":
+            problems += vllm_rollout_problems(spec)
         if grpo.beta > 0 and spec.method == "full":
             problems.append(
                 (
@@ -914,3 +909,17 @@ def _say(worker: Worker, line: str) -> None:
 
     if worker.sink is not None:
         worker.sink.push.remote(message_record(line))
+
+
+def vllm_rollout_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """Why vLLM cannot sample this run's policy, if it cannot."""
+    native = "or sample on the native engine (grpo.rollout_engine=native)"
+    if spec.method != "lora":
+        why = "vllm takes the policy as a LoRA adapter after every step; train method lora"
+    elif spec.lora.use_dora:
+        why = "vllm serves no DoRA adapters; set lora.use_dora=false"
+    elif spec.lora.r > defaults.VLLM_LORA_RANKS[-1]:
+        why = f"vllm takes LoRA ranks up to {defaults.VLLM_LORA_RANKS[-1]}; lower lora.r"
+    else:
+        return []
+    return [("grpo.rollout_engine", f"{why}, {native}")]

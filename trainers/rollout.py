@@ -49,13 +49,25 @@ class RolloutEngine:
     """A ``ModelEngine`` that answers batches of prompts with the run's current policy."""
 
     def __init__(
-        self, model_dir: str, storage: str | None, dtype: str, batch: int, engine: str = "native"
+        self,
+        model_dir: str,
+        storage: str | None,
+        dtype: str,
+        batch: int,
+        engine: str = "native",
+        lora_rank: int = 16,
+        cpus: int = 0,
     ) -> None:
+        """``lora_rank`` and ``cpus`` size a vLLM engine (``VllmEngine``'s ``max_lora_rank``
+        and ``cpus``): the policy's LoRA rank, and the actor's CPUs."""
         from rayft.serving.engine import ModelEngine
         from rayft.serving.vllm_engine import VllmEngine
 
-        kind = VllmEngine if engine == "vllm" else ModelEngine
-        self.engine = kind(model_dir, storage=storage, dtype=dtype, max_batch_size=max(1, batch))
+        common = {"storage": storage, "dtype": dtype, "max_batch_size": max(1, batch)}
+        if engine == "vllm":
+            self.engine = VllmEngine(model_dir, **common, max_lora_rank=lora_rank, cpus=cpus)
+        else:
+            self.engine = ModelEngine(model_dir, **common)
         self.adapter = False
 
     def set_adapter(self, config: dict[str, Any], weights: dict[str, Any]) -> None:
@@ -121,7 +133,15 @@ def start_engines(spec: JobSpec, run: str, model_dir: str, dtype: str, batch: in
             num_gpus=grpo.rollout_gpus,
             scheduling_strategy="DEFAULT",
             max_concurrency=1,
-        ).remote(model_dir, spec.storage, dtype, batch, grpo.rollout_engine)
+        ).remote(
+            model_dir,
+            spec.storage,
+            dtype,
+            batch,
+            grpo.rollout_engine,
+            spec.lora.r,
+            int(grpo.rollout_cpus),
+        )
         for index in range(grpo.rollout_workers)
     ]
     # Wait for every engine to hold its model, so a failure to start surfaces here; an

@@ -118,6 +118,28 @@ def test_spec_errors_name_the_key():
             }
         )
     assert "method lora" in dict(err.value.problems)["grpo.rollout_engine"]
+    for lora, why in (({"use_dora": True}, "DoRA"), ({"r": 1024}, "ranks up to 512")):
+        with pytest.raises(ConfigError) as err:
+            validate_spec(
+                {
+                    "model": {"name": "tiny-llama"},
+                    "data": {"train": "t.jsonl", "max_seq_len": 128},
+                    "objective": "grpo",
+                    "lora": lora,
+                    "grpo": {"grader": EXACT, "max_new_tokens": 8, "rollout_engine": "vllm"},
+                }
+            )
+        assert why in dict(err.value.problems)["grpo.rollout_engine"]
+
+
+def test_vllm_rank_slots_hold_every_rank_up_to_512():
+    from rayft.serving.vllm_engine import lora_rank_slot
+
+    assert [lora_rank_slot(r) for r in (1, 2, 8, 9, 16, 17, 64, 300, 512)] == [
+        1, 8, 8, 16, 16, 32, 64, 320, 512
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="above vLLM's largest"):
+        lora_rank_slot(513)
 
 
 def test_collate_keeps_prompts_items_and_ids():
