@@ -710,16 +710,18 @@ class VllmEngine(ModelEngine):
     def scores_natively(self, adapter: str, served: ServedAdapter | None = None) -> bool:
         """Whether ``adapter``'s prompt scores come from the native engine.
 
-        On a CPU they always do: vLLM 0.32's CPU LoRA path kills its engine process when
-        more than one request with prompt log-probs shares a batch (its LoRA logits
-        processor gets one index per request for a logit per prompt position, and
-        ``bgmv_shrink`` fails), even for the base model. One request alone is scored right
-        (the base's loss agreed with the native engine's to 2e-6). With CUDA, vLLM
-        scores every adapter it serves.
+        With CUDA, vLLM scores every adapter it serves. On a CPU it scores only with its
+        LoRA layers off (``lora=False``, the base model): vLLM 0.32's CPU LoRA path kills
+        its engine process when more than one request with prompt log-probs shares a
+        batch (its LoRA logits processor gets one index per request for a logit per
+        prompt position, and ``bgmv_shrink`` fails), even for the base model. Without
+        LoRA layers, batches of them are scored right.
         """
         import torch
 
-        return not torch.cuda.is_available() or self.runs_natively(adapter, served)
+        if self.runs_natively(adapter, served):
+            return True
+        return self.server.lora and not torch.cuda.is_available()
 
     def check_health(self) -> None:
         """Raise when vLLM's server has stopped (Serve then replaces the replica)."""

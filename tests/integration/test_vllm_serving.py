@@ -297,6 +297,17 @@ def test_without_lora_vllm_decodes_the_base_and_adapters_decode_natively(vllm_ho
             assert got.text == native_greedy(native, model, PROMPTS[1]).text, adapter
         assert engine.loaded_adapters() == ["v-one"]  # held by the native engine
         assert engine.runs_natively("v-one") and not engine.runs_natively(BASE_ADAPTER)
+        # Without LoRA layers vLLM scores the base's prompts itself, batched, on a CPU too.
+        assert not engine.scores_natively(BASE_ADAPTER) and engine.scores_natively("v-one")
+        rows = [list(native.tokenizer(p)["input_ids"]) for p in PROMPTS * 2]
+        examples = [(ids, ids) for ids in rows]
+        got, want = engine.score(examples), native.score(examples)
+        assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-4)
+        top = engine.token_scores(rows, BASE_ADAPTER, top_k=2)
+        ref = native.token_scores(rows, BASE_ADAPTER, top_k=2)
+        for mine, theirs in zip(top, ref, strict=True):
+            assert mine.logprobs == pytest.approx(theirs.logprobs, abs=1e-3)
+            assert [t for t, _ in mine.top[0]] == [t for t, _ in theirs.top[0]]
     finally:
         engine.close()
 
