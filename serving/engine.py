@@ -188,6 +188,8 @@ class ModelEngine:
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         max_batch_size: Most rows decoded together.
         device: Torch device; defaults to CUDA when available.
+        lazy: Load the base model's weights on first use, not here (``VllmEngine``: its
+            native rows may never come).
     """
 
     def __init__(
@@ -198,8 +200,10 @@ class ModelEngine:
         dtype: str = "auto",
         max_batch_size: int = 16,
         device: str | None = None,
+        *,
+        lazy: bool = False,
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         from rayft.trainers.models import resolve_model
 
@@ -214,13 +218,15 @@ class ModelEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = pick_dtype(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
-        base.to(self.device).eval()
-        self.base = base
-        self.model: Any = base  # becomes a PeftModel when the first adapter loads
-        self.context_window = int(getattr(base.config, "max_position_embeddings", 2048) or 2048)
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.context_window = int(getattr(self.config, "max_position_embeddings", 2048) or 2048)
         self.pad_id = self._pad_token_id()
         self.stop_ids = self._stop_token_ids()
+        self._base_lock = threading.Lock()
+        self._base: Any = None
+        self._model: Any = None
+        if not lazy:
+            self._load_base()
 
         # Adapter name -> weights file mtime when loaded, oldest use first.
         self._loaded: OrderedDict[str, float] = OrderedDict()
@@ -243,6 +249,39 @@ class ModelEngine:
 
     # ----------------------------------------------------------------- setup
 
+    @property
+    def base(self) -> Any:
+        """The base model, loaded on first use when the engine was made ``lazy``."""
+        if self._base is None:
+            self._load_base()
+        return self._base
+
+    @property
+    def model(self) -> Any:
+        """What rows run through: the base, a PeftModel once the first adapter loads."""
+        if self._model is None:
+            self._load_base()
+        return self._model
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        self._model = value
+
+    @property
+    def base_loaded(self) -> bool:
+        """Whether the base model's weights are in memory (a ``lazy`` engine's may not be)."""
+        return self._base is not None
+
+    def _load_base(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        with self._base_lock:
+            if self._base is None:
+                base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
+                base.to(self.device).eval()
+                self._model = base
+                self._base = base
+
     def _pad_token_id(self) -> int:
         tok = self.tokenizer
         for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
@@ -251,10 +290,16 @@ class ModelEngine:
         return 0
 
     def _stop_token_ids(self) -> set[int]:
+        from transformers import GenerationConfig
+
         from rayft.trainers.formats import end_of_turn_ids
 
         ids = set(end_of_turn_ids(self.tokenizer))
-        eos = self.base.generation_config.eos_token_id
+        try:
+            generation = GenerationConfig.from_pretrained(self.model_dir)
+        except OSError:  # no generation_config.json: what transformers derives for the model
+            generation = GenerationConfig.from_model_config(self.config)
+        eos = generation.eos_token_id
         if isinstance(eos, int):
             ids.add(eos)
         elif isinstance(eos, list):

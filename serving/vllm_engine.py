@@ -355,7 +355,9 @@ class VllmEngine(ModelEngine):
         import httpx
 
         python = require_vllm_python(vllm_python)  # before the base model loads
-        super().__init__(model, storage, max_loaded_adapters, dtype, max_batch_size)
+        # The native engine's weights load with its first row: on a GPU they would take
+        # memory from vLLM's, for rows that may never come.
+        super().__init__(model, storage, max_loaded_adapters, dtype, max_batch_size, lazy=True)
         self.max_lora_rank = lora_rank_slot(max_lora_rank)
         self.server = VllmServer(
             python,

@@ -295,6 +295,8 @@ def test_without_lora_vllm_decodes_the_base_and_adapters_decode_natively(vllm_ho
             got = engine.generate([GenerationRequest(ids, adapter, greedy)])[0]
             model = BASE if adapter == BASE_ADAPTER else adapter
             assert got.text == native_greedy(native, model, PROMPTS[1]).text, adapter
+            # The native engine's weights load with its first row, not with the replica.
+            assert engine.base_loaded == (adapter != BASE_ADAPTER)
         assert engine.loaded_adapters() == ["v-one"]  # held by the native engine
         assert engine.runs_natively("v-one") and not engine.runs_natively(BASE_ADAPTER)
         # Without LoRA layers vLLM scores the base's prompts itself, batched, on a CPU too.
