@@ -180,6 +180,9 @@ class VllmServer:
             core for its server process.
         lora: Whether vLLM runs with LoRA layers; without them it serves the base model
             alone, faster.
+        weight_reload: Open vLLM's development routes (``VLLM_SERVER_DEV_MODE``), whose
+            ``/collective_rpc`` reloads the base weights in place. Only for engines no
+            request reaches (a GRPO run's rollout engines); the port is loopback's.
     """
 
     python: str
@@ -193,6 +196,7 @@ class VllmServer:
     gpu_memory_utilization: float = 0.8
     cpus: int = 0
     lora: bool = True
+    weight_reload: bool = False
 
     def __post_init__(self) -> None:
         self.port = 0
@@ -244,6 +248,10 @@ class VllmServer:
             "DO_NOT_TRACK": "1",
         }
         env.pop("LD_PRELOAD", None)  # a training allocator is not vLLM's
+        if self.weight_reload:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        else:
+            env.pop("VLLM_SERVER_DEV_MODE", None)
         if self.cpus > 0 and not torch.cuda.is_available():
             cores = sorted(os.sched_getaffinity(0))[: self.cpus]
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
@@ -335,6 +343,8 @@ class VllmEngine(ModelEngine):
         cpus: The replica's CPU cores, which vLLM decodes on (``VllmServer.cpus``).
         lora: Whether vLLM serves adapters. Without LoRA layers it decodes the base model
             faster (on a CPU, SmolLM2: about 1.4x) and every adapter's rows run natively.
+        weight_reload: Whether ``set_base_weights`` may reload vLLM's base weights
+            (``VllmServer.weight_reload``): a full-weight GRPO run's rollout engines.
     """
 
     def __init__(
@@ -351,6 +361,7 @@ class VllmEngine(ModelEngine):
         gpu_memory_utilization: float = 0.8,
         cpus: int = 0,
         lora: bool = True,
+        weight_reload: bool = False,
     ) -> None:
         import httpx
 
@@ -370,6 +381,7 @@ class VllmEngine(ModelEngine):
             gpu_memory_utilization=gpu_memory_utilization,
             cpus=cpus,
             lora=lora,
+            weight_reload=weight_reload,
         ).start()
         self._http = httpx.Client(base_url=self.server.url, timeout=600.0)
         # vLLM's LoRA names ("<name>@<version>") -> adapter name, least recently used first.
@@ -530,11 +542,50 @@ class VllmEngine(ModelEngine):
                 shutil.rmtree(Path(self._sync_dir.name) / old, ignore_errors=True)
 
     def set_base_weights(self, weights: dict) -> None:
-        """Refused: vLLM takes a policy as a LoRA adapter (``set_adapter_weights``)."""
-        raise NotImplementedError(
-            "a vLLM rollout engine takes the policy's LoRA adapter, not full weights; "
-            "sample full-weight GRPO on the native engine (grpo.rollout_engine=native)"
-        )
+        """Replace the base model's weights (a full-weight GRPO policy after each step).
+
+        The tensors are written once as a safetensors checkpoint, vLLM's workers reload
+        them in place (``reload_weights`` through ``/collective_rpc``), and its prefix
+        cache, which holds keys and values computed with the old weights, is emptied. The
+        native engine's copy follows when it is loaded. Only for engines no request
+        reaches (rows are not running while it changes).
+
+        Raises:
+            NotImplementedError: The engine was started without ``weight_reload``.
+            Unavailable: vLLM refused the reload.
+        """
+        from safetensors.torch import save_file
+
+        if not self.server.weight_reload:
+            raise NotImplementedError(
+                "this vLLM engine was started without weight_reload; a GRPO run's rollout "
+                "engines start with it for method full"
+            )
+        self._syncs += 1
+        folder = Path(self._sync_dir.name) / f"base@sync{self._syncs}"
+        folder.mkdir()
+        seen: set[int] = set()
+        tensors = {}
+        for key, tensor in weights.items():  # tied weights are saved as two tensors
+            tensor = tensor.contiguous()
+            if tensor.data_ptr() in seen:
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            tensors[key] = tensor
+        save_file(tensors, folder / "model.safetensors")
+        with self._lora_lock:
+            reload = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
+            for route, body in (("/collective_rpc", reload), ("/reset_prefix_cache", None)):
+                answer = self._http.post(route, json=body)
+                if answer.status_code != 200:
+                    raise Unavailable(
+                        f"vLLM refused the policy's weights ({route}): {answer.text[:500]}"
+                    )
+            for old in Path(self._sync_dir.name).glob("base@sync*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.base_loaded:
+            super().set_base_weights(weights)
 
     def _unload_lora(self, lora: str) -> None:
         del self._loras[lora]

@@ -912,11 +912,12 @@ def _say(worker: Worker, line: str) -> None:
 
 
 def vllm_rollout_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """Why vLLM cannot sample this run's policy, if it cannot."""
+    """Why vLLM cannot sample this run's policy, if it cannot (method full: it reloads the
+    weights after every step; method lora: it loads the adapter)."""
     native = "or sample on the native engine (grpo.rollout_engine=native)"
     if spec.method != "lora":
-        why = "vllm takes the policy as a LoRA adapter after every step; train method lora"
-    elif spec.lora.use_dora:
+        return []
+    if spec.lora.use_dora:
         why = "vllm serves no DoRA adapters; set lora.use_dora=false"
     elif spec.lora.r > defaults.VLLM_LORA_RANKS[-1]:
         why = f"vllm takes LoRA ranks up to {defaults.VLLM_LORA_RANKS[-1]}; lower lora.r"

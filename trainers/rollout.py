@@ -57,15 +57,19 @@ class RolloutEngine:
         engine: str = "native",
         lora_rank: int = 16,
         cpus: int = 0,
+        full: bool = False,
     ) -> None:
         """``lora_rank`` and ``cpus`` size a vLLM engine (``VllmEngine``'s ``max_lora_rank``
-        and ``cpus``): the policy's LoRA rank, and the actor's CPUs."""
+        and ``cpus``): the policy's LoRA rank, and the actor's CPUs. ``full``: the policy
+        comes as full weights (``set_base``), which a vLLM engine reloads in place."""
         from rayft.serving.engine import ModelEngine
         from rayft.serving.vllm_engine import VllmEngine
 
         common = {"storage": storage, "dtype": dtype, "max_batch_size": max(1, batch)}
         if engine == "vllm":
-            self.engine = VllmEngine(model_dir, **common, max_lora_rank=lora_rank, cpus=cpus)
+            self.engine = VllmEngine(
+                model_dir, **common, max_lora_rank=lora_rank, cpus=cpus, weight_reload=full
+            )
         else:
             self.engine = ModelEngine(model_dir, **common)
         self.adapter = False
@@ -141,6 +145,7 @@ def start_engines(spec: JobSpec, run: str, model_dir: str, dtype: str, batch: in
             grpo.rollout_engine,
             spec.lora.r,
             int(grpo.rollout_cpus),
+            spec.method == "full",
         )
         for index in range(grpo.rollout_workers)
     ]

@@ -380,3 +380,40 @@ def test_smollm2_learns_to_answer_sums_from_an_sft_adapter(ray_cluster, sums):
     # Measured: 0.354 (the SFT adapter's grade; the base's is 0.313) -> 0.458 over 16 steps;
     # the sampled answers' mean grade went 0.09 -> 0.5.
     assert after >= before + 0.08, (before, after)
+
+
+def test_full_weight_grpo_samples_on_vllm_and_reloads_the_policy_each_step(ray_cluster, sums):
+    # grpo.rollout_engine=vllm with method full: the rollout engine starts vLLM with weight
+    # reloads open, and after each optimizer step reloads the policy's state dict in place.
+    import os
+
+    from rayft.serving.vllm_engine import find_vllm_python
+
+    if os.environ.get("RAYFT_VLLM") == "0" or find_vllm_python() is None:
+        pytest.skip("no vLLM environment (scripts/install_vllm.sh)")
+    spec = validate_spec(
+        {
+            "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+            "data": {"train": str(sums["train"]), "max_seq_len": 96},
+            "objective": "grpo",
+            "method": "full",
+            "grpo": {
+                "grader": SUMS,
+                "num_generations": 4,
+                "max_new_tokens": 8,
+                "beta": 0.0,
+                "rollout_cpus": 2,
+                "rollout_engine": "vllm",
+            },  # fmt: skip
+            "optim": {"lr": 1e-5, "max_steps": 2, "batch_size": 4, "warmup_ratio": 0.0},
+            **TWO_THREADS,
+            "output": {"name": "grpo-vllm-full", "overwrite": True},
+        }
+    )
+    outcome = run_training(spec, show_progress=False)
+    meta = json.loads((Path(outcome.artifact) / "rayft.json").read_text())
+    assert meta["method"] == "full" and meta["steps"] == 2
+    trains = [r for r in meta["history"] if r["kind"] == "train"]
+    assert [r["step"] for r in trains] == [1, 2]
+    assert all(0.0 <= r["reward"] <= 1.0 for r in trains)
+    assert (Path(outcome.artifact) / "model.safetensors").is_file()

@@ -280,6 +280,43 @@ def test_a_rollout_engine_on_vllm_samples_with_each_policy_it_is_sent(vllm_home,
         engines["vllm"].engine.close()
 
 
+def test_a_rollout_engine_on_vllm_reloads_full_policy_weights_in_place(vllm_home, native):
+    # Full-weight GRPO on vLLM: after each step the policy's state dict is reloaded into
+    # vLLM's workers (reload_weights) and its prefix cache emptied; greedy answers equal the
+    # native engine's with the same weights, and change with them.
+    from transformers import AutoModelForCausalLM
+
+    from rayft.trainers.rollout import RolloutEngine
+
+    model_dir = str(native.model_dir)
+    prompt = list(native.tokenizer(PROMPTS[1])["input_ids"])
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    engines = {
+        kind: RolloutEngine(model_dir, str(vllm_home), "float32", 4, engine=kind, full=True)
+        for kind in ("vllm", "native")
+    }
+    try:
+        answers = [engines["vllm"].generate([prompt], 1, 12, 0.0, 1.0, 0)[0].token_ids]
+        for seed in (41, 42):
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for name, param in policy.named_parameters():
+                    if "mlp" in name:
+                        param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+            weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            sampled = {}
+            for kind, engine in engines.items():
+                engine.set_base(weights)
+                sampled[kind] = engine.generate([prompt], 1, 12, 0.0, 1.0, seed)[0].token_ids
+            assert sampled["vllm"] == sampled["native"], seed
+            answers.append(sampled["vllm"])
+        assert len({tuple(a) for a in answers}) == 3, answers
+        synced = list((Path(engines["vllm"].engine._sync_dir.name)).glob("base@sync*"))
+        assert [p.name for p in synced] == ["base@sync2"]  # the older checkpoint is gone
+    finally:
+        engines["vllm"].engine.close()
+
+
 def test_without_lora_vllm_decodes_the_base_and_adapters_decode_natively(vllm_home, native):
     # vllm_lora=false: vLLM runs without LoRA layers (faster for the base model); every
     # adapter's rows decode on the native engine in the same replica, with the same answers.

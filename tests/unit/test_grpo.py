@@ -105,19 +105,18 @@ def test_spec_errors_name_the_key():
     # A model grader trains too: its judge loads on the grading actor (trainers.judge).
     assert spec(grader=judged).grpo.grader["type"] == "score_model"
     assert spec().optim.lr == 1e-5  # GRPO's own LoRA default
-    # vLLM takes the policy as a LoRA adapter: full weights sample on the native engine.
+    # vLLM takes a LoRA policy as an adapter, a full one by reloading its weights.
     assert spec(rollout_engine="vllm").grpo.rollout_engine == "vllm"
-    with pytest.raises(ConfigError) as err:
-        validate_spec(
-            {
-                "model": {"name": "tiny-llama"},
-                "data": {"train": "t.jsonl", "max_seq_len": 128},
-                "objective": "grpo",
-                "method": "full",
-                "grpo": {"grader": EXACT, "max_new_tokens": 8, "rollout_engine": "vllm"},
-            }
-        )
-    assert "method lora" in dict(err.value.problems)["grpo.rollout_engine"]
+    full = validate_spec(
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {"train": "t.jsonl", "max_seq_len": 128},
+            "objective": "grpo",
+            "method": "full",
+            "grpo": {"grader": EXACT, "max_new_tokens": 8, "rollout_engine": "vllm", "beta": 0},
+        }
+    )
+    assert full.method == "full" and full.grpo.rollout_engine == "vllm"
     for lora, why in (({"use_dora": True}, "DoRA"), ({"r": 1024}, "ranks up to 512")):
         with pytest.raises(ConfigError) as err:
             validate_spec(

@@ -77,6 +77,11 @@ def test_on_a_cpu_vllm_decodes_on_the_replicas_cores_unless_the_environment_name
     server.cpus = 0  # vLLM's own binding
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     assert "VLLM_CPU_OMP_THREADS_BIND" not in server.environment()
+    # vLLM's development routes (/collective_rpc) open only for a rollout engine's reloads.
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    assert "VLLM_SERVER_DEV_MODE" not in server.environment()
+    server.weight_reload = True
+    assert server.environment()["VLLM_SERVER_DEV_MODE"] == "1"
 
 
 def routing_engine(tmp_path, lora: bool, max_lora_rank: int = 16) -> VllmEngine:
@@ -119,6 +124,8 @@ def test_adapters_route_to_the_native_engine_by_rank_dora_and_lora_off(tmp_path,
     assert off.runs_natively("plain", plain)
     with pytest.raises(ValueError, match="without LoRA"):
         off.set_adapter_weights("policy", {}, {})
+    with pytest.raises(NotImplementedError, match="weight_reload"):
+        engine.set_base_weights({})
 
 
 def test_serve_arguments_name_a_bad_engine_and_rank():
