@@ -98,8 +98,9 @@ class ServeArgs(BaseModel):
     (``scripts/install_vllm.sh``), then this one when it imports vLLM."""
     max_lora_rank: int = Field(16, ge=1, le=512)
     """Highest LoRA rank vLLM reserves room for (vLLM's default, and rayft's training rank);
-    adapters above it are served natively. vLLM pads every adapter to it, so a larger one
-    slows every row, the base model's included."""
+    adapters above it are served natively. Rounded up to a rank vLLM takes (1, 8, 16, 32,
+    64, 128, 256, 320, 512). vLLM pads every adapter to it, so a larger one slows every row,
+    the base model's included."""
     vllm_lora: bool = True
     """Whether vLLM serves adapters (LoRA layers on). Off, vLLM decodes the base model
     alone, faster (about 1.4x on a CPU), and adapters' rows run on the native engine."""
