@@ -303,19 +303,26 @@ class VllmServer:
         return f"; its log ({self.log_path}) ends:\n" + "\n".join(text)
 
     def stop(self) -> None:
-        """Stop the server and its engine processes (its process group)."""
+        """Stop the server and its engine processes (its process group).
+
+        SIGTERM first; whatever of the group is left after 15 s is killed. vLLM's engine
+        processes can outlive their server.
+        """
         process = self.process
-        if process is None or process.poll() is not None:
+        if process is None:
             return
+        group = process.pid  # the server leads its own session (start_new_session)
         try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout=15)
+            os.killpg(group, signal.SIGTERM)
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline:
+                process.poll()
+                os.killpg(group, 0)  # ProcessLookupError once every process is gone
+                time.sleep(0.2)
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=15)
 
 
 @dataclass

@@ -61,14 +61,20 @@ class RolloutEngine:
     ) -> None:
         """``lora_rank`` and ``cpus`` size a vLLM engine (``VllmEngine``'s ``max_lora_rank``
         and ``cpus``): the policy's LoRA rank, and the actor's CPUs. ``full``: the policy
-        comes as full weights (``set_base``), which a vLLM engine reloads in place."""
+        comes as full weights (``set_base``), which a vLLM engine reloads in place; it then
+        runs without LoRA layers, which cost it speed on every token."""
         from rayft.serving.engine import ModelEngine
         from rayft.serving.vllm_engine import VllmEngine
 
         common = {"storage": storage, "dtype": dtype, "max_batch_size": max(1, batch)}
         if engine == "vllm":
             self.engine = VllmEngine(
-                model_dir, **common, max_lora_rank=lora_rank, cpus=cpus, weight_reload=full
+                model_dir,
+                **common,
+                max_lora_rank=lora_rank,
+                cpus=cpus,
+                lora=not full,
+                weight_reload=full,
             )
         else:
             self.engine = ModelEngine(model_dir, **common)

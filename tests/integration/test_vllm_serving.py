@@ -280,7 +280,48 @@ def test_a_rollout_engine_on_vllm_samples_with_each_policy_it_is_sent(vllm_home,
         engines["vllm"].engine.close()
 
 
-def test_a_rollout_engine_on_vllm_reloads_full_policy_weights_in_place(vllm_home, native):
+@pytest.fixture(scope="module")
+def lora_off(vllm_home: Path):
+    """A full-weight GRPO run's rollout engine on vLLM: no LoRA layers, weight reloads."""
+    from rayft.trainers.rollout import RolloutEngine
+
+    rollout = RolloutEngine(BASE, str(vllm_home), "float32", 4, engine="vllm", full=True)
+    yield rollout
+    rollout.engine.close()
+
+
+def test_without_lora_vllm_decodes_the_base_and_adapters_decode_natively(lora_off, native):
+    # vllm_lora=false (and full-weight rollouts): vLLM runs without LoRA layers, faster for
+    # the base model; every adapter's rows decode on the native engine in the same replica,
+    # with the same answers.
+    from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, SamplingParams
+
+    engine = lora_off.engine
+    assert "--enable-lora" not in engine.server.command()
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    for adapter in (BASE_ADAPTER, "v-one"):
+        ids = tuple(native.tokenizer(PROMPTS[1])["input_ids"])
+        got = engine.generate([GenerationRequest(ids, adapter, greedy)])[0]
+        model = BASE if adapter == BASE_ADAPTER else adapter
+        assert got.text == native_greedy(native, model, PROMPTS[1]).text, adapter
+        # The native engine's weights load with its first row, not with the replica.
+        assert engine.base_loaded == (adapter != BASE_ADAPTER)
+    assert engine.loaded_adapters() == ["v-one"]  # held by the native engine
+    assert engine.runs_natively("v-one") and not engine.runs_natively(BASE_ADAPTER)
+    # Without LoRA layers vLLM scores the base's prompts itself, batched, on a CPU too.
+    assert not engine.scores_natively(BASE_ADAPTER) and engine.scores_natively("v-one")
+    rows = [list(native.tokenizer(p)["input_ids"]) for p in PROMPTS * 2]
+    examples = [(ids, ids) for ids in rows]
+    got, want = engine.score(examples), native.score(examples)
+    assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-4)
+    top = engine.token_scores(rows, BASE_ADAPTER, top_k=2)
+    ref = native.token_scores(rows, BASE_ADAPTER, top_k=2)
+    for mine, theirs in zip(top, ref, strict=True):
+        assert mine.logprobs == pytest.approx(theirs.logprobs, abs=1e-3)
+        assert [t for t, _ in mine.top[0]] == [t for t, _ in theirs.top[0]]
+
+
+def test_a_rollout_engine_on_vllm_reloads_full_policy_weights_in_place(lora_off, vllm_home, native):
     # Full-weight GRPO on vLLM: after each step the policy's state dict is reloaded into
     # vLLM's workers (reload_weights) and its prefix cache emptied; greedy answers equal the
     # native engine's with the same weights, and change with them.
@@ -292,63 +333,26 @@ def test_a_rollout_engine_on_vllm_reloads_full_policy_weights_in_place(vllm_home
     prompt = list(native.tokenizer(PROMPTS[1])["input_ids"])
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     engines = {
-        kind: RolloutEngine(model_dir, str(vllm_home), "float32", 4, engine=kind, full=True)
-        for kind in ("vllm", "native")
+        "vllm": lora_off,
+        "native": RolloutEngine(model_dir, str(vllm_home), "float32", 4, full=True),
     }
-    try:
-        answers = [engines["vllm"].generate([prompt], 1, 12, 0.0, 1.0, 0)[0].token_ids]
-        for seed in (41, 42):
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for name, param in policy.named_parameters():
-                    if "mlp" in name:
-                        param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-            weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-            sampled = {}
-            for kind, engine in engines.items():
-                engine.set_base(weights)
-                sampled[kind] = engine.generate([prompt], 1, 12, 0.0, 1.0, seed)[0].token_ids
-            assert sampled["vllm"] == sampled["native"], seed
-            answers.append(sampled["vllm"])
-        assert len({tuple(a) for a in answers}) == 3, answers
-        synced = list((Path(engines["vllm"].engine._sync_dir.name)).glob("base@sync*"))
-        assert [p.name for p in synced] == ["base@sync2"]  # the older checkpoint is gone
-    finally:
-        engines["vllm"].engine.close()
-
-
-def test_without_lora_vllm_decodes_the_base_and_adapters_decode_natively(vllm_home, native):
-    # vllm_lora=false: vLLM runs without LoRA layers (faster for the base model); every
-    # adapter's rows decode on the native engine in the same replica, with the same answers.
-    from rayft.serving.engine import BASE_ADAPTER, GenerationRequest, SamplingParams
-    from rayft.serving.vllm_engine import VllmEngine
-
-    engine = VllmEngine(BASE, str(vllm_home), 2, "float32", lora=False)
-    try:
-        assert "--enable-lora" not in engine.server.command()
-        greedy = SamplingParams(max_tokens=12, temperature=0.0)
-        for adapter in (BASE_ADAPTER, "v-one"):
-            ids = tuple(native.tokenizer(PROMPTS[1])["input_ids"])
-            got = engine.generate([GenerationRequest(ids, adapter, greedy)])[0]
-            model = BASE if adapter == BASE_ADAPTER else adapter
-            assert got.text == native_greedy(native, model, PROMPTS[1]).text, adapter
-            # The native engine's weights load with its first row, not with the replica.
-            assert engine.base_loaded == (adapter != BASE_ADAPTER)
-        assert engine.loaded_adapters() == ["v-one"]  # held by the native engine
-        assert engine.runs_natively("v-one") and not engine.runs_natively(BASE_ADAPTER)
-        # Without LoRA layers vLLM scores the base's prompts itself, batched, on a CPU too.
-        assert not engine.scores_natively(BASE_ADAPTER) and engine.scores_natively("v-one")
-        rows = [list(native.tokenizer(p)["input_ids"]) for p in PROMPTS * 2]
-        examples = [(ids, ids) for ids in rows]
-        got, want = engine.score(examples), native.score(examples)
-        assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-4)
-        top = engine.token_scores(rows, BASE_ADAPTER, top_k=2)
-        ref = native.token_scores(rows, BASE_ADAPTER, top_k=2)
-        for mine, theirs in zip(top, ref, strict=True):
-            assert mine.logprobs == pytest.approx(theirs.logprobs, abs=1e-3)
-            assert [t for t, _ in mine.top[0]] == [t for t, _ in theirs.top[0]]
-    finally:
-        engine.close()
+    answers = [engines["vllm"].generate([prompt], 1, 12, 0.0, 1.0, 0)[0].token_ids]
+    for seed in (41, 42):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "mlp" in name:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+        weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        sampled = {}
+        for kind, engine in engines.items():
+            engine.set_base(weights)
+            sampled[kind] = engine.generate([prompt], 1, 12, 0.0, 1.0, seed)[0].token_ids
+        assert sampled["vllm"] == sampled["native"], seed
+        answers.append(sampled["vllm"])
+    assert len({tuple(a) for a in answers}) == 3, answers
+    synced = list((Path(engines["vllm"].engine._sync_dir.name)).glob("base@sync*"))
+    assert [p.name for p in synced] == ["base@sync2"]  # the older checkpoint is gone
 
 
 def test_a_replica_whose_vllm_server_died_is_replaced_and_answers_again(vllm_url):
