@@ -55,6 +55,7 @@ from rayft.serving.engine import (
 )
 from rayft.serving.errors import Conflict, ServingError, Unavailable
 from rayft.serving.logprobs import TokenScores
+from rayft.trainers.defaults import VLLM_LORA_RANKS
 from rayft.trainers.storage import StorageRoot
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,6 @@ def lora_rank_slot(rank: int) -> int:
     Raises:
         ValueError: ``rank`` is above vLLM's largest (512).
     """
-    from rayft.trainers.defaults import VLLM_LORA_RANKS
-
     for slot in VLLM_LORA_RANKS:
         if slot >= rank:
             return slot
@@ -305,24 +304,21 @@ class VllmServer:
     def stop(self) -> None:
         """Stop the server and its engine processes (its process group).
 
-        SIGTERM first; whatever of the group is left after 15 s is killed. vLLM's engine
-        processes can outlive their server.
+        Engine processes that outlive the server are ended by the launcher's guardian
+        (``serving/vllm_launch.py``).
         """
         process = self.process
-        if process is None:
+        if process is None or process.poll() is not None:
             return
-        group = process.pid  # the server leads its own session (start_new_session)
         try:
-            os.killpg(group, signal.SIGTERM)
-            deadline = time.monotonic() + 15.0
-            while time.monotonic() < deadline:
-                process.poll()
-                os.killpg(group, 0)  # ProcessLookupError once every process is gone
-                time.sleep(0.2)
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=15)
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=15)
 
 
 @dataclass
