@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,26 @@ def _one_cluster_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
     if not _shares_the_cluster(request.module, request.session):
         _shut_ray_down()
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_checkpoints_removed() -> Iterator[None]:
+    """When a module ends, remove the checkpoints of the runs it made in the session's
+    ``$RAYFT_HOME``: kept for the whole session, one full-weight SmolLM2 checkpoint with its
+    optimizer state is 2.5 GB. The runs' records, manifests and published models stay."""
+    runs_before = _session_runs()
+    yield
+    from rayft.trainers.checkpoints import CHECKPOINT_PREFIX
+
+    for run in _session_runs() - runs_before:
+        for folder in run.glob(f"{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _session_runs() -> set[Path]:
+    home = os.environ.get("RAYFT_HOME")
+    runs = Path(home) / "runs" if home else None
+    return set(runs.iterdir()) if runs is not None and runs.is_dir() else set()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,11 +6,14 @@ code runs on the embedded local cluster and on a remote one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,13 @@ from rayft.trainers.startup import (
     bounded_worker_start,
     wait_for_data_cpu,
 )
-from rayft.trainers.storage import MANIFEST_FILE, StorageRoot, run_relpath
+from rayft.trainers.storage import (
+    MANIFEST_FILE,
+    StorageFullError,
+    StorageRoot,
+    is_storage_full,
+    run_relpath,
+)
 
 __all__ = ["SPEC_FILE", "TrainOutcome", "artifact_location", "new_run_id", "run_training"]
 
@@ -292,18 +301,19 @@ def run_training(
     )
     trainer = _torch_trainer(spec, root, run_id, inputs, feed.datasets, callbacks)
     progress = ConsoleProgress(enabled=show_progress)
-    with bounded_worker_start(spec):  # fails after scaling.start_timeout_s
+    with bounded_worker_start(spec), storage_full_named(spec, root, run_id):
+        # fails after scaling.start_timeout_s
         result = _fit_with_progress(trainer, sink, progress, runlog)
     if (result.metrics or {}).get("paused"):
         return _paused(runlog, result, say)
     try:
-        artifact = _publish(
-            spec, root, run_id, name, kind, result, prepared, model_dir, parent, publish, project,
-            say=say,
-        )  # fmt: skip
+        with storage_full_named(spec, root, run_id):
+            artifact = _publish(
+                spec, root, run_id, name, kind, result, prepared, model_dir, parent, publish,
+                project, say=say,
+            )  # fmt: skip
     except Exception as err:  # e.g. an artifact that would not serve: nothing was published
-        runlog.event("error", error=type(err).__name__, message=str(err)[:2000])
-        runlog.state(FAILED, failed_at=time.time())
+        _record_failure(runlog, err)
         raise
     metrics = dict(result.metrics or {})
     location = artifact_location(kind, name, root, artifact)
@@ -547,10 +557,37 @@ def _fit_with_progress(trainer: Any, sink: Any, progress: Any, runlog: RunLog) -
         ray.kill(sink)
     if "error" in result_box:
         err = result_box["error"]
-        runlog.event("error", error=type(err).__name__, message=str(err)[:2000])
-        runlog.state(FAILED, failed_at=time.time())
+        _record_failure(runlog, err)
         raise err
     return result_box["result"]
+
+
+def _record_failure(runlog: RunLog, err: BaseException) -> None:
+    """Record ``err`` and the ``failed`` state; a record that cannot be written (its disk
+    is full, say) is reported on stderr and does not hide ``err``."""
+    try:
+        runlog.event("error", error=type(err).__name__, message=str(err)[:2000])
+        runlog.state(FAILED, failed_at=time.time())
+    except OSError as record_err:
+        print(f"[rayft] the run's failure could not be recorded: {record_err}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def storage_full_named(spec: JobSpec, root: StorageRoot, run_id: str) -> Iterator[None]:
+    """Raise a :class:`StorageFullError` that says what to do in place of an error whose
+    cause is a full disk (a worker's checkpoint, the run's record, the published copy)."""
+    try:
+        yield
+    except Exception as err:
+        if not is_storage_full(err):
+            raise
+        raise StorageFullError(
+            f"run {run_id} stopped: no space left on the disk of its storage ({root.location}). "
+            f"Each checkpoint holds the weights (and, for method {spec.method}, the optimizer's "
+            f"state); checkpoint.keep={spec.checkpoint.keep} of them are kept. Free space "
+            "there, lower checkpoint.keep, or give a larger disk (--storage / RAYFT_HOME); "
+            f"`rayft train --resume {run_id}` continues from its newest complete checkpoint"
+        ) from err
 
 
 def checkpoint_events(sink: str) -> Any:

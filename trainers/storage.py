@@ -17,6 +17,7 @@ the atomic switch of a directory published under a name (``swap_dir``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -37,6 +38,30 @@ STALE_STAGING_S = 3600.0
 
 class StorageError(OSError):
     """A remote storage root cannot be read or written."""
+
+
+class StorageFullError(StorageError):
+    """A run stopped because its storage had no space left (``ENOSPC``)."""
+
+
+NO_SPACE = "No space left on device"
+"""``strerror(ENOSPC)``: how a full disk reads in an error a Ray worker sent as text."""
+
+
+def is_storage_full(err: BaseException) -> bool:
+    """True when ``err``, or an error it was raised from, is a full disk: an ``OSError``
+    with ``errno.ENOSPC`` here, or its message in a worker's error (Ray Train's
+    ``WorkerGroupError`` carries the workers' tracebacks as text)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if NO_SPACE in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 # ----------------------------------------------------------------- primitives

@@ -199,3 +199,56 @@ def test_resume_refuses_corrupted_checkpoints_and_continues_from_a_complete_one(
 def _written_size(ckpt: Path) -> int:
     manifest = json.loads((ckpt / "rayft_manifest.rank0.json").read_text())
     return manifest["files"]["state/mp_rank_00_model_states.pt"]["size"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: room for tiny-llama and a run's records, not for full-weight checkpoints."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"no tmpfs can be mounted here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_the_run_saying_what_to_do_and_frees_its_cpus(
+    ray_cluster, chat_file, small_disk
+):
+    from rayft.trainers.models import pull_builtin
+    from rayft.trainers.storage import StorageFullError, StorageRoot, is_storage_full
+
+    pull_builtin("tiny-llama", StorageRoot.resolve(str(small_disk)).models)
+    spec = validate_spec(
+        tiny_spec(
+            chat_file,
+            storage=str(small_disk),
+            method="full",
+            optim={"max_steps": 6, "batch_size": 4},
+            scaling={"num_workers": 2, "max_failures": 1},
+            checkpoint={"every_steps": 1},
+            output={"name": "full-disk"},
+        )
+    )
+    with pytest.raises(StorageFullError) as caught:
+        run_training(spec, run_id="full-disk-run", show_progress=False)
+    message = str(caught.value)
+    assert (
+        f"run full-disk-run stopped: no space left on the disk of its storage ({small_disk})"
+        in message
+    )
+    assert "checkpoint.keep=2" in message
+    assert "rayft train --resume full-disk-run" in message
+    assert is_storage_full(caught.value.__cause__)  # the worker's or controller's own error
+    # The run's workers gave their CPUs back.
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.time() < deadline, ray.available_resources()
+        time.sleep(0.5)

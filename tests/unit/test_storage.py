@@ -33,7 +33,7 @@ from rayft.trainers.registry import (
     remove_artifact,
     resolve_adapter,
 )
-from rayft.trainers.storage import StorageRoot, filesystem, is_uri, swap_dir
+from rayft.trainers.storage import StorageRoot, filesystem, is_storage_full, is_uri, swap_dir
 
 
 def unused_pid() -> int:
@@ -208,3 +208,21 @@ def test_newest_checkpoint_is_the_newest_with_every_ranks_manifest(tmp_path: Pat
     assert newest_checkpoint(root, "r3") == (f"{root.location}/runs/r3/checkpoint_a", 4)
     (run / "checkpoint_b" / manifest_name(1)).write_text(json.dumps({"world_size": 2}))
     assert newest_checkpoint(root, "r3") == (f"{root.location}/runs/r3/checkpoint_b", 6)
+
+
+def test_a_full_disk_is_told_apart_from_other_errors_here_and_in_a_workers_text() -> None:
+    import errno
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert is_storage_full(full)
+    try:
+        try:
+            raise full
+        except OSError as err:
+            raise RuntimeError("the checkpoint could not be saved") from err
+    except RuntimeError as chained:
+        assert is_storage_full(chained)
+    # Ray Train's WorkerGroupError carries the worker's traceback as text.
+    assert is_storage_full(RuntimeError("SafetensorError: I/O error: No space left on device"))
+    assert not is_storage_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_storage_full(RuntimeError("worker 0 lost"))
