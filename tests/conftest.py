@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,6 +126,30 @@ def _one_cluster_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
     if not _shares_the_cluster(request.module, request.session):
         _shut_ray_down()
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _earlier_sessions_removed(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Remove earlier sessions' base folders (``pytest-<n>``) before this one writes.
+
+    pytest prunes them only when a session exits; on a machine that runs the suite again
+    and again, the ones it kept (models and checkpoints, GBs each) would take the disk this
+    session needs. A folder that another live session holds (its lock is fresh) is kept.
+    """
+    from _pytest.pathlib import cleanup_numbered_dir  # pytest's own pruning, lock-aware
+
+    base = tmp_path_factory.getbasetemp()
+    if re.fullmatch(r"pytest-\d+", base.name):
+        cleanup_numbered_dir(
+            base.parent,
+            "pytest-",
+            keep=1,
+            consider_lock_dead_if_created_before=time.time() - LOCK_DEAD_AFTER_S,
+        )
+
+
+LOCK_DEAD_AFTER_S = 3 * 24 * 3600.0
+"""pytest's own age for a base folder's lock left by a session that died."""
 
 
 @pytest.fixture(autouse=True, scope="module")
