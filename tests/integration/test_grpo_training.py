@@ -107,7 +107,7 @@ def test_a_rollout_engine_the_cluster_cannot_place_fails_the_run_naming_its_cpus
                 "rollout_cpus": 2,
             },
             optim={"max_steps": 1, "batch_size": 2},
-            scaling={"num_workers": 1, "start_timeout_s": 8},
+            scaling={"num_workers": 1, "start_timeout_s": 8, "max_failures": 0},
             output={"name": "grpo-no-room", "overwrite": True},
         )
     )
