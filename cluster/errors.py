@@ -73,7 +73,9 @@ def is_bad_input(err: BaseException) -> bool:
 
 
 def root_cause(err: BaseException) -> str:
-    """``Type: message`` of the innermost explicitly chained cause (``raise ... from``)."""
-    while err.__cause__ is not None:
+    """``Type: message`` of the innermost explicitly chained cause (``raise ... from``), or
+    of the first error on the way that explains its cause (``explains_cause``: its message
+    already says what went wrong and what to do, such as a full disk)."""
+    while err.__cause__ is not None and not getattr(err, "explains_cause", False):
         err = err.__cause__
     return f"{type(err).__name__}: {err}"

@@ -41,7 +41,11 @@ class StorageError(OSError):
 
 
 class StorageFullError(StorageError):
-    """A run stopped because its storage had no space left (``ENOSPC``)."""
+    """A run stopped because its storage had no space left (``ENOSPC``). Its message says
+    what to do; the error it replaces (a worker's, often only as text) is its cause."""
+
+    explains_cause = True
+    """Shown to the user in place of its cause (``cluster.errors.root_cause``)."""
 
 
 NO_SPACE = "No space left on device"

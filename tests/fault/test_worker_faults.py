@@ -222,31 +222,33 @@ def small_disk(tmp_path):
 def test_a_full_disk_stops_the_run_saying_what_to_do_and_frees_its_cpus(
     ray_cluster, chat_file, small_disk
 ):
+    # Through the Python API, as a user meets it: rayft.TrainingFailed says what to do.
+    import rayft
     from rayft.trainers.models import pull_builtin
     from rayft.trainers.storage import StorageFullError, StorageRoot, is_storage_full
 
     pull_builtin("tiny-llama", StorageRoot.resolve(str(small_disk)).models)
-    spec = validate_spec(
-        tiny_spec(
-            chat_file,
-            storage=str(small_disk),
-            method="full",
-            optim={"max_steps": 6, "batch_size": 4},
-            scaling={"num_workers": 2, "max_failures": 1},
-            checkpoint={"every_steps": 1},
-            output={"name": "full-disk"},
-        )
+    spec = tiny_spec(
+        chat_file,
+        storage=str(small_disk),
+        method="full",
+        optim={"max_steps": 6, "batch_size": 4},
+        scaling={"num_workers": 2, "max_failures": 1},
+        checkpoint={"every_steps": 1},
+        output={"name": "full-disk"},
     )
-    with pytest.raises(StorageFullError) as caught:
-        run_training(spec, run_id="full-disk-run", show_progress=False)
+    with pytest.raises(rayft.TrainingFailed) as caught:
+        rayft.train(spec, run_id="full-disk-run", show_progress=False)
     message = str(caught.value)
-    assert (
-        f"run full-disk-run stopped: no space left on the disk of its storage ({small_disk})"
-        in message
-    )
+    assert message.startswith(
+        "run full-disk-run failed: StorageFullError: run full-disk-run stopped: no space left "
+        f"on the disk of its storage ({small_disk})"
+    ), message
     assert "checkpoint.keep=2" in message
     assert "rayft train --resume full-disk-run" in message
-    assert is_storage_full(caught.value.__cause__)  # the worker's or controller's own error
+    full = caught.value.__cause__
+    assert isinstance(full, StorageFullError)
+    assert is_storage_full(full.__cause__)  # the worker's or controller's own error
     # The run's workers gave their CPUs back.
     deadline = time.time() + 30
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:

@@ -206,6 +206,22 @@ def test_root_cause_follows_the_explicit_chain():
     assert _root_cause(ValueError("plain")) == "ValueError: plain"
 
 
+def test_root_cause_stops_at_an_error_that_explains_its_cause():
+    # A full disk reads as rayft's own message (what to do), not as the worker's text.
+    from rayft.cluster.cli import _root_cause
+    from rayft.trainers.storage import StorageFullError
+
+    try:
+        try:
+            raise RuntimeError("Training failed due to controller error: No space left on device")
+        except RuntimeError as inner:
+            raise StorageFullError("run r stopped: no space left; free space there") from inner
+    except StorageFullError as outer:
+        assert (
+            _root_cause(outer) == "StorageFullError: run r stopped: no space left; free space there"
+        )
+
+
 def test_internal_error_prints_one_line_and_keeps_the_traceback_in_a_log(
     tmp_path, monkeypatch, capsys
 ):
