@@ -301,8 +301,8 @@ def run_training(
     )
     trainer = _torch_trainer(spec, root, run_id, inputs, feed.datasets, callbacks)
     progress = ConsoleProgress(enabled=show_progress)
+    # bounded_worker_start: the run fails after scaling.start_timeout_s if workers cannot start
     with bounded_worker_start(spec), storage_full_named(spec, root, run_id):
-        # fails after scaling.start_timeout_s
         result = _fit_with_progress(trainer, sink, progress, runlog)
     if (result.metrics or {}).get("paused"):
         return _paused(runlog, result, say)
@@ -583,8 +583,8 @@ def storage_full_named(spec: JobSpec, root: StorageRoot, run_id: str) -> Iterato
             raise
         raise StorageFullError(
             f"run {run_id} stopped: no space left on the disk of its storage ({root.location}). "
-            f"Each checkpoint holds the weights (and, for method {spec.method}, the optimizer's "
-            f"state); checkpoint.keep={spec.checkpoint.keep} of them are kept. Free space "
+            f"Each checkpoint holds the trained weights ({spec.method}) and the optimizer's "
+            f"state; checkpoint.keep={spec.checkpoint.keep} of them are kept. Free space "
             "there, lower checkpoint.keep, or give a larger disk (--storage / RAYFT_HOME); "
             f"`rayft train --resume {run_id}` continues from its newest complete checkpoint"
         ) from err
