@@ -193,16 +193,22 @@ def test_bad_input_is_the_users_file_key_model_or_address():
     assert [is_bad_input(e) for e in internal] == [False] * len(internal)
 
 
+def raised_from(outer: BaseException, inner: BaseException) -> BaseException:
+    """``outer`` as ``raise outer from inner`` leaves it."""
+    try:
+        try:
+            raise inner
+        except BaseException as err:
+            raise outer from err
+    except BaseException as err:
+        return err
+
+
 def test_root_cause_follows_the_explicit_chain():
     from rayft.cluster.cli import _root_cause
 
-    try:
-        try:
-            raise ConnectionResetError("peer went away")
-        except ConnectionResetError as inner:
-            raise RuntimeError("training failed") from inner
-    except RuntimeError as outer:
-        assert _root_cause(outer) == "ConnectionResetError: peer went away"
+    outer = raised_from(RuntimeError("training failed"), ConnectionResetError("peer went away"))
+    assert _root_cause(outer) == "ConnectionResetError: peer went away"
     assert _root_cause(ValueError("plain")) == "ValueError: plain"
 
 
@@ -211,15 +217,11 @@ def test_root_cause_stops_at_an_error_that_explains_its_cause():
     from rayft.cluster.cli import _root_cause
     from rayft.trainers.storage import StorageFullError
 
-    try:
-        try:
-            raise RuntimeError("Training failed due to controller error: No space left on device")
-        except RuntimeError as inner:
-            raise StorageFullError("run r stopped: no space left; free space there") from inner
-    except StorageFullError as outer:
-        assert (
-            _root_cause(outer) == "StorageFullError: run r stopped: no space left; free space there"
-        )
+    outer = raised_from(
+        StorageFullError("run r stopped: no space left; free space there"),
+        RuntimeError("Training failed due to controller error: No space left on device"),
+    )
+    assert _root_cause(outer) == "StorageFullError: run r stopped: no space left; free space there"
 
 
 def test_internal_error_prints_one_line_and_keeps_the_traceback_in_a_log(
