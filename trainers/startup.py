@@ -33,6 +33,10 @@ SAY_AFTER_S = 5.0
 class StartTimeoutError(RuntimeError):
     """The cluster did not provide what the run needs within ``scaling.start_timeout_s``."""
 
+    explains_cause = True
+    """Its message names the resources and what to change; Ray's error, chained as its
+    cause, only says that a wait timed out (see :func:`rayft.cluster.errors.root_cause`)."""
+
 
 def wait_for_data_cpu(
     timeout_s: float, say: Callable[[str], None], clock: Callable[[], float] = time.monotonic

@@ -223,6 +223,21 @@ def test_root_cause_stops_at_an_error_that_explains_its_cause():
     )
     assert _root_cause(outer) == "StorageFullError: run r stopped: no space left; free space there"
 
+    # So does a worker group that could not start: the resources and the setting, not Ray's
+    # bare timeout.
+    from rayft.trainers.startup import StartTimeoutError
+
+    outer = raised_from(
+        RuntimeError("run r failed"),
+        raised_from(
+            StartTimeoutError("the 3 training workers did not get their resources (CPU: 2 each)"),
+            TimeoutError("WorkerGroupStartupTimeoutError: 3 workers after 45 s"),
+        ),
+    )
+    assert _root_cause(outer) == (
+        "StartTimeoutError: the 3 training workers did not get their resources (CPU: 2 each)"
+    )
+
 
 def test_internal_error_prints_one_line_and_keeps_the_traceback_in_a_log(
     tmp_path, monkeypatch, capsys
