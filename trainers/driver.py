@@ -38,6 +38,7 @@ from rayft.trainers.rollout import RolloutEngines, check_judges
 from rayft.trainers.startup import (
     CONTROLLER_FAILURE_LIMIT,
     bounded_worker_start,
+    prompt_polling,
     wait_for_data_cpu,
 )
 from rayft.trainers.storage import (
@@ -301,20 +302,23 @@ def run_training(
     )
     trainer = _torch_trainer(spec, root, run_id, inputs, feed.datasets, callbacks)
     progress = ConsoleProgress(enabled=show_progress)
-    # bounded_worker_start: the run fails after scaling.start_timeout_s if workers cannot start
-    with bounded_worker_start(spec), storage_full_named(spec, root, run_id):
-        result = _fit_with_progress(trainer, sink, progress, runlog)
-    if (result.metrics or {}).get("paused"):
-        return _paused(runlog, result, say)
-    try:
-        with storage_full_named(spec, root, run_id):
+    with failure_recorded(runlog):
+        # bounded_worker_start: the run fails after scaling.start_timeout_s if workers
+        # cannot start; both wrappers put rayft's own error in place of Ray's, and the record
+        # keeps that one. prompt_polling: the run ends as soon as its workers have.
+        with (
+            bounded_worker_start(spec),
+            prompt_polling(),
+            storage_full_named(spec, root, run_id),
+        ):
+            result = _fit_with_progress(trainer, sink, progress, runlog)
+        if (result.metrics or {}).get("paused"):
+            return _paused(runlog, result, say)
+        with storage_full_named(spec, root, run_id):  # e.g. an artifact that would not serve
             artifact = _publish(
                 spec, root, run_id, name, kind, result, prepared, model_dir, parent, publish,
                 project, say=say,
             )  # fmt: skip
-    except Exception as err:  # e.g. an artifact that would not serve: nothing was published
-        _record_failure(runlog, err)
-        raise
     metrics = dict(result.metrics or {})
     location = artifact_location(kind, name, root, artifact)
     if location is not None:
@@ -513,8 +517,8 @@ def _fit_with_progress(trainer: Any, sink: Any, progress: Any, runlog: RunLog) -
     """Run ``trainer.fit()`` in a thread; show and record progress and heartbeats meanwhile.
 
     Raises:
-        BaseException: What ``fit`` raised (the record says ``failed``), or the
-            ``KeyboardInterrupt`` that stopped the driver (``interrupted``).
+        BaseException: What ``fit`` raised (the caller records it), or the
+            ``KeyboardInterrupt`` that stopped the driver (recorded ``interrupted``).
     """
     import ray
 
@@ -556,10 +560,21 @@ def _fit_with_progress(trainer: Any, sink: Any, progress: Any, runlog: RunLog) -
         runlog.flush()
         ray.kill(sink)
     if "error" in result_box:
-        err = result_box["error"]
-        _record_failure(runlog, err)
-        raise err
+        raise result_box["error"]
     return result_box["result"]
+
+
+@contextlib.contextmanager
+def failure_recorded(runlog: RunLog) -> Iterator[None]:
+    """Record the error that leaves the block, and the ``failed`` state (a
+    ``KeyboardInterrupt`` is the driver's stop, recorded ``interrupted`` where it is caught)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:
+        _record_failure(runlog, err)
+        raise
 
 
 def _record_failure(runlog: RunLog, err: BaseException) -> None:

@@ -7,6 +7,8 @@ worker group waits for its placement group (``num_workers`` × the per-worker re
 Ray Train bounds the second with ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` but, by
 default, retries a timed-out start without end (``FailureConfig.controller_failure_limit``
 is -1); the driver sets both so the run fails once, with a message that names the setting.
+
+It also sets how often Ray Train's controller polls the workers (:func:`prompt_polling`).
 """
 
 from __future__ import annotations
@@ -105,6 +107,31 @@ def bounded_worker_start(spec: JobSpec) -> Iterator[None]:
             os.environ.pop(WORKER_GROUP_START_TIMEOUT_ENV, None)
         else:
             os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = previous
+
+
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Ray Train's interval between the controller's polls of the workers (propagated to the
+controller from the driver's environment, as the start timeout)."""
+POLL_INTERVAL_S = 0.5
+"""rayft's interval (Ray's default is 2 s). A poll collects the workers' reports and
+notices that the training function returned: every run ended up to 2 s after its last
+checkpoint, and a sweep's scheduler heard of each evaluation that much later. A poll is
+one small call per worker; one that does not answer in time is awaited again, not failed
+(the health-check timeout, 10 minutes, is separate)."""
+
+
+@contextmanager
+def prompt_polling() -> Iterator[None]:
+    """Around ``fit()``: the controller polls every :data:`POLL_INTERVAL_S`, unless the
+    user's environment sets ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``."""
+    if POLL_INTERVAL_ENV in os.environ:
+        yield
+        return
+    os.environ[POLL_INTERVAL_ENV] = str(POLL_INTERVAL_S)
+    try:
+        yield
+    finally:
+        os.environ.pop(POLL_INTERVAL_ENV, None)
 
 
 def is_start_timeout(err: BaseException) -> bool:

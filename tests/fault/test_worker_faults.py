@@ -254,3 +254,43 @@ def test_a_full_disk_stops_the_run_saying_what_to_do_and_frees_its_cpus(
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         assert time.time() < deadline, ray.available_resources()
         time.sleep(0.5)
+
+
+def test_workers_the_cluster_cannot_place_fail_the_run_in_time_and_the_record_says_why(
+    ray_cluster, chat_file, rayft_home
+):
+    # Three workers of two CPUs each on a cluster of fewer: the worker group cannot start,
+    # and after scaling.start_timeout_s the run fails with rayft's own message, which the
+    # run's record keeps (not Ray's bare timeout).
+    from rayft.trainers.records import read_events, read_record
+    from rayft.trainers.startup import StartTimeoutError
+    from rayft.trainers.storage import StorageRoot
+
+    cpus = ray.cluster_resources()["CPU"]
+    assert cpus < 6
+    spec = validate_spec(
+        tiny_spec(
+            chat_file,
+            optim={"max_steps": 2, "batch_size": 4},
+            scaling={"num_workers": 3, "cpus_per_worker": 2, "start_timeout_s": 5},
+            output={"name": "no-room"},
+        )
+    )
+    started = time.monotonic()
+    with pytest.raises(StartTimeoutError) as caught:
+        run_training(spec, run_id="no-room-run", show_progress=False)
+    assert time.monotonic() - started < 120
+    message = str(caught.value)
+    assert "the 3 training workers did not get their resources (CPU: 2 each" in message
+    assert "within 5 s (scaling.start_timeout_s)" in message
+    root = StorageRoot.resolve()
+    assert read_record(root, "no-room-run")["state"] == "failed"
+    errors = [e for e in read_events(root, "no-room-run") if e["type"] == "error"]
+    assert [e["error"] for e in errors] == ["StartTimeoutError"]
+    assert errors[0]["message"] == message
+    # Nothing was published, and the cluster's CPUs are free again.
+    assert not (root.adapters / "no-room").exists()
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < cpus:
+        assert time.time() < deadline, ray.available_resources()
+        time.sleep(0.5)

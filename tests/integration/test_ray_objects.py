@@ -148,3 +148,34 @@ def test_worker_group_start_is_bounded_by_the_spec_and_its_timeout_is_explained(
     with pytest.raises(ValueError, match="boom"):
         with bounded_worker_start(spec):
             raise ValueError("boom")
+
+
+def test_the_controller_polls_promptly_unless_the_user_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray.train.v2._internal.constants import (
+        DEFAULT_HEALTH_CHECK_INTERVAL_S,
+        ENV_VARS_TO_PROPAGATE,
+        HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+    )
+
+    from rayft.trainers.startup import POLL_INTERVAL_ENV, POLL_INTERVAL_S, prompt_polling
+
+    # The variable rayft sets is the one Ray Train's controller reads, and the driver's
+    # value reaches the controller.
+    assert POLL_INTERVAL_ENV == HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    assert POLL_INTERVAL_ENV in ENV_VARS_TO_PROPAGATE
+    assert POLL_INTERVAL_S < DEFAULT_HEALTH_CHECK_INTERVAL_S
+    monkeypatch.delenv(POLL_INTERVAL_ENV, raising=False)
+    with prompt_polling():
+        assert float(os.environ[POLL_INTERVAL_ENV]) == POLL_INTERVAL_S
+    assert POLL_INTERVAL_ENV not in os.environ
+    # Also when fit raises.
+    with pytest.raises(ValueError, match="boom"), prompt_polling():
+        raise ValueError("boom")
+    assert POLL_INTERVAL_ENV not in os.environ
+    # A value the user set is kept, inside and after.
+    monkeypatch.setenv(POLL_INTERVAL_ENV, "3")
+    with prompt_polling():
+        assert os.environ[POLL_INTERVAL_ENV] == "3"
+    assert os.environ[POLL_INTERVAL_ENV] == "3"
