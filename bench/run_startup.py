@@ -74,7 +74,10 @@ def main() -> None:
             "method": "lora",
             "optim": {"max_steps": args.steps, "batch_size": 2},
             "scaling": {"num_workers": args.workers},
-            "output": {"name": f"startup-{args.compare}-{arm}-{index}", "overwrite": True},
+            "output": {
+                "name": f"startup-{args.compare}-{list(arms).index(arm)}-{index}",
+                "overwrite": True,
+            },
         }
         if poll is None:
             os.environ.pop(POLL_INTERVAL_ENV, None)
