@@ -113,11 +113,11 @@ POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 """Ray Train's interval between the controller's polls of the workers (propagated to the
 controller from the driver's environment, as the start timeout)."""
 POLL_INTERVAL_S = 0.5
-"""rayft's interval (Ray's default is 2 s). A poll collects the workers' reports and
-notices that the training function returned: every run ended up to 2 s after its last
-checkpoint, and a sweep's scheduler heard of each evaluation that much later. A poll is
-one small call per worker; one that does not answer in time is awaited again, not failed
-(the health-check timeout, 10 minutes, is separate)."""
+"""rayft's interval. A poll collects the workers' reports and notices that the training
+function returned: at Ray's default (2 s) a run ends up to 2 s after its last checkpoint,
+and a sweep's scheduler hears of each evaluation that much later. A poll is one small call
+per worker; one that does not answer in time is awaited again, not failed (the
+health-check timeout, 10 minutes, is separate)."""
 
 
 @contextmanager
