@@ -86,10 +86,9 @@ def bounded_worker_start(spec: JobSpec) -> Iterator[None]:
         StartTimeoutError: The worker group did not get its resources in time (the
             message names the resources and the setting); Ray's error is its cause.
     """
-    previous = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
-    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(spec.scaling.start_timeout_s)
     try:
-        yield
+        with _environ(WORKER_GROUP_START_TIMEOUT_ENV, str(spec.scaling.start_timeout_s)):
+            yield
     except Exception as err:
         if not is_start_timeout(err):
             raise
@@ -102,11 +101,6 @@ def bounded_worker_start(spec: JobSpec) -> Iterator[None]:
             "(scaling.start_timeout_s): lower scaling.num_workers or "
             "scaling.cpus_per_worker, add nodes, or raise scaling.start_timeout_s"
         ) from err
-    finally:
-        if previous is None:
-            os.environ.pop(WORKER_GROUP_START_TIMEOUT_ENV, None)
-        else:
-            os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = previous
 
 
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -127,11 +121,23 @@ def prompt_polling() -> Iterator[None]:
     if POLL_INTERVAL_ENV in os.environ:
         yield
         return
-    os.environ[POLL_INTERVAL_ENV] = str(POLL_INTERVAL_S)
+    with _environ(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S)):
+        yield
+
+
+@contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in this process's environment (which Ray Train propagates to the
+    controller it starts), and the previous value, or none, again afterwards."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop(POLL_INTERVAL_ENV, None)
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def is_start_timeout(err: BaseException) -> bool:

@@ -250,10 +250,7 @@ def test_a_full_disk_stops_the_run_saying_what_to_do_and_frees_its_cpus(
     assert isinstance(full, StorageFullError)
     assert is_storage_full(full.__cause__)  # the worker's or controller's own error
     # The run's workers gave their CPUs back.
-    deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
-        assert time.time() < deadline, ray.available_resources()
-        time.sleep(0.5)
+    assert_all_cpus_free_within(30)
 
 
 def test_workers_the_cluster_cannot_place_fail_the_run_in_time_and_the_record_says_why(
@@ -290,7 +287,12 @@ def test_workers_the_cluster_cannot_place_fail_the_run_in_time_and_the_record_sa
     assert errors[0]["message"] == message
     # Nothing was published, and the cluster's CPUs are free again.
     assert not (root.adapters / "no-room").exists()
-    deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0) < cpus:
+    assert_all_cpus_free_within(30)
+
+
+def assert_all_cpus_free_within(seconds: float) -> None:
+    """Every CPU of the cluster is free again within ``seconds``."""
+    deadline = time.time() + seconds
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         assert time.time() < deadline, ray.available_resources()
         time.sleep(0.5)
